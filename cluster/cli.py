@@ -1,0 +1,213 @@
+"""The `rayft` command line. Heavy libraries (torch, ray, transformers) load inside commands,
+so `rayft --help` and config validation stay fast on a CPU head node."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    name="rayft",
+    help="Finetune open LLMs on Ray (Ray Data -> Ray Train + DeepSpeed) and serve them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Job file commands.", no_args_is_help=True)
+data_app = typer.Typer(help="Data pipeline commands.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML job file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: --set training.lr=1e-4 (repeatable).", show_default=False),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).", show_default=False),
+]
+
+
+@contextmanager
+def _user_errors():
+    """Turn the errors users can fix (config, data, model) into a message and an exit code, not a traceback."""
+    from cluster.config import ConfigError
+    from training.data import DataError
+    from training.models import ModelError
+
+    try:
+        yield
+    except ConfigError as e:
+        err.print(f"[bold red]config error[/] {escape(e.render())}", highlight=False)
+        raise typer.Exit(2) from None
+    except (DataError, ModelError) as e:
+        kind = "data error" if isinstance(e, DataError) else "model error"
+        err.print(f"[bold red]{kind}[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as e:  # Ray wraps errors raised in data workers; unwrap ours.
+        cause = _user_cause(e)
+        if cause is None:
+            raise
+        err.print(f"[bold red]data error[/] {escape(str(cause))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _user_cause(e: BaseException):
+    from training.data import DataError
+    from training.models import ModelError
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (DataError, ModelError)):
+            return e
+        nxt = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        e, seen = nxt, seen + 1
+    return None
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from cluster.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    describe: Annotated[bool, typer.Option("--describe", help="List every key with its default and meaning.")] = False,
+) -> None:
+    """Validate a job file and print the resolved config (defaults < YAML < --set)."""
+    import yaml
+
+    if describe:
+        from cluster.config import config_reference
+
+        table = Table("key", "default", "meaning", show_lines=False)
+        for key, default, desc in config_reference():
+            table.add_row(key, escape(default), escape(desc))
+        out.print(table)
+        return
+    with _user_errors():
+        cfg = _load(config, set_)
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False, highlight=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")] = False,
+    examples: Annotated[int, typer.Option(help="Rendered examples to show.")] = 2,
+) -> None:
+    """Run the data pipeline and report rows, token counts, lengths, truncation and packing."""
+    with _user_errors():
+        cfg = _load(config, set_)
+        report = _inspect(cfg, address, examples, quiet=as_json)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_inspect_report(report)
+
+
+def _inspect(cfg, address: str | None, examples: int, quiet: bool) -> dict:
+    from cluster.runtime import connect
+    from training.data import inspect_data
+
+    t0 = time.perf_counter()
+    with err.status("starting Ray", spinner="dots") if not quiet else _nullcontext() as status:
+        connect(address)
+        if status is not None:
+            status.update("reading, validating and tokenizing the data")
+        report = inspect_data(cfg.model, cfg.data, cfg.training.micro_batch_size, examples)
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+@contextmanager
+def _nullcontext():
+    yield None
+
+
+def print_inspect_report(report: dict) -> None:
+    table = Table(title=f"data ({report['model']}, max_seq_len {report['max_seq_len']})")
+    splits = list(report["splits"])
+    table.add_column("")
+    for s in splits:
+        table.add_column(s, justify="right")
+
+    def row(label: str, fn) -> None:
+        table.add_row(label, *(fn(report["splits"][s]) for s in splits))
+
+    row("rows read", lambda r: f"{r['rows']:,}")
+    row("bad rows (skipped)", lambda r: f"{r['bad_rows']:,}")
+    row("examples", lambda r: f"{r['examples']:,}")
+    row("truncated", lambda r: f"{r['truncated']:,}")
+    row("dropped", lambda r: f"{r['dropped']:,}")
+    row("tokens", lambda r: f"{r['tokens']:,}")
+    row("  prompt (masked)", lambda r: f"{r['prompt_tokens']:,}")
+    row("  response (trained)", lambda r: f"{r['response_tokens']:,}")
+    row("length min / mean / max", lambda r: f"{r['length']['min']} / {r['length']['mean']:.0f} / {r['length']['max']}")
+    row("length p50 / p90 / p99", lambda r: f"{r['length'].get('p50', 0)} / {r['length'].get('p90', 0)} / "
+        f"{r['length'].get('p99', 0)}")
+    row("padding efficiency", lambda r: f"{r['padding_efficiency']:.1%}")
+    row("packed rows", lambda r: f"{r['packed_rows']:,}")
+    row("packing efficiency", lambda r: f"{r['packing_efficiency']:.1%}")
+    out.print(table)
+    first = report["splits"][splits[0]]
+    if first["rendered_examples"]:
+        out.print("[dim]Rendered examples: [green]green[/] = trained (loss), dim = masked (no loss).[/]")
+    for i, segs in enumerate(first["rendered_examples"], 1):
+        out.rule(f"example {i}")
+        text = "".join(
+            f"[bold green]{escape(s['text'])}[/]" if s["trained"] else f"[dim]{escape(s['text'])}[/]" for s in segs
+        )
+        out.print(text, highlight=False)
+    if "wall_s" in report:
+        out.print(f"[dim]inspected in {report['wall_s']:.1f} s[/]")
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Argument(help="Job file of the quickstart.")] = Path("configs/quickstart.yaml"),
+    address: AddressOpt = None,
+) -> None:
+    """The quickstart: inspect the bundled data set (training, evaluation and serving stages follow)."""
+    stages: list[tuple[str, float]] = []
+    with _user_errors():
+        t0 = time.perf_counter()
+        cfg = _load(config, None)
+        out.print(f"[bold]rayft demo[/] — job file {config}, model {cfg.model.name}")
+        out.rule("1. data inspect")
+        report = _inspect(cfg, address, examples=1, quiet=False)
+        print_inspect_report(report)
+        stages.append(("data inspect", time.perf_counter() - t0))
+    out.rule("stage times")
+    for name, secs in stages:
+        out.print(f"  {name:<16} {secs:6.1f} s")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

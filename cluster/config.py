@@ -1,0 +1,257 @@
+"""The job file: one YAML document composed of each package's config section.
+
+Precedence is model defaults < YAML < `--set a.b=value`. Unknown keys are errors, and every
+problem is reported at once with its dotted path, the bad value and (when it came from the
+YAML) the file:line it sits on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from training.config import DataConfig, ModelConfig, Section, TrainingConfig
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); otherwise CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved by each training worker.")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom Ray resources each worker needs (e.g. a node label)."
+    )
+
+
+class RunConfig(Section):
+    name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
+    storage_path: str = Field(
+        "runs", description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://."
+    )
+
+    @model_validator(mode="after")
+    def _check_name(self) -> RunConfig:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(
+                f"name must be letters, digits, '.', '_' or '-' and start with a letter or digit (got {self.name!r})"
+            )
+        return self
+
+
+class JobConfig(Section):
+    """A whole rayft job: what to train on, how, where, and where results go."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to start from.")
+    data: DataConfig = Field(..., description="Training data and how it becomes token rows.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation settings.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
+
+    @model_validator(mode="after")
+    def _check_batch_sizes(self) -> JobConfig:
+        per_step = self.training.micro_batch_size * self.scaling.num_workers
+        if self.training.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size ({self.training.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size x scaling.num_workers ({self.training.micro_batch_size} x "
+                f"{self.scaling.num_workers} = {per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.storage_path, self.run.name)
+
+
+class ConfigError(Exception):
+    """A job file or override that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source}: {n} problem{'s' if n != 1 else ''} in the job config"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+# Keys whose relative values are paths relative to the job file (so a job file travels with its data).
+_FILE_RELATIVE_KEYS = ("data.train", "data.eval")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job file (or none: defaults only), apply `a.b=value` overrides, validate everything.
+
+    Raises ConfigError listing every problem at once.
+    """
+    raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, [f"job file not found: {p} (pass the path of a YAML job file)"])
+        text = p.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+            lines = _yaml_lines(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(source, ["the job file must be a mapping of sections (model:, data:, ...)"])
+        _resolve_relative(raw, p.parent.resolve())
+
+    problems: list[str] = []
+    set_keys: set[str] = set()
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.lr=1e-4")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        if not _set_path(raw, key.split("."), parsed):
+            problems.append(f"--set {key}: {key.rsplit('.', 1)[0]} is not a section, cannot set a key inside it")
+        set_keys.add(key)
+
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, problems + _describe(e, raw, lines, source, set_keys)) from None
+    if problems:
+        raise ConfigError(source, problems)
+    # Storage is relative to where the command runs (like any output path on a command line).
+    if "://" not in cfg.run.storage_path:
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    return cfg
+
+
+def _resolve_relative(raw: dict, base: Path) -> None:
+    for dotted in _FILE_RELATIVE_KEYS:
+        section, key = dotted.split(".")
+        sec = raw.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        value = sec[key]
+        if isinstance(value, str):
+            sec[key] = _resolve_one(value, base)
+        elif isinstance(value, list):
+            sec[key] = [_resolve_one(v, base) if isinstance(v, str) else v for v in value]
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str):
+        name = model["name"]
+        if name.startswith((".", "~", "/")) or (base / name).is_dir():
+            model["name"] = _resolve_one(name, base)
+
+
+def _resolve_one(value: str, base: Path) -> str:
+    if "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    return str(base / value)
+
+
+def _set_path(d: dict, keys: list[str], value: Any) -> bool:
+    for k in keys[:-1]:
+        nxt = d.setdefault(k, {})
+        if nxt is None:
+            nxt = d[k] = {}
+        if not isinstance(nxt, dict):
+            return False
+        d = nxt
+    d[keys[-1]] = value
+    return True
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map each dotted key path in a YAML document to its 1-based line number."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[path] = k.start_mark.line + 1
+                walk(v, path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+_MSG_REWRITES = [
+    (re.compile(r"^Input should be "), "must be "),
+    (re.compile(r"^Value error, "), ""),
+    (re.compile(r"^Field required$"), "is required"),
+]
+
+
+def _describe(err: ValidationError, raw: dict, lines: dict[str, int], source: str, set_keys: set[str]) -> list[str]:
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = [str(p) for p in e["loc"]]
+        # Model-level validators put the field in the message; tagged unions add type names to loc.
+        loc = [p for p in loc if not p.startswith(("function-", "literal[", "list[", "str", "int"))]
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            msg = f"unknown key{' (allowed: ' + ', '.join(allowed) + ')' if allowed else ''}"
+        else:
+            msg = e["msg"]
+            for pat, rep in _MSG_REWRITES:
+                msg = pat.sub(rep, msg)
+            if e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        where = ""
+        if dotted in set_keys:
+            where = " [from --set]"
+        elif dotted in lines:
+            where = f" [{source}:{lines[dotted]}]"
+        problems.append(f"{dotted}: {msg}{where}" if dotted else msg)
+    return problems
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for docs and `rayft config show --describe`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, path + ".")
+                continue
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((path, default, field.description or ""))
+
+    walk(JobConfig, "")
+    return rows

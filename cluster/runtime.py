@@ -1,0 +1,33 @@
+"""How rayft reaches Ray: a local cluster on this machine, or a running cluster by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Start or join Ray once per process.
+
+    address (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts with
+    num_cpus logical CPUs (default: this machine's cores). Ray Data's own progress bars are
+    turned off: rayft prints one progress line of its own.
+    """
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if quiet:  # keep the console to rayft's own lines; Ray's logs stay in /tmp/ray/session_*/logs
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        kwargs = {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same seed, same row order
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False

@@ -1,0 +1,114 @@
+"""Config sections owned by training: `model`, `data`, `training`.
+
+Defaults live here and only here. Every field carries a one-line description, which
+`rayft config show --describe` and the README's config reference are built from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in alias (smollm2-135m-instruct), a local Hugging Face model directory, or a hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype when loading; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (only for models you trust).")
+
+
+class DataConfig(Section):
+    train: str | list[str] = Field(
+        ...,
+        description="Training data: file(s), glob(s) or a directory (JSONL/JSON/Parquet/CSV), a dataset saved "
+        "with `datasets.save_to_disk`, or `hf://NAME` for a hub dataset. Relative paths are relative to "
+        "the job file.",
+    )
+    eval: str | list[str] | None = Field(None, description="Evaluation data, same forms as `train`.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `train` for evaluation when `eval` is unset."
+    )
+    hub_split: str = Field("train", description="Split to read when `train` or `eval` is a hub dataset.")
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it from each row's keys."
+    )
+    template: str | None = Field(
+        None,
+        description="Prompt template: unset = the model's own chat template; `alpaca`; or a custom Jinja "
+        "chat template string.",
+    )
+    train_on_inputs: bool = Field(False, description="Also train on prompt/user tokens (default: assistant only).")
+    max_seq_len: int = Field(1024, gt=8, description="Maximum tokens per training row.")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with examples longer than max_seq_len."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into each max_seq_len row (attention never crosses examples)."
+    )
+    shuffle: bool = Field(True, description="Shuffle training rows (deterministically, from `seed`).")
+    seed: int = Field(42, description="Seed for shuffling and the eval_fraction split.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error = stop before training and list bad rows; skip = drop them and count them."
+    )
+    tokenizer_actors: int = Field(2, ge=1, description="Largest size of the Ray Data tokenizer actor pool.")
+    cpus_per_data_task: float = Field(
+        0.25, gt=0, le=8, description="Logical CPUs each Ray Data read/tokenize task reserves."
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+
+class TrainingConfig(Section):
+    method: Literal["lora", "full"] = Field("lora", description="lora = train adapters only; full = all weights.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per worker per forward/backward pass.")
+    global_batch_size: int = Field(
+        8, ge=1, description="Rows per optimizer step = micro_batch_size x accumulation x workers."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the lr.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    seed: int = Field(42, description="Seed for weight init of new layers and dropout.")
+    ds_config: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config merged over the generated one (experts only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> TrainingConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage: 3 (got zero_stage: {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self

@@ -1,0 +1,478 @@
+"""The Ray Data instruction pipeline: files -> validated rows -> rendered text -> token ids + labels -> packed rows.
+
+Every stage streams. Rows carry a `source` ("file.jsonl:12", "data.parquet row 7", ...) from the
+read onwards, so a bad row is reported where the user can fix it. `check_rows` runs the read and
+validation stages once before training; `build_datasets` returns the Ray Datasets that Ray Train
+feeds to `ray.train.get_dataset_shard`; `inspect_data` computes the numbers `rayft data inspect` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import DataConfig, ModelConfig
+from training.formats import RowError, normalize, parse_json_line
+
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+READ_BATCH_ROWS = 2048
+MAX_REPORTED_BAD_ROWS = 20
+
+
+class DataError(Exception):
+    """Data that cannot be trained on; the message lists where and what to do."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    kind: str  # "files", "saved", "hub"
+    paths: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+def resolve_source(spec: str | list[str], what: str) -> Source:
+    """Turn a data.train / data.eval value into files, a saved `datasets` dir, or a hub dataset."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if len(specs) == 1 and specs[0].startswith("hf://"):
+        return Source("hub", name=specs[0][len("hf://") :])
+    if len(specs) == 1 and os.path.isdir(specs[0]) and _is_saved_dataset(specs[0]):
+        return Source("saved", paths=[specs[0]])
+    files: list[str] = []
+    for s in specs:
+        if "://" in s and not s.startswith("file://"):
+            raise DataError(f"{what}: {s!r}: remote URIs other than hf://NAME are not readable here yet")
+        s = s.removeprefix("file://")
+        if os.path.isdir(s):
+            found = sorted(
+                str(p) for p in Path(s).rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES
+            )
+            if not found:
+                raise DataError(f"{what}: directory {s} has no .jsonl/.json/.parquet/.csv files")
+            files += found
+        elif any(c in s for c in "*?["):
+            found = sorted(glob.glob(s, recursive=True))
+            if not found:
+                raise DataError(f"{what}: the pattern {s} matches no files")
+            files += found
+        elif os.path.isfile(s):
+            files.append(s)
+        else:
+            raise DataError(f"{what}: file not found: {s} (relative paths are relative to the job file)")
+    for f in files:
+        if Path(f).suffix.lower() not in FILE_TYPES:
+            raise DataError(f"{what}: {f}: unsupported file type; use .jsonl, .json, .parquet or .csv")
+    return Source("files", paths=files)
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _read_file(batch: dict) -> Any:
+    """Ray Data UDF: one file path in, batches of {"source", "raw"} out (raw = the row as JSON text)."""
+    for path in batch["path"]:
+        path = str(path)
+        name = _display_path(path)
+        sources: list[str] = []
+        raws: list[str] = []
+        for src, raw in _iter_file(path, name):
+            sources.append(src)
+            raws.append(raw)
+            if len(sources) >= READ_BATCH_ROWS:
+                yield {"source": sources, "raw": raws}
+                sources, raws = [], []
+        if sources:
+            yield {"source": sources, "raw": raws}
+
+
+def _display_path(path: str) -> str:
+    """The path as the user would type it: relative to the current directory when under it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _iter_file(path: str, name: str):
+    kind = FILE_TYPES[Path(path).suffix.lower()]
+    if kind == "jsonl" or (kind == "json" and _looks_like_jsonl(path)):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{name}:{lineno}", line
+    elif kind == "json":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                yield f"{name}:{e.lineno}", "\0invalid JSON: " + e.msg
+                return
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            yield f"{name}", "\0a .json file must hold a list of rows (or JSONL lines)"
+            return
+        for i, row in enumerate(data):
+            yield f"{name}[{i}]", json.dumps(row)
+    elif kind == "csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                yield f"{name}:{reader.line_num}", json.dumps(row)
+    else:
+        import pyarrow.parquet as pq
+
+        i = 0
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS):
+            for row in rb.to_pylist():
+                yield f"{name} row {i}", json.dumps(row, default=_json_default)
+                i += 1
+
+
+def _looks_like_jsonl(path: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+    return head == "{"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def _hf_to_rows(hf_ds, label: str):
+    import ray.data
+
+    hf_ds = hf_ds.add_column("__rayft_row", list(range(len(hf_ds))))
+    ds = ray.data.from_huggingface(hf_ds)
+
+    def to_raw(batch: dict) -> dict:
+        rows = batch.pop("__rayft_row")
+        keys = list(batch)
+        raws = [
+            json.dumps({k: batch[k][j] for k in keys}, default=_json_default) for j in range(len(rows))
+        ]
+        return {"source": [f"{label} row {int(r)}" for r in rows], "raw": raws}
+
+    return ds.map_batches(to_raw, batch_format="numpy")
+
+
+def read_rows(source: Source, data: DataConfig):
+    """A Ray Dataset of {"source", "raw"} rows, one per example."""
+    import ray.data
+
+    if source.kind == "files":
+        files = ray.data.from_items([{"path": p} for p in source.paths])
+        return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
+    import datasets
+
+    if source.kind == "saved":
+        hf = datasets.load_from_disk(source.paths[0])
+        if isinstance(hf, datasets.DatasetDict):
+            if data.hub_split not in hf:
+                raise DataError(
+                    f"{source.paths[0]} has splits {', '.join(hf)}; set data.hub_split to one of them"
+                )
+            hf = hf[data.hub_split]
+        return _hf_to_rows(hf, os.path.basename(source.paths[0].rstrip("/")))
+    hf = datasets.load_dataset(source.name, split=data.hub_split)
+    return _hf_to_rows(hf, f"{source.name}[{data.hub_split}]")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_batch(batch: dict, fmt: str) -> dict:
+    """Ray Data UDF: parse and check rows; bad rows keep their source and get an error message."""
+    docs, errors = [], []
+    for raw in batch["raw"]:
+        raw = str(raw)
+        try:
+            if raw.startswith("\0"):
+                raise RowError(raw[1:])
+            docs.append(json.dumps(normalize(parse_json_line(raw), fmt)))
+            errors.append("")
+        except RowError as e:
+            docs.append("")
+            errors.append(str(e))
+    return {"source": list(batch["source"]), "doc": docs, "error": errors}
+
+
+def _split_filter(seed: int, fraction: float, want_eval: bool):
+    threshold = int(fraction * 1_000_000)
+
+    def keep(batch: dict) -> dict:
+        mask = np.array(
+            [(zlib.crc32(f"{seed}:{s}".encode()) % 1_000_000 < threshold) == want_eval for s in batch["source"]],
+            dtype=bool,
+        )
+        return {k: np.asarray(v)[mask] for k, v in batch.items()}
+
+    return keep
+
+
+def validated_rows(data: DataConfig, split: str):
+    """Validated rows ({"source", "doc", "error"}) of the train or eval split, bad rows included."""
+    if split == "eval" and data.eval is None and data.eval_fraction == 0:
+        return None
+    spec = data.eval if split == "eval" and data.eval is not None else data.train
+    ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data)
+    ds = ds.map_batches(_validate_batch, fn_kwargs={"fmt": data.format}, batch_format="numpy",
+                        num_cpus=data.cpus_per_data_task)
+    if data.eval is None and data.eval_fraction > 0:
+        ds = ds.map_batches(_split_filter(data.seed, data.eval_fraction, want_eval=(split == "eval")),
+                            batch_format="numpy", num_cpus=data.cpus_per_data_task)
+    return ds
+
+
+@dataclass
+class RowCheck:
+    split: str
+    rows: int = 0
+    bad: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (source, problem)
+
+
+def check_rows(data: DataConfig, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, RowCheck]:
+    """One streaming pass over read + validation: count rows and collect bad ones.
+
+    With on_bad_rows: error, raises DataError naming the first bad rows (file:line and problem)
+    and the total, before any training starts.
+    """
+    checks: dict[str, RowCheck] = {}
+    for split in splits:
+        ds = validated_rows(data, split)
+        if ds is None:
+            continue
+        check = checks[split] = RowCheck(split)
+        for batch in ds.select_columns(["source", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
+            check.rows += len(batch["error"])
+            for src, err in zip(batch["source"], batch["error"], strict=True):
+                if err:
+                    check.bad += 1
+                    if len(check.examples) < MAX_REPORTED_BAD_ROWS:
+                        check.examples.append((str(src), str(err)))
+        if check.rows == check.bad and check.rows > 0 and data.on_bad_rows == "skip":
+            raise DataError(f"data.{split}: all {check.rows} rows are bad, nothing is left after skipping them:\n"
+                            + _bad_listing(check))
+        if check.rows == 0:
+            raise DataError(f"data.{split}: no rows found (are the files empty?)")
+    bad = [c for c in checks.values() if c.bad]
+    if bad and data.on_bad_rows == "error":
+        total = sum(c.bad for c in bad)
+        parts = [f"{total} bad row{'s' if total != 1 else ''} found; nothing was trained."]
+        for c in bad:
+            parts.append(f"data.{c.split}: {c.bad} of {c.rows} rows are bad"
+                         + (f" (first {len(c.examples)} shown)" if c.bad > len(c.examples) else "") + ":")
+            parts.append(_bad_listing(c))
+        parts.append("Fix these rows, or set data.on_bad_rows: skip to drop them (they will be counted).")
+        raise DataError("\n".join(parts))
+    return checks
+
+
+def _bad_listing(check: RowCheck) -> str:
+    return "\n".join(f"  {src}: {err}" for src, err in check.examples)
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+class Tokenize:
+    """Ray Data callable class: the tokenizer is loaded once per actor."""
+
+    def __init__(self, model: dict, data: dict, keep_dropped: bool = False):
+        from training.formats import Renderer
+        from training.models import load_tokenizer
+
+        self.data = DataConfig.model_validate(data)
+        self.tokenizer = load_tokenizer(ModelConfig.model_validate(model).name)
+        self.renderer = Renderer(self.tokenizer, self.data.template, self.data.train_on_inputs)
+        self.keep_dropped = keep_dropped
+
+    def __call__(self, batch: dict) -> dict:
+        from training.formats import tokenize_rendered
+
+        max_len, policy = self.data.max_seq_len, self.data.overlong
+        keep = [i for i, e in enumerate(batch["error"]) if not e]
+        texts, spans, sources = [], [], []
+        for i in keep:
+            try:
+                text, sp = self.renderer.render(json.loads(batch["doc"][i]))
+            except RowError as e:
+                raise DataError(f"{batch['source'][i]}: {e}") from None
+            texts.append(text)
+            spans.append(sp)
+            sources.append(str(batch["source"][i]))
+        out: dict[str, list] = {k: [] for k in ("source", "input_ids", "labels", "num_tokens",
+                                                  "num_trained", "status")}
+        for src, (ids, labels) in zip(sources, tokenize_rendered(self.tokenizer, texts, spans) if texts else [],
+                                      strict=True):
+            n = len(ids)
+            status = "ok"
+            if n > max_len:
+                if policy == "error":
+                    raise DataError(
+                        f"{src}: {n} tokens, longer than data.max_seq_len ({max_len}); raise max_seq_len or set "
+                        "data.overlong to truncate or drop"
+                    )
+                if policy == "drop":
+                    status = "dropped"
+                else:
+                    ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
+            trained = int((labels != -100).sum())
+            if trained == 0 and status != "dropped":
+                status = "dropped"  # nothing left to learn from (e.g. the reply was truncated away)
+            if status == "dropped" and not self.keep_dropped:
+                continue
+            out["source"].append(src)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["num_tokens"].append(n)
+            out["num_trained"].append(trained)
+            out["status"].append(status)
+        return out
+
+
+def _pack_batch(batch: dict, max_seq_len: int) -> dict:
+    from training.formats import pack_examples
+
+    rows = pack_examples(list(zip(batch["input_ids"], batch["labels"], strict=True)), max_seq_len)
+    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "num_examples")}
+
+
+PACK_WINDOW_ROWS = 1024
+
+
+def tokenized(model: ModelConfig, data: DataConfig, split: str, keep_dropped: bool = False):
+    """Token rows {"source", "input_ids", "labels", "num_tokens", "num_trained", "status"} for a split."""
+    ds = validated_rows(data, split)
+    if ds is None:
+        return None
+    if split == "train" and data.shuffle:
+        ds = ds.random_shuffle(seed=data.seed)
+    import ray.data
+
+    model_dict, data_dict = model.model_dump(), data.model_dump()
+
+    # Configuration travels inside the class (not as constructor arguments) so that restarted
+    # actors never depend on objects that may have left the object store.
+    class _Tokenize(Tokenize):
+        def __init__(self):
+            super().__init__(model_dict, data_dict, keep_dropped)
+
+    return ds.map_batches(
+        _Tokenize,
+        batch_size=256,
+        batch_format="numpy",
+        num_cpus=data.cpus_per_data_task,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenizer_actors),
+    )
+
+
+def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
+    """The training-ready Ray Datasets: {"train": ..., "eval": ...} (eval only when configured).
+
+    Rows have input_ids and labels (plus position_ids when packed); batch them with
+    training.formats.collate.
+    """
+    out = {}
+    for split in ("train", "eval"):
+        ds = tokenized(model, data, split)
+        if ds is None:
+            continue
+        if data.packing:
+            ds = ds.map_batches(_pack_batch, fn_kwargs={"max_seq_len": data.max_seq_len}, batch_size=PACK_WINDOW_ROWS,
+                                batch_format="numpy", num_cpus=data.cpus_per_data_task)
+        else:
+            ds = ds.select_columns(["input_ids", "labels"])
+        out[split] = ds
+    return out
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4, examples: int = 3) -> dict:
+    """Everything `rayft data inspect` reports, as a JSON-ready dict."""
+    from training.formats import IGNORE_INDEX, pack_examples, padded_length
+    from training.models import load_tokenizer
+
+    checks = check_rows(data)
+    tokenizer = load_tokenizer(model.name)
+    report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
+    for split, check in checks.items():
+        ds = tokenized(model, data, split, keep_dropped=True)
+        lengths, trained, statuses, shown = [], [], [], []
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            lengths.append(batch["num_tokens"])
+            trained.append(batch["num_trained"])
+            statuses.append(batch["status"])
+            for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"], strict=True):
+                if status != "dropped":
+                    kept.append((ids, labels))
+                    if len(shown) < examples:
+                        shown.append(_segments(tokenizer, ids, labels, IGNORE_INDEX))
+        n_tok = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        n_trained = np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64)
+        status = np.concatenate(statuses) if statuses else np.zeros(0, dtype=object)
+        used = np.array([len(k[0]) for k in kept], dtype=np.int64)
+        # Padding cost without packing: each micro-batch pads to its longest row (multiple of 8).
+        padded = sum(
+            padded_length(int(used[i : i + micro_batch_size].max())) * len(used[i : i + micro_batch_size])
+            for i in range(0, len(used), micro_batch_size)
+        )
+        packed_rows = 0
+        for i in range(0, len(kept), PACK_WINDOW_ROWS):
+            packed_rows += len(pack_examples(kept[i : i + PACK_WINDOW_ROWS], data.max_seq_len))
+        pct = {f"p{q}": int(np.percentile(n_tok, q)) for q in (50, 90, 95, 99)} if len(n_tok) else {}
+        report["splits"][split] = {
+            "rows": check.rows,
+            "bad_rows": check.bad,
+            "bad_examples": [{"source": s, "problem": p} for s, p in check.examples],
+            "examples": int(len(used)),
+            "truncated": int((status == "truncated").sum()),
+            "dropped": int((status == "dropped").sum()),
+            "tokens": int(used.sum()),
+            "prompt_tokens": int((n_tok - n_trained).sum()),
+            "response_tokens": int(n_trained.sum()),
+            "length": {"min": int(n_tok.min()) if len(n_tok) else 0, "mean": float(n_tok.mean()) if len(n_tok) else 0.0,
+                       "max": int(n_tok.max()) if len(n_tok) else 0, **pct},
+            "padding_efficiency": float(used.sum() / padded) if padded else 0.0,
+            "packed_rows": packed_rows,
+            "packing_efficiency": float(used.sum() / (packed_rows * data.max_seq_len)) if packed_rows else 0.0,
+            "rendered_examples": shown,
+        }
+    return report
+
+
+def _segments(tokenizer, ids, labels, ignore: int) -> list[dict]:
+    """Split a tokenized example into runs of trained / masked text for display."""
+    out: list[dict] = []
+    run: list[int] = []
+    cur = None
+    for tid, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        t = lab != ignore
+        if cur is not None and t != cur:
+            out.append({"text": tokenizer.decode(run), "trained": cur})
+            run = []
+        run.append(tid)
+        cur = t
+    if run:
+        out.append({"text": tokenizer.decode(run), "trained": cur})
+    return out
+

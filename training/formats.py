@@ -1,0 +1,311 @@
+"""Row formats, templates, loss masks and packing: the pure (Ray-free) half of the data pipeline.
+
+A raw row becomes a *document*: either a conversation (`messages`, `alpaca`) rendered by a
+chat template, or plain segments (`prompt_completion`, `text`). Rendering yields the text and
+the character spans that carry loss; tokenizing with offsets turns spans into labels, so the
+tokens are exactly those the model sees at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowError(ValueError):
+    """A row that cannot be used; the message names the field and the problem."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def detect_format(row: dict) -> str:
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    keys = ", ".join(sorted(row)) or "none"
+    raise RowError(
+        f"cannot tell the format from its keys ({keys}); expected messages, instruction+output (alpaca), "
+        "prompt+completion, or text"
+    )
+
+
+def _need_str(row: dict, key: str, *, allow_empty: bool = False, where: str = "") -> str:
+    if key not in row:
+        raise RowError(f"missing field {where}{key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"field {where}{key!r} must be a string (got {type(value).__name__})")
+    if not allow_empty and not value.strip():
+        raise RowError(f"field {where}{key!r} is empty")
+    return value
+
+
+def normalize(row: Any, fmt: str = "auto") -> dict:
+    """Validate one raw row and return its document: {"kind": "chat", "messages": [...]} or
+    {"kind": "segments", "segments": [[text, trained], ...]}. Raises RowError."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object (got {type(row).__name__})")
+    if fmt == "auto":
+        fmt = detect_format(row)
+    if fmt == "messages":
+        return {"kind": "chat", "messages": _check_messages(row)}
+    if fmt == "alpaca":
+        instruction = _need_str(row, "instruction")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise RowError(f"field 'input' must be a string (got {type(extra).__name__})")
+        output = _need_str(row, "output")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            messages.insert(0, {"role": "system", "content": row["system"]})
+        return {"kind": "chat", "messages": messages}
+    if fmt == "prompt_completion":
+        prompt = _need_str(row, "prompt", allow_empty=True)
+        completion = _need_str(row, "completion")
+        return {"kind": "segments", "segments": [[prompt, False], [completion, True]], "eos": True}
+    if fmt == "text":
+        return {"kind": "segments", "segments": [[_need_str(row, "text"), True]], "eos": True}
+    raise RowError(f"unknown format {fmt!r}")
+
+
+def _check_messages(row: dict) -> list[dict]:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RowError("field 'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]."
+        if not isinstance(m, dict):
+            raise RowError(f"messages[{i}] must be an object with role and content (got {type(m).__name__})")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where}role is {role!r}; expected one of {', '.join(ROLES)}")
+        content = _need_str(m, "content", allow_empty=(role != "assistant"), where=where)
+        msg = {"role": role, "content": content}
+        if "weight" in m:
+            if role != "assistant":
+                raise RowError(f"{where}weight is only allowed on assistant messages")
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise RowError(f"{where}weight must be 0 or 1 (got {m['weight']!r})")
+            msg["weight"] = int(m["weight"])
+        out.append(msg)
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError("the conversation has no assistant message, so there is nothing to learn from")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        raise RowError("every assistant message has weight 0, so there is nothing to learn from")
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+class Renderer:
+    """Turns documents into (text, trained character spans) for one tokenizer and template."""
+
+    def __init__(self, tokenizer, template: str | None, train_on_inputs: bool = False):
+        self.tok = tokenizer
+        self.train_on_inputs = train_on_inputs
+        self.eos = tokenizer.eos_token or ""
+        # Longest first, so "<|im_end|>" wins over any shorter special token it starts with.
+        self.specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
+        if template == "alpaca":
+            self.mode, self.jinja = "alpaca", None
+        elif template:
+            self.mode, self.jinja = "jinja", template
+        else:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    "this model's tokenizer has no chat template; set data.template to 'alpaca' or to a "
+                    "Jinja chat template string"
+                )
+            self.mode, self.jinja = "jinja", None
+
+    def render(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
+        if doc["kind"] == "segments":
+            return self._render_segments(doc)
+        if self.mode == "alpaca":
+            return self._render_alpaca(doc["messages"])
+        return self._render_chat(doc["messages"])
+
+    def _render_segments(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
+        text, spans = "", []
+        segments = [list(s) for s in doc["segments"]]
+        if doc.get("eos") and self.eos:
+            segments[-1][0] += self.eos
+        for piece, trained in segments:
+            if trained or self.train_on_inputs:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
+
+    def _render_alpaca(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        system = " ".join(m["content"] for m in messages if m["role"] == "system") or ALPACA_PREAMBLE
+        text, spans = system + "\n\n", []
+        for m in messages:
+            if m["role"] in ("user", "tool"):
+                text += f"### Instruction:\n{m['content']}\n\n"
+            elif m["role"] == "assistant":
+                text += "### Response:\n"
+                start = len(text)
+                text += m["content"] + self.eos
+                if m.get("weight", 1):
+                    spans.append((start, len(text)))
+                text += "\n\n"
+        if self.train_on_inputs:
+            spans = [(0, len(text))]
+        return text, spans
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tok.apply_chat_template(
+            plain, chat_template=self.jinja, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _render_chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        full = self._apply(messages, add_generation_prompt=False)
+        if self.train_on_inputs:
+            return full, [(0, len(full))]
+        spans, cursor = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            # The assistant turn is what the template adds between "prompt so far + generation
+            # prompt" and "conversation up to this reply". Templates whose earlier turns change
+            # as the conversation grows break this prefix property; then search for the reply.
+            prefix = self._apply(messages[:i], add_generation_prompt=True) if i else ""
+            upto = self._apply(messages[: i + 1], add_generation_prompt=False)
+            if i and full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:
+                start = upto.find(m["content"].strip(), len(prefix))
+            else:
+                start = full.find(m["content"].strip(), cursor)
+            if start < 0:
+                raise RowError(f"messages[{i}]: the chat template altered the assistant text; cannot mark its tokens")
+            end = start + len(m["content"].strip())
+            end += self._special_at(full, end)
+            cursor = end
+            if m.get("weight", 1):
+                spans.append((start, end))
+        return full, spans
+
+    def _special_at(self, text: str, pos: int) -> int:
+        """Length of the end-of-turn special token right after a reply (it is trained: it teaches stopping)."""
+        for s in self.specials:
+            if text.startswith(s, pos):
+                return len(s)
+        return 0
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_rendered(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list, list]]:
+    """Token ids and labels for rendered texts; a token is trained when it starts inside a span."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, text_spans, text in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, strict=True):
+        trained = np.zeros(len(text) + 1, dtype=bool)
+        for s, e in text_spans:
+            trained[s:e] = True
+        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+        ids_arr = np.asarray(ids, dtype=np.int32)
+        labels = np.where(trained[starts], ids_arr, IGNORE_INDEX).astype(np.int32)
+        if len(labels):
+            # The first token is never predicted; masking it keeps packed rows from learning across examples.
+            labels[0] = IGNORE_INDEX
+        out.append((ids_arr, labels))
+    return out
+
+
+# --------------------------------------------------------------------------- packing and batching
+
+
+def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], max_seq_len: int) -> list[dict]:
+    """First-fit-decreasing packing into rows of at most max_seq_len tokens.
+
+    position_ids restart at 0 for each example; transformers turns that into a block-diagonal
+    causal mask (sdpa/eager with attention_mask=None, flash-attention varlen on GPU).
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i][0])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_seq_len - n)
+    rows = []
+    for members in bins:
+        members.sort()  # keep the original order inside a row
+        ids = np.concatenate([examples[i][0] for i in members])
+        labels = np.concatenate([examples[i][1] for i in members])
+        pos = np.concatenate([np.arange(len(examples[i][0]), dtype=np.int32) for i in members])
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "num_examples": len(members)})
+    return rows
+
+
+def padded_length(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(rows: list[dict] | dict, pad_id: int, multiple: int = 8) -> dict:
+    """Right-pad a micro-batch to its longest row (rounded up to `multiple`) as torch tensors.
+
+    Packed rows (with position_ids) get no attention_mask so the model builds the per-example
+    block mask from position_ids; the pad tail restarts its positions and carries no loss.
+    """
+    import torch
+
+    if isinstance(rows, dict):  # a columnar batch from Ray Data
+        keys = list(rows)
+        rows = [dict(zip(keys, vals, strict=True)) for vals in zip(*(rows[k] for k in keys), strict=True)]
+    packed = "position_ids" in rows[0]
+    width = padded_length(max(len(r["input_ids"]) for r in rows), multiple)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    out = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        out["position_ids"] = position_ids
+    else:
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        out["attention_mask"] = attention_mask
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        input_ids[i, :k] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
+        labels[i, :k] = torch.as_tensor(np.asarray(r["labels"]), dtype=torch.long)
+        if packed:
+            position_ids[i, :k] = torch.as_tensor(np.asarray(r["position_ids"]), dtype=torch.long)
+            position_ids[i, k:] = torch.arange(width - k)
+        else:
+            attention_mask[i, :k] = 1
+    return out
+
+
+def parse_json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError(f"invalid JSON: {e.msg} at column {e.colno}") from None
