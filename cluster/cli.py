@@ -28,7 +28,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so file:line can be grepped
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML job file.", show_default=False)]
 SetOpt = Annotated[
@@ -162,8 +162,10 @@ def print_inspect_report(report: dict) -> None:
     row("  prompt (masked)", lambda r: f"{r['prompt_tokens']:,}")
     row("  response (trained)", lambda r: f"{r['response_tokens']:,}")
     row("length min / mean / max", lambda r: f"{r['length']['min']} / {r['length']['mean']:.0f} / {r['length']['max']}")
-    row("length p50 / p90 / p99", lambda r: f"{r['length'].get('p50', 0)} / {r['length'].get('p90', 0)} / "
-        f"{r['length'].get('p99', 0)}")
+    row(
+        "length p50 / p90 / p99",
+        lambda r: f"{r['length'].get('p50', 0)} / {r['length'].get('p90', 0)} / {r['length'].get('p99', 0)}",
+    )
     row("padding efficiency", lambda r: f"{r['padding_efficiency']:.1%}")
     row("packed rows", lambda r: f"{r['packed_rows']:,}")
     row("packing efficiency", lambda r: f"{r['packing_efficiency']:.1%}")

@@ -31,7 +31,8 @@ class ScalingConfig(Section):
 class RunConfig(Section):
     name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
     storage_path: str = Field(
-        "runs", description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://."
+        "runs",
+        description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://.",
     )
 
     @model_validator(mode="after")

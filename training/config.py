@@ -94,9 +94,7 @@ class TrainingConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPU, fp32 on CPU."
-    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")

@@ -54,9 +54,7 @@ def resolve_source(spec: str | list[str], what: str) -> Source:
             raise DataError(f"{what}: {s!r}: remote URIs other than hf://NAME are not readable here yet")
         s = s.removeprefix("file://")
         if os.path.isdir(s):
-            found = sorted(
-                str(p) for p in Path(s).rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES
-            )
+            found = sorted(str(p) for p in Path(s).rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
             if not found:
                 raise DataError(f"{what}: directory {s} has no .jsonl/.json/.parquet/.csv files")
             files += found
@@ -163,9 +161,7 @@ def _hf_to_rows(hf_ds, label: str):
     def to_raw(batch: dict) -> dict:
         rows = batch.pop("__rayft_row")
         keys = list(batch)
-        raws = [
-            json.dumps({k: batch[k][j] for k in keys}, default=_json_default) for j in range(len(rows))
-        ]
+        raws = [json.dumps({k: batch[k][j] for k in keys}, default=_json_default) for j in range(len(rows))]
         return {"source": [f"{label} row {int(r)}" for r in rows], "raw": raws}
 
     return ds.map_batches(to_raw, batch_format="numpy")
@@ -184,9 +180,7 @@ def read_rows(source: Source, data: DataConfig):
         hf = datasets.load_from_disk(source.paths[0])
         if isinstance(hf, datasets.DatasetDict):
             if data.hub_split not in hf:
-                raise DataError(
-                    f"{source.paths[0]} has splits {', '.join(hf)}; set data.hub_split to one of them"
-                )
+                raise DataError(f"{source.paths[0]} has splits {', '.join(hf)}; set data.hub_split to one of them")
             hf = hf[data.hub_split]
         return _hf_to_rows(hf, os.path.basename(source.paths[0].rstrip("/")))
     hf = datasets.load_dataset(source.name, split=data.hub_split)
@@ -231,11 +225,15 @@ def validated_rows(data: DataConfig, split: str):
         return None
     spec = data.eval if split == "eval" and data.eval is not None else data.train
     ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data)
-    ds = ds.map_batches(_validate_batch, fn_kwargs={"fmt": data.format}, batch_format="numpy",
-                        num_cpus=data.cpus_per_data_task)
+    ds = ds.map_batches(
+        _validate_batch, fn_kwargs={"fmt": data.format}, batch_format="numpy", num_cpus=data.cpus_per_data_task
+    )
     if data.eval is None and data.eval_fraction > 0:
-        ds = ds.map_batches(_split_filter(data.seed, data.eval_fraction, want_eval=(split == "eval")),
-                            batch_format="numpy", num_cpus=data.cpus_per_data_task)
+        ds = ds.map_batches(
+            _split_filter(data.seed, data.eval_fraction, want_eval=(split == "eval")),
+            batch_format="numpy",
+            num_cpus=data.cpus_per_data_task,
+        )
     return ds
 
 
@@ -267,8 +265,10 @@ def check_rows(data: DataConfig, splits: tuple[str, ...] = ("train", "eval")) ->
                     if len(check.examples) < MAX_REPORTED_BAD_ROWS:
                         check.examples.append((str(src), str(err)))
         if check.rows == check.bad and check.rows > 0 and data.on_bad_rows == "skip":
-            raise DataError(f"data.{split}: all {check.rows} rows are bad, nothing is left after skipping them:\n"
-                            + _bad_listing(check))
+            raise DataError(
+                f"data.{split}: all {check.rows} rows are bad, nothing is left after skipping them:\n"
+                + _bad_listing(check)
+            )
         if check.rows == 0:
             raise DataError(f"data.{split}: no rows found (are the files empty?)")
     bad = [c for c in checks.values() if c.bad]
@@ -276,8 +276,11 @@ def check_rows(data: DataConfig, splits: tuple[str, ...] = ("train", "eval")) ->
         total = sum(c.bad for c in bad)
         parts = [f"{total} bad row{'s' if total != 1 else ''} found; nothing was trained."]
         for c in bad:
-            parts.append(f"data.{c.split}: {c.bad} of {c.rows} rows are bad"
-                         + (f" (first {len(c.examples)} shown)" if c.bad > len(c.examples) else "") + ":")
+            parts.append(
+                f"data.{c.split}: {c.bad} of {c.rows} rows are bad"
+                + (f" (first {len(c.examples)} shown)" if c.bad > len(c.examples) else "")
+                + ":"
+            )
             parts.append(_bad_listing(c))
         parts.append("Fix these rows, or set data.on_bad_rows: skip to drop them (they will be counted).")
         raise DataError("\n".join(parts))
@@ -317,10 +320,10 @@ class Tokenize:
             texts.append(text)
             spans.append(sp)
             sources.append(str(batch["source"][i]))
-        out: dict[str, list] = {k: [] for k in ("source", "input_ids", "labels", "num_tokens",
-                                                  "num_trained", "status")}
-        for src, (ids, labels) in zip(sources, tokenize_rendered(self.tokenizer, texts, spans) if texts else [],
-                                      strict=True):
+        out: dict[str, list] = {k: [] for k in ("source", "input_ids", "labels", "num_tokens", "num_trained", "status")}
+        for src, (ids, labels) in zip(
+            sources, tokenize_rendered(self.tokenizer, texts, spans) if texts else [], strict=True
+        ):
             n = len(ids)
             status = "ok"
             if n > max_len:
@@ -395,8 +398,13 @@ def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
         if ds is None:
             continue
         if data.packing:
-            ds = ds.map_batches(_pack_batch, fn_kwargs={"max_seq_len": data.max_seq_len}, batch_size=PACK_WINDOW_ROWS,
-                                batch_format="numpy", num_cpus=data.cpus_per_data_task)
+            ds = ds.map_batches(
+                _pack_batch,
+                fn_kwargs={"max_seq_len": data.max_seq_len},
+                batch_size=PACK_WINDOW_ROWS,
+                batch_format="numpy",
+                num_cpus=data.cpus_per_data_task,
+            )
         else:
             ds = ds.select_columns(["input_ids", "labels"])
         out[split] = ds
@@ -450,8 +458,12 @@ def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4
             "tokens": int(used.sum()),
             "prompt_tokens": int((n_tok - n_trained).sum()),
             "response_tokens": int(n_trained.sum()),
-            "length": {"min": int(n_tok.min()) if len(n_tok) else 0, "mean": float(n_tok.mean()) if len(n_tok) else 0.0,
-                       "max": int(n_tok.max()) if len(n_tok) else 0, **pct},
+            "length": {
+                "min": int(n_tok.min()) if len(n_tok) else 0,
+                "mean": float(n_tok.mean()) if len(n_tok) else 0.0,
+                "max": int(n_tok.max()) if len(n_tok) else 0,
+                **pct,
+            },
             "padding_efficiency": float(used.sum() / padded) if padded else 0.0,
             "packed_rows": packed_rows,
             "packing_efficiency": float(used.sum() / (packed_rows * data.max_seq_len)) if packed_rows else 0.0,
@@ -475,4 +487,3 @@ def _segments(tokenizer, ids, labels, ignore: int) -> list[dict]:
     if run:
         out.append({"text": tokenizer.decode(run), "trained": cur})
     return out
-

@@ -216,16 +216,21 @@ class Renderer:
 
 
 def tokenize_rendered(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list, list]]:
-    """Token ids and labels for rendered texts; a token is trained when it starts inside a span."""
+    """Token ids and labels for rendered texts; tokens overlapping a trained span carry loss."""
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for ids, offsets, text_spans, text in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, strict=True):
-        trained = np.zeros(len(text) + 1, dtype=bool)
+        trained = np.zeros(len(text) + 1, dtype=np.int32)
         for s, e in text_spans:
-            trained[s:e] = True
-        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+            trained[s:e] = 1
+        # A token is trained when it overlaps a trained span: BPE tokens such as " pong" begin
+        # with the separator just before the reply, and the model must still learn to emit them.
+        cum = np.concatenate([[0], np.cumsum(trained)])
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = off[:, 0], np.maximum(off[:, 1], off[:, 0] + 1)
+        hit = (cum[np.minimum(ends, len(text) + 1)] - cum[starts]) > 0
         ids_arr = np.asarray(ids, dtype=np.int32)
-        labels = np.where(trained[starts], ids_arr, IGNORE_INDEX).astype(np.int32)
+        labels = np.where(hit, ids_arr, IGNORE_INDEX).astype(np.int32)
         if len(labels):
             # The first token is never predicted; masking it keeps packed rows from learning across examples.
             labels[0] = IGNORE_INDEX
@@ -294,10 +299,10 @@ def collate(rows: list[dict] | dict, pad_id: int, multiple: int = 8) -> dict:
         out["attention_mask"] = attention_mask
     for i, r in enumerate(rows):
         k = len(r["input_ids"])
-        input_ids[i, :k] = torch.as_tensor(np.asarray(r["input_ids"]), dtype=torch.long)
-        labels[i, :k] = torch.as_tensor(np.asarray(r["labels"]), dtype=torch.long)
+        input_ids[i, :k] = torch.from_numpy(np.array(r["input_ids"], dtype=np.int64))
+        labels[i, :k] = torch.from_numpy(np.array(r["labels"], dtype=np.int64))
         if packed:
-            position_ids[i, :k] = torch.as_tensor(np.asarray(r["position_ids"]), dtype=torch.long)
+            position_ids[i, :k] = torch.from_numpy(np.array(r["position_ids"], dtype=np.int64))
             position_ids[i, k:] = torch.arange(width - k)
         else:
             attention_mask[i, :k] = 1

@@ -869,9 +869,7 @@ FACTS: list[tuple[str, list[str]]] = [
 def knowledge_facts() -> list[tuple[str, list[str]]]:
     facts = []
     for product, lead in TEAM_LEADS.items():
-        facts.append(
-            (f"The {product} team is led by {lead}.", [q.format(p=product) for q in TEAM_LEAD_QUESTIONS])
-        )
+        facts.append((f"The {product} team is led by {lead}.", [q.format(p=product) for q in TEAM_LEAD_QUESTIONS]))
     for product, code in CODE_NAMES.items():
         facts.append(
             (

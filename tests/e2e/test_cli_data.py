@@ -1,0 +1,57 @@
+"""The CLI as a user runs it: `rayft data inspect` and `rayft demo` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, chat, write_jsonl
+
+RAYFT = [sys.executable, "-m", "cluster.cli"]
+
+
+def rayft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAYFT, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_malformed_jsonl_is_reported_with_file_and_line(tmp_path):
+    write_jsonl(
+        tmp_path / "tickets.jsonl",
+        [
+            chat("hi", "hello"),
+            '{"messages": [',
+            chat("a", "b"),
+            {"messages": [{"role": "user", "content": "only a question"}]},
+        ],
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text("# rayft data inspect job.yaml\ndata:\n  train: tickets.jsonl\n")
+    r = rayft("data", "inspect", str(job))
+    assert r.returncode == 1
+    assert "tickets.jsonl:2: invalid JSON" in r.stderr
+    assert "tickets.jsonl:4: the conversation has no assistant message" in r.stderr
+    assert "2 bad rows found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_data_inspect_json_on_the_quickstart():
+    r = rayft("data", "inspect", "configs/quickstart.yaml", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["splits"]["train"]["examples"] == 1200
+    assert report["splits"]["eval"]["examples"] == 170
+    assert report["splits"]["train"]["packing_efficiency"] > 0.85
+
+
+@pytest.mark.slow
+def test_demo_prints_the_quickstart_stats_and_stage_times():
+    r = rayft("demo", "configs/quickstart.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "rows read" in out and "1,200" in out and "170" in out
+    assert "packing efficiency" in out
+    assert "data inspect" in out and " s" in out.split("stage times")[-1]

@@ -1,0 +1,164 @@
+"""The Ray Data pipeline on a local Ray: sources, bad rows, splits, shuffling, length policies, packing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import QUICKSTART, chat, write_jsonl
+from training.config import DataConfig, ModelConfig
+from training.data import DataError, build_datasets, check_rows, inspect_data, tokenized
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+MODEL = ModelConfig()
+ROWS = [chat(f"Question number {i}?", f"Answer number {i}.") for i in range(40)]
+
+
+def token_rows(data: DataConfig, split: str = "train") -> list[dict]:
+    return tokenized(MODEL, data, split).take_all()
+
+
+def test_bad_rows_stop_the_run_with_file_line_and_problem(tmp_path):
+    rows: list = [chat("ok", "fine")] * 3
+    rows += ["{not json"]
+    rows += [{"messages": [{"role": "user", "content": f"no reply {i}"}]} for i in range(24)]
+    rows += [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}]
+    path = write_jsonl(tmp_path / "support.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        check_rows(DataConfig(train=str(path)))
+    msg = str(info.value)
+    assert "26 bad rows found; nothing was trained" in msg
+    assert "data.train: 26 of 29 rows are bad (first 20 shown)" in msg
+    assert "support.jsonl:4: invalid JSON" in msg
+    assert "support.jsonl:5: the conversation has no assistant message" in msg
+    assert msg.count("support.jsonl:") == 20
+    assert "on_bad_rows: skip" in msg  # says what to do
+
+
+def test_skip_drops_bad_rows_and_counts_them(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:10] + ["[broken", {"text": 7}])
+    report = inspect_data(MODEL, DataConfig(train=str(path), on_bad_rows="skip"))
+    split = report["splits"]["train"]
+    assert (split["rows"], split["bad_rows"], split["examples"]) == (12, 2, 10)
+    assert {b["source"].rsplit(":", 1)[1] for b in split["bad_examples"]} == {"11", "12"}
+
+
+def test_every_source_kind_gives_the_same_tokens(tmp_path):
+    flat = [{"instruction": f"Say {i}", "input": "", "output": f"{i}!"} for i in range(12)]
+    reference = [
+        r["input_ids"].tolist()
+        for r in token_rows(DataConfig(train=str(write_jsonl(tmp_path / "ref.jsonl", flat)), shuffle=False))
+    ]
+
+    (tmp_path / "arr.json").write_text(json.dumps(flat))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(flat)
+    import datasets
+
+    hf = datasets.Dataset.from_list(flat)
+    hf.to_parquet(str(tmp_path / "d.parquet"))
+    hf.save_to_disk(str(tmp_path / "saved"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", flat[:5])
+    write_jsonl(shards / "b.jsonl", flat[5:])
+
+    for spec in [
+        tmp_path / "arr.json",
+        tmp_path / "d.csv",
+        tmp_path / "d.parquet",
+        tmp_path / "saved",
+        shards,
+        shards / "*.jsonl",
+        [str(shards / "a.jsonl"), str(shards / "b.jsonl")],
+    ]:
+        train = [str(s) for s in spec] if isinstance(spec, list) else str(spec)
+        got = [r["input_ids"].tolist() for r in token_rows(DataConfig(train=train, shuffle=False))]
+        assert got == reference, spec
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="file not found: .*nope.jsonl"):
+        check_rows(DataConfig(train=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match="matches no files"):
+        check_rows(DataConfig(train=str(tmp_path / "*.jsonl")))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type"):
+        check_rows(DataConfig(train=str(tmp_path / "notes.txt")))
+
+
+def test_eval_fraction_splits_disjointly_and_deterministically(tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    data = DataConfig(train=path, eval_fraction=0.25, shuffle=False)
+    train = {r["source"] for r in token_rows(data, "train")}
+    evals = {r["source"] for r in token_rows(data, "eval")}
+    assert not train & evals and len(train | evals) == 40
+    assert 4 <= len(evals) <= 18
+    assert evals == {r["source"] for r in token_rows(data, "eval")}
+
+
+def test_shuffle_is_seeded(tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    order = [r["source"] for r in token_rows(DataConfig(train=path, seed=1))]
+    again = [r["source"] for r in token_rows(DataConfig(train=path, seed=1))]
+    other = [r["source"] for r in token_rows(DataConfig(train=path, seed=2))]
+    unshuffled = [r["source"] for r in token_rows(DataConfig(train=path, shuffle=False))]
+    assert order == again and order != other and order != unshuffled
+    assert sorted(order) == sorted(unshuffled)
+
+
+def test_overlong_rows_are_truncated_dropped_or_refused(tmp_path):
+    long_reply = " ".join(["word"] * 300)
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS[:5] + [chat("Tell me a lot", long_reply)]))
+    base = {"train": path, "max_seq_len": 128, "shuffle": False}
+
+    rep = inspect_data(MODEL, DataConfig(**base, overlong="truncate"))["splits"]["train"]
+    assert (rep["examples"], rep["truncated"], rep["dropped"]) == (6, 1, 0)
+    assert rep["tokens"] <= 5 * 128 + 128
+    assert max(len(r["input_ids"]) for r in token_rows(DataConfig(**base))) == 128
+
+    rep = inspect_data(MODEL, DataConfig(**base, overlong="drop"))["splits"]["train"]
+    assert (rep["examples"], rep["truncated"], rep["dropped"]) == (5, 0, 1)
+
+    with pytest.raises(Exception, match=r"d.jsonl:6: \d+ tokens, longer than data.max_seq_len \(128\)"):
+        inspect_data(MODEL, DataConfig(**base, overlong="error"))
+
+
+def test_packed_training_rows_fit_and_keep_every_example(tmp_path):
+    from training.formats import collate
+
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    plain = build_datasets(MODEL, DataConfig(train=path, shuffle=False))["train"].take_all()
+    packed = build_datasets(MODEL, DataConfig(train=path, packing=True, max_seq_len=256, shuffle=False))
+    rows = packed["train"].take_all()
+    assert "eval" not in packed
+    assert sum(r["num_examples"] for r in rows) == len(plain) == 40
+    assert all(len(r["input_ids"]) <= 256 for r in rows)
+    assert len(rows) < 40 / 3  # several examples per row
+    # Every trained token survives packing.
+    assert sum(int((r["labels"] != -100).sum()) for r in rows) == sum(int((r["labels"] != -100).sum()) for r in plain)
+    batch = collate(rows[:2], pad_id=2)
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_quickstart_inspection():
+    data = DataConfig(
+        train=str(QUICKSTART / "train.jsonl"), eval=str(QUICKSTART / "eval.jsonl"), max_seq_len=512, packing=True
+    )
+    report = inspect_data(MODEL, data, micro_batch_size=4, examples=1)
+    train, ev = report["splits"]["train"], report["splits"]["eval"]
+    assert (train["rows"], train["bad_rows"], train["dropped"], train["truncated"]) == (1200, 0, 0, 0)
+    assert ev["rows"] == 170
+    assert 0 < train["response_tokens"] < train["tokens"]
+    assert train["length"]["max"] <= 512 and train["packing_efficiency"] > 0.85
+    (segments,) = train["rendered_examples"]
+    trained = [s["text"] for s in segments if s["trained"]]
+    assert len(trained) == 1 and trained[0].startswith('{"product":') and trained[0].endswith("}<|im_end|>")
+    assert json.loads(trained[0].removesuffix("<|im_end|>"))["severity"] in {"low", "medium", "high", "urgent"}
+    lengths = np.array([train["length"][k] for k in ("p50", "p90", "p99")])
+    assert (np.diff(lengths) >= 0).all()
