@@ -184,6 +184,133 @@ def print_inspect_report(report: dict) -> None:
 
 
 @app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over: move an earlier run of the same name aside.")
+    ] = False,
+) -> None:
+    """Finetune with Ray Train + DeepSpeed; resumes an interrupted run of the same name."""
+    with _user_errors():
+        cfg = _load(config, set_)
+        result = _train(cfg, address, restart)
+    _print_train_summary(result)
+
+
+def _train(cfg, address: str | None, restart: bool):
+    import math
+    import os
+
+    from cluster.runtime import connect
+    from training.trainer import TrainError, required_cpus, run_training
+
+    with err.status("starting Ray", spinner="dots"):
+        # A laptop has fewer cores than workers + data stages want; logical CPUs may exceed them.
+        connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + 0.5)))
+    progress = TrainProgress()
+    try:
+        with progress:
+            return run_training(cfg, restart=restart, on_event=progress.on_event)
+    except TrainError as e:
+        err.print(f"[bold red]training error[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+class TrainProgress:
+    """One driver-side progress bar fed by rank 0's metrics (step/total, loss, tokens/s, ETA)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=None, loss="-", eval="-", tps="-")
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def on_event(self, r: dict) -> None:
+        if r.get("event") == "planned":
+            self.progress.update(self.task, total=r["total_steps"])
+            what = "resuming" if r.get("resuming") else "planned"
+            rows = f" from {r['train_rows']:,} training rows" if r.get("train_rows") else ""
+            self.progress.console.print(f"{what}: {r['total_steps']} optimizer steps{rows}")
+        elif r.get("event") == "start" and r.get("resumed"):
+            self.progress.console.print(f"resumed from the checkpoint at step {r['step']}")
+            self.progress.update(self.task, completed=r["step"])
+        elif "step" in r and "loss" in r:
+            self.progress.update(
+                self.task, completed=r["step"], loss=f"{r['loss']:.4f}", tps=f"{r['nonpad_tokens_per_s']:,.0f}"
+            )
+        if "eval_loss" in r:
+            self.progress.update(self.task, eval=f"{r['eval_loss']:.4f}")
+
+
+def _print_train_summary(result) -> None:
+    m = result.metrics
+    out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
+    if "eval_loss" in m:
+        out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+    out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
+    if result.final_dir:
+        out.print(f"  model     {result.final_dir}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by rayft train.")],
+    checkpoint: Annotated[
+        int | None, typer.Option("--checkpoint", help="Step of the kept checkpoint to export (default: latest).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: RUN_DIR/final).")] = None,
+) -> None:
+    """Re-export a run's model (LoRA adapter + merged model, or full model) from a kept checkpoint."""
+    from training.export import ExportError, export_checkpoint, list_checkpoints
+    from training.trainer import JOB_FILE
+
+    with _user_errors():
+        job_file = run_dir / JOB_FILE
+        if not job_file.is_file():
+            err.print(f"[bold red]export error[/] {run_dir} has no {JOB_FILE}; is it a rayft run directory?")
+            raise typer.Exit(2)
+        cfg = _load(job_file, None)
+        kept = list_checkpoints(str(run_dir))
+        if not kept:
+            err.print(f"[bold red]export error[/] {run_dir} has no checkpoints")
+            raise typer.Exit(1)
+        if checkpoint is None:
+            step, path = kept[-1]
+        else:
+            match = [k for k in kept if k[0] == checkpoint]
+            if not match:
+                steps = ", ".join(str(s) for s, _ in kept)
+                err.print(f"[bold red]export error[/] no checkpoint at step {checkpoint}; kept steps: {steps}")
+                raise typer.Exit(2)
+            step, path = match[0]
+        target = str(out_dir or run_dir / "final")
+        try:
+            export_checkpoint(path, cfg, target)
+        except ExportError as e:
+            err.print(f"[bold red]export error[/] {escape(str(e))}")
+            raise typer.Exit(1) from None
+    out.print(f"exported step {step} to {target}")
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Argument(help="Job file of the quickstart.")] = Path("configs/quickstart.yaml"),
     address: AddressOpt = None,

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from training.config import DataConfig, ModelConfig, Section, TrainingConfig
+from training.config import DataConfig, ExportConfig, ModelConfig, Section, TrainingConfig
 
 
 class ScalingConfig(Section):
@@ -35,6 +35,11 @@ class RunConfig(Section):
         description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://.",
     )
 
+    max_failures: int = Field(
+        2, ge=-1, description="Restart the worker group from the latest checkpoint this many times (-1 = forever)."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins).")
+
     @model_validator(mode="after")
     def _check_name(self) -> RunConfig:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -52,6 +57,7 @@ class JobConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation settings.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> JobConfig:

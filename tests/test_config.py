@@ -149,7 +149,7 @@ def test_cli_config_show_prints_the_resolved_config(tmp_path):
     shown = yaml.safe_load(r.stdout)
     assert shown["training"]["lr"] == 0.01
     assert shown["model"]["name"] == "smollm2-135m-instruct"
-    assert set(shown) == {"model", "data", "training", "scaling", "run"}
+    assert set(shown) == {"model", "data", "training", "scaling", "run", "export"}
     assert JobConfig.model_validate(shown)  # what it prints is itself a valid job file
 
 
@@ -161,3 +161,9 @@ def test_cli_import_does_not_load_torch_or_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
+    assert missing == [], f"add these keys to the README's config reference: {missing}"

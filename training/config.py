@@ -99,6 +99,7 @@ class TrainingConfig(Section):
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     seed: int = Field(42, description="Seed for weight init of new layers and dropout.")
+    log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
     ds_config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config merged over the generated one (experts only)."
     )
@@ -110,3 +111,12 @@ class TrainingConfig(Section):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
         return self
+
+
+class ExportConfig(Section):
+    merge: bool = Field(
+        True, description="LoRA runs: also write a merged full model into final/ (adapter in final/adapter)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of exported weights; auto = the dtype the model was trained in."
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import zlib
@@ -320,7 +321,9 @@ class Tokenize:
             texts.append(text)
             spans.append(sp)
             sources.append(str(batch["source"][i]))
-        out: dict[str, list] = {k: [] for k in ("source", "input_ids", "labels", "num_tokens", "num_trained", "status")}
+        out: dict[str, list] = {
+            k: [] for k in ("source", "row_id", "input_ids", "labels", "num_tokens", "num_trained", "status")
+        }
         for src, (ids, labels) in zip(
             sources, tokenize_rendered(self.tokenizer, texts, spans) if texts else [], strict=True
         ):
@@ -342,6 +345,7 @@ class Tokenize:
             if status == "dropped" and not self.keep_dropped:
                 continue
             out["source"].append(src)
+            out["row_id"].append(row_id(src))
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["num_tokens"].append(n)
@@ -350,11 +354,19 @@ class Tokenize:
         return out
 
 
+def row_id(source: str) -> int:
+    """A stable 63-bit id of an example, from where it was read (used to skip trained rows on resume)."""
+    return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _pack_batch(batch: dict, max_seq_len: int) -> dict:
     from training.formats import pack_examples
 
     rows = pack_examples(list(zip(batch["input_ids"], batch["labels"], strict=True)), max_seq_len)
-    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "num_examples")}
+    ids = np.asarray(batch["row_id"], dtype=np.int64)
+    out = {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "num_examples")}
+    out["row_ids"] = [ids[r["members"]] for r in rows]
+    return out
 
 
 PACK_WINDOW_ROWS = 1024
@@ -366,7 +378,8 @@ def tokenized(model: ModelConfig, data: DataConfig, split: str, keep_dropped: bo
     if ds is None:
         return None
     if split == "train" and data.shuffle:
-        ds = ds.random_shuffle(seed=data.seed)
+        # Fractional CPUs: beside training workers that hold whole CPUs, a 1-CPU shuffle task would never start.
+        ds = ds.random_shuffle(seed=data.seed, num_cpus=data.cpus_per_data_task)
     import ray.data
 
     model_dict, data_dict = model.model_dump(), data.model_dump()
@@ -406,7 +419,7 @@ def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
                 num_cpus=data.cpus_per_data_task,
             )
         else:
-            ds = ds.select_columns(["input_ids", "labels"])
+            ds = ds.select_columns(["row_id", "input_ids", "labels"])
         out[split] = ds
     return out
 

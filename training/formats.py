@@ -266,7 +266,9 @@ def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], max_seq_len: in
         ids = np.concatenate([examples[i][0] for i in members])
         labels = np.concatenate([examples[i][1] for i in members])
         pos = np.concatenate([np.arange(len(examples[i][0]), dtype=np.int32) for i in members])
-        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "num_examples": len(members)})
+        rows.append(
+            {"input_ids": ids, "labels": labels, "position_ids": pos, "num_examples": len(members), "members": members}
+        )
     return rows
 
 

@@ -1,0 +1,113 @@
+"""Export a training checkpoint as Hugging Face model directories.
+
+LoRA: final/adapter/ (adapter_model.safetensors + adapter_config.json) and, with export.merge,
+the merged model in final/. Full finetunes: the model in final/. Always with the tokenizer and
+chat template, so `AutoModelForCausalLM.from_pretrained(final)` (and vLLM) load it as-is.
+Works offline from any kept checkpoint: DeepSpeed's ZeRO shards are consolidated on the CPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from training.loop import DS_TAG, STATE_FILE
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
+
+
+class ExportError(Exception):
+    """A checkpoint that cannot be exported; the message says why."""
+
+
+def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
+    """fp32 weights from a DeepSpeed checkpoint (only the trained ones for LoRA)."""
+    import torch
+
+    tag_dir = os.path.join(ckpt_dir, DS_TAG)
+    if not os.path.isdir(tag_dir):
+        raise ExportError(f"{ckpt_dir} is not a rayft checkpoint (no {DS_TAG}/ directory)")
+    if zero_stage == 0:
+        states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG, exclude_frozen_parameters=lora)
+
+
+def export_checkpoint(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
+    """Write final/ (see module doc) from a checkpoint directory; returns out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.ds_config import resolve_precision
+    from training.loop import apply_lora
+    from training.models import load_tokenizer, resolve_model
+
+    lora = job.training.method == "lora"
+    state = consolidated_state_dict(ckpt_dir, job.training.zero_stage, lora)
+    if not state:
+        raise ExportError(f"{ckpt_dir}: the checkpoint holds no weights")
+    base_path = resolve_model(job.model.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=torch.float32, trust_remote_code=job.model.trust_remote_code
+    )
+    if lora:
+        model = apply_lora(model, job.training)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ExportError(f"{ckpt_dir}: checkpoint weights the model does not have: {unexpected[:5]}")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    not_loaded = sorted(trained & set(missing))
+    if not_loaded:
+        raise ExportError(f"{ckpt_dir}: checkpoint lacks trained weights: {not_loaded[:5]}")
+
+    precision = job.export.dtype if job.export.dtype != "auto" else resolve_precision(job.training, job.scaling.use_gpu)
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
+        precision, torch.float32
+    )
+    tokenizer = load_tokenizer(job.model.name)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if lora:
+        adapter_dir = os.path.join(tmp, "adapter") if job.export.merge else tmp
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        if job.export.merge:
+            merged = model.merge_and_unload().to(dtype)
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    else:
+        model.to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    info = {
+        "base_model": job.model.name,
+        "method": job.training.method,
+        "merged": bool(lora and job.export.merge),
+        "checkpoint": os.path.abspath(ckpt_dir),
+        "step": _checkpoint_step(ckpt_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    with open(os.path.join(tmp, "rayft_export.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _checkpoint_step(ckpt_dir: str) -> int | None:
+    for path in glob.glob(os.path.join(ckpt_dir, STATE_FILE.format(rank="*"))):
+        with open(path) as f:
+            return json.load(f)["step"]
+    return None
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int | None, str]]:
+    """(step, path) of every checkpoint kept in a run directory, oldest first."""
+    out = [(_checkpoint_step(p), p) for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p)]
+    return sorted(out, key=lambda x: (x[0] is None, x[0] or 0))

@@ -1,0 +1,378 @@
+"""The training loop: one function that every Ray Train worker runs, top to bottom.
+
+setup (model, DeepSpeed engine, resume state) -> loop (micro-batches from the Ray Data shard,
+backward, optimizer step, metrics, eval, checkpoint) -> final eval and checkpoint.
+Every rank calls `ray.train.report` the same number of times; each passes its own checkpoint
+files (DeepSpeed writes one file set per rank) and Ray merges them into one directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from training.config import DataConfig, ModelConfig, Section, TrainingConfig
+
+STATE_FILE = "trainer_state_rank{rank}.json"
+DS_TAG = "ds"
+
+
+class LoopConfig(Section):
+    """What a worker needs; built by the driver (training/trainer.py) from the job file."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    grad_accum: int = Field(ge=1)
+    total_steps: int = Field(ge=1)
+    has_eval: bool
+    use_gpu: bool
+    run_dir: str
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (also runnable in a single process for debugging)."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    cfg = LoopConfig.model_validate(config)
+    t = cfg.training
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+
+    # ---- setup
+    model = build_model(cfg)
+    engine = build_engine(model, cfg)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    step, epoch, consumed = 0, 0, set()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            step, epoch, consumed = load_checkpoint(engine, ckpt_dir, lora=t.method == "lora")
+    log = MetricsLog(cfg.run_dir) if rank == 0 else NullLog()
+    log.event({"event": "start", "step": step, "total_steps": cfg.total_steps, "workers": world, "resumed": step > 0})
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.has_eval else None
+
+    # ---- loop
+    acc = StepAccumulator()
+    last_eval: dict = {}
+    while step < cfg.total_steps:
+        steps_this_epoch = 0
+        batches = micro_batches(train_shard, t.micro_batch_size, skip=consumed)
+        while step < cfg.total_steps:
+            t_wait = time.perf_counter()
+            item = next(batches, None)
+            wait_s = time.perf_counter() - t_wait
+            if not all_ranks_have(item is not None, device):
+                break  # some rank's shard is exhausted: the epoch ends for everyone together
+            batch, row_ids = item
+            t_compute = time.perf_counter()
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss = forward(engine, batch, device, pad_id)
+            engine.backward(loss)
+            engine.step()
+            consumed.update(row_ids)
+            acc.add(loss.item(), batch, wait_s, time.perf_counter() - t_compute)
+            if not boundary:
+                continue
+            step += 1
+            steps_this_epoch += 1
+            metrics = acc.reduce(device, world) | {
+                "step": step,
+                "epoch": epoch,
+                "lr": engine.get_lr()[0],
+                "grad_norm": _float(engine.get_global_grad_norm()),
+            }
+            is_last = step >= cfg.total_steps
+            if eval_shard is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not is_last:
+                last_eval = evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
+                metrics |= last_eval
+            log.write(metrics)
+            want_ckpt = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not is_last
+            if want_ckpt:
+                report_with_checkpoint(engine, metrics | last_eval, step, epoch, consumed, rank, t.method == "lora")
+            elif step % t.log_every_steps == 0:
+                ray.train.report(metrics)
+            acc = StepAccumulator()  # after eval and checkpoint, so step times are training only
+        if step < cfg.total_steps:
+            if steps_this_epoch == 0:
+                raise RuntimeError("the training data yields no optimizer step; check data.train and batch sizes")
+            epoch, consumed = epoch + 1, set()
+            log.event({"event": "epoch_end", "epoch": epoch, "step": step})
+
+    # ---- final eval and checkpoint
+    final = {"step": step, "epoch": epoch, "final": True}
+    if eval_shard is not None:
+        final |= evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
+        log.write(final)
+    report_with_checkpoint(engine, final, step, epoch, consumed, rank, t.method == "lora")
+    log.event({"event": "end", "step": step})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def build_model(cfg: LoopConfig):
+    """The causal LM to train: the base model, wrapped with LoRA adapters for method: lora."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.ds_config import resolve_precision
+    from training.models import resolve_model
+
+    precision = resolve_precision(cfg.training, cfg.use_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(cfg.model.name),
+        dtype=dtype,
+        attn_implementation="sdpa",
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    model.config.use_cache = False
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.training.method == "lora":
+        model = apply_lora(model, cfg.training)
+        if cfg.training.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def apply_lora(model, training: TrainingConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = training.lora
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def build_engine(model, cfg: LoopConfig):
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from training.ds_config import build_ds_config, lr_lambda
+
+    t = cfg.training
+    ds_config = build_ds_config(t, t.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, cfg.total_steps, t.warmup_ratio, t.lr_schedule)),
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def micro_batches(shard, size: int, skip: set[int]):
+    """Yield (rows, row ids) micro-batches of `size` rows from a Ray Data shard, leaving out
+    rows already trained this epoch (after a resume)."""
+    buffer: list[dict] = []
+    for block in shard.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2):
+        keys = list(block)
+        for values in zip(*(block[k] for k in keys), strict=True):
+            row = dict(zip(keys, values, strict=True))
+            ids = _row_ids(row)
+            if skip and any(i in skip for i in ids):
+                continue
+            row["_ids"] = ids
+            buffer.append(row)
+            if len(buffer) == size:
+                yield buffer, [i for r in buffer for i in r["_ids"]]
+                buffer = []
+    if buffer:
+        yield buffer, [i for r in buffer for i in r["_ids"]]
+
+
+def _row_ids(row: dict) -> list[int]:
+    if "row_ids" in row:
+        return [int(i) for i in np.asarray(row["row_ids"]).ravel()]
+    return [int(row["row_id"])]
+
+
+def all_ranks_have(mine: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return mine
+    flag = torch.tensor([1 if mine else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def forward(engine, rows: list[dict], device, pad_id: int):
+    from training.formats import collate
+
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    return engine(**batch, use_cache=False).loss
+
+
+class StepAccumulator:
+    """Sums one optimizer step's micro-batch figures; `reduce` averages/sums them over ranks."""
+
+    def __init__(self):
+        self.loss = self.micro = self.tokens = self.real = self.trained = 0.0
+        self.wait_s = self.compute_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: float, rows: list[dict], wait_s: float, compute_s: float) -> None:
+        from training.formats import padded_length
+
+        lengths = [len(r["input_ids"]) for r in rows]
+        self.loss += loss
+        self.micro += 1
+        self.real += sum(lengths)
+        self.tokens += padded_length(max(lengths)) * len(rows)
+        self.trained += sum(int((np.asarray(r["labels"]) != -100).sum()) for r in rows)
+        self.wait_s += wait_s
+        self.compute_s += compute_s
+
+    def reduce(self, device, world: int) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        step_s = time.perf_counter() - self.t0
+        v = torch.tensor(
+            [self.loss / max(self.micro, 1), self.tokens, self.real, self.trained, self.wait_s, step_s],
+            dtype=torch.float64,
+            device=device,
+        )
+        if dist.is_initialized():
+            dist.all_reduce(v)
+            v[0] /= world
+            v[4] /= world
+            v[5] /= world
+        loss, tokens, real, trained, wait_s, step_s = v.tolist()
+        return {
+            "loss": loss,
+            "tokens": int(tokens),
+            "nonpad_tokens": int(real),
+            "trained_tokens": int(trained),
+            "tokens_per_s": tokens / step_s,
+            "nonpad_tokens_per_s": real / step_s,
+            "step_time_s": step_s,
+            "data_wait_s": wait_s,
+        }
+
+
+def evaluate(engine, shard, size: int, device, pad_id: int) -> dict:
+    """Token-weighted mean loss over the whole eval split, and its perplexity."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = micro_batches(shard, size, skip=set())
+    with torch.no_grad():
+        while True:
+            item = next(batches, None)
+            if not all_ranks_have(item is not None, device):
+                break
+            rows, _ = item
+            n = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
+            total += torch.tensor(
+                [forward(engine, rows, device, pad_id).item() * n, n], dtype=torch.float64, device=device
+            )
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    engine.train()
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def report_with_checkpoint(engine, metrics: dict, step: int, epoch: int, consumed: set, rank: int, lora: bool):
+    """Every rank saves its DeepSpeed shard plus its data position, then reports it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
+        # LoRA runs leave the frozen base weights out: the base is read from model.name on resume.
+        engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=lora)
+        with open(os.path.join(tmp, STATE_FILE.format(rank=rank)), "w") as f:
+            json.dump({"step": step, "epoch": epoch, "consumed": sorted(consumed)}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def load_checkpoint(engine, ckpt_dir: str, lora: bool) -> tuple[int, int, set]:
+    """Restore engine (weights, optimizer, scheduler) and the data position; returns (step, epoch, consumed)."""
+    import glob
+
+    engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not lora)
+    step, epoch, consumed = 0, 0, set()
+    for path in sorted(glob.glob(os.path.join(ckpt_dir, STATE_FILE.format(rank="*")))):
+        with open(path) as f:
+            state = json.load(f)
+        step, epoch = state["step"], state["epoch"]
+        consumed.update(state["consumed"])  # every rank's rows: shards may be dealt differently now
+    return step, epoch, consumed
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Rank 0's metrics: <run>/metrics.jsonl (the driver tails it for progress) and TensorBoard events."""
+
+    def __init__(self, run_dir: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX ships with ray[tune]
+            self.tb = None
+
+    def event(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def write(self, metrics: dict) -> None:
+        self.event(metrics)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, metrics["step"])
+            self.tb.flush()
+
+
+class NullLog:
+    def event(self, record: dict) -> None:
+        pass
+
+    def write(self, metrics: dict) -> None:
+        pass
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if hasattr(x, "item") else x)

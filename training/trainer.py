@@ -1,0 +1,263 @@
+"""The `rayft train` driver: checks, datasets, the TorchTrainer, progress, export and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from training.data import DataError, build_datasets, check_rows
+
+if TYPE_CHECKING:  # the composed job config lives in cluster/
+    from cluster.config import JobConfig
+
+DATA_CPU_HEADROOM = 0.5  # logical CPUs left free beside the workers so Ray Data stages can always run
+
+
+class TrainError(Exception):
+    """A run that cannot start or did not finish; the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    final_dir: str | None
+    metrics: dict
+    checkpoint_path: str | None
+
+
+def required_cpus(job: JobConfig) -> float:
+    return job.scaling.num_workers * job.scaling.cpus_per_worker + DATA_CPU_HEADROOM
+
+
+def check_cluster(job: JobConfig) -> None:
+    """Refuse, before waiting forever, a run that the cluster cannot place."""
+    import ray
+
+    total = ray.cluster_resources()
+    s = job.scaling
+    problems = []
+    need_cpu = required_cpus(job)
+    if total.get("CPU", 0) < need_cpu:
+        problems.append(
+            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs + {DATA_CPU_HEADROOM} for data = {need_cpu:g} CPUs, "
+            f"but the cluster has {total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if s.use_gpu and total.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
+        problems.append(
+            f"{s.num_workers} workers x {s.gpus_per_worker} GPUs needed, the cluster has {total.get('GPU', 0):g}; "
+            "lower scaling.num_workers or set scaling.use_gpu: false"
+        )
+    for name, amount in s.resources_per_worker.items():
+        if total.get(name, 0) < amount * s.num_workers:
+            problems.append(
+                f"resource {name!r}: {amount * s.num_workers:g} needed, the cluster has {total.get(name, 0):g}"
+            )
+    if problems:
+        raise TrainError("the cluster cannot fit this run:\n  " + "\n  ".join(problems))
+
+
+def prepare_run_dir(job: JobConfig, restart: bool) -> bool:
+    """Create the run dir; with restart, move an earlier run aside. Returns True when resuming."""
+    run_dir = job.run_dir
+    if "://" in run_dir:
+        return False  # cloud storage: Ray Train restores from it on its own
+    existed = os.path.isdir(run_dir) and any(os.scandir(run_dir))
+    if existed and restart:
+        aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir, aside)
+        existed = False
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainError(
+            f"cannot write to the run directory {run_dir}: {e.strerror}; set run.storage_path to a writable place"
+        ) from None
+    return existed
+
+
+JOB_FILE = "job.yaml"
+
+
+def save_job(job: JobConfig) -> None:
+    """The resolved job file, kept with the run: `rayft export` and a later resume read it."""
+    import yaml
+
+    if "://" in job.run_dir:
+        return
+    with open(os.path.join(job.run_dir, JOB_FILE), "w") as f:
+        f.write("# The resolved job file of this run (written by rayft train).\n")
+        yaml.safe_dump(job.model_dump(mode="json"), f, sort_keys=False)
+
+
+def count_steps(job: JobConfig, train_rows: int) -> int:
+    t = job.training
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.floor(t.epochs * train_rows / t.global_batch_size))
+
+
+def run_training(job: JobConfig, restart: bool = False, on_event: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run one finetune to the end (or resume it) and export <run>/final/. Ray must be connected."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from training.export import export_checkpoint
+    from training.loop import LoopConfig, train_loop
+
+    check_cluster(job)
+    resuming = prepare_run_dir(job, restart)
+    check_rows(job.data)
+    save_job(job)
+    datasets = build_datasets(job.model, job.data)
+    train_rows = 0 if job.training.max_steps else datasets["train"].count()
+    total_steps = count_steps(job, train_rows)
+    if not job.training.max_steps and train_rows < job.training.global_batch_size:
+        raise DataError(
+            f"data.train gives {train_rows} training rows, fewer than one global batch "
+            f"({job.training.global_batch_size}); add data or lower training.global_batch_size"
+        )
+    loop_cfg = LoopConfig(
+        model=job.model,
+        data=job.data,
+        training=job.training,
+        grad_accum=job.grad_accum,
+        total_steps=total_steps,
+        has_eval="eval" in datasets,
+        use_gpu=job.scaling.use_gpu,
+        run_dir=job.run_dir,
+    )
+    s = job.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    score = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if "eval" in datasets else {}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.run.name,
+            storage_path=job.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.checkpoints_to_keep, **score),
+        ),
+        datasets=datasets,
+    )
+    if on_event:
+        on_event({"event": "planned", "total_steps": total_steps, "train_rows": train_rows, "resuming": resuming})
+    tail = MetricsTail(os.path.join(job.run_dir, "metrics.jsonl"), on_event) if on_event else None
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the worker's message
+        raise TrainError(f"training failed: {_root_message(e)}") from e
+    finally:
+        if tail:
+            tail.stop()
+    if result.error:
+        raise TrainError(f"training failed: {_root_message(result.error)}")
+    metrics = dict(result.metrics or {})
+    ckpt = result.checkpoint
+    final_dir = os.path.join(job.run_dir, "final")
+    if ckpt is not None:
+        with ckpt.as_directory() as ckpt_dir:
+            export_checkpoint(ckpt_dir, job, final_dir)
+    plot_losses(job.run_dir)
+    return TrainResult(
+        job.run_dir,
+        int(metrics.get("step", total_steps)),
+        final_dir if ckpt else None,
+        metrics,
+        ckpt.path if ckpt else None,
+    )
+
+
+def _root_message(e: BaseException) -> str:
+    seen = 0
+    while seen < 10 and (e.__cause__ or getattr(e, "cause", None)):
+        e = e.__cause__ or e.cause
+        seen += 1
+    return f"{type(e).__name__}: {e}".strip()[:4000]
+
+
+class MetricsTail:
+    """Follows <run>/metrics.jsonl (written by rank 0) in a thread and hands each record to a callback."""
+
+    def __init__(self, path: str, callback: Callable[[dict], None], interval_s: float = 0.5):
+        self.path, self.callback, self.interval_s = path, callback, interval_s
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._poll()
+            self._stop.wait(self.interval_s)
+        self._poll()
+
+    def _poll(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                self.callback(json.loads(line))
+            except (ValueError, KeyError):
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(run_dir: str) -> str | None:
+    """<run>/loss.png: train loss per step and eval loss where it was measured."""
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(os.path.basename(run_dir.rstrip("/")))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(run_dir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
