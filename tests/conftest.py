@@ -32,12 +32,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with 2 logical CPUs, shared by every test that needs one."""
+    """One local Ray for the suite. 4 logical CPUs on a 2-core machine: 2 training workers hold
+    one each and the data stages (fractional CPUs) still find room, as on a real cluster."""
     import ray
 
     from cluster.runtime import connect
 
-    connect(num_cpus=2)
+    connect(num_cpus=4)
     yield ray
     ray.shutdown()
 

@@ -174,7 +174,10 @@ def read_rows(source: Source, data: DataConfig):
 
     if source.kind == "files":
         files = ray.data.from_items([{"path": p} for p in source.paths])
-        return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
+        rows = files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
+        # Without this a single large file stays one block: read, validation and tokenization fuse into one
+        # task on one core, and the first training batch waits for the whole file.
+        return rows.repartition(target_num_rows_per_block=READ_BATCH_ROWS)
     import datasets
 
     if source.kind == "saved":

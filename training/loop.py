@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import types
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,17 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             step, epoch, consumed = load_checkpoint(engine, ckpt_dir, lora=t.method == "lora")
     log = MetricsLog(cfg.run_dir) if rank == 0 else NullLog()
-    log.event({"event": "start", "step": step, "total_steps": cfg.total_steps, "workers": world, "resumed": step > 0})
+    pids = gather_pids(world)  # recorded so operators (and the failure tests) can find each worker
+    log.event(
+        {
+            "event": "start",
+            "step": step,
+            "total_steps": cfg.total_steps,
+            "workers": world,
+            "resumed": step > 0,
+            "pids": pids,
+        }
+    )
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.has_eval else None
 
@@ -83,7 +94,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             consumed.update(row_ids)
-            acc.add(loss.item(), batch, wait_s, time.perf_counter() - t_compute)
+            acc.add(loss.item(), batch, len(row_ids), wait_s, time.perf_counter() - t_compute)
             if not boundary:
                 continue
             step += 1
@@ -183,7 +194,21 @@ def build_engine(model, cfg: LoopConfig):
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, cfg.total_steps, t.warmup_ratio, t.lr_schedule)),
     )
+    if t.method == "lora":
+        engine.module_state_dict = types.MethodType(_trainable_module_state_dict, engine)
     return engine
+
+
+def _trainable_module_state_dict(engine, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+    """DeepSpeed's module_state_dict, but frozen *tied* weights (lm_head = embed_tokens) are dropped too:
+    its filter walks de-duplicated parameter names, so the tied alias of the frozen embedding stayed in
+    every LoRA checkpoint (the largest single tensor of a small model)."""
+    sd = engine.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+    if exclude_frozen_parameters:
+        for name, param in engine.module.named_parameters(remove_duplicate=False):
+            if not param.requires_grad:
+                sd.pop(prefix + name, None)
+    return sd
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -215,6 +240,17 @@ def _row_ids(row: dict) -> list[int]:
     return [int(row["row_id"])]
 
 
+def gather_pids(world: int) -> list[int]:
+    import torch.distributed as dist
+
+    pids: list = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(pids, os.getpid())
+    else:
+        pids = [os.getpid()]
+    return pids
+
+
 def all_ranks_have(mine: bool, device) -> bool:
     import torch
     import torch.distributed as dist
@@ -237,16 +273,17 @@ class StepAccumulator:
     """Sums one optimizer step's micro-batch figures; `reduce` averages/sums them over ranks."""
 
     def __init__(self):
-        self.loss = self.micro = self.tokens = self.real = self.trained = 0.0
+        self.loss = self.micro = self.tokens = self.real = self.trained = self.examples = 0.0
         self.wait_s = self.compute_s = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, loss: float, rows: list[dict], wait_s: float, compute_s: float) -> None:
+    def add(self, loss: float, rows: list[dict], examples: int, wait_s: float, compute_s: float) -> None:
         from training.formats import padded_length
 
         lengths = [len(r["input_ids"]) for r in rows]
         self.loss += loss
         self.micro += 1
+        self.examples += examples
         self.real += sum(lengths)
         self.tokens += padded_length(max(lengths)) * len(rows)
         self.trained += sum(int((np.asarray(r["labels"]) != -100).sum()) for r in rows)
@@ -259,7 +296,7 @@ class StepAccumulator:
 
         step_s = time.perf_counter() - self.t0
         v = torch.tensor(
-            [self.loss / max(self.micro, 1), self.tokens, self.real, self.trained, self.wait_s, step_s],
+            [self.loss / max(self.micro, 1), self.tokens, self.real, self.trained, self.wait_s, step_s, self.examples],
             dtype=torch.float64,
             device=device,
         )
@@ -268,9 +305,10 @@ class StepAccumulator:
             v[0] /= world
             v[4] /= world
             v[5] /= world
-        loss, tokens, real, trained, wait_s, step_s = v.tolist()
+        loss, tokens, real, trained, wait_s, step_s, examples = v.tolist()
         return {
             "loss": loss,
+            "examples": int(examples),
             "tokens": int(tokens),
             "nonpad_tokens": int(real),
             "trained_tokens": int(trained),

@@ -1,0 +1,178 @@
+"""`rayft train` on a real local Ray: 2 workers, gloo, DeepSpeed ZeRO-2/3, LoRA and full finetuning,
+checkpoints per rank, export, and recovery from a killed worker and a killed driver."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from conftest import ROOT, chat, write_jsonl
+from training.trainer import read_metrics, run_training
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 16, **training) -> Path:
+    rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(n_rows)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "eval.jsonl", rows[:4])
+    t = {"lr": 5e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_ratio": 0.0, **training}
+    text = (
+        "# rayft train job.yaml\n"
+        f"model: {{name: {model_dir}}}\n"
+        "data: {train: train.jsonl, eval: eval.jsonl, max_seq_len: 128, shuffle: true}\n"
+        f"training: {json.dumps(t)}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: run, storage_path: {tmp_path / 'runs'}, max_failures: 2}}\n"
+    )
+    (tmp_path / "job.yaml").write_text(text)
+    return tmp_path / "job.yaml"
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p))
+
+
+@pytest.mark.parametrize(
+    "zero_stage, method",
+    [
+        (2, "lora"),
+        (3, "full"),
+        pytest.param(3, "lora", marks=pytest.mark.slow),
+        pytest.param(2, "full", marks=pytest.mark.slow),
+    ],
+)
+def test_two_workers_train_checkpoint_and_export(tmp_path, tiny_model_dir, zero_stage, method):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lr = 5e-3 if method == "lora" else 2e-3
+    job = load_config(
+        job_file(
+            tmp_path,
+            tiny_model_dir,
+            epochs=3,
+            zero_stage=zero_stage,
+            method=method,
+            lr=lr,
+            eval_every_steps=3,
+            checkpoint_every_steps=3,
+        )
+    )
+    result = run_training(job)
+
+    assert result.steps == 6  # 3 epochs x 16 rows / 8 per step
+    records = read_metrics(job.run_dir)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])  # it learns the repeated data
+    for key in ("lr", "grad_norm", "tokens_per_s", "nonpad_tokens_per_s", "step_time_s", "data_wait_s"):
+        assert all(r[key] is not None and r[key] >= 0 for r in steps), key
+    assert "eval_loss" in result.metrics and result.metrics["eval_perplexity"] > 1
+    assert any("eval_loss" in r and r["step"] == 3 for r in records)
+    assert os.path.getsize(os.path.join(job.run_dir, "loss.png")) > 1000
+    assert glob.glob(os.path.join(job.run_dir, "tensorboard", "events.out.tfevents.*"))
+
+    kept = checkpoints(job.run_dir)
+    assert len(kept) == 2  # step 3 and the final one
+    for ckpt in kept:
+        names = set(os.listdir(ckpt)) | {f"ds/{n}" for n in os.listdir(os.path.join(ckpt, "ds"))}
+        for rank in (0, 1):  # every rank's files made it into the merged checkpoint
+            assert f"trainer_state_rank{rank}.json" in names
+            assert any(n.startswith(f"ds/zero_pp_rank_{rank}_") for n in names), names
+
+    final = result.final_dir
+    base = AutoConfig.from_pretrained(tiny_model_dir)
+    weights = load_file(os.path.join(final, "model.safetensors"))
+    assert weights["model.embed_tokens.weight"].shape == (base.vocab_size, base.hidden_size)
+    assert weights["model.layers.1.mlp.down_proj.weight"].shape == (base.hidden_size, base.intermediate_size)
+    assert all(t.numel() > 0 and t.abs().sum() > 0 for t in weights.values())
+    if method == "lora":
+        adapter = load_file(os.path.join(final, "adapter", "adapter_model.safetensors"))
+        assert adapter and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+        model_states = os.path.getsize(glob.glob(os.path.join(kept[-1], "ds", "*model_states.pt"))[0])
+        assert model_states < 1_000_000  # the frozen base (~3 M params) is not in LoRA checkpoints
+    assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == base.num_hidden_layers
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def step_reached(run_dir: str, step: int):
+    records = read_metrics(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+    return [r for r in records if r.get("step", 0) >= step and "loss" in r] and records
+
+
+def committed_checkpoints(run_dir: str) -> list:
+    try:
+        return json.loads(Path(run_dir, "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def final_consumed(run_dir: str) -> set[int]:
+    last = checkpoints(run_dir)[-1]
+    ids: set[int] = set()
+    for path in glob.glob(os.path.join(last, "trainer_state_rank*.json")):
+        ids.update(json.loads(Path(path).read_text())["consumed"])
+    return ids
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(tmp_path, tiny_model_dir):
+    job = load_config(
+        job_file(tmp_path, tiny_model_dir, n_rows=96, epochs=1, checkpoint_every_steps=3, micro_batch_size=4)
+    )
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
+    thread.start()
+    # A checkpoint counts once the Ray Train controller has registered it (it polls workers every 2 s).
+    wait_for(lambda: committed_checkpoints(job.run_dir), 300, "a committed checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, 4), 300, "step 4")
+    victim = [r for r in records if r.get("event") == "start"][0]["pids"][1]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in box, "training did not finish after a worker was killed"
+    records = read_metrics(job.run_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 3
+    assert box["result"].steps == 12
+    assert len(final_consumed(job.run_dir)) == 96  # every example of the epoch trained, none twice
+
+
+@pytest.mark.slow
+def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny_model_dir):
+    job = job_file(tmp_path, tiny_model_dir, n_rows=96, epochs=1, checkpoint_every_steps=3, micro_batch_size=4)
+    run_dir = str(tmp_path / "runs" / "run")
+    cmd = [sys.executable, "-m", "cluster.cli", "train", str(job)]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: step_reached(run_dir, 4), 300, "step 4")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in second.stderr + second.stdout
+    records = read_metrics(run_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert starts[-1]["resumed"] and starts[-1]["step"] >= 3
+    assert max(r["step"] for r in records if "loss" in r) == 12
+    assert len(final_consumed(run_dir)) == 96  # every example of the epoch trained, none twice
+    assert os.path.isfile(os.path.join(run_dir, "final", "model.safetensors"))
