@@ -10,6 +10,7 @@ from training.formats import (
     IGNORE_INDEX,
     Renderer,
     RowError,
+    TemplateError,
     collate,
     normalize,
     pack_examples,
@@ -185,8 +186,13 @@ def test_model_without_chat_template_needs_a_template(smol_tokenizer):
 
     tok = copy.deepcopy(smol_tokenizer)
     tok.chat_template = None
-    with pytest.raises(ValueError, match="data.template"):
-        Renderer(tok, None)
+    renderer = Renderer(tok, None)
+    with pytest.raises(TemplateError, match="data.template"):
+        renderer.render(
+            normalize({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        )
+    text, _ = renderer.render(normalize({"text": "plain text needs no template"}))
+    assert text.startswith("plain text")
 
 
 # ---------------------------------------------------------------- packing and batching

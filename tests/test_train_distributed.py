@@ -176,3 +176,55 @@ def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny
     assert max(r["step"] for r in records if "loss" in r) == 12
     assert len(final_consumed(run_dir)) == 96  # every example of the epoch trained, none twice
     assert os.path.isfile(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def test_rayft_export_re_exports_a_kept_checkpoint(tmp_path, tiny_model_dir):
+    job = load_config(job_file(tmp_path, tiny_model_dir, max_steps=4, checkpoint_every_steps=2))
+    run_training(job)
+    out = tmp_path / "step2"
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "export", job.run_dir, "--checkpoint", "2", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((out / "rayft_export.json").read_text())
+    assert info["step"] == 2 and info["method"] == "lora" and info["merged"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    final = json.loads(Path(job.run_dir, "final", "rayft_export.json").read_text())
+    assert final["step"] == 4
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "export", job.run_dir, "--checkpoint", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "no checkpoint at step 3; kept steps: 2, 4" in r.stderr
+
+
+def test_runs_the_cluster_cannot_hold_fail_before_waiting(tmp_path, tiny_model_dir):
+    from training.trainer import TrainError
+
+    job = load_config(job_file(tmp_path, tiny_model_dir), ["scaling.num_workers=8", "training.global_batch_size=16"])
+    with pytest.raises(TrainError, match=r"8 workers x 1.0 CPUs .* but the cluster has 4"):
+        run_training(job)
+    job = load_config(job_file(tmp_path, tiny_model_dir), ["scaling.use_gpu=true"])
+    with pytest.raises(TrainError, match="GPUs needed, the cluster has 0"):
+        run_training(job)
+
+
+def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_dir):
+    from training.models import ModelError
+    from training.trainer import TrainError
+
+    job = load_config(job_file(tmp_path, tiny_model_dir), ["model.name=./no/such/model"])
+    with pytest.raises(ModelError, match="neither a built-in alias"):
+        run_training(job)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    job = load_config(job_file(tmp_path, tiny_model_dir), [f"run.storage_path={blocker}"])
+    with pytest.raises(TrainError, match="cannot write to the run directory .*run.storage_path"):
+        run_training(job)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from training.config import DataConfig, ModelConfig
-from training.formats import RowError, normalize, parse_json_line
+from training.formats import RowError, TemplateError, normalize, parse_json_line
 
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 READ_BATCH_ROWS = 2048
@@ -321,6 +321,8 @@ class Tokenize:
                 text, sp = self.renderer.render(json.loads(batch["doc"][i]))
             except RowError as e:
                 raise DataError(f"{batch['source'][i]}: {e}") from None
+            except TemplateError as e:
+                raise DataError(str(e)) from None
             texts.append(text)
             spans.append(sp)
             sources.append(str(batch["source"][i]))

@@ -22,6 +22,10 @@ class RowError(ValueError):
     """A row that cannot be used; the message names the field and the problem."""
 
 
+class TemplateError(ValueError):
+    """The configured template cannot render the data at all (not a single bad row)."""
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -130,11 +134,6 @@ class Renderer:
         elif template:
             self.mode, self.jinja = "jinja", template
         else:
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
-                    "this model's tokenizer has no chat template; set data.template to 'alpaca' or to a "
-                    "Jinja chat template string"
-                )
             self.mode, self.jinja = "jinja", None
 
     def render(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
@@ -173,6 +172,11 @@ class Renderer:
         return text, spans
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.jinja is None and not getattr(self.tok, "chat_template", None):
+            raise TemplateError(
+                "the model's tokenizer has no chat template, so chat rows (messages/alpaca) cannot be rendered; "
+                "set data.template to 'alpaca' or to a Jinja chat template string"
+            )
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
         return self.tok.apply_chat_template(
             plain, chat_template=self.jinja, tokenize=False, add_generation_prompt=add_generation_prompt

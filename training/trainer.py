@@ -114,8 +114,10 @@ def run_training(job: JobConfig, restart: bool = False, on_event: Callable[[dict
 
     from training.export import export_checkpoint
     from training.loop import LoopConfig, train_loop
+    from training.models import resolve_model
 
     check_cluster(job)
+    resolve_model(job.model.name)  # a bad model reference fails here, not in every worker; converts the built-in once
     resuming = prepare_run_dir(job, restart)
     check_rows(job.data)
     save_job(job)
