@@ -32,8 +32,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Each benchmark prints ratios against a baseline measured in the same run and appends to bench/RESULTS.md.
 bench: setup
 	$(PY) bench/data_pipeline.py $(if $(QUICK),--quick,)
+	$(PY) bench/train_throughput.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -208,7 +208,7 @@ def _train(cfg, address: str | None, restart: bool):
 
     with err.status("starting Ray", spinner="dots"):
         # A laptop has fewer cores than workers + data stages want; logical CPUs may exceed them.
-        connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + 0.5)))
+        connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1))
     progress = TrainProgress()
     try:
         with progress:

@@ -162,3 +162,23 @@ def test_quickstart_inspection():
     assert json.loads(trained[0].removesuffix("<|im_end|>"))["severity"] in {"low", "medium", "high", "urgent"}
     lengths = np.array([train["length"][k] for k in ("p50", "p90", "p99")])
     assert (np.diff(lengths) >= 0).all()
+
+
+def test_large_jsonl_files_are_read_in_line_aligned_chunks(tmp_path, monkeypatch):
+    from training import data as data_mod
+
+    rows = [chat(f"q{i}", f"a{i}") for i in range(50)] + ["{oops"] + [chat("x", "y")]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    monkeypatch.setattr(data_mod, "READ_CHUNK_BYTES", 700)
+    tasks = data_mod.plan_reads([str(path)])
+    assert len(tasks) > 5
+    assert tasks[0]["start"] == 0 and tasks[-1]["end"] == path.stat().st_size
+    assert all(a["end"] == b["start"] for a, b in zip(tasks, tasks[1:], strict=False))
+    lines = path.read_bytes().split(b"\n")
+    for t in tasks:  # each chunk starts on a line boundary and knows its line number
+        assert path.read_bytes()[t["start"] :].startswith(lines[t["line"] - 1])
+    with pytest.raises(DataError) as info:
+        check_rows(DataConfig(train=str(path)))
+    assert f"{path}:51: invalid JSON" in str(info.value) and "1 bad row found" in str(info.value)
+    got = sorted(r["source"] for r in token_rows(DataConfig(train=str(path), on_bad_rows="skip", shuffle=False)))
+    assert got == sorted(f"{path}:{i}" for i in [*range(1, 51), 52])

@@ -143,8 +143,8 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(tmp_path, tin
     thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
     thread.start()
     # A checkpoint counts once the Ray Train controller has registered it (it polls workers every 2 s).
-    wait_for(lambda: committed_checkpoints(job.run_dir), 300, "a committed checkpoint")
-    records = wait_for(lambda: step_reached(job.run_dir, 4), 300, "step 4")
+    wait_for(lambda: committed_checkpoints(job.run_dir), 600, "a committed checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, 4), 600, "step 4")
     victim = [r for r in records if r.get("event") == "start"][0]["pids"][1]
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=600)
@@ -163,7 +163,7 @@ def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny
     cmd = [sys.executable, "-m", "cluster.cli", "train", str(job)]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: step_reached(run_dir, 4), 300, "step 4")
+        wait_for(lambda: step_reached(run_dir, 4), 600, "step 4")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
         first.wait()
@@ -228,3 +228,36 @@ def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_
     job = load_config(job_file(tmp_path, tiny_model_dir), [f"run.storage_path={blocker}"])
     with pytest.raises(TrainError, match="cannot write to the run directory .*run.storage_path"):
         run_training(job)
+
+
+@pytest.mark.slow
+def test_the_built_in_smollm2_finetunes_and_exports(tmp_path):
+    """The real SmolLM2-135M through the whole path: a few LoRA steps, then final/ answers like a chat model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lines = (ROOT / "examples" / "quickstart" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[8:10]) + "\n")
+    (tmp_path / "job.yaml").write_text(
+        "# rayft train job.yaml\n"
+        "model: {name: smollm2-135m-instruct}\n"
+        "data: {train: train.jsonl, eval: eval.jsonl, max_seq_len: 256}\n"
+        "training: {method: lora, lr: 1.0e-3, max_steps: 2, micro_batch_size: 1, global_batch_size: 2,"
+        " lora: {r: 4, alpha: 8}}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: smol, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    result = run_training(load_config(tmp_path / "job.yaml"))
+    assert result.steps == 2 and 0 < result.metrics["eval_loss"] < 5  # a trained chat model, not random weights
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

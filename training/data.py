@@ -78,14 +78,39 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+READ_CHUNK_BYTES = 4 << 20  # JSONL files are read in chunks of about this size, in parallel
+
+
+def plan_reads(paths: list[str]) -> list[dict]:
+    """Read tasks: JSONL files split at line boundaries into ~READ_CHUNK_BYTES chunks (each knowing its
+    first line number, for error messages); other files whole. Many small tasks keep every tokenizer
+    actor busy and let the first training batch arrive before a large file is read to its end."""
+    items = []
+    for path in paths:
+        path = os.path.abspath(path)
+        size = os.path.getsize(path)
+        if FILE_TYPES[Path(path).suffix.lower()] != "jsonl" or size <= READ_CHUNK_BYTES:
+            items.append({"path": path, "start": 0, "end": size, "line": 1})
+            continue
+        with open(path, "rb") as f:
+            start, line = 0, 1
+            while start < size:
+                f.seek(min(start + READ_CHUNK_BYTES, size))
+                f.readline()  # run to the end of the line the boundary fell in
+                end = min(f.tell(), size)
+                items.append({"path": path, "start": start, "end": end, "line": line})
+                f.seek(start)
+                line += f.read(end - start).count(b"\n")
+                start = end
+    return items
+
+
 def _read_file(batch: dict) -> Any:
-    """Ray Data UDF: one file path in, batches of {"source", "raw"} out (raw = the row as JSON text)."""
-    for path in batch["path"]:
-        path = str(path)
-        name = _display_path(path)
+    """Ray Data UDF: read tasks in, batches of {"source", "raw"} out (raw = the row as JSON text)."""
+    for path, start, end, line in zip(batch["path"], batch["start"], batch["end"], batch["line"], strict=True):
         sources: list[str] = []
         raws: list[str] = []
-        for src, raw in _iter_file(path, name):
+        for src, raw in _iter_file(str(path), int(start), int(end), int(line)):
             sources.append(src)
             raws.append(raw)
             if len(sources) >= READ_BATCH_ROWS:
@@ -95,19 +120,22 @@ def _read_file(batch: dict) -> Any:
             yield {"source": sources, "raw": raws}
 
 
-def _display_path(path: str) -> str:
-    """The path as the user would type it: relative to the current directory when under it."""
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
-def _iter_file(path: str, name: str):
+def _iter_file(path: str, start: int, end: int, first_line: int):
+    """(source, raw) pairs; a source is "path:line" (or path[index] / "path row N"), stable across runs."""
+    name = path
     kind = FILE_TYPES[Path(path).suffix.lower()]
     if kind == "jsonl" or (kind == "json" and _looks_like_jsonl(path)):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield f"{name}:{lineno}", line
+        with open(path, "rb") as f:
+            f.seek(start)
+            lineno = first_line
+            while f.tell() < end:
+                line = f.readline()
+                if not line:
+                    break
+                text = line.decode("utf-8", errors="replace")
+                if text.strip():
+                    yield f"{name}:{lineno}", text
+                lineno += 1
     elif kind == "json":
         with open(path, encoding="utf-8") as f:
             try:
@@ -173,11 +201,9 @@ def read_rows(source: Source, data: DataConfig):
     import ray.data
 
     if source.kind == "files":
-        files = ray.data.from_items([{"path": p} for p in source.paths])
-        rows = files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
-        # Without this a single large file stays one block: read, validation and tokenization fuse into one
-        # task on one core, and the first training batch waits for the whole file.
-        return rows.repartition(target_num_rows_per_block=READ_BATCH_ROWS)
+        tasks = plan_reads(source.paths)
+        files = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
     import datasets
 
     if source.kind == "saved":
