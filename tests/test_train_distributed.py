@@ -160,12 +160,18 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(tmp_path, tin
 def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny_model_dir):
     job = job_file(tmp_path, tiny_model_dir, n_rows=96, epochs=1, checkpoint_every_steps=3, micro_batch_size=4)
     run_dir = str(tmp_path / "runs" / "run")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", str(job)]
+    import ray
+
+    # The driver joins the suite's Ray cluster through --address (a second local cluster on the same
+    # machine would confuse Ray Train's placement-group cleaner, which looks clusters up by scanning).
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "cluster.cli", "train", str(job), "--address", address]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        wait_for(lambda: committed_checkpoints(run_dir), 600, "a committed checkpoint")
         wait_for(lambda: step_reached(run_dir, 4), 600, "step 4")
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(first.pid, signal.SIGKILL)  # the driver; Ray ends its job's controller and workers
         first.wait()
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
