@@ -240,8 +240,9 @@ def read_metrics(run_dir: str) -> list[dict]:
 def plot_losses(run_dir: str) -> str | None:
     """<run>/loss.png: train loss per step and eval loss where it was measured."""
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # After a restart the steps since the last checkpoint appear twice; the later value is the one kept.
+    train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
     if not train:
         return None
     import matplotlib
