@@ -229,7 +229,7 @@ def run_single_process(name: str, cfg, batches: list[list[list[dict]]]) -> Run:
                 "seconds": seconds,
             }
         )
-    return Run(name, timed, f"{len(batches[0])} micro-batches/step, {THREADS} threads")
+    return Run(name, timed)
 
 
 def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: int) -> tuple[Run, float, int]:
@@ -298,7 +298,8 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
                     "seconds": r["step_time_s"],
                     "data_wait_s": r["data_wait_s"],
                     # step_time_s is measured inside the step; the gap between two step records adds what
-                    # happens between steps (metrics file, TensorBoard, ray.train.report).
+                    # happens between steps: metrics file, TensorBoard, and ray.train.report, which waits while
+                    # the Ray Train controller has not yet taken the previous report.
                     "wall_s": r["time"] - prev["time"],
                 }
             )
