@@ -297,8 +297,8 @@ so compare them only within one section. The Summary table holds the latest figu
 SUMMARY_HEAD = "| benchmark | figure | ratio | target | date | command |\n" + "| --- " * 6 + "|"
 
 
-def write_results(path: Path, section: str, summary_rows: list[str]) -> None:
-    """Append `section` and replace this benchmark's rows in the Summary table, keeping everything else."""
+def write_results(path: Path, section: str, summary_rows: list[str], name: str = NAME) -> None:
+    """Append `section` and replace benchmark `name`'s rows in the Summary table, keeping everything else."""
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
     # Split into the preamble (before the first "## ") and the "## " sections, in file order.
     chunks = re.split(r"(?m)^(?=## )", text)
@@ -310,7 +310,7 @@ def write_results(path: Path, section: str, summary_rows: list[str]) -> None:
             for line in s.splitlines():
                 cells = [c.strip() for c in line.strip().strip("|").split("|")]
                 if line.startswith("|") and cells[0] not in ("benchmark", "---"):
-                    if not cells[0].startswith(NAME):
+                    if not cells[0].startswith(name):
                         kept_rows.append(line.rstrip())
         else:
             history.append(s.rstrip() + "\n")

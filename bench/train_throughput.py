@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -309,31 +308,8 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
 # --------------------------------------------------------------------------- reporting
 
 
-def write_results(path: Path, section: str, summary_rows: list[str]) -> None:
-    """bench/data_pipeline.py's write_results for this benchmark's rows: append `section` and replace only
-    the Summary rows whose name starts with NAME."""
-    from bench.data_pipeline import HEADER, SUMMARY_HEAD
-
-    text = path.read_text(encoding="utf-8") if path.exists() else HEADER
-    chunks = re.split(r"(?m)^(?=## )", text)
-    preamble, sections = chunks[0], chunks[1:]
-    kept_rows: list[str] = []
-    history: list[str] = []
-    for s in sections:
-        if s.startswith("## Summary"):
-            for line in s.splitlines():
-                cells = [c.strip() for c in line.strip().strip("|").split("|")]
-                if line.startswith("|") and cells[0] not in ("benchmark", "---") and not cells[0].startswith(NAME):
-                    kept_rows.append(line.rstrip())
-        else:
-            history.append(s.rstrip() + "\n")
-    summary = "## Summary\n\n" + SUMMARY_HEAD + "\n" + "\n".join(kept_rows + summary_rows) + "\n"
-    body = [preamble.rstrip() + "\n", summary, *history, section.rstrip() + "\n"]
-    path.write_text("\n".join(body), encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from bench.data_pipeline import command, load_average, machine, verdict
+    from bench.data_pipeline import command, load_average, machine, verdict, write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, help="optimizer steps per contender, 2 of them warm-up (default 20; 6 quick)")
@@ -488,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {NAME}: rayft data wait | {wait:.3f} of {inside:.2f} s/step | {wait_share:.1%} "
         f"| < {TARGET_WAIT_SHARE:.0%}, {verdict(ok_wait)} | {date} | `{cmd}` |",
     ]
-    write_results(args.results, "\n".join(section), summary)
+    write_results(args.results, "\n".join(section), summary, name=NAME)
     print(f"\nappended to {args.results}")
     return 0
 
