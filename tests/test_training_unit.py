@@ -64,6 +64,51 @@ def test_lora_trains_only_adapters_with_the_expected_parameter_count(tiny_model_
     assert sum(trainable.values()) == sum(r * (m.in_features + m.out_features) for m in linears)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_trained_position_logits_give_the_same_loss_and_gradients(tiny_model_dir, smol_tokenizer, packed):
+    """The training forward that projects to the vocabulary only at trained positions must be a pure
+    speed-up: same loss and same gradients as the model's own forward, and generation untouched."""
+    from transformers import AutoModelForCausalLM
+
+    from training.formats import collate
+    from training.loop import use_trained_position_logits
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n, answer in ((40, 12), (23, 5), (31, 9)):
+        ids = torch.randint(5, 1000, (n,), generator=gen)
+        labels = torch.full((n,), -100)
+        labels[n - answer :] = ids[n - answer :]
+        rows.append({"input_ids": ids.numpy(), "labels": labels.numpy()})
+    if packed:  # one packed row: position ids restart at each example, no attention mask
+        rows = [
+            {
+                "input_ids": torch.cat([torch.as_tensor(r["input_ids"]) for r in rows]).numpy(),
+                "labels": torch.cat([torch.as_tensor(r["labels"]) for r in rows]).numpy(),
+                "position_ids": torch.cat([torch.arange(len(r["input_ids"])) for r in rows]).numpy(),
+            }
+        ]
+    batch = collate(rows, smol_tokenizer.pad_token_id)
+    assert ("attention_mask" in batch) is not packed
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    ref_loss, ref_grads = loss_and_grads(model)
+    prompt = torch.tensor([[1, 42, 77, 9]])
+    ref_text = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert use_trained_position_logits(model)
+    loss, grads = loss_and_grads(model)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), ref_text)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -96,10 +96,20 @@ class TrainingConfig(Section):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    skip_untrained_logits: bool = Field(
+        True,
+        description="Compute vocabulary logits and loss only where labels carry loss (same loss, less compute; "
+        "used for Llama-style models, others fall back to the full forward).",
+    )
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     seed: int = Field(42, description="Seed for weight init of new layers and dropout.")
-    log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
+    log_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Report metrics to Ray (Tune, dashboards) every N steps; metrics.jsonl and TensorBoard "
+        "get every step.",
+    )
     ds_config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config merged over the generated one (experts only)."
     )

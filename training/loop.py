@@ -156,11 +156,57 @@ def build_model(cfg: LoopConfig):
     model.config.use_cache = False
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.training.skip_untrained_logits:
+        use_trained_position_logits(model)
     if cfg.training.method == "lora":
         model = apply_lora(model, cfg.training)
         if cfg.training.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+# Causal LMs whose forward is exactly decoder -> lm_head -> shifted cross-entropy (no logit scaling,
+# soft-capping or auxiliary losses), so the loss can be computed from the decoder's hidden states.
+PLAIN_LM_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "starcoder2"}
+
+
+def use_trained_position_logits(model) -> bool:
+    """Make the model's training forward project to the vocabulary only where the labels carry loss.
+
+    Instruction data trains on the answers only (often a third of the tokens or less), yet a causal
+    LM computes logits, a (tokens x vocabulary) matrix, at every position. For small and mid-sized
+    models that projection and its backward are a large share of a step. With labels, the patched
+    forward runs the decoder, gathers the hidden states at trained positions, and applies lm_head and
+    cross-entropy there: the loss and gradients are the same. Without labels (generation) it is the
+    model's own forward. Returns False, leaving the model alone, for architectures not known to be plain.
+    """
+    if getattr(model.config, "model_type", None) not in PLAIN_LM_HEAD_TYPES or model.get_output_embeddings() is None:
+        return False
+    model.forward = types.MethodType(_trained_positions_forward, model)
+    return True
+
+
+def _trained_positions_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if labels is None or kwargs.get("past_key_values") is not None:
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs
+        )
+    kwargs.pop("use_cache", None)
+    kwargs.pop("logits_to_keep", None)
+    hidden = self.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    trained = targets != -100
+    if not bool(trained.any()):
+        return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
+    logits = self.get_output_embeddings()(hidden[:, :-1][trained])
+    loss = F.cross_entropy(logits.float(), targets[trained].to(torch.long))
+    return CausalLMOutputWithPast(loss=loss)
 
 
 def apply_lora(model, training: TrainingConfig):
