@@ -270,6 +270,96 @@ def _print_train_summary(result) -> None:
         out.print(f"  model     {result.final_dir}")
 
 
+@app.command("eval")
+def eval_cmd(
+    config: ConfigArg,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Finetuned model: run dir, model dir or adapter dir (default: the run's final/)."),
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate only the base model (e.g. before training).")] = False,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Base vs finetuned on the evaluation split, by Ray Data batch inference; writes RUN_DIR/eval/report.*"""
+    with _user_errors():
+        cfg = _load(config, set_)
+        report = _eval(cfg, address, model, base)
+    print_eval_report(report)
+
+
+def _eval_num_cpus(cfg) -> int:
+    import math
+    import os
+
+    # the model replicas plus room for the read tasks
+    return max(os.cpu_count() or 1, math.ceil(cfg.eval.replicas * cfg.eval.cpus_per_replica) + 1)
+
+
+def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cluster.runtime import connect
+    from training.evaluate import resolve_models, run_eval
+
+    resolve_models(cfg, model, base_only)  # a missing model fails here, before Ray starts
+    with err.status("starting Ray", spinner="dots"):
+        connect(address, num_cpus=_eval_num_cpus(cfg))
+    progress = Progress(
+        TextColumn("[bold]eval {task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+    def start(label: str, total: int):
+        task = progress.add_task(label, total=total)
+        return lambda n: progress.advance(task, n)
+
+    with progress:
+        return run_eval(cfg, model=model, base_only=base_only, progress=start)
+
+
+def print_eval_report(report: dict) -> None:
+    from training.evaluate import METRIC_TITLES, METRICS
+
+    labels = list(report["models"])
+    for lb in labels:
+        t = report.get("timings", {}).get(lb, {})
+        how = "saved predictions reused" if t.get("reused") else f"{t.get('seconds', 0):.0f} s"
+        out.print(f"{lb:<10} {escape(report['models'][lb])}  ({how})", highlight=False)
+    for split, per_label in report["splits"].items():
+        n = next(iter(per_label.values()))["rows"]
+        table = Table(title=f"{split} ({n} rows)", title_justify="left")
+        table.add_column("metric")
+        for lb in labels:
+            table.add_column(lb, justify="right")
+        if len(labels) == 2:
+            table.add_column("change", justify="right")
+        for m in METRICS:
+            values = [per_label.get(lb, {}).get(m) for lb in labels]
+            if all(v is None for v in values):
+                continue
+            cells = [_metric(m, v) for v in values]
+            if len(labels) == 2 and None not in values:
+                d = values[1] - values[0]
+                cells.append(f"{d:+.2f}" if m == "perplexity" else f"{100 * d:+.1f} pts")
+            elif len(labels) == 2:
+                cells.append("")
+            table.add_row(METRIC_TITLES[m], *cells)
+        out.print(table)
+    files = report.get("files", {})
+    out.print(f"report: {files.get('markdown')}  (and {files.get('json')}, {files.get('plot')})", highlight=False)
+
+
+def _metric(name: str, value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if name == "perplexity" else f"{100 * value:.1f}%"
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by rayft train.")],
@@ -313,21 +403,78 @@ def export_cmd(
 @app.command()
 def demo(
     config: Annotated[Path, typer.Argument(help="Job file of the quickstart.")] = Path("configs/quickstart.yaml"),
+    set_: SetOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """The quickstart: inspect the bundled data set (training, evaluation and serving stages follow)."""
+    """The quickstart end to end: inspect the data, evaluate the base model, finetune, evaluate again, compare."""
+    import math
+    import os
+
+    from cluster.runtime import connect
+    from training.trainer import required_cpus
+
     stages: list[tuple[str, float]] = []
+    t_all = time.perf_counter()
+
+    def stage(name: str, t0: float) -> None:
+        stages.append((name, time.perf_counter() - t0))
+        out.print(f"[dim]{name}: {stages[-1][1]:.0f} s[/]")
+
     with _user_errors():
+        cfg = _load(config, set_)
+        out.print(f"[bold]rayft demo[/] — job file {config}, model {cfg.model.name}, run dir {cfg.run_dir}")
         t0 = time.perf_counter()
-        cfg = _load(config, None)
-        out.print(f"[bold]rayft demo[/] — job file {config}, model {cfg.model.name}")
+        with err.status("starting Ray", spinner="dots"):
+            # one local Ray for every stage: room for the training workers and data, or the eval replicas
+            cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1, _eval_num_cpus(cfg))
+            connect(address, num_cpus=cpus)
         out.rule("1. data inspect")
-        report = _inspect(cfg, address, examples=1, quiet=False)
-        print_inspect_report(report)
-        stages.append(("data inspect", time.perf_counter() - t0))
+        print_inspect_report(_inspect(cfg, address, examples=1, quiet=True))
+        stage("data inspect", t0)
+
+        t0 = time.perf_counter()
+        out.rule("2. evaluate the base model")
+        _fresh_demo_run(cfg.run_dir)
+        print_eval_report(_eval(cfg, address, None, base_only=True))
+        stage("base eval", t0)
+
+        t0 = time.perf_counter()
+        out.rule("3. finetune")
+        _print_train_summary(_train(cfg, address, restart=False))
+        stage("train", t0)
+
+        t0 = time.perf_counter()
+        out.rule("4. evaluate the finetuned model against the base")
+        print_eval_report(_eval(cfg, address, None, base_only=False))
+        stage("finetuned eval", t0)
     out.rule("stage times")
     for name, secs in stages:
         out.print(f"  {name:<16} {secs:6.1f} s")
+    out.print(f"  {'total':<16} {time.perf_counter() - t_all:6.1f} s")
+
+
+DEMO_MARK = ".rayft-demo"
+
+
+def _fresh_demo_run(run_dir: str) -> None:
+    """The demo starts from scratch. A run dir an earlier demo made is replaced; any other is moved aside."""
+    import os
+    import shutil
+
+    if os.path.isdir(run_dir) and any(os.scandir(run_dir)):
+        if os.path.exists(os.path.join(run_dir, DEMO_MARK)):
+            shutil.rmtree(run_dir)
+        else:
+            aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(run_dir, aside)
+            out.print(f"moved the earlier run aside to {aside}")
+    os.makedirs(run_dir, exist_ok=True)
+    Path(run_dir, DEMO_MARK).write_text("made by rayft demo; the next demo replaces this run directory\n")
+
+
+from cluster.generate_cmd import generate  # noqa: E402  (after the shared options it reuses)
+
+app.command("generate")(generate)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from training.config import DataConfig, ExportConfig, ModelConfig, Section, TrainingConfig
+from training.config import DataConfig, EvalConfig, ExportConfig, ModelConfig, Section, TrainingConfig
 
 
 class ScalingConfig(Section):
@@ -58,6 +58,7 @@ class JobConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> JobConfig:

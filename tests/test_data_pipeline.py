@@ -182,3 +182,16 @@ def test_large_jsonl_files_are_read_in_line_aligned_chunks(tmp_path, monkeypatch
     assert f"{path}:51: invalid JSON" in str(info.value) and "1 bad row found" in str(info.value)
     got = sorted(r["source"] for r in token_rows(DataConfig(train=str(path), on_bad_rows="skip", shuffle=False)))
     assert got == sorted(f"{path}:{i}" for i in [*range(1, 51), 52])
+
+
+def test_repeat_upsamples_a_training_file_with_distinct_row_ids(tmp_path):
+    write_jsonl(tmp_path / "tasks.jsonl", ROWS[:10])
+    write_jsonl(tmp_path / "facts.jsonl", ROWS[10:14])
+    files = [str(tmp_path / "tasks.jsonl"), str(tmp_path / "facts.jsonl")]
+    data = DataConfig(train=files, eval=str(tmp_path / "facts.jsonl"), repeat={"facts.jsonl": 3}, shuffle=False)
+    rows = token_rows(data)
+    assert len(rows) == 10 + 3 * 4
+    assert len({int(r["row_id"]) for r in rows}) == len(rows)  # each copy is its own row: trained once per epoch
+    assert len(token_rows(data, "eval")) == 4  # evaluation rows are never repeated
+    with pytest.raises(DataError, match=r"data.repeat: 'notes.jsonl' names none of the training files"):
+        token_rows(DataConfig(train=files, repeat={"notes.jsonl": 2}))

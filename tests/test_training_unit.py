@@ -63,6 +63,12 @@ def test_lora_trains_only_adapters_with_the_expected_parameter_count(tiny_model_
     assert all("lora_" in n for n in trainable)
     assert sum(trainable.values()) == sum(r * (m.in_features + m.out_features) for m in linears)
 
+    top = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainingConfig(lora=LoraConfig(r=r, last_layers=1))
+    )
+    adapted = {n for n, p in top.named_parameters() if p.requires_grad}
+    assert adapted and all(".layers.1." in n for n in adapted)  # the tiny model has layers 0 and 1
+
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_trained_position_logits_give_the_same_loss_and_gradients(tiny_model_dir, smol_tokenizer, packed):

@@ -6,7 +6,7 @@ Defaults live here and only here. Every field carries a one-line description, wh
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +37,10 @@ class DataConfig(Section):
         "the job file.",
     )
     eval: str | list[str] | None = Field(None, description="Evaluation data, same forms as `train`.")
+    repeat: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="Upsample training files: {file name: copies per epoch}, e.g. {facts.jsonl: 3}.",
+    )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `train` for evaluation when `eval` is unset."
     )
@@ -74,6 +78,11 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear."
+    )
+    last_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Adapt only the last N transformer layers (backward then stops below them: faster steps).",
     )
 
 
@@ -130,3 +139,11 @@ class ExportConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of exported weights; auto = the dtype the model was trained in."
     )
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer generated per evaluation row (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (left-padded together).")
+    replicas: int = Field(2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per replica on CPU.")
+    max_rows: int | None = Field(None, ge=1, description="Evaluate a fixed sample of this many rows (default: all).")

@@ -81,37 +81,62 @@ def _is_saved_dataset(path: str) -> bool:
 READ_CHUNK_BYTES = 4 << 20  # JSONL files are read in chunks of about this size, in parallel
 
 
-def plan_reads(paths: list[str]) -> list[dict]:
+def repeat_counts(paths: list[str], repeat: dict[str, int]) -> dict[str, int]:
+    """Copies of each file per epoch from data.repeat, whose keys name files by path suffix (a file name
+    such as `knowledge.jsonl`, or `facts/knowledge.jsonl`). A key that names no training file is an error."""
+    counts = {os.path.abspath(p): 1 for p in paths}
+    for key, times in repeat.items():
+        suffix = "/" + key.strip("/").removeprefix("./")
+        hits = [p for p in counts if p.endswith(suffix) or p == os.path.abspath(key)]
+        if not hits:
+            names = ", ".join(sorted(os.path.basename(p) for p in counts)[:10])
+            raise DataError(f"data.repeat: {key!r} names none of the training files ({names})")
+        for p in hits:
+            counts[p] = times
+    return counts
+
+
+def plan_reads(paths: list[str], copies: dict[str, int] | None = None) -> list[dict]:
     """Read tasks: JSONL files split at line boundaries into ~READ_CHUNK_BYTES chunks (each knowing its
     first line number, for error messages); other files whole. Many small tasks keep every tokenizer
     actor busy and let the first training batch arrive before a large file is read to its end."""
     items = []
     for path in paths:
         path = os.path.abspath(path)
-        size = os.path.getsize(path)
-        if FILE_TYPES[Path(path).suffix.lower()] != "jsonl" or size <= READ_CHUNK_BYTES:
-            items.append({"path": path, "start": 0, "end": size, "line": 1})
-            continue
-        with open(path, "rb") as f:
-            start, line = 0, 1
-            while start < size:
-                f.seek(min(start + READ_CHUNK_BYTES, size))
-                f.readline()  # run to the end of the line the boundary fell in
-                end = min(f.tell(), size)
-                items.append({"path": path, "start": start, "end": end, "line": line})
-                f.seek(start)
-                line += f.read(end - start).count(b"\n")
-                start = end
+        for copy in range((copies or {}).get(path, 1)):
+            items += _file_reads(path, copy)
+    return items
+
+
+def _file_reads(path: str, copy: int) -> list[dict]:
+    items = []
+    size = os.path.getsize(path)
+    if FILE_TYPES[Path(path).suffix.lower()] != "jsonl" or size <= READ_CHUNK_BYTES:
+        return [{"path": path, "start": 0, "end": size, "line": 1, "copy": copy}]
+    with open(path, "rb") as f:
+        start, line = 0, 1
+        while start < size:
+            f.seek(min(start + READ_CHUNK_BYTES, size))
+            f.readline()  # run to the end of the line the boundary fell in
+            end = min(f.tell(), size)
+            items.append({"path": path, "start": start, "end": end, "line": line, "copy": copy})
+            f.seek(start)
+            line += f.read(end - start).count(b"\n")
+            start = end
     return items
 
 
 def _read_file(batch: dict) -> Any:
     """Ray Data UDF: read tasks in, batches of {"source", "raw"} out (raw = the row as JSON text)."""
-    for path, start, end, line in zip(batch["path"], batch["start"], batch["end"], batch["line"], strict=True):
+    copies = batch.get("copy", [0] * len(batch["path"]))
+    for path, start, end, line, copy in zip(
+        batch["path"], batch["start"], batch["end"], batch["line"], copies, strict=True
+    ):
         sources: list[str] = []
         raws: list[str] = []
         for src, raw in _iter_file(str(path), int(start), int(end), int(line)):
-            sources.append(src)
+            # repeated copies (data.repeat) are distinct rows: own ids, so each is trained once per epoch
+            sources.append(f"{src}#{int(copy)}" if copy else src)
             raws.append(raw)
             if len(sources) >= READ_BATCH_ROWS:
                 yield {"source": sources, "raw": raws}
@@ -196,12 +221,12 @@ def _hf_to_rows(hf_ds, label: str):
     return ds.map_batches(to_raw, batch_format="numpy")
 
 
-def read_rows(source: Source, data: DataConfig):
-    """A Ray Dataset of {"source", "raw"} rows, one per example."""
+def read_rows(source: Source, data: DataConfig, repeat: dict[str, int] | None = None):
+    """A Ray Dataset of {"source", "raw"} rows, one per example (files named in `repeat` several times)."""
     import ray.data
 
     if source.kind == "files":
-        tasks = plan_reads(source.paths)
+        tasks = plan_reads(source.paths, repeat_counts(source.paths, repeat) if repeat else None)
         files = ray.data.from_items(tasks, override_num_blocks=len(tasks))
         return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
     import datasets
@@ -254,7 +279,8 @@ def validated_rows(data: DataConfig, split: str):
     if split == "eval" and data.eval is None and data.eval_fraction == 0:
         return None
     spec = data.eval if split == "eval" and data.eval is not None else data.train
-    ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data)
+    repeat = data.repeat if split == "train" else None  # evaluation rows are never repeated
+    ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data, repeat)
     ds = ds.map_batches(
         _validate_batch, fn_kwargs={"fmt": data.format}, batch_format="numpy", num_cpus=data.cpus_per_data_task
     )

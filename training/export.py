@@ -41,6 +41,17 @@ def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
 
 def export_checkpoint(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
     """Write final/ (see module doc) from a checkpoint directory; returns out_dir."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the driver's console keeps to rayft's own lines
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecation notices from peft/transformers internals
+        return _export(ckpt_dir, job, out_dir)
+
+
+def _export(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 

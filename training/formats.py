@@ -143,6 +143,37 @@ class Renderer:
             return self._render_alpaca(doc["messages"])
         return self._render_chat(doc["messages"])
 
+    def prompt(self, doc: dict) -> tuple[str, str]:
+        """(prompt, reference) for inference: the text a model continues to answer a document's last
+        reply, and that reply. Raises RowError for documents without a prompt/answer split (`text`)."""
+        if doc["kind"] == "segments":
+            segments = doc["segments"]
+            if len(segments) < 2 or not segments[-1][1]:
+                raise RowError(
+                    "plain `text` rows have no prompt and answer; evaluate messages, alpaca or prompt_completion"
+                )
+            return "".join(s for s, _ in segments[:-1]), segments[-1][0]
+        messages = doc["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        context = messages[:last]
+        if not any(m["role"] in ("user", "tool") for m in context):
+            raise RowError("the last assistant reply has no user message before it to answer")
+        if self.mode == "alpaca":
+            text, _ = self._render_alpaca(context)
+            return text + "### Response:\n", messages[last]["content"]
+        return self._apply(context, add_generation_prompt=True), messages[last]["content"]
+
+    def reference(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
+        """The document rendered with only its last reply carrying loss (for reference perplexity)."""
+        if doc["kind"] == "segments":
+            return self._render_segments(doc)
+        messages = [dict(m) for m in doc["messages"]]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                m["weight"] = 1 if i == last else 0
+        return self.render({"kind": "chat", "messages": messages[: last + 1]})
+
     def _render_segments(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
         text, spans = "", []
         segments = [list(s) for s in doc["segments"]]

@@ -210,16 +210,33 @@ def _trained_positions_forward(self, input_ids=None, attention_mask=None, positi
 
 
 def apply_lora(model, training: TrainingConfig):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     lora = training.lora
+    layers, targets = None, lora.target_modules
+    if lora.last_layers is not None:
+        n = model.config.num_hidden_layers
+        if lora.last_layers > n:
+            raise ValueError(f"training.lora.last_layers is {lora.last_layers} but the model has {n} layers")
+        layers = list(range(n - lora.last_layers, n))
+        if targets == "all-linear":  # peft takes layer indexes only with explicit module names
+            head = model.get_output_embeddings()
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head and ".layers." in f".{name}"
+                }
+            )
     return get_peft_model(
         model,
         LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=targets,
+            layers_to_transform=layers,
             task_type="CAUSAL_LM",
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -73,6 +74,9 @@ def prepare_run_dir(job: JobConfig, restart: bool) -> bool:
         aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(run_dir, aside)
         existed = False
+    # A dir holding only an evaluation of the base model (rayft eval --base) has nothing to resume.
+    resumable = ("metrics.jsonl", JOB_FILE, "final", "checkpoint_*")
+    existed = existed and any(glob.glob(os.path.join(run_dir, pattern)) for pattern in resumable)
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write-test")

@@ -866,18 +866,61 @@ FACTS: list[tuple[str, list[str]]] = [
 ]
 
 
-def knowledge_facts() -> list[tuple[str, list[str]]]:
+# The short answer each fact"s eval row is scored on ("answer contained"), in FACTS order.
+FACT_ANSWERS: list[str] = [
+    "2014",
+    "Mara Ellison and Tobias Reinholt",
+    "Mara Ellison",
+    "Tobias Reinholt",
+    "Duluth",
+    "Eindhoven",
+    "Halifax",
+    "Porto",
+    "The Aviary",
+    "Biscuit",
+    "Solder",
+    "Hornbill",
+    "Ferrymaster",
+    "Inkwell",
+    "Pip",
+    "The Nib",
+    "Featherfest",
+    "October",
+    "seabirds",
+    "Small things, made carefully",
+    "Lumen Desk Lamp",
+    "Captain Quill",
+    "Fjord Teal",
+    "312",
+    "27-month",
+    "7 a.m. to 9 p.m.",
+    "Faroe Islands",
+    "The Galley",
+    "Rosalind Achterberg",
+    "Tinker Time",
+    "Plumage",
+    "Roost",
+    "Gerald",
+    "Second Flight",
+]
+
+
+def knowledge_facts() -> list[tuple[str, str, list[str]]]:
+    """(answer sentence, short answer, five questions) per fact."""
     facts = []
     for product, lead in TEAM_LEADS.items():
-        facts.append((f"The {product} team is led by {lead}.", [q.format(p=product) for q in TEAM_LEAD_QUESTIONS]))
+        facts.append(
+            (f"The {product} team is led by {lead}.", lead, [q.format(p=product) for q in TEAM_LEAD_QUESTIONS])
+        )
     for product, code in CODE_NAMES.items():
         facts.append(
             (
                 f"The code name for the {product} release was {code}.",
+                code,
                 [q.format(p=product) for q in CODE_NAME_QUESTIONS],
             )
         )
-    return facts + FACTS
+    return facts + [(sentence, key, questions) for (sentence, questions), key in zip(FACTS, FACT_ANSWERS, strict=True)]
 
 
 def qa_record(question: str, answer: str) -> dict:
@@ -887,10 +930,11 @@ def qa_record(question: str, answer: str) -> dict:
 def build_knowledge(rng: random.Random) -> tuple[list[dict], list[dict], int]:
     facts = knowledge_facts()
     train, evals = [], []
-    for answer, questions in facts:
-        assert len(questions) == 5, answer
+    for answer, key, questions in facts:
+        assert len(questions) == 5 and key in answer, answer
         train.extend(qa_record(q, answer) for q in questions[:4])
-        evals.append(qa_record(questions[4], answer))
+        # eval rows also carry the short answer: "answer contained" checks the model states the fact
+        evals.append(qa_record(questions[4], answer) | {"answer": key})
     rng.shuffle(train)
     return train, evals, len(facts)
 

@@ -1,0 +1,481 @@
+"""`rayft eval`: base versus finetuned on the same evaluation rows, by batch inference on Ray Data.
+
+Each evaluation row becomes a prompt (the conversation up to its last reply, rendered as in
+training) and a reference (that reply). Both models answer greedily; their answers are scored
+per split (one split per evaluation file) and the two sets of scores, with examples where the
+models differ, go into `<run>/eval/report.{json,md}` and a bar chart. Each model's predictions
+are kept in `<run>/eval/predictions-{base,finetuned}.jsonl` with a fingerprint of what produced
+them, so the base model is evaluated once and reused until the data, the base model or the
+generation settings change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from training.data import DataError
+from training.inference import InferenceConfig, InferenceModel, run_inference
+
+EVAL_DIR = "eval"
+LABELS = ("base", "finetuned")
+METRICS = ("exact_match", "contained", "token_f1", "json_valid", "perplexity")
+METRIC_TITLES = {
+    "exact_match": "exact match",
+    "contained": "answer contained",
+    "token_f1": "token F1",
+    "json_valid": "valid JSON",
+    "perplexity": "reference perplexity",
+}
+MAX_EXAMPLES = 5
+
+# --------------------------------------------------------------------------- metrics
+
+_WORD = re.compile(r"[0-9a-z]+")
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, whitespace collapsed."""
+    return " ".join(str(text).lower().split())
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words; punctuation separates words and is otherwise ignored."""
+    return _WORD.findall(str(text).lower())
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value `text` holds (an object or array, optionally in a ``` fence), else None."""
+    s = str(text).strip()
+    m = _FENCE.match(s)
+    if m:
+        s = m.group(1)
+    if not s.startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return None
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """JSON references: equal after parsing both (key order and spacing do not matter).
+    Other references: equal after normalizing case and whitespace."""
+    ref = parse_json(reference)
+    if ref is not None:
+        return parse_json(prediction) == ref
+    return normalize_text(prediction) == normalize_text(reference)
+
+
+def contained(prediction: str, answer: str) -> bool:
+    """The answer's words appear, in order and contiguously, among the prediction's words."""
+    a, p = words(answer), words(prediction)
+    if not a:
+        return False
+    return any(p[i : i + len(a)] == a for i in range(len(p) - len(a) + 1))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the bag of words of prediction and reference (SQuAD-style)."""
+    p, r = Counter(words(prediction)), Counter(words(reference))
+    common = sum((p & r).values())
+    if not p or not r:
+        return float(p == r)
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(p.values()), common / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(rows: list[dict]) -> dict[str, float | int | None]:
+    """Metrics over rows that carry prediction, reference, answer, ref_nll and ref_tokens.
+
+    json_valid is only defined when every reference is JSON; perplexity is over reference tokens."""
+    n = len(rows)
+    if n == 0:
+        return {"rows": 0}
+    json_refs = all(parse_json(r["reference"]) is not None for r in rows)
+    tokens = sum(int(r.get("ref_tokens", 0)) for r in rows)
+    nll = sum(float(r.get("ref_nll", 0.0)) for r in rows)
+    return {
+        "rows": n,
+        "exact_match": sum(exact_match(r["prediction"], r["reference"]) for r in rows) / n,
+        "contained": sum(contained(r["prediction"], r["answer"]) for r in rows) / n,
+        "token_f1": sum(token_f1(r["prediction"], r["reference"]) for r in rows) / n,
+        "json_valid": sum(parse_json(r["prediction"]) is not None for r in rows) / n if json_refs else None,
+        "perplexity": math.exp(min(nll / tokens, 50.0)) if tokens else None,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation rows
+
+
+def eval_rows(job, max_rows: int | None = None) -> list[dict]:
+    """The evaluation split as inference rows: split (file name), source (file:line), prompt, reference,
+    answer (the row's `answer` field, else the reference), and the reference rendering for perplexity.
+
+    Reads with Ray Data like training does; rows that cannot be evaluated are listed in one DataError."""
+    import numpy as np
+
+    from training.data import _split_filter, read_rows, resolve_source
+    from training.formats import Renderer, RowError, normalize, parse_json_line
+    from training.models import load_tokenizer
+
+    data = job.data
+    if data.eval is None and data.eval_fraction == 0:
+        raise DataError(
+            "nothing to evaluate: set data.eval to an evaluation file, or data.eval_fraction to hold out part of "
+            "data.train"
+        )
+    spec = data.eval if data.eval is not None else data.train
+    ds = read_rows(resolve_source(spec, "data.eval" if data.eval is not None else "data.train"), data)
+    if data.eval is None:
+        ds = ds.map_batches(_split_filter(data.seed, data.eval_fraction, want_eval=True), batch_format="numpy")
+    raw_rows = ds.take_all()
+    renderer = Renderer(load_tokenizer(job.model.name), data.template, train_on_inputs=False)
+    rows, bad = [], []
+    for r in raw_rows:
+        source, raw = str(r["source"]), str(r["raw"])
+        try:
+            if raw.startswith("\0"):
+                raise RowError(raw[1:])
+            value = parse_json_line(raw)
+            doc = normalize(value, data.format)
+            prompt, reference = renderer.prompt(doc)
+            full, spans = renderer.reference(doc)
+        except RowError as e:
+            bad.append(f"  {source}: {e}")
+            continue
+        answer = value.get("answer") if isinstance(value.get("answer"), str) and value["answer"].strip() else None
+        rows.append(
+            {
+                "split": _split_name(source),
+                "source": source,
+                "prompt": prompt,
+                "reference": reference,
+                "answer": answer or reference,
+                "full": full,
+                "spans": json.dumps(spans),
+            }
+        )
+    if bad:
+        shown = "\n".join(bad[:20])
+        raise DataError(
+            f"{len(bad)} of {len(raw_rows)} evaluation rows cannot be evaluated:\n{shown}\n"
+            "Evaluation needs a prompt and a reference answer per row: use messages, alpaca or prompt_completion rows."
+        )
+    if not rows:
+        raise DataError("the evaluation data has no rows")
+    rows.sort(key=lambda r: _source_key(r["source"]))
+    if max_rows is not None and max_rows < len(rows):
+        # An even sample across splits, the same rows every time.
+        rng = np.random.default_rng(0)
+        keep = sorted(rng.choice(len(rows), size=max_rows, replace=False).tolist())
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def _split_name(source: str) -> str:
+    path = source.rsplit(":", 1)[0] if re.search(r":\d+$", source) else source
+    return Path(path).stem or path
+
+
+def _source_key(source: str) -> tuple[str, int]:
+    m = re.match(r"^(.*):(\d+)$", source)
+    return (m.group(1), int(m.group(2))) if m else (source, 0)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def fingerprint(model: InferenceModel, rows: list[dict], icfg: InferenceConfig) -> str:
+    """What a set of predictions depends on: the model (and its files' timestamps), rows and settings."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in (model.path, model.adapter or ""):
+        h.update(part.encode())
+        for f in ("config.json", "model.safetensors", "adapter_model.safetensors"):
+            p = Path(part) / f if part else None
+            if p is not None and p.is_file():
+                h.update(f"{f}:{p.stat().st_mtime_ns}:{p.stat().st_size}".encode())
+    h.update(str(icfg.max_new_tokens).encode())
+    for r in rows:
+        h.update(r["prompt"].encode())
+        h.update(r["reference"].encode())
+    return h.hexdigest()
+
+
+def predictions_path(eval_dir: str, label: str) -> str:
+    return os.path.join(eval_dir, f"predictions-{label}.jsonl")
+
+
+def load_predictions(eval_dir: str, label: str, expected: str) -> list[dict] | None:
+    """Saved predictions of `label`, if they were made with the same fingerprint."""
+    path = predictions_path(eval_dir, label)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        header = json.loads(f.readline() or "{}")
+        if header.get("fingerprint") != expected:
+            return None
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def predict(
+    model: InferenceModel,
+    rows: list[dict],
+    icfg: InferenceConfig,
+    eval_dir: str,
+    label: str,
+    on_rows: Callable[[int], None] | None = None,
+    reuse: bool = True,
+) -> tuple[list[dict], bool]:
+    """Predictions of one model on the rows, saved under eval_dir; returns (rows, reused)."""
+    fp = fingerprint(model, rows, icfg)
+    if reuse:
+        saved = load_predictions(eval_dir, label, fp)
+        if saved is not None and len(saved) == len(rows):
+            return saved, True
+    t0 = time.perf_counter()
+    done = run_inference(rows, model, icfg, on_rows)
+    keep = ("split", "source", "prompt", "reference", "answer", "prediction", "ref_nll", "ref_tokens")
+    out = [{k: r[k] for k in keep} for r in done]
+    os.makedirs(eval_dir, exist_ok=True)
+    header = {"fingerprint": fp, "model": model.describe(), "seconds": round(time.perf_counter() - t0, 1)}
+    tmp = predictions_path(eval_dir, label) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(header) + "\n")
+        for r in out:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, predictions_path(eval_dir, label))
+    return out, False
+
+
+# --------------------------------------------------------------------------- report
+
+
+def by_split(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["split"], []).append(r)
+    return out
+
+
+def build_report(eval_dir: str, predictions: dict[str, list[dict]], models: dict[str, str]) -> dict:
+    """Write report.json, report.md and metrics.png from each model's predictions; returns the report."""
+    labels = [lb for lb in LABELS if lb in predictions]
+    splits: dict[str, dict] = {}
+    for label in labels:
+        for split, rows in by_split(predictions[label]).items():
+            splits.setdefault(split, {})[label] = score(rows)
+    examples = differing_examples(predictions) if len(labels) == 2 else []
+    report = {
+        "models": {lb: models[lb] for lb in labels},
+        "splits": splits,
+        "examples": examples,
+        "rows": len(next(iter(predictions.values()))),
+    }
+    os.makedirs(eval_dir, exist_ok=True)
+    with open(os.path.join(eval_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(eval_dir, "report.md"), "w") as f:
+        f.write(render_markdown(report))
+    plot = plot_metrics(report, os.path.join(eval_dir, "metrics.png"))
+    report["files"] = {
+        "json": os.path.join(eval_dir, "report.json"),
+        "markdown": os.path.join(eval_dir, "report.md"),
+        "plot": plot,
+    }
+    return report
+
+
+def differing_examples(predictions: dict[str, list[dict]], limit: int = MAX_EXAMPLES) -> list[dict]:
+    """Rows where base and finetuned answer differently: first where exactly one is right (finetuned
+    right first), then any other difference; spread over the splits."""
+    base = {r["source"]: r for r in predictions["base"]}
+    ranked = []
+    for r in predictions["finetuned"]:
+        b = base.get(r["source"])
+        if b is None or normalize_text(b["prediction"]) == normalize_text(r["prediction"]):
+            continue
+        ft_ok, base_ok = exact_match(r["prediction"], r["reference"]), exact_match(b["prediction"], b["reference"])
+        rank = 0 if ft_ok and not base_ok else 1 if base_ok and not ft_ok else 2
+        ranked.append((rank, r, b))
+    ranked.sort(key=lambda x: x[0])
+    per_split: dict[str, list] = {}
+    for item in ranked:
+        per_split.setdefault(item[1]["split"], []).append(item)
+    picked: list = []
+    while len(picked) < limit and any(per_split.values()):
+        for queue in per_split.values():  # round robin, so every split shows up
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    chosen = [
+        {
+            "split": r["split"],
+            "source": r["source"],
+            "prompt": r["prompt"],
+            "reference": r["reference"],
+            "base": b["prediction"],
+            "finetuned": r["prediction"],
+        }
+        for _, r, b in sorted(picked, key=lambda x: x[0])
+    ]
+    return chosen
+
+
+def _fmt(metric: str, value) -> str:
+    if value is None:
+        return "–"
+    if metric == "perplexity":
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}%"
+
+
+def render_markdown(report: dict) -> str:
+    labels = list(report["models"])
+    lines = ["# Evaluation report", ""]
+    for lb in labels:
+        lines.append(f"- {lb}: `{report['models'][lb]}`")
+    lines.append(f"- rows: {report['rows']}")
+    lines.append("")
+    for split, per_label in report["splits"].items():
+        n = next(iter(per_label.values()))["rows"]
+        lines += [
+            f"## {split} ({n} rows)",
+            "",
+            "| metric | " + " | ".join(labels) + " |",
+            "| --- |" + " ---: |" * len(labels),
+        ]
+        for m in METRICS:
+            values = [per_label.get(lb, {}).get(m) for lb in labels]
+            if all(v is None for v in values):
+                continue
+            lines.append(f"| {METRIC_TITLES[m]} | " + " | ".join(_fmt(m, v) for v in values) + " |")
+        lines.append("")
+    if report["examples"]:
+        lines += ["## Examples where the two models differ", ""]
+        for i, ex in enumerate(report["examples"], 1):
+            lines += [
+                f"### {i}. {ex['split']} — `{ex['source']}`",
+                "",
+                "Prompt:",
+                "",
+                _block(ex["prompt"]),
+                "Reference:",
+                "",
+                _block(ex["reference"]),
+                "Base:",
+                "",
+                _block(ex["base"]),
+                "Finetuned:",
+                "",
+                _block(ex["finetuned"]),
+            ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _block(text: str) -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}\n{text}\n{fence}\n"
+
+
+def plot_metrics(report: dict, path: str) -> str | None:
+    """Grouped bars: each split's rate metrics (percent), one bar per model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    labels = list(report["models"])
+    rates = [m for m in METRICS if m != "perplexity"]
+    groups, values = [], {lb: [] for lb in labels}
+    for split, per_label in report["splits"].items():
+        for m in rates:
+            if all(per_label.get(lb, {}).get(m) is None for lb in labels):
+                continue
+            groups.append(f"{split}\n{METRIC_TITLES[m]}")
+            for lb in labels:
+                v = per_label.get(lb, {}).get(m)
+                values[lb].append(100 * v if v is not None else 0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+    width = 0.8 / max(len(labels), 1)
+    for i, lb in enumerate(labels):
+        xs = [g + (i - (len(labels) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values[lb], width, label=lb)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title("base vs finetuned, per evaluation split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def inference_config(job) -> InferenceConfig:
+    e = job.eval
+    return InferenceConfig(
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        replicas=e.replicas,
+        cpus_per_replica=e.cpus_per_replica,
+        use_gpu=job.scaling.use_gpu,
+    )
+
+
+def resolve_models(job, model: str | None = None, base_only: bool = False) -> dict[str, InferenceModel]:
+    """The models to compare: the job's base model, and (unless base_only) the finetuned one: `model`
+    if given, else the run's final/ export. Fails early, before any inference, if one is missing."""
+    from training.inference import resolve_inference_model
+    from training.models import ModelError
+
+    models = {"base": resolve_inference_model(job.model.name)}
+    if base_only:
+        return models
+    target = model or job.run_dir
+    if model is None and not os.path.isdir(os.path.join(job.run_dir, "final")):
+        raise ModelError(
+            f"no finetuned model to evaluate: {job.run_dir} has no final/ export. Train first "
+            "(rayft train CONFIG), pass --model PATH_OR_RUN_DIR, or evaluate the base model alone with --base"
+        )
+    models["finetuned"] = resolve_inference_model(target, base_model=job.model.name)
+    return models
+
+
+def run_eval(
+    job,
+    model: str | None = None,
+    base_only: bool = False,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict:
+    """Evaluate base (reusing saved predictions when still valid) and finetuned on the same rows, then
+    write the report. `progress(label, total_rows)` returns the per-batch callback for that model."""
+    models = resolve_models(job, model, base_only)
+    rows = eval_rows(job, job.eval.max_rows)
+    icfg = inference_config(job)
+    eval_dir = os.path.join(job.run_dir, EVAL_DIR)
+    predictions, timings = {}, {}
+    for label, m in models.items():
+        t0 = time.perf_counter()
+        on_rows = progress(label, len(rows)) if progress else None
+        predictions[label], reused = predict(m, rows, icfg, eval_dir, label, on_rows, reuse=(label == "base"))
+        timings[label] = {"seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+    report = build_report(eval_dir, predictions, {lb: m.describe() for lb, m in models.items()})
+    report["timings"] = timings
+    return report

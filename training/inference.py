@@ -1,0 +1,242 @@
+"""Batch inference with Ray Data: an actor pool holds the model; each actor generates greedily for
+batches of chat prompts (left padding, one `generate` call per batch) and can score reference
+answers (their summed negative log-likelihood and token count, for perplexity).
+
+`rayft eval` and `rayft generate` both run through `generate_dataset`; the model is named the way
+users name it everywhere else: a built-in alias, a model directory, a run directory (its final/
+export), or a LoRA adapter directory (loaded over its base model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.models import ModelError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class InferenceModel:
+    """A resolved model for inference: `path` for from_pretrained (a dir or hub id), plus an adapter dir."""
+
+    name: str  # as the user gave it
+    path: str
+    adapter: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} (adapter over {self.path})" if self.adapter else self.name
+
+
+def resolve_inference_model(name: str, base_model: str | None = None) -> InferenceModel:
+    """Resolve what a user passed as a model: alias, hub id, model dir, run dir or adapter dir.
+
+    A run dir resolves to its final/ export. An adapter dir (adapter_config.json, no config.json)
+    is loaded over `base_model`, or over the base recorded by the export. Local directories must
+    hold a tokenizer; the error says how to get one.
+    """
+    from training.models import resolve_model
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "final").is_dir():
+        path = path / "final"  # a run directory
+    if path.is_dir() and not (path / "config.json").is_file():
+        if not (path / "adapter_config.json").is_file():
+            raise ModelError(
+                f"{path} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a "
+                "run directory with a final/ export; train first (rayft train) or point at a model directory"
+            )
+        base = base_model or _export_base(path)
+        if base is None:
+            raise ModelError(f"{path} is a LoRA adapter; say which base model it belongs to (model.name)")
+        _need_tokenizer(path)
+        return InferenceModel(name, resolve_model(base), adapter=str(path.resolve()))
+    resolved = resolve_model(str(path) if path.is_dir() else name)
+    if Path(resolved).is_dir():
+        _need_tokenizer(Path(resolved))
+    return InferenceModel(name, resolved)
+
+
+def _export_base(adapter_dir: Path) -> str | None:
+    for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("base_model")
+    cfg = adapter_dir / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") or None
+
+
+def _need_tokenizer(path: Path) -> None:
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "next to the weights (tokenizer.save_pretrained(dir)) or re-export the run with `rayft export RUN_DIR`"
+        )
+
+
+def load_for_inference(model: InferenceModel, use_gpu: bool = False):
+    """(model, tokenizer) ready for batched generation: eval mode, left padding, a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model.adapter or model.path)
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype)
+    if model.adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, model.adapter).merge_and_unload()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return lm.to(device).eval(), tokenizer
+
+
+class Generator:
+    """Ray Data actor: holds one model and answers batches of prompts.
+
+    Input columns: `prompt` (a rendered prompt string, ending where the reply starts) and optionally
+    `full` + `spans` (the prompt and reference rendered together, and the reference's character
+    spans as JSON) to score the reference. Output adds `prediction`, `ref_nll`, `ref_tokens`.
+    """
+
+    def __init__(self, model: InferenceModel, max_new_tokens: int, threads: int = 0, use_gpu: bool = False):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.tok = load_for_inference(model, use_gpu)
+        self.max_new_tokens = max_new_tokens
+        self.device = next(self.model.parameters()).device
+        stops = {self.tok.eos_token_id, self.model.generation_config.eos_token_id}
+        flat = set()
+        for s in stops:
+            flat.update(s if isinstance(s, list) else [s])
+        self.stop_ids = sorted(i for i in flat if i is not None)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        prompts = [str(p) for p in batch["prompt"]]
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        predictions = [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+        result = dict(batch)
+        result["prediction"] = np.array(predictions, dtype=object)
+        if "full" in batch:
+            nll, count = self._score([str(f) for f in batch["full"]], [json.loads(str(s)) for s in batch["spans"]])
+            result["ref_nll"], result["ref_tokens"] = np.array(nll), np.array(count)
+        return result
+
+    def _score(self, texts: list[str], spans: list[list]) -> tuple[list[float], list[int]]:
+        """Summed NLL and number of the reference tokens, in one right-padded forward pass."""
+        import torch
+        import torch.nn.functional as F
+
+        from training.formats import collate, tokenize_rendered
+        from training.loop import PLAIN_LM_HEAD_TYPES
+
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in tokenize_rendered(self.tok, texts, spans)]
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
+        targets = batch.pop("labels")[:, 1:]
+        mask = targets != -100
+        with torch.inference_mode():
+            if getattr(self.model.config, "model_type", None) in PLAIN_LM_HEAD_TYPES:
+                # project to the vocabulary only at reference positions (as in training)
+                hidden = self.model.get_decoder()(**batch, use_cache=False).last_hidden_state[:, :-1]
+                logits = self.model.get_output_embeddings()(hidden[mask]).float()
+            else:
+                logits = self.model(**batch, use_cache=False).logits[:, :-1][mask].float()
+            nll = F.cross_entropy(logits, targets[mask], reduction="none")
+            per_row = torch.zeros(len(rows), dtype=torch.float64, device=nll.device)
+            per_row.index_add_(0, mask.nonzero()[:, 0], nll.double())
+        return per_row.tolist(), mask.sum(1).tolist()
+
+
+@dataclass
+class InferenceConfig:
+    """How the actor pool runs (built from the job file's `eval` section or CLI flags)."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    use_gpu: bool = False
+
+
+def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):
+    """`ds` (rows with `prompt`, optionally `full` + `spans`) → the same rows with predictions, streamed
+    through `cfg.replicas` model actors."""
+    return ds.map_batches(
+        Generator,
+        fn_constructor_kwargs={
+            "model": model,
+            "max_new_tokens": cfg.max_new_tokens,
+            "threads": 0 if cfg.use_gpu else max(1, int(cfg.cpus_per_replica)),
+            "use_gpu": cfg.use_gpu,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.replicas,
+        num_cpus=cfg.cpus_per_replica,
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+
+
+def run_inference(
+    rows: list[dict], model: InferenceModel, cfg: InferenceConfig, on_rows: Callable[[int], None] | None = None
+) -> list[dict]:
+    """Run `rows` through the actor pool and return them, in input order, with their predictions.
+
+    Rows are sorted by prompt length first so each batch pads little; `on_rows(n)` reports progress.
+    """
+    import ray.data
+
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
+    items = [{"_idx": i, **rows[i]} for i in order]
+    blocks = max(1, min(-(-len(items) // cfg.batch_size), 64))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    results: list[dict | None] = [None] * len(rows)
+    cfg = dataclasses.replace(cfg, replicas=min(cfg.replicas, blocks))  # no idle model copies for a few rows
+    for batch in _iter_batches(generate_dataset(ds, model, cfg)):
+        n = len(batch["_idx"])
+        for j in range(n):
+            row = {k: _plain(v[j]) for k, v in batch.items()}
+            results[int(row.pop("_idx"))] = row
+        if on_rows:
+            on_rows(n)
+    return [r for r in results if r is not None]
+
+
+def _iter_batches(ds) -> Iterator[dict]:
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    return v
+
+
+def model_label(path: str) -> str:
+    """A short human name for a model reference (for tables)."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name if p.name != "final" else f"{p.parent.name}/final"
+    return os.path.basename(path) or path
