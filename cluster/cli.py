@@ -351,7 +351,11 @@ def print_eval_report(report: dict) -> None:
             table.add_row(METRIC_TITLES[m], *cells)
         out.print(table)
     files = report.get("files", {})
-    out.print(f"report: {files.get('markdown')}  (and {files.get('json')}, {files.get('plot')})", highlight=False)
+    out.print(  # one unbroken line, so the paths can be copied
+        f"report: {files.get('markdown')}  (and {files.get('json')}, {files.get('plot')})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _metric(name: str, value) -> str:

@@ -8,7 +8,9 @@ Works offline from any kept checkpoint: DeepSpeed's ZeRO shards are consolidated
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -60,7 +62,8 @@ def _export(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
     from training.models import load_tokenizer, resolve_model
 
     lora = job.training.method == "lora"
-    state = consolidated_state_dict(ckpt_dir, job.training.zero_stage, lora)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints progress lines
+        state = consolidated_state_dict(ckpt_dir, job.training.zero_stage, lora)
     if not state:
         raise ExportError(f"{ckpt_dir}: the checkpoint holds no weights")
     base_path = resolve_model(job.model.name)

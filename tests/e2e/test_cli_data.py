@@ -42,20 +42,21 @@ def test_data_inspect_json_on_the_quickstart():
     r = rayft("data", "inspect", "configs/quickstart.yaml", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert report["splits"]["train"]["examples"] == 1200
-    assert report["splits"]["eval"]["examples"] == 170
+    assert report["splits"]["train"]["examples"] == 1200 + 3 * 200  # tickets + the facts, repeated 3 times
+    assert report["splits"]["eval"]["examples"] == 170 + 50
     assert report["splits"]["train"]["packing_efficiency"] > 0.85
 
 
 @pytest.mark.slow
 def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
-    """The demo path on the real SmolLM2 with few steps and a sample of the eval rows: the finetuned
-    model must already beat the base model on the references (perplexity, token F1)."""
+    """The demo path on the real SmolLM2 with few steps and a sample of the eval rows: on the ticket task the
+    finetuned model must already beat the base model (reference perplexity, token F1). The facts
+    need many more steps (early on the model answers them in ticket JSON), so that split is only reported."""
     r = rayft(
         "demo",
         "configs/quickstart.yaml",
         "--set",
-        "training.max_steps=4",
+        "training.max_steps=6",
         "--set",
         "eval.max_rows=24",
         "--set",
@@ -69,8 +70,9 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
         assert stage in out.split("stage times")[-1]
     report = json.loads((tmp_path / "quickstart" / "eval" / "report.json").read_text())
     assert report["rows"] == 24 and set(report["models"]) == {"base", "finetuned"}
-    for split, m in report["splits"].items():
-        assert m["finetuned"]["perplexity"] < m["base"]["perplexity"], split
-        assert m["finetuned"]["token_f1"] > m["base"]["token_f1"], split
+    assert set(report["splits"]) == {"eval", "knowledge_eval"}
+    tickets = report["splits"]["eval"]
+    assert tickets["finetuned"]["perplexity"] < tickets["base"]["perplexity"]
+    assert tickets["finetuned"]["token_f1"] > tickets["base"]["token_f1"]
     assert (tmp_path / "quickstart" / "final" / "config.json").is_file()
     assert "report:" in out and "report.md" in out
