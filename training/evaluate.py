@@ -475,6 +475,8 @@ def run_eval(
         t0 = time.perf_counter()
         on_rows = progress(label, len(rows)) if progress else None
         predictions[label], reused = predict(m, rows, icfg, eval_dir, label, on_rows, reuse=(label == "base"))
+        if reused and on_rows:
+            on_rows(len(rows))  # a progress bar for saved predictions is complete at once
         timings[label] = {"seconds": round(time.perf_counter() - t0, 1), "reused": reused}
     report = build_report(eval_dir, predictions, {lb: m.describe() for lb, m in models.items()})
     report["timings"] = timings
