@@ -150,7 +150,7 @@ class Generator:
         import torch.nn.functional as F
 
         from training.formats import collate, tokenize_rendered
-        from training.loop import PLAIN_LM_HEAD_TYPES
+        from training.loop import PLAIN_LM_HEAD_TYPES, next_token_logits_at
 
         rows = [{"input_ids": ids, "labels": labels} for ids, labels in tokenize_rendered(self.tok, texts, spans)]
         batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
@@ -159,8 +159,7 @@ class Generator:
         with torch.inference_mode():
             if getattr(self.model.config, "model_type", None) in PLAIN_LM_HEAD_TYPES:
                 # project to the vocabulary only at reference positions (as in training)
-                hidden = self.model.get_decoder()(**batch, use_cache=False).last_hidden_state[:, :-1]
-                logits = self.model.get_output_embeddings()(hidden[mask]).float()
+                logits = next_token_logits_at(self.model, mask, **batch).float()
             else:
                 logits = self.model(**batch, use_cache=False).logits[:, :-1][mask].float()
             nll = F.cross_entropy(logits, targets[mask], reduction="none")

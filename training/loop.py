@@ -197,16 +197,23 @@ def _trained_positions_forward(self, input_ids=None, attention_mask=None, positi
         )
     kwargs.pop("use_cache", None)
     kwargs.pop("logits_to_keep", None)
-    hidden = self.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-    ).last_hidden_state
     targets = labels[:, 1:]
     trained = targets != -100
+    logits = next_token_logits_at(self, trained, input_ids, attention_mask, position_ids, **kwargs)
     if not bool(trained.any()):
-        return CausalLMOutputWithPast(loss=hidden.sum() * 0.0)
-    logits = self.get_output_embeddings()(hidden[:, :-1][trained])
+        return CausalLMOutputWithPast(loss=logits.sum() * 0.0)
     loss = F.cross_entropy(logits.float(), targets[trained].to(torch.long))
     return CausalLMOutputWithPast(loss=loss)
+
+
+def next_token_logits_at(model, where, input_ids, attention_mask=None, position_ids=None, **kwargs):
+    """Logits predicting token t+1 only at the positions t where `where` (batch x seq-1) is true: the
+    decoder runs over every token, the vocabulary projection only where it is needed. For the model
+    types in PLAIN_LM_HEAD_TYPES; used by the training forward and by reference scoring in eval."""
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    ).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, :-1][where])
 
 
 def apply_lora(model, training: TrainingConfig):
