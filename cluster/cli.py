@@ -302,7 +302,7 @@ def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
     from cluster.runtime import connect
     from training.evaluate import resolve_models, run_eval
 
-    resolve_models(cfg, model, base_only)  # a missing model fails here, before Ray starts
+    models = resolve_models(cfg, model, base_only)  # a missing model fails here, before Ray starts
     with err.status("starting Ray", spinner="dots"):
         connect(address, num_cpus=_eval_num_cpus(cfg))
     progress = Progress(
@@ -319,11 +319,11 @@ def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
         return lambda n: progress.advance(task, n)
 
     with progress:
-        return run_eval(cfg, model=model, base_only=base_only, progress=start)
+        return run_eval(cfg, progress=start, models=models)
 
 
 def print_eval_report(report: dict) -> None:
-    from training.evaluate import METRIC_TITLES, METRICS
+    from training.evaluate import METRIC_TITLES, METRICS, format_metric
 
     labels = list(report["models"])
     for lb in labels:
@@ -342,7 +342,7 @@ def print_eval_report(report: dict) -> None:
             values = [per_label.get(lb, {}).get(m) for lb in labels]
             if all(v is None for v in values):
                 continue
-            cells = [_metric(m, v) for v in values]
+            cells = [format_metric(m, v) for v in values]
             if len(labels) == 2 and None not in values:
                 d = values[1] - values[0]
                 cells.append(f"{d:+.2f}" if m == "perplexity" else f"{100 * d:+.1f} pts")
@@ -356,12 +356,6 @@ def print_eval_report(report: dict) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _metric(name: str, value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if name == "perplexity" else f"{100 * value:.1f}%"
 
 
 @app.command("export")

@@ -245,7 +245,7 @@ def read_rows(source: Source, data: DataConfig, repeat: dict[str, int] | None = 
 # --------------------------------------------------------------------------- validation
 
 
-def _validate_batch(batch: dict, fmt: str) -> dict:
+def _validate_batch(batch: dict, fmt: str, keep_raw: bool = False) -> dict:
     """Ray Data UDF: parse and check rows; bad rows keep their source and get an error message."""
     docs, errors = [], []
     for raw in batch["raw"]:
@@ -258,7 +258,10 @@ def _validate_batch(batch: dict, fmt: str) -> dict:
         except RowError as e:
             docs.append("")
             errors.append(str(e))
-    return {"source": list(batch["source"]), "doc": docs, "error": errors}
+    out = {"source": list(batch["source"]), "doc": docs, "error": errors}
+    if keep_raw:
+        out["raw"] = list(batch["raw"])
+    return out
 
 
 def _split_filter(seed: int, fraction: float, want_eval: bool):
@@ -274,15 +277,19 @@ def _split_filter(seed: int, fraction: float, want_eval: bool):
     return keep
 
 
-def validated_rows(data: DataConfig, split: str):
-    """Validated rows ({"source", "doc", "error"}) of the train or eval split, bad rows included."""
+def validated_rows(data: DataConfig, split: str, keep_raw: bool = False):
+    """Validated rows ({"source", "doc", "error"}, plus the row's JSON text as "raw" with keep_raw) of
+    the train or eval split, bad rows included."""
     if split == "eval" and data.eval is None and data.eval_fraction == 0:
         return None
     spec = data.eval if split == "eval" and data.eval is not None else data.train
     repeat = data.repeat if split == "train" else None  # evaluation rows are never repeated
     ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data, repeat)
     ds = ds.map_batches(
-        _validate_batch, fn_kwargs={"fmt": data.format}, batch_format="numpy", num_cpus=data.cpus_per_data_task
+        _validate_batch,
+        fn_kwargs={"fmt": data.format, "keep_raw": keep_raw},
+        batch_format="numpy",
+        num_cpus=data.cpus_per_data_task,
     )
     if data.eval is None and data.eval_fraction > 0:
         ds = ds.map_batches(

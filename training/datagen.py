@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from training.formats import words
+
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PAIRS_PER_CHUNK = 3
@@ -375,18 +377,12 @@ def faq_pairs(text: str, title: str, markdown: bool = True) -> list[Pair]:
 
 # --------------------------------------------------------------------------- filters
 
-_WORD = re.compile(r"[0-9a-z]+")
 # very common words: an answer does not count as grounded because it says "the" and "is"
 _STOPWORDS = frozenset(
     "a an the is are was were be been it its this that these those of to in on at for by with from as and or "
     "but not no yes do does did can you your i we our they their he she his her them there here what which who "
     "how when where why will would should could may might has have had".split()
 )
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words."""
-    return _WORD.findall(text.lower())
 
 
 def overlap(answer: str, context: str) -> float:

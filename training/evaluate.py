@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data import DataError
+from training.formats import words
 from training.inference import InferenceConfig, InferenceModel, run_inference
 
 EVAL_DIR = "eval"
@@ -39,18 +40,12 @@ MAX_EXAMPLES = 5
 
 # --------------------------------------------------------------------------- metrics
 
-_WORD = re.compile(r"[0-9a-z]+")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 
 
 def normalize_text(text: str) -> str:
     """Lower case, whitespace collapsed."""
     return " ".join(str(text).lower().split())
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words; punctuation separates words and is otherwise ignored."""
-    return _WORD.findall(str(text).lower())
 
 
 def parse_json(text: str) -> Any:
@@ -126,35 +121,32 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     Reads with Ray Data like training does; rows that cannot be evaluated are listed in one DataError."""
     import numpy as np
 
-    from training.data import _split_filter, read_rows, resolve_source
-    from training.formats import Renderer, RowError, normalize, parse_json_line
+    from training.data import validated_rows
+    from training.formats import Renderer, RowError
     from training.models import load_tokenizer
 
     data = job.data
-    if data.eval is None and data.eval_fraction == 0:
+    ds = validated_rows(data, "eval", keep_raw=True)
+    if ds is None:
         raise DataError(
             "nothing to evaluate: set data.eval to an evaluation file, or data.eval_fraction to hold out part of "
             "data.train"
         )
-    spec = data.eval if data.eval is not None else data.train
-    ds = read_rows(resolve_source(spec, "data.eval" if data.eval is not None else "data.train"), data)
-    if data.eval is None:
-        ds = ds.map_batches(_split_filter(data.seed, data.eval_fraction, want_eval=True), batch_format="numpy")
-    raw_rows = ds.take_all()
+    checked = ds.take_all()
     renderer = Renderer(load_tokenizer(job.model.name), data.template, train_on_inputs=False)
     rows, bad = [], []
-    for r in raw_rows:
-        source, raw = str(r["source"]), str(r["raw"])
+    for r in checked:
+        source = str(r["source"])
         try:
-            if raw.startswith("\0"):
-                raise RowError(raw[1:])
-            value = parse_json_line(raw)
-            doc = normalize(value, data.format)
+            if r["error"]:
+                raise RowError(str(r["error"]))
+            doc = json.loads(str(r["doc"]))
             prompt, reference = renderer.prompt(doc)
             full, spans = renderer.reference(doc)
         except RowError as e:
             bad.append(f"  {source}: {e}")
             continue
+        value = json.loads(str(r["raw"]))
         answer = value.get("answer") if isinstance(value.get("answer"), str) and value["answer"].strip() else None
         rows.append(
             {
@@ -170,7 +162,7 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     if bad:
         shown = "\n".join(bad[:20])
         raise DataError(
-            f"{len(bad)} of {len(raw_rows)} evaluation rows cannot be evaluated:\n{shown}\n"
+            f"{len(bad)} of {len(checked)} evaluation rows cannot be evaluated:\n{shown}\n"
             "Evaluation needs a prompt and a reference answer per row: use messages, alpaca or prompt_completion rows."
         )
     if not rows:
@@ -332,7 +324,7 @@ def differing_examples(predictions: dict[str, list[dict]], limit: int = MAX_EXAM
     return chosen
 
 
-def _fmt(metric: str, value) -> str:
+def format_metric(metric: str, value) -> str:
     if value is None:
         return "–"
     if metric == "perplexity":
@@ -359,27 +351,14 @@ def render_markdown(report: dict) -> str:
             values = [per_label.get(lb, {}).get(m) for lb in labels]
             if all(v is None for v in values):
                 continue
-            lines.append(f"| {METRIC_TITLES[m]} | " + " | ".join(_fmt(m, v) for v in values) + " |")
+            lines.append(f"| {METRIC_TITLES[m]} | " + " | ".join(format_metric(m, v) for v in values) + " |")
         lines.append("")
     if report["examples"]:
         lines += ["## Examples where the two models differ", ""]
         for i, ex in enumerate(report["examples"], 1):
-            lines += [
-                f"### {i}. {ex['split']} — `{ex['source']}`",
-                "",
-                "Prompt:",
-                "",
-                _block(ex["prompt"]),
-                "Reference:",
-                "",
-                _block(ex["reference"]),
-                "Base:",
-                "",
-                _block(ex["base"]),
-                "Finetuned:",
-                "",
-                _block(ex["finetuned"]),
-            ]
+            lines += [f"### {i}. {ex['split']} — `{ex['source']}`", ""]
+            for key in ("prompt", "reference", "base", "finetuned"):
+                lines += [f"{key.capitalize()}:", "", _block(ex[key])]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -463,10 +442,12 @@ def run_eval(
     model: str | None = None,
     base_only: bool = False,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    models: dict[str, InferenceModel] | None = None,
 ) -> dict:
     """Evaluate base (reusing saved predictions when still valid) and finetuned on the same rows, then
-    write the report. `progress(label, total_rows)` returns the per-batch callback for that model."""
-    models = resolve_models(job, model, base_only)
+    write the report. `progress(label, total_rows)` returns the per-batch callback for that model.
+    `models` (from resolve_models) skips resolving `model` again."""
+    models = models or resolve_models(job, model, base_only)
     rows = eval_rows(job, job.eval.max_rows)
     icfg = inference_config(job)
     eval_dir = os.path.join(job.run_dir, EVAL_DIR)

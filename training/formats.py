@@ -9,6 +9,7 @@ tokens are exactly those the model sees at inference.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -344,6 +345,14 @@ def collate(rows: list[dict] | dict, pad_id: int, multiple: int = 8) -> dict:
         else:
             attention_mask[i, :k] = 1
     return out
+
+
+_WORD = re.compile(r"[0-9a-z]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words; punctuation separates words and is otherwise ignored."""
+    return _WORD.findall(str(text).lower())
 
 
 def parse_json_line(line: str) -> Any:

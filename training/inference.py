@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,7 @@ def run_inference(
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     results: list[dict | None] = [None] * len(rows)
     cfg = dataclasses.replace(cfg, replicas=min(cfg.replicas, blocks))  # no idle model copies for a few rows
-    for batch in _iter_batches(generate_dataset(ds, model, cfg)):
+    for batch in generate_dataset(ds, model, cfg).iter_batches(batch_size=None, batch_format="numpy"):
         n = len(batch["_idx"])
         for j in range(n):
             row = {k: _plain(v[j]) for k, v in batch.items()}
@@ -223,19 +222,7 @@ def run_inference(
     return [r for r in results if r is not None]
 
 
-def _iter_batches(ds) -> Iterator[dict]:
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-
-
 def _plain(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         return v.item()
     return v
-
-
-def model_label(path: str) -> str:
-    """A short human name for a model reference (for tables)."""
-    p = Path(path)
-    if p.is_dir():
-        return p.name if p.name != "final" else f"{p.parent.name}/final"
-    return os.path.basename(path) or path
