@@ -297,6 +297,27 @@ so compare them only within one section. The Summary table holds the latest figu
 SUMMARY_HEAD = "| benchmark | figure | ratio | target | date | command |\n" + "| --- " * 6 + "|"
 
 
+def results_section(name: str, now: datetime, cmd: str, notes: list[str], head, rows, ratios) -> str:
+    """One run's section of RESULTS.md: machine, command, notes, the measurement table and the ratios."""
+    return "\n".join(
+        [
+            f"## {name} — {now:%Y-%m-%d %H:%M} UTC",
+            "",
+            f"- machine: {machine()}",
+            f"- command: `{cmd}`",
+            *[f"- {n}" for n in notes],
+            "",
+            "| " + " | ".join(head) + " |",
+            "| --- " + "| ---: " * (len(head) - 1) + "|",
+            *["| " + " | ".join(r) + " |" for r in rows],
+            "",
+            "| ratio | value | target | result |",
+            "| --- | ---: | ---: | --- |",
+            *[f"| {n} | {v} | {t} | {ok} |" for n, v, t, ok in ratios],
+        ]
+    )
+
+
 def write_results(path: Path, section: str, summary_rows: list[str], name: str = NAME) -> None:
     """Append `section` and replace benchmark `name`'s rows in the Summary table, keeping everything else."""
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
@@ -417,21 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = datetime.now(timezone.utc)
     cmd = command()
-    section = [
-        f"## {NAME} — {now:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- machine: {machine()}",
-        f"- command: `{cmd}`",
-        *[f"- {n}" for n in notes],
-        "",
-        "| measurement | rows/s | tokens/s | seconds |",
-        "| --- | ---: | ---: | ---: |",
-        *[f"| {n} | {r} | {t} | {sec} |" for n, r, t, sec in table],
-        "",
-        "| ratio | value | target | result |",
-        "| --- | ---: | ---: | --- |",
-        *[f"| {n} | {v} | {t} | {ok} |" for n, v, t, ok in ratios],
-    ]
+    section = results_section(NAME, now, cmd, notes, ("measurement", "rows/s", "tokens/s", "seconds"), table, ratios)
     date = f"{now:%Y-%m-%d}"
     summary = [
         f"| {NAME}: Ray Data vs datasets.map | {pipe.tokens_s:,.0f} vs {hf.tokens_s:,.0f} tokens/s "
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {NAME}: Ray Data vs CPU train step | {pipe.tokens_s:,.0f} vs {train_tps:,.0f} tokens/s "
         f"| {vs_train:,.0f}x | >= {TARGET_VS_TRAIN:.0f}x, {verdict(ok_tr)} | {date} | `{cmd}` |",
     ]
-    write_results(args.results, "\n".join(section), summary)
+    write_results(args.results, section, summary)
     print(f"\nappended to {args.results}")
     return 0
 

@@ -319,7 +319,7 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.data_pipeline import command, load_average, machine, verdict, write_results
+    from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, help="optimizer steps per contender, 2 of them warm-up (default 20; 6 quick)")
@@ -457,21 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     now = datetime.now(timezone.utc)
     cmd = command()
-    section = [
-        f"## {NAME} — {now:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- machine: {machine()}",
-        f"- command: `{cmd}`",
-        *[f"- {n}" for n in notes],
-        "",
-        "| " + " | ".join(head) + " |",
-        "| --- " + "| ---: " * (len(head) - 1) + "|",
-        *["| " + " | ".join(r) + " |" for r in table],
-        "",
-        "| ratio | value | target | result |",
-        "| --- | ---: | ---: | --- |",
-        *[f"| {n} | {v} | {t} | {ok} |" for n, v, t, ok in ratios],
-    ]
+    section = results_section(NAME, now, cmd, notes, head, table, ratios)
     date = f"{now:%Y-%m-%d}"
     r_tps, a_tps, b_tps = rayft.nonpad_tokens_s, padded.nonpad_tokens_s, packed.nonpad_tokens_s
     summary = [
@@ -482,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {NAME}: rayft data wait | {wait:.3f} of {inside:.2f} s/step | {wait_share:.1%} "
         f"| < {TARGET_WAIT_SHARE:.0%}, {verdict(ok_wait)} | {date} | `{cmd}` |",
     ]
-    write_results(args.results, "\n".join(section), summary, name=NAME)
+    write_results(args.results, section, summary, name=NAME)
     print(f"\nappended to {args.results}")
     return 0
 
