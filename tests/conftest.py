@@ -90,3 +90,15 @@ def chat(user: str, reply: str, system: str | None = None) -> dict:
     if system:
         msgs.insert(0, {"role": "system", "content": system})
     return {"messages": msgs}
+
+
+def greedy_reply(model, tokenizer, question: str, max_new_tokens: int) -> str:
+    """The model's greedy answer to one user message, through its chat template."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

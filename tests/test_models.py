@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, greedy_reply
 from training import models
 from training.models import ModelError, resolve_model
 
@@ -26,19 +26,8 @@ def test_builtin_alias_becomes_a_plain_safetensors_model_dir():
 
 
 def test_builtin_model_knows_the_capital_of_france(smol_tokenizer):
-    import torch
-
     model = models.load_model("smollm2-135m-instruct", device="cpu")
-    enc = smol_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-    answer = smol_tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert "Paris" in answer
+    assert "Paris" in greedy_reply(model, smol_tokenizer, "What is the capital of France?", max_new_tokens=16)
 
 
 def test_local_dirs_and_hub_ids_resolve(tiny_model_dir):

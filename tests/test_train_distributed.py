@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from conftest import ROOT, chat, write_jsonl
+from conftest import ROOT, chat, greedy_reply, write_jsonl
 from training.trainer import read_metrics, run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -239,7 +239,6 @@ def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_
 @pytest.mark.slow
 def test_the_built_in_smollm2_finetunes_and_exports(tmp_path):
     """The real SmolLM2-135M through the whole path: a few LoRA steps, then final/ answers like a chat model."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lines = (ROOT / "examples" / "quickstart" / "train.jsonl").read_text().splitlines()
@@ -258,12 +257,4 @@ def test_the_built_in_smollm2_finetunes_and_exports(tmp_path):
     assert result.steps == 2 and 0 < result.metrics["eval_loss"] < 5  # a trained chat model, not random weights
     tok = AutoTokenizer.from_pretrained(result.final_dir)
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
-    enc = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in greedy_reply(model, tok, "What is the capital of France?", max_new_tokens=12)
