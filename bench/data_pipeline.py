@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(n)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cmd = command()
     section = results_section(NAME, now, cmd, notes, ("measurement", "rows/s", "tokens/s", "seconds"), table, ratios)
     date = f"{now:%Y-%m-%d}"

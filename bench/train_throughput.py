@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(n)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cmd = command()
     section = results_section(NAME, now, cmd, notes, head, table, ratios)
     date = f"{now:%Y-%m-%d}"

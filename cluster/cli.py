@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out  # noqa: F401
 
 app = typer.Typer(
     name="rayft",
@@ -26,62 +27,6 @@ config_app = typer.Typer(help="Job file commands.", no_args_is_help=True)
 data_app = typer.Typer(help="Data pipeline commands.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, so file:line can be grepped
-
-ConfigArg = Annotated[Path, typer.Argument(help="YAML job file.", show_default=False)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config value: --set training.lr=1e-4 (repeatable).", show_default=False),
-]
-AddressOpt = Annotated[
-    str | None,
-    typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).", show_default=False),
-]
-
-
-@contextmanager
-def _user_errors():
-    """Turn the errors users can fix (config, data, model) into a message and an exit code, not a traceback."""
-    from cluster.config import ConfigError
-    from training.data import DataError
-    from training.models import ModelError
-
-    try:
-        yield
-    except ConfigError as e:
-        err.print(f"[bold red]config error[/] {escape(e.render())}", highlight=False)
-        raise typer.Exit(2) from None
-    except (DataError, ModelError) as e:
-        kind = "data error" if isinstance(e, DataError) else "model error"
-        err.print(f"[bold red]{kind}[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
-    except Exception as e:  # Ray wraps errors raised in data workers; unwrap ours.
-        cause = _user_cause(e)
-        if cause is None:
-            raise
-        err.print(f"[bold red]data error[/] {escape(str(cause))}", highlight=False)
-        raise typer.Exit(1) from None
-
-
-def _user_cause(e: BaseException):
-    from training.data import DataError
-    from training.models import ModelError
-
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, (DataError, ModelError)):
-            return e
-        nxt = getattr(e, "cause", None) or e.__cause__ or e.__context__
-        e, seen = nxt, seen + 1
-    return None
-
-
-def _load(config: Path, overrides: list[str] | None):
-    from cluster.config import load_config
-
-    return load_config(config, overrides or [])
 
 
 @config_app.command("show")
@@ -473,6 +418,10 @@ def _fresh_demo_run(run_dir: str) -> None:
 from cluster.generate_cmd import generate  # noqa: E402  (after the shared options it reuses)
 
 app.command("generate")(generate)
+
+from cluster.serve_cmd import serve  # noqa: E402
+
+app.command("serve")(serve)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from serving.config import ServeConfig
 from training.config import DataConfig, EvalConfig, ExportConfig, ModelConfig, Section, TrainingConfig
 
 
@@ -59,6 +60,7 @@ class JobConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The HTTP endpoint (rayft serve).")
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> JobConfig:
@@ -96,7 +98,7 @@ class ConfigError(Exception):
 
 
 # Keys whose relative values are paths relative to the job file (so a job file travels with its data).
-_FILE_RELATIVE_KEYS = ("data.train", "data.eval")
+_FILE_RELATIVE_KEYS = ("data.train", "data.eval", "serve.api_keys_file", "serve.adapter_roots")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> JobConfig:
@@ -123,6 +125,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(source, ["the job file must be a mapping of sections (model:, data:, ...)"])
         _resolve_relative(raw, p.parent.resolve())
 
+    problems, set_keys = apply_overrides(raw, overrides)
+
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, problems + _describe(e, raw, lines, source, set_keys)) from None
+    if problems:
+        raise ConfigError(source, problems)
+    # Storage is relative to where the command runs (like any output path on a command line).
+    if "://" not in cfg.run.storage_path:
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> tuple[list[str], set[str]]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to raw config data in place.
+
+    Returns the problems found and the keys that were set."""
     problems: list[str] = []
     set_keys: set[str] = set()
     for item in overrides or []:
@@ -138,17 +158,27 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not _set_path(raw, key.split("."), parsed):
             problems.append(f"--set {key}: {key.rsplit('.', 1)[0]} is not a section, cannot set a key inside it")
         set_keys.add(key)
+    return problems, set_keys
 
+
+class _ServeOnly(Section):
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def load_serve_config(overrides: list[str] | None) -> ServeConfig:
+    """The `serve:` section from defaults and `serve.*` overrides, for targets that are not job files."""
+    raw: dict[str, Any] = {}
+    problems = [f"--set {o}: only serve.* settings apply when serving a model or run dir (not a job file)"
+                for o in overrides or [] if not o.strip().startswith("serve.")]  # fmt: skip
+    more, set_keys = apply_overrides(raw, [o for o in overrides or [] if o.strip().startswith("serve.")])
+    problems += more
     try:
-        cfg = JobConfig.model_validate(raw)
+        cfg = _ServeOnly.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(source, problems + _describe(e, raw, lines, source, set_keys)) from None
+        raise ConfigError("--set", problems + _describe(e, raw, {}, "--set", set_keys)) from None
     if problems:
-        raise ConfigError(source, problems)
-    # Storage is relative to where the command runs (like any output path on a command line).
-    if "://" not in cfg.run.storage_path:
-        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
-    return cfg
+        raise ConfigError("--set", problems)
+    return cfg.serve
 
 
 def _resolve_relative(raw: dict, base: Path) -> None:
@@ -162,6 +192,11 @@ def _resolve_relative(raw: dict, base: Path) -> None:
             sec[key] = _resolve_one(value, base)
         elif isinstance(value, list):
             sec[key] = [_resolve_one(v, base) if isinstance(v, str) else v for v in value]
+    adapters = (raw.get("serve") or {}).get("adapters") if isinstance(raw.get("serve"), dict) else None
+    if isinstance(adapters, dict):
+        for name, value in adapters.items():
+            if isinstance(value, str):
+                adapters[name] = _resolve_one(value, base)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str):
         name = model["name"]

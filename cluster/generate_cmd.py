@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from cluster.cli_common import AddressOpt
+
 # light (standard library only): the defaults live in one place
 from training.datagen import (
     DEFAULT_MAX_CHUNK_CHARS,
@@ -20,12 +22,6 @@ from training.datagen import (
     DEFAULT_PAIRS_PER_CHUNK,
     MIN_CHUNK_CHARS,
 )
-
-# the same option as cluster.cli.AddressOpt, repeated so that importing this module never imports cluster.cli
-AddressOpt = Annotated[
-    str | None,
-    typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).", show_default=False),
-]
 
 
 def generate(
@@ -111,7 +107,7 @@ def generate(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cluster.cli import err, out
+    from cluster.cli_common import err, out
     from training.datagen import GenerateError, generate_qa
     from training.models import ModelError
 

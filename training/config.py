@@ -147,3 +147,8 @@ class EvalConfig(Section):
     replicas: int = Field(2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per replica on CPU.")
     max_rows: int | None = Field(None, ge=1, description="Evaluate a fixed sample of this many rows (default: all).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Inference dtype; auto = bfloat16 on GPU, float32 on CPU. bfloat16 on a CPU with native bf16 "
+        "(AVX512-BF16, AMX) generates ~1.4x faster.",
+    )

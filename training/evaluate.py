@@ -198,7 +198,7 @@ def fingerprint(model: InferenceModel, rows: list[dict], icfg: InferenceConfig) 
             p = Path(part) / f if part else None
             if p is not None and p.is_file():
                 h.update(f"{f}:{p.stat().st_mtime_ns}:{p.stat().st_size}".encode())
-    h.update(str(icfg.max_new_tokens).encode())
+    h.update(f"{icfg.max_new_tokens}:{icfg.dtype}".encode())
     for r in rows:
         h.update(r["prompt"].encode())
         h.update(r["reference"].encode())
@@ -415,6 +415,7 @@ def inference_config(job) -> InferenceConfig:
         replicas=e.replicas,
         cpus_per_replica=e.cpus_per_replica,
         use_gpu=job.scaling.use_gpu,
+        dtype=e.dtype,
     )
 
 

@@ -78,13 +78,17 @@ def _need_tokenizer(path: Path) -> None:
         )
 
 
-def load_for_inference(model: InferenceModel, use_gpu: bool = False):
-    """(model, tokenizer) ready for batched generation: eval mode, left padding, a pad token."""
+def load_for_inference(model: InferenceModel, use_gpu: bool = False, dtype: str = "auto"):
+    """(model, tokenizer) ready for batched generation: eval mode, left padding, a pad token.
+
+    dtype auto = bfloat16 on GPU, float32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model.adapter or model.path)
     lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype)
     if model.adapter:
@@ -106,12 +110,14 @@ class Generator:
     spans as JSON) to score the reference. Output adds `prediction`, `ref_nll`, `ref_tokens`.
     """
 
-    def __init__(self, model: InferenceModel, max_new_tokens: int, threads: int = 0, use_gpu: bool = False):
+    def __init__(
+        self, model: InferenceModel, max_new_tokens: int, threads: int = 0, use_gpu: bool = False, dtype: str = "auto"
+    ):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.tok = load_for_inference(model, use_gpu)
+        self.model, self.tok = load_for_inference(model, use_gpu, dtype)
         self.max_new_tokens = max_new_tokens
         self.device = next(self.model.parameters()).device
         stops = {self.tok.eos_token_id, self.model.generation_config.eos_token_id}
@@ -176,6 +182,7 @@ class InferenceConfig:
     replicas: int = 1
     cpus_per_replica: float = 1.0
     use_gpu: bool = False
+    dtype: str = "auto"
 
 
 def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):
@@ -188,6 +195,7 @@ def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):
             "max_new_tokens": cfg.max_new_tokens,
             "threads": 0 if cfg.use_gpu else max(1, int(cfg.cpus_per_replica)),
             "use_gpu": cfg.use_gpu,
+            "dtype": cfg.dtype,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -1,0 +1,226 @@
+"""`rayft serve`: put a finetuned model behind an OpenAI-compatible HTTP endpoint on Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from cluster.cli_common import AddressOpt, SetOpt, _load, _user_errors, err, out
+
+APP_NAME = "rayft"
+
+
+def serve(
+    target: Annotated[
+        str | None,
+        typer.Argument(help="Job file (serves its run), run dir, model dir or built-in alias.", show_default=False),
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port (default 8000).")] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="Require this bearer key on /v1 routes (repeatable; also RAYFT_API_KEY)."),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="Serve a LoRA adapter too: NAME=RUN_DIR (repeatable).", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Leave the app running on the cluster and return.")] = False,
+    emit_config: Annotated[
+        Path | None,
+        typer.Option("--emit-config", help="Write a Ray Serve config file (for `serve deploy`) and exit."),
+    ] = None,
+    add_adapter: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--add-adapter", help="Register NAME RUN_DIR with a running endpoint (see --url).", show_default=False
+        ),  # fmt: skip
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Endpoint for --add-adapter (default http://127.0.0.1:8000).")
+    ] = None,
+) -> None:
+    """Serve a model with Ray Serve: OpenAI-compatible chat/completions, streaming, batching, LoRA adapters."""
+    if add_adapter:
+        _add_adapter(url or "http://127.0.0.1:8000", add_adapter[0], add_adapter[1], api_key)
+        return
+    if not target:
+        err.print("[bold red]usage error[/] give a TARGET: a job file, a run dir, a model dir or a built-in alias")
+        raise typer.Exit(2)
+    with _user_errors():
+        spec = _spec(target, set_, host, port, api_key, adapter)
+    if emit_config:
+        emit_config.write_text(serve_config_yaml(spec))
+        out.print(f"wrote {emit_config}: deploy it with `serve deploy {emit_config}` or paste its application "
+                  "into a RayService's serveConfigV2")  # fmt: skip
+        return
+    run_app(spec, address, detach)
+
+
+def _spec(target, overrides, host, port, api_keys, adapters) -> dict:
+    from serving.config import ServeConfig
+    from serving.spec import ServeError, build_spec
+
+    overrides = list(overrides or [])
+    if host:
+        overrides.append(f"serve.host={host}")
+    if port:
+        overrides.append(f"serve.port={port}")
+    run_dir = storage = None
+    p = Path(target)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        job = _load(p, overrides)
+        cfg, run_dir, storage = job.serve, job.run_dir, job.run.storage_path
+    else:
+        from cluster.config import load_serve_config
+
+        cfg = load_serve_config(overrides)
+    if adapters:
+        extra = dict(cfg.adapters)
+        for a in adapters:
+            name, sep, path = a.partition("=")
+            if not sep or not name or not path:
+                err.print(f"[bold red]usage error[/] --adapter {escape(a)}: write it as NAME=RUN_DIR")
+                raise typer.Exit(2)
+            extra[name] = path
+        cfg = ServeConfig(**(cfg.model_dump() | {"adapters": extra}))
+    try:
+        return build_spec(target, cfg, run_dir=run_dir, storage_path=storage, api_keys=api_keys)
+    except ServeError as e:
+        err.print(f"[bold red]serve error[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def serve_config_yaml(spec: dict) -> str:
+    """A Ray Serve config file (`serve deploy`, KubeRay RayService serveConfigV2) for this spec."""
+    import yaml
+
+    s = spec["serve"]
+    doc = {
+        "http_options": {"host": s["host"], "port": s["port"]},
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "serving.app:app_builder", "args": spec}
+        ],
+    }
+    head = ("# Ray Serve config written by `rayft serve --emit-config`. Deploy: serve deploy THIS_FILE\n"
+            "# API keys appear only as SHA-256 hashes (key_hashes).\n")  # fmt: skip
+    return head + yaml.safe_dump(doc, sort_keys=False)
+
+
+def run_app(spec: dict, address: str | None, detach: bool) -> None:
+    import math
+    import os
+
+    from cluster.runtime import connect
+
+    s = spec["serve"]
+    if detach:
+        address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    need = s["autoscaling"]["max_replicas"] * s["cpus_per_replica"]
+    try:
+        with err.status("starting Ray", spinner="dots"):
+            connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1))
+    except ConnectionError as e:
+        if detach:
+            err.print("[bold red]serve error[/] --detach needs a running Ray cluster that outlives this command: "
+                      "start one with `ray start --head` (or pass --address)", highlight=False)  # fmt: skip
+            raise typer.Exit(1) from None
+        raise typer.Exit(1) from e
+    from ray import serve
+
+    from serving.app import build_app
+
+    base = f"http://{'127.0.0.1' if s['host'] in ('0.0.0.0', '::') else s['host']}:{s['port']}"
+    with err.status(f"starting the endpoint ({spec['model_name']}); loading the model", spinner="dots"):
+        serve.start(http_options={"host": s["host"], "port": s["port"]})
+        serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
+        _wait_ready(base, timeout=600)
+    print_usage(base, spec)
+    if detach:
+        out.print(f"left running on the cluster; stop it with `serve shutdown -y` or `serve delete {APP_NAME}`")
+        return
+    out.print("serving; Ctrl-C stops the endpoint")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with err.status("stopping the endpoint", spinner="dots"):
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        out.print("endpoint stopped")
+
+
+def _wait_ready(base: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=60) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(1)
+    raise RuntimeError(f"the endpoint at {base} did not become ready within {timeout:.0f} s (last: {last})")
+
+
+def print_usage(base: str, spec: dict) -> None:
+    key = ' -H "Authorization: Bearer $RAYFT_API_KEY"' if spec["key_hashes"] else ""
+    name = spec["model_name"]
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    out.print(f"[bold green]serving[/] {escape(name)} at {base}/v1  (models: {base}/v1/models, docs: {base}/docs)")
+    out.print("  curl:", highlight=False)
+    curl = f"curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'"
+    out.print("    " + curl, highlight=False, soft_wrap=True, markup=False)
+    out.print("  python (pip install openai):", highlight=False)
+    key_expr = 'os.environ["RAYFT_API_KEY"]' if spec["key_hashes"] else "'unused'"
+    lines = [
+        "from openai import OpenAI" + ("; import os" if spec["key_hashes"] else ""),
+        f"client = OpenAI(base_url='{base}/v1', api_key={key_expr})",
+        f"reply = client.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hello!'}}])",
+        "print(reply.choices[0].message.content)",
+    ]
+    for line in lines:
+        out.print("    " + line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _add_adapter(url: str, name: str, path: str, api_keys: list[str] | None) -> None:
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = (api_keys or [None])[0] or os.environ.get("RAYFT_API_KEY")
+    body = json.dumps({"name": name, "path": str(Path(path).expanduser().resolve())}).encode()
+    req = urllib.request.Request(f"{url.rstrip('/')}/admin/adapters", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            reply = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        err.print(f"[bold red]serve error[/] {url} refused the adapter (HTTP {e.code}): {escape(detail)}")
+        raise typer.Exit(1) from None
+    except (urllib.error.URLError, OSError) as e:
+        err.print(f"[bold red]serve error[/] cannot reach {url}: {escape(str(e))}; is `rayft serve` running there?")
+        raise typer.Exit(1) from None
+    out.print(f"registered adapter {reply['name']}: send model={reply['model']!r}")

@@ -1,0 +1,99 @@
+"""The job file's `serve:` section: how `rayft serve` runs the endpoint.
+
+Defaults live here and only here; every field carries the one-line description that the README's
+config reference and `rayft config show --describe` print.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from training.config import Section
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(1, ge=1, description="Most model replicas; equal to min_replicas = fixed size.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Requests in flight per replica that the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must stay high this long before adding a replica.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long before removing one.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which ongoing requests are averaged.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.autoscaling.min_replicas ({self.min_replicas}) is larger than max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
+class ServeConfig(Section):
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU or GPU) or vllm (GPU only, through ray.serve.llm)."
+    )
+    model_name: str | None = Field(
+        None, description="Model id clients send as `model` (default: the run name or the model directory's name)."
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to; 0.0.0.0 exposes it to the network.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replicas.")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Requests a replica works on at once (at least max_batch_size)."
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting for a replica before new ones get 503 (overloaded)."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch (1 = no batching).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill before it starts.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per model replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica (0 = CPU).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request sets no max_tokens.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request taking longer gets 504.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (413 above).")
+    api_key_env: str = Field("RAYFT_API_KEY", description="Environment variable holding an API key (checked when set).")
+    api_keys_file: str | None = Field(None, description="File with accepted API keys, one per line.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served next to the model: {name: run dir or adapter dir}."
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories new adapters may be registered from at run time (default: run.storage_path).",
+    )
+    max_adapters_per_replica: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")
+    log_prompts: bool = Field(False, description="Put prompt text in the access log (off: sizes only).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        problems = []
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append(
+                f"serve.max_ongoing_requests ({self.max_ongoing_requests}) must be at least serve.max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            problems.append(
+                f"serve.default_max_tokens ({self.default_max_tokens}) is above serve.max_tokens_limit "
+                f"({self.max_tokens_limit})"
+            )
+        for name in self.adapters:
+            if not ADAPTER_NAME.match(name):
+                problems.append(
+                    f"serve.adapters: name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                    "letter or digit"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

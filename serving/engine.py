@@ -1,0 +1,239 @@
+"""Engines: what turns prompts into tokens behind the HTTP API.
+
+An engine takes a batch of `GenerationRequest`s and advances them together, one token per step, so
+the Serve deployment can stream every request's text as it is produced and batch requests that
+arrive together (`@serve.batch`). `TransformersEngine` runs any Hugging Face causal LM on CPU or
+GPU; LoRA adapters are loaded next to the base weights and chosen per request (PEFT mixed-adapter
+batches), so one replica serves the base model and several finetunes at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class GenerationRequest:
+    """One request, already tokenized and validated by the ingress."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    adapter: str | None = None  # registered adapter name; None = the served model itself
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request: new text, and the reason if it just finished."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_size: int = 1
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Row:
+    """Decoding state of one request in a batch."""
+
+    def __init__(self, req: GenerationRequest, tokenizer, device):
+        import torch
+
+        self.req = req
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""  # text already handed out
+        self.done = False
+        self.generator = None
+        if req.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
+
+    def pick(self, logits):
+        """The next token from this row's logits (1-D): greedy at temperature 0, else top-p sampling."""
+        import torch
+
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / self.req.temperature, dim=-1)
+        if self.req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < self.req.top_p  # always keeps the top token
+            sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self.generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def advance(self, token: int, stop_ids: set[int]) -> Delta:
+        """Take one generated token; return the text that can be released now."""
+        if token in stop_ids:
+            self.done = True
+            return self._release(final=True, reason="stop")
+        self.ids.append(token)
+        if len(self.ids) >= self.req.max_tokens:
+            self.done = True
+            return self._release(final=True, reason="length")
+        return self._release(final=False, reason=None)
+
+    def _release(self, final: bool, reason: str | None) -> Delta:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        for s in self.req.stop:
+            cut = text.find(s, max(0, len(self.sent) - len(s) + 1))
+            if cut >= 0:
+                text, final, reason = text[:cut], True, "stop"
+                self.done = True
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                end = len(text.rstrip("\ufffd"))
+            for s in self.req.stop:  # hold back a tail that may become a stop sequence
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, len(self.sent))
+        new, self.sent = text[len(self.sent) : end], text[:end]
+        return Delta(new, reason if final else None, len(self.req.prompt_ids), len(self.ids))
+
+
+class TransformersEngine:
+    """A causal LM with transformers: left-padded batches, KV cache, per-request sampling and stops."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: str, dtype: str = "auto", use_gpu: bool = False, threads: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        stops = {self.tokenizer.eos_token_id}
+        gen_eos = self.model.generation_config.eos_token_id
+        stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.stop_ids = {i for i in stops if i is not None}
+        self.adapters: dict[str, str] = {}  # loaded adapter name -> path
+        # Adapters load in another thread while batches decode: a lock keeps each forward step whole,
+        # and an adapter in use by a running batch is unloaded only when that batch ends.
+        self.lock = threading.Lock()
+        self.in_use: dict[str, int] = {}
+        self.unload_later: set[str] = set()
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under `name` (the model becomes a PeftModel on the first one)."""
+        from peft import PeftModel
+
+        with self.lock:
+            self.unload_later.discard(name)
+            if self.adapters.get(name) == path:
+                return
+            if name in self.adapters:
+                self.model.delete_adapter(name)
+                del self.adapters[name]
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+                self.model.eval()
+            self.adapters[name] = path
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if self.in_use.get(name):
+                self.unload_later.add(name)
+            elif name in self.adapters:
+                self.model.delete_adapter(name)
+                del self.adapters[name]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: list[GenerationRequest]):
+        """Yield, per decoding step, one Delta (or None once finished) for each request, in order."""
+        import torch
+
+        rows = [_Row(r, self.tokenizer, self.device) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.tensor(
+            [[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=self.device
+        )
+        names = [r.adapter or BASE for r in requests]
+        with self.lock:
+            missing = sorted({n for n in names if n != BASE and n not in self.adapters})
+            if missing:
+                raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
+            for n in set(names) - {BASE}:
+                self.in_use[n] = self.in_use.get(n, 0) + 1
+        try:
+            yield from self._decode(rows, input_ids, mask, names)
+        finally:
+            with self.lock:
+                for n in set(names) - {BASE}:
+                    self.in_use[n] -= 1
+                for n in [n for n in self.unload_later if not self.in_use.get(n)]:
+                    self.unload_later.discard(n)
+                    if n in self.adapters:
+                        self.model.delete_adapter(n)
+                        del self.adapters[n]
+
+    def _decode(self, rows: list[_Row], input_ids, mask, names: list[str]):
+        import torch
+
+        past = None
+        step_ids = input_ids
+        with torch.inference_mode():
+            while True:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+                with self.lock:  # the model may have become a PeftModel since the last step
+                    extra = {"adapter_names": names} if self.adapters else {}
+                    out = self.model(
+                        input_ids=step_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=past,
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **extra,
+                    )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                deltas: list[Delta | None] = []
+                next_ids = []
+                for i, row in enumerate(rows):
+                    if row.done:
+                        deltas.append(None)
+                        next_ids.append(self.pad_id)
+                        continue
+                    token = row.pick(logits[i])
+                    d = row.advance(token, self.stop_ids)
+                    d.batch_size = len(rows)
+                    deltas.append(d)
+                    next_ids.append(token)
+                yield deltas
+                if all(r.done for r in rows):
+                    return
+                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
+                mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)

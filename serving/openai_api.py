@@ -1,0 +1,135 @@
+"""The OpenAI-compatible request and response bodies, and the error shape.
+
+Requests are validated here so that every bad field becomes a 400 naming the field, in the body
+OpenAI's clients already parse: {"error": {"message", "type", "param", "code"}}. Unknown fields are
+ignored (clients send optional fields the server does not use); fields rayft cannot honour with a
+non-default value (n > 1, logprobs) are rejected with a message saying so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "overloaded_error", 504: "timeout_error"}  # fmt: skip
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Served model id, or '<model>:<adapter>' / an adapter name.")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > 4 or any(not s for s in v):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:
+            raise ValueError("logprobs are not supported by this server")
+        return v
+
+    def wanted_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _has_text(self):
+        if not any(m.text().strip() for m in self.messages):
+            raise ValueError("messages: every message is empty; send at least one with text")
+        return self
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("prompt: send one prompt per request (a string, or a list of one string)")
+            v = v[0]
+        if not v:
+            raise ValueError("prompt is empty")
+        return v
+
+
+class AdapterRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="Name clients select the adapter by.")
+    path: str = Field(..., description="A LoRA run dir, its final/ or an adapter dir, under serve.adapter_roots.")
+
+
+def validation_error(exc) -> ApiError:
+    """A pydantic/FastAPI validation error → one 400 that lists every problem with its field."""
+    problems, first = [], None
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error", "")
+            return ApiError(400, f"the request body is not valid JSON ({detail})".replace(" ()", ""),
+                            code="invalid_json")  # fmt: skip
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        first = first or where
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}")
+    return ApiError(400, "Invalid request: " + "; ".join(problems), param=first, code="invalid_request")

@@ -1,0 +1,448 @@
+"""The Serve app over real HTTP: the official openai client, streaming, batching, stops, LoRA
+adapters chosen per request, API keys, bad input (always a 4xx in OpenAI's error shape), a killed
+replica, and autoscaling. The model is the 2-layer tiny Llama; answers are checked token for token
+against transformers' own greedy generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import greedy_reply
+
+KEY = "sk-test-key"
+APP = "rayft"
+
+
+@pytest.fixture(scope="session")
+def serve_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its (tied) embeddings scaled up: a random model's logits are near-ties, which
+    the float noise of a different batch shape can flip; larger margins make greedy answers well defined."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+    out = tmp_path_factory.mktemp("tiny-serve")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, tmp_path_factory):
+    """Two LoRA adapters over the tiny model with random (non-zero) weights, and their merged models."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    merged = {}
+    for i, name in enumerate(["a1", "a2", "a3"]):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(base, cfg)
+        peft_model.save_pretrained(root / name)
+        merged[name] = peft_model.merge_and_unload().eval()
+    return root, merged
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def deploy(spec: dict, port: int) -> str:
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(spec), name=APP, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/readyz", timeout=30).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("endpoint never became ready")
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tiny_dir, adapters, serve_port):
+    from ray import serve
+
+    from serving.config import ServeConfig
+    from serving.spec import build_spec
+
+    root, _ = adapters
+    cfg = ServeConfig(
+        max_batch_size=8,
+        batch_wait_timeout_s=0.2,
+        cpus_per_replica=1.0,
+        adapters={"a1": str(root / "a1"), "a2": str(root / "a2")},
+        adapter_roots=[str(root)],
+        max_tokens_limit=1000,
+        max_body_bytes=200_000,
+    )
+    spec = build_spec(str(tiny_dir), cfg, api_keys=[KEY])
+    base = deploy(spec, serve_port)
+    yield base, spec["model_name"]
+    serve.delete(APP)
+
+
+def client(base: str, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(base: str, path: str, body, key: str | None = KEY, raw: bool = False):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if raw else json.dumps(body)
+    return requests.post(f"{base}{path}", data=data, headers=headers, timeout=120)
+
+
+def completion_greedy(model, tok, prompt: str, n: int) -> str:
+    import torch
+
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "hi", "Explain LoRA in one line."]
+
+
+def test_openai_client_chat_equals_transformers_greedy(endpoint, base_model):
+    base, name = endpoint
+    model, tok = base_model
+    c = client(base)
+    assert [m.id for m in c.models.list()] == [name, f"{name}:a1", f"{name}:a2"]
+    for q in QUESTIONS[:2]:
+        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": q}], max_tokens=12,
+                                      temperature=0)  # fmt: skip
+        want = greedy_reply(model, tok, q, 12)
+        assert r.choices[0].message.content == want
+        prompt_ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids
+        assert r.usage.prompt_tokens == len(prompt_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert 1 <= r.usage.completion_tokens <= 12
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_sends_the_same_text_as_sse_and_ends_with_done(endpoint):
+    base, name = endpoint
+    c = client(base)
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    whole = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0)
+    chunks = list(c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # the wire format: server-sent events ending in [DONE]
+    r = requests.post(f"{base}/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60)  # fmt: skip
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_completions_endpoint_equals_greedy(endpoint, base_model):
+    base, name = endpoint
+    model, tok = base_model
+    r = client(base).completions.create(model=name, prompt="The weather today is", max_tokens=10, temperature=0)
+    assert r.choices[0].text == completion_greedy(model, tok, "The weather today is", 10)
+    assert r.object == "text_completion"
+
+
+def test_concurrent_requests_are_batched_and_each_answer_is_its_own(endpoint, base_model):
+    base, name = endpoint
+    model, tok = base_model
+    prompts = QUESTIONS + ["Name three colours.", "Count to five."]
+
+    def ask(q):
+        r = post(base, "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": q}],
+                                                "max_tokens": 10, "temperature": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], int(r.headers["x-rayft-batch-size"])
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(ask, prompts))
+    for q, (text, _) in zip(prompts, results, strict=True):  # left padding must not change any answer
+        assert text == greedy_reply(model, tok, q, 10)
+    assert max(b for _, b in results) > 1
+
+
+def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(endpoint):
+    base, name = endpoint
+    c = client(base)
+
+    def sample(seed, stop=None):
+        return c.completions.create(model=name, prompt="Once upon a time", max_tokens=24, temperature=2.0,
+                                    top_p=0.95, seed=seed, stop=stop)  # fmt: skip
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first.choices[0].text == again.choices[0].text
+    assert first.choices[0].text != other.choices[0].text
+    text = first.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string from {text!r}"
+    cut = sample(7, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_lora_adapters_are_chosen_per_request_in_one_batch(endpoint, adapters, base_model):
+    base, name = endpoint
+    root, merged = adapters
+    model, tok = base_model
+    q = QUESTIONS[1]
+    want = {None: greedy_reply(model, tok, q, 10)}
+    want.update({a: greedy_reply(merged[a], tok, q, 10) for a in ("a1", "a2")})
+    assert len(set(want.values())) == 3, "the adapters must change the answer for this test to mean anything"
+    targets = [None, f"{name}:a1", "a2", f"{name}:a1", None, "a2"]
+
+    def ask(model_id):
+        r = post(base, "/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": q}],
+                                                "max_tokens": 10, "temperature": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(targets)) as pool:
+        got = list(pool.map(ask, targets))
+    for t, text in zip(targets, got, strict=True):
+        key = None if t is None else t.rsplit(":", 1)[-1]
+        assert text == want[key], t
+
+
+def test_adapter_registered_at_run_time_and_paths_checked(endpoint, adapters, base_model, tmp_path):
+    base, name = endpoint
+    root, merged = adapters
+    model, tok = base_model
+    r = post(base, "/admin/adapters", {"name": "a3", "path": str(root / "a3")})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == f"{name}:a3"
+    r = post(base, "/v1/chat/completions", {"model": "a3", "messages": [{"role": "user", "content": "hi"}],
+                                            "max_tokens": 8, "temperature": 0})  # fmt: skip
+    assert r.json()["choices"][0]["message"]["content"] == greedy_reply(merged["a3"], tok, "hi", 8)
+    bad = [
+        ({"name": "x", "path": str(root / ".." / ".." / "etc")}, "outside"),
+        ({"name": "x", "path": str(tmp_path)}, "outside"),
+        ({"name": "../x", "path": str(root / "a1")}, "name"),
+        ({"name": "x", "path": str(root)}, "no LoRA adapter"),
+    ]
+    for body, words in bad:
+        r = post(base, "/admin/adapters", body)
+        assert r.status_code == 400, (body, r.text)
+        assert words in r.json()["error"]["message"]
+    assert post(base, "/admin/adapters", {"name": "x", "path": str(root / "a1")}, key=None).status_code == 401
+
+
+LONG = "word " * 1500
+
+BAD_REQUESTS = [
+    ("invalid JSON", "{not json", 400, "not valid JSON"),
+    ("missing messages", {"model": None}, 400, "messages"),
+    ("messages not a list", {"messages": "hello"}, 400, "messages"),
+    ("empty messages", {"messages": []}, 400, "messages"),
+    ("empty content", {"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("negative max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400,
+     "temperature"),
+    ("wrong type", {"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}, 400, "top_p"),
+    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("prompt longer than the context", {"messages": [{"role": "user", "content": LONG}]}, 400, "context"),
+    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ("unknown adapter", {"model": "tiny-serve0:zz", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what,body,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_in_openai_shape(endpoint, what, body, status, words):
+    base, _ = endpoint
+    r = post(base, "/v1/chat/completions", body, raw=isinstance(body, str))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"]
+    assert err["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_auth_body_limit_probes_and_openapi(endpoint):
+    import openai
+
+    base, name = endpoint
+    with pytest.raises(openai.AuthenticationError):
+        client(base, key="wrong").models.list()
+    r = requests.get(f"{base}/v1/models", timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = post(base, "/v1/completions", {"prompt": "x" * 300_000})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(base).chat.completions.create(model="missing", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client(base).completions.create(model=name, prompt=LONG)
+    assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "alive"
+    assert requests.get(f"{base}/readyz", timeout=30).json() == {"status": "ready", "model": name}
+    doc = requests.get(f"{base}/openapi.json", timeout=30).json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
+
+
+def _model_replica_pid() -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("model", APP).info.remote().result(timeout_s=60)["pid"]
+
+
+def test_killed_replica_fails_in_flight_fast_and_recovers(endpoint):
+    base, name = endpoint
+    pid = _model_replica_pid()
+    body = {"model": name, "prompt": "Tell me a long story.", "max_tokens": 1000, "temperature": 1.0, "stream": True}
+    r = requests.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
+                      timeout=60)  # fmt: skip
+    lines = r.iter_lines(decode_unicode=True)
+    first = next(line for line in lines if line)
+    assert first.startswith("data: ")
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL)
+    rest = [line for line in lines if line]
+    assert time.time() - t0 < 30, "an in-flight request must fail fast, not hang"
+    assert rest[-1] == "data: [DONE]"
+    assert any('"error"' in line for line in rest), rest[-3:]
+    deadline = time.time() + 120
+    while True:  # the controller replaces the replica; requests succeed again
+        r = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503, r.text  # while recovering: a clear 503, never a 500
+        assert time.time() < deadline, "the app did not recover"
+        time.sleep(1)
+    assert _model_replica_pid() != pid
+
+
+@pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_local, tiny_dir, serve_port):
+    from ray import serve
+
+    from serving.config import ServeConfig
+    from serving.spec import build_spec
+
+    cfg = ServeConfig(
+        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                     "downscale_delay_s": 3, "look_back_period_s": 2},
+        max_batch_size=1, max_ongoing_requests=2, cpus_per_replica=0.5, batch_wait_timeout_s=0,
+    )  # fmt: skip
+    base = deploy(build_spec(str(tiny_dir), cfg), serve_port)
+
+    def replicas() -> int:
+        status = serve.status().applications[APP].deployments["model"]
+        return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            requests.post(f"{base}/v1/completions", json={"prompt": "go", "max_tokens": 200, "temperature": 1.0},
+                          timeout=120)  # fmt: skip
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    seen, deadline = [], time.time() + 90
+    try:
+        while time.time() < deadline and replicas() < 2:
+            time.sleep(1)
+        seen.append(replicas())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert seen[-1] == 2, "load did not add a replica"
+    deadline = time.time() + 120
+    while time.time() < deadline and replicas() > 1:
+        time.sleep(2)
+    assert replicas() == 1, "the idle app did not scale back to one replica"
+    serve.delete(APP)
+
+
+def rayft(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_emitted_config_is_a_valid_serve_deploy_file_without_plain_keys(tiny_dir, tmp_path):
+    import hashlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    r = rayft("serve", str(tiny_dir), "--emit-config", str(out), "--api-key", "s3cret-key", "--port", "8111")
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "s3cret-key" not in text
+    doc = ServeDeploySchema.model_validate(yaml.safe_load(text))  # what `serve deploy` and a RayService accept
+    (app,) = doc.applications
+    assert app.import_path == "serving.app:app_builder" and doc.http_options.port == 8111
+    assert app.args["key_hashes"] == [hashlib.sha256(b"s3cret-key").hexdigest()]
+    from ray.serve import Application
+
+    from serving.app import app_builder
+
+    assert isinstance(app_builder(app.args), Application)
+
+
+def test_serve_cli_rejects_bad_targets_and_settings(tiny_dir, tmp_path):
+    r = rayft("serve", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and "neither a built-in alias" in r.stderr, r.stderr
+    r = rayft("serve", str(tiny_dir), "--set", "serve.max_batch_size=0", "--set", "training.lr=1")
+    assert r.returncode == 2
+    assert "serve.max_batch_size" in r.stderr and "training.lr" in r.stderr, r.stderr
+    r = rayft("serve", str(tiny_dir), "--set", "serve.max_ongoing_requests=2", "--set", "serve.max_batch_size=8")
+    assert r.returncode == 2 and "at least serve.max_batch_size" in r.stderr, r.stderr
+    r = rayft("serve", str(tiny_dir), "--adapter", "no-equals-sign")
+    assert r.returncode == 2 and "NAME=RUN_DIR" in r.stderr
+    r = rayft("serve", str(tiny_dir), "--adapter", f"x={tmp_path}")
+    assert r.returncode == 1 and "no LoRA adapter" in r.stderr, r.stderr
+    job = tmp_path / "job.yaml"
+    job.write_text(f"data: {{train: {tmp_path}/t.jsonl}}\nrun: {{name: never, storage_path: {tmp_path}}}\n")
+    r = rayft("serve", str(job))
+    assert r.returncode == 1 and "train it first" in r.stderr, r.stderr
+    r = rayft("serve", "--add-adapter", "a", str(tmp_path), "--url", "http://127.0.0.1:9")
+    assert r.returncode == 1 and "cannot reach" in r.stderr, r.stderr
