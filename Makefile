@@ -36,6 +36,7 @@ lint: setup
 bench: setup
 	$(PY) bench/data_pipeline.py $(if $(QUICK),--quick,)
 	$(PY) bench/train_throughput.py $(if $(QUICK),--quick,)
+	$(PY) bench/serve_load.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -348,8 +348,13 @@ def demo(
     config: Annotated[Path, typer.Argument(help="Job file of the quickstart.")] = Path("configs/quickstart.yaml"),
     set_: SetOpt = None,
     address: AddressOpt = None,
+    keep_serving: Annotated[
+        bool,
+        typer.Option("--keep-serving/--no-keep-serving", help="After the demo, keep the endpoint up until Ctrl-C."),
+    ] = True,
 ) -> None:
-    """The quickstart end to end: inspect the data, evaluate the base model, finetune, evaluate again, compare."""
+    """The quickstart end to end: inspect the data, evaluate the base model, finetune, evaluate again, compare,
+    and serve the finetuned model over the OpenAI API."""
     import math
     import os
 
@@ -390,10 +395,43 @@ def demo(
         out.rule("4. evaluate the finetuned model against the base")
         print_eval_report(_eval(cfg, address, None, base_only=False))
         stage("finetuned eval", t0)
+
+        t0 = time.perf_counter()
+        out.rule("5. serve the finetuned model")
+        base = _demo_serve(cfg, config, set_, address)
+        stage("serve", t0)
     out.rule("stage times")
     for name, secs in stages:
         out.print(f"  {name:<16} {secs:6.1f} s")
     out.print(f"  {'total':<16} {time.perf_counter() - t_all:6.1f} s")
+    from cluster.serve_cmd import serve_until_interrupted, stop_app
+
+    if keep_serving:
+        out.print(f"[bold]and now it is served at {base}/v1[/] (the examples above work while it runs)")
+        serve_until_interrupted()
+    else:
+        stop_app()
+
+
+def _demo_serve(cfg, config: Path, overrides, address: str | None) -> str:
+    """Serve the run's final/ model, ask it one held-out question over HTTP, print how to call it."""
+    from cluster.serve_cmd import _spec, ask, print_usage, start_app
+
+    spec = _spec(str(config), overrides, None, None, None, None)
+    base = start_app(spec, address)
+    first = cfg.data.eval[0] if isinstance(cfg.data.eval, list) else cfg.data.eval
+    row = None
+    if first and str(first).endswith(".jsonl") and Path(first).is_file():
+        with open(first) as f:
+            row = json.loads(f.readline() or "{}")
+    if row and isinstance(row.get("messages"), list):
+        messages = [m for m in row["messages"] if m["role"] != "assistant"]
+        t0 = time.perf_counter()
+        reply = ask(base, spec["model_name"], messages, cfg.eval.max_new_tokens)
+        out.print(f"asked over HTTP ({time.perf_counter() - t0:.1f} s): {escape(messages[-1]['content'])}")
+        out.print(f"  reply: {escape(reply)}", highlight=False)
+    print_usage(base, spec)
+    return base
 
 
 DEMO_MARK = ".rayft-demo"

@@ -115,6 +115,16 @@ def serve_config_yaml(spec: dict) -> str:
 
 
 def run_app(spec: dict, address: str | None, detach: bool) -> None:
+    base = start_app(spec, address, detach)
+    print_usage(base, spec)
+    if detach:
+        out.print(f"left running on the cluster; stop it with `serve shutdown -y` or `serve delete {APP_NAME}`")
+        return
+    serve_until_interrupted()
+
+
+def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
+    """Deploy the app on Ray Serve (joining or starting Ray) and wait until it answers; returns its URL."""
     import math
     import os
 
@@ -142,10 +152,11 @@ def run_app(spec: dict, address: str | None, detach: bool) -> None:
         serve.start(http_options={"host": s["host"], "port": s["port"]})
         serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
         _wait_ready(base, timeout=600)
-    print_usage(base, spec)
-    if detach:
-        out.print(f"left running on the cluster; stop it with `serve shutdown -y` or `serve delete {APP_NAME}`")
-        return
+    return base
+
+
+def serve_until_interrupted() -> None:
+
     out.print("serving; Ctrl-C stops the endpoint")
     try:
         while True:
@@ -153,10 +164,28 @@ def run_app(spec: dict, address: str | None, detach: bool) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        with err.status("stopping the endpoint", spinner="dots"):
-            serve.delete(APP_NAME)
-            serve.shutdown()
-        out.print("endpoint stopped")
+        stop_app()
+
+
+def stop_app() -> None:
+    from ray import serve
+
+    with err.status("stopping the endpoint", spinner="dots"):
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    out.print("endpoint stopped")
+
+
+def ask(base: str, model: str, messages: list[dict], max_tokens: int, api_key: str | None = None) -> str:
+    """One chat completion over HTTP (greedy); the reply's text."""
+    import urllib.request
+
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"]
 
 
 def _wait_ready(base: str, timeout: float) -> None:

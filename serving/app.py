@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +34,7 @@ from serving.openai_api import (
     validation_error,
 )
 
-access_log = logging.getLogger("rayft.access")
+access_log = logging.getLogger("ray.serve.rayft.access")
 
 
 def hash_key(key: str) -> str:
@@ -60,7 +61,7 @@ def _build_api(ing: "Ingress") -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
-        logging.getLogger("rayft.serve").exception("unexpected error")
+        logging.getLogger("ray.serve.rayft").exception("unexpected error")
         body = {"error": {"message": f"internal error ({type(exc).__name__})", "type": "server_error",
                           "param": None, "code": None}}  # fmt: skip
         return JSONResponse(body, status_code=500)
@@ -374,7 +375,7 @@ class Ingress:
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - a replica crash or a lost actor: fail fast, never hang
-            logging.getLogger("rayft.serve").warning("generation failed: %r", e)
+            logging.getLogger("ray.serve.rayft").warning("generation failed: %r", e)
             raise ApiError(503, f"the model replica failed while generating ({type(e).__name__}); retry the request",
                            code="replica_failed") from None  # fmt: skip
 
@@ -457,6 +458,8 @@ class Ingress:
 def build_app(spec: dict):
     """The Serve application for a spec (see serving.spec.build_spec)."""
     cfg = ServeConfig(**spec["serve"])
+    if cfg.engine == "vllm":
+        return build_vllm_app(spec, cfg)
     a = cfg.autoscaling
     model = LLMServer.options(
         autoscaling_config={
@@ -482,3 +485,44 @@ def build_app(spec: dict):
 def app_builder(args: dict):
     """Entry point for `serve deploy` / RayService configs: `import_path: serving.app:app_builder`."""
     return build_app(args)
+
+
+def build_vllm_app(spec: dict, cfg: ServeConfig):
+    """The same model behind Ray Serve LLM's vLLM engine and OpenAI app (GPU clusters only).
+
+    Autoscaling, `max_ongoing_requests` and LoRA adapters map onto `LLMConfig`; batching is vLLM's own
+    continuous batching. API keys, the body limit and rayft's error shapes belong to the transformers
+    ingress and are not applied here: put the vLLM app behind your gateway's auth."""
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as e:
+        raise RuntimeError(
+            f"serve.engine is vllm but Ray Serve LLM cannot load ({e}); install vllm on the GPU nodes "
+            "(pip install 'ray[llm]') or use serve.engine: transformers"
+        ) from None
+    if cfg.gpus_per_replica <= 0:
+        raise RuntimeError("serve.engine vllm needs GPUs: set serve.gpus_per_replica (e.g. 1)")
+    a = cfg.autoscaling
+    llm = {
+        "model_loading_config": {"model_id": spec["model_name"], "model_source": spec["model_path"]},
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+            },
+            "max_ongoing_requests": cfg.max_ongoing_requests,
+        },
+        "engine_kwargs": {
+            "dtype": "bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+            "tensor_parallel_size": max(1, int(cfg.gpus_per_replica)),
+        },  # fmt: skip
+    }
+    if spec.get("adapters"):
+        roots = {str(Path(p).parent) for p in spec["adapters"].values()}
+        if len(roots) == 1:  # Ray Serve LLM loads adapters by name from one directory
+            llm["lora_config"] = {"dynamic_lora_loading_path": roots.pop(),
+                                  "max_num_adapters_per_replica": cfg.max_adapters_per_replica}  # fmt: skip
+    return build_openai_app({"llm_configs": [LLMConfig(**llm)]})

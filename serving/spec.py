@@ -29,6 +29,16 @@ def build_spec(
     from training.inference import resolve_inference_model
     from training.models import ModelError
 
+    if serve_cfg.engine == "vllm":
+        import importlib.util
+
+        if serve_cfg.gpus_per_replica <= 0:
+            raise ServeError("serve.engine vllm runs on GPUs only: set serve.gpus_per_replica (e.g. 1)")
+        if importlib.util.find_spec("vllm") is None:
+            raise ServeError(
+                "serve.engine is vllm but vllm is not installed here; install it on the GPU nodes "
+                "(pip install 'ray[llm]') or use serve.engine: transformers"
+            )
     path = Path(run_dir or target).expanduser()
     try:
         model = resolve_inference_model(str(path) if run_dir or path.exists() else target)

@@ -321,6 +321,28 @@ def test_auth_body_limit_probes_and_openapi(endpoint):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
 
 
+def test_access_log_has_a_line_per_request_without_prompt_text(endpoint):
+    import glob
+
+    import ray
+
+    base, name = endpoint
+    secret = "purple-elephant-7731"
+    r = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
+    assert r.status_code == 200
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    deadline = time.time() + 30
+    lines: list[str] = []
+    while time.time() < deadline and not lines:
+        for f in glob.glob(f"{logs}/serve/replica_{APP}_ingress_*.log"):
+            lines += [line for line in open(f, errors="replace") if "route=chat status=200" in line]
+        time.sleep(0.5)
+    assert lines, "no access-log line for the request"
+    assert "prompt_tokens=" in lines[-1] and "completion_tokens=" in lines[-1] and "latency_ms=" in lines[-1]
+    text = "".join(open(f, errors="replace").read() for f in glob.glob(f"{logs}/serve/*.log"))
+    assert secret not in text, "prompt text must stay out of the logs unless serve.log_prompts is on"
+
+
 def _model_replica_pid() -> int:
     from ray import serve
 
@@ -444,5 +466,25 @@ def test_serve_cli_rejects_bad_targets_and_settings(tiny_dir, tmp_path):
     job.write_text(f"data: {{train: {tmp_path}/t.jsonl}}\nrun: {{name: never, storage_path: {tmp_path}}}\n")
     r = rayft("serve", str(job))
     assert r.returncode == 1 and "train it first" in r.stderr, r.stderr
+    r = rayft("serve", str(tiny_dir), "--set", "serve.engine=vllm")
+    assert r.returncode == 1 and "GPUs only" in r.stderr, r.stderr
     r = rayft("serve", "--add-adapter", "a", str(tmp_path), "--url", "http://127.0.0.1:9")
     assert r.returncode == 1 and "cannot reach" in r.stderr, r.stderr
+
+
+@pytest.mark.gpu
+def test_vllm_engine_answers_the_openai_client(ray_local, tiny_dir, serve_port):
+    """Where a GPU and vLLM exist: the same spec served by Ray Serve LLM's vLLM engine."""
+    pytest.importorskip("vllm")
+    from ray import serve
+
+    from serving.config import ServeConfig
+    from serving.spec import build_spec
+
+    spec = build_spec(str(tiny_dir), ServeConfig(engine="vllm", gpus_per_replica=1))
+    base = deploy(spec, serve_port)
+    r = client(base, key="unused").chat.completions.create(
+        model=spec["model_name"], messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert r.usage.completion_tokens >= 1
+    serve.delete(APP)

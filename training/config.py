@@ -111,6 +111,9 @@ class TrainingConfig(Section):
         "used for Llama-style models, others fall back to the full forward).",
     )
     eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    eval_at_end: bool = Field(
+        True, description="Compute the eval loss after the last step (off when a `rayft eval` follows anyway)."
+    )
     checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     seed: int = Field(42, description="Seed for weight init of new layers and dropout.")
     log_every_steps: int = Field(

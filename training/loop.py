@@ -124,7 +124,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # ---- final eval and checkpoint
     final = {"step": step, "epoch": epoch, "final": True}
-    if eval_shard is not None:
+    if eval_shard is not None and t.eval_at_end:
         final |= evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
         log.write(final)
     report_with_checkpoint(engine, final, step, epoch, consumed, rank, t.method == "lora")

@@ -147,7 +147,9 @@ def run_training(job: JobConfig, restart: bool = False, on_event: Callable[[dict
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
-    score = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if "eval" in datasets else {}
+    # keep the best checkpoints by eval loss, when every checkpoint carries one (the final one needs eval_at_end)
+    scored = "eval" in datasets and job.training.eval_at_end
+    score = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if scored else {}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg.model_dump(mode="json"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT, chat, write_jsonl
 
@@ -42,7 +43,10 @@ def test_data_inspect_json_on_the_quickstart():
     r = rayft("data", "inspect", "configs/quickstart.yaml", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert report["splits"]["train"]["examples"] == 1200 + 3 * 200  # tickets + the facts, repeated 3 times
+    repeat = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["data"]["repeat"][
+        "knowledge_train.jsonl"
+    ]
+    assert report["splits"]["train"]["examples"] == 1200 + repeat * 200  # tickets + the facts, repeated
     assert report["splits"]["eval"]["examples"] == 170 + 50
     assert report["splits"]["train"]["packing_efficiency"] > 0.85
 
@@ -61,12 +65,15 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
         "eval.max_rows=24",
         "--set",
         f"run.storage_path={tmp_path}",
+        "--set",
+        f"serve.port={free_port()}",
+        "--no-keep-serving",
         timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "rows read" in out and "packing efficiency" in out
-    for stage in ("data inspect", "base eval", "train", "finetuned eval", "total"):
+    for stage in ("data inspect", "base eval", "train", "finetuned eval", "serve", "total"):
         assert stage in out.split("stage times")[-1]
     report = json.loads((tmp_path / "quickstart" / "eval" / "report.json").read_text())
     assert report["rows"] == 24 and set(report["models"]) == {"base", "finetuned"}
@@ -76,3 +83,15 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
     assert tickets["finetuned"]["token_f1"] > tickets["base"]["token_f1"]
     assert (tmp_path / "quickstart" / "final" / "config.json").is_file()
     assert "report:" in out and "report.md" in out
+    # stage 5: the finetuned model answered a real HTTP request, and the printed examples name the endpoint
+    assert "asked over HTTP" in out and "reply:" in out
+    assert "curl -s http://127.0.0.1:" in out and "client.chat.completions.create(model='quickstart'" in out
+    assert "endpoint stopped" in out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,255 @@
+"""Serving under load: what batching buys, and what Ray Serve costs.
+
+One run, the built-in SmolLM2-135M-Instruct on the transformers engine (CPU), every figure measured
+here and now:
+
+1. Completion tokens/s with C concurrent clients (default 8), batching on (`max_batch_size` = C)
+   versus off (`max_batch_size: 1`), same prompts, same `max_tokens`, greedy. Target >= 3x.
+   Also p50/p99 request latency and p50 time to first token (streamed requests).
+2. Serve's own overhead: HTTP p50 of a 1-token request minus the p50 of the same 1-token
+   generation called directly on the engine in this process, compared with the HTTP p50 of a
+   no-op Ray Serve deployment measured in the same run. Target <= 1.5x the no-op's p50.
+
+Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--quick]
+       [--no-write]   (results are appended to bench/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from data_pipeline import command, results_section, verdict, write_results  # noqa: E402
+
+NAME = "serve_load"
+PROMPTS = [
+    "Hi, my Orbit Earbuds stopped charging after a week. Order A-10023. What can I do?",
+    "Explain in two sentences what a support ticket is.",
+    "Write a short, friendly reply to a customer whose parcel is late.",
+    "List three things to check when a kettle does not switch on.",
+    "What is the capital of the Netherlands?",
+    "Give me a one-line summary of why backups matter.",
+    "How do I reset a desk lamp to factory settings?",
+    "Translate 'thank you for your patience' into French.",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def deploy(spec: dict, port: int) -> str:
+    import requests
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(spec), name="rayft", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(f"{base}/readyz", timeout=60).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("endpoint not ready")
+
+
+def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    """`clients` threads, each sending `per_client` streamed chat requests back to back."""
+    import requests
+
+    latencies, ttfts, tokens = [], [], []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for k in range(per_client):
+            body = {
+                "messages": [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            t0 = time.perf_counter()
+            first, used = None, 0
+            with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+                r.raise_for_status()
+                for line in r.iter_lines(decode_unicode=True):
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        used = chunk["usage"]["completion_tokens"]
+                    elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - t0
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                ttfts.append(first if first is not None else latencies[-1])
+                tokens.append(used)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "tokens_per_s": sum(tokens) / wall,
+        "tokens": sum(tokens),
+        "wall": wall,
+        "p50": pct(latencies, 0.5),
+        "p99": pct(latencies, 0.99),
+        "ttft_p50": pct(ttfts, 0.5),
+    }
+
+
+def http_p50(url: str, body: dict | None, n: int) -> float:
+    import requests
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = requests.post(url, json=body, timeout=120) if body is not None else requests.get(url, timeout=120)
+        r.raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:] if n > 4 else times)
+
+
+def noop_p50(port: int, n: int) -> float:
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Noop:
+        async def __call__(self, request):
+            return {"ok": True}
+
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)
+    url = f"http://127.0.0.1:{port}/noop"
+    for _ in range(100):
+        try:
+            http_p50(url, None, 1)
+            break
+        except Exception:  # noqa: BLE001 - not routed yet
+            time.sleep(0.3)
+    p50 = http_p50(url, None, n)
+    serve.delete("noop")
+    return p50
+
+
+def direct_p50(model_path: str, ids: list[int], n: int) -> float:
+    """The same 1-token generation, called on the engine in this process (1 torch thread, like a replica)."""
+    from serving.engine import GenerationRequest, TransformersEngine
+
+    engine = TransformersEngine(model_path, threads=1)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0)]):
+            pass
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:] if n > 4 else times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 clients x 1 request, 16 tokens")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests, args.max_tokens = 4, 1, 16
+
+    import ray
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from cluster.runtime import connect
+    from serving.config import ServeConfig
+    from serving.spec import build_spec
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    connect(num_cpus=4)
+    load_avg = os.getloadavg()[0]
+    results, notes = {}, []
+    for label, batch in (("batching", args.clients), ("no batching", 1)):
+        cfg = ServeConfig(
+            max_batch_size=batch, max_ongoing_requests=max(batch, args.clients), batch_wait_timeout_s=0.05
+        )
+        spec = build_spec("smollm2-135m-instruct", cfg)
+        base = deploy(spec, args.port)
+        load(base, 2, 1, 4)  # warm-up
+        results[label] = load(base, args.clients, args.requests, args.max_tokens)
+        print(label, {k: round(v, 3) for k, v in results[label].items()}, flush=True)
+        if label == "batching":
+            tok = AutoTokenizer.from_pretrained(spec["model_path"])
+            msgs = [{"role": "user", "content": PROMPTS[4]}]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            n = 12 if args.quick else 30
+            one = {"messages": msgs, "max_tokens": 1, "temperature": 0}
+            http_one = http_p50(f"{base}/v1/chat/completions", one, n)
+            model_path = spec["model_path"]
+        serve.delete("rayft")
+    direct_one = direct_p50(model_path, ids, 12 if args.quick else 30)
+    noop = noop_p50(args.port, 30 if args.quick else 100)
+    serve.shutdown()
+    ray.shutdown()
+
+    b, nb = results["batching"], results["no batching"]
+    gain = b["tokens_per_s"] / nb["tokens_per_s"]
+    overhead = max(0.0, http_one - direct_one)
+    over_ratio = overhead / noop
+    notes += [
+        f"model: SmolLM2-135M-Instruct (float32), transformers engine, 1 replica x 1 CPU; {args.clients} clients x "
+        f"{args.requests} streamed chat requests, max_tokens {args.max_tokens}, greedy",
+        f"1-token request: HTTP p50 {http_one * 1000:.1f} ms, direct engine call p50 {direct_one * 1000:.1f} ms, "
+        f"no-op Serve deployment HTTP p50 {noop * 1000:.1f} ms",
+        f"load average (1 min) at start: {load_avg:.2f}",
+    ]
+    head = ("setting", "completion tokens/s", "tokens", "wall s", "p50 latency s", "p99 latency s", "p50 TTFT s")
+    rows = [
+        (label, f"{r['tokens_per_s']:.1f}", str(r["tokens"]), f"{r['wall']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+         f"{r['ttft_p50']:.2f}")
+        for label, r in results.items()
+    ]  # fmt: skip
+    ratios = [
+        ("batching gain (tokens/s)", f"{gain:.2f}x", ">= 3x", verdict(gain >= 3)),
+        ("Serve overhead vs no-op p50", f"{over_ratio:.2f}x", "<= 1.5x", verdict(over_ratio <= 1.5)),
+    ]
+    now = datetime.now(UTC)
+    cmd = command()
+    section = results_section(NAME, now, cmd, notes, head, rows, ratios)
+    print(section)
+    if not args.no_write:
+        date = f"{now:%Y-%m-%d}"
+        summary = [
+            f"| {NAME}: batching vs no batching, {args.clients} clients | {b['tokens_per_s']:,.1f} vs "
+            f"{nb['tokens_per_s']:,.1f} tokens/s | {gain:.2f}x | >= 3x, {verdict(gain >= 3)} | {date} | `{cmd}` |",
+            f"| {NAME}: Serve overhead vs no-op deployment | {overhead * 1000:.1f} vs {noop * 1000:.1f} ms p50 | "
+            f"{over_ratio:.2f}x | <= 1.5x, {verdict(over_ratio <= 1.5)} | {date} | `{cmd}` |",
+        ]
+        write_results(ROOT / "bench" / "RESULTS.md", section, summary, name=NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
