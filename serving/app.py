@@ -13,6 +13,7 @@ from a KubeRay RayService.
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -125,13 +126,20 @@ class LLMServer:
     def __init__(self, spec: dict):
         from ray.serve import metrics
 
-        from serving.engine import TransformersEngine
+        from serving.engine import RunningBatch, TransformersEngine
 
         cfg = ServeConfig(**spec["serve"])
         self.engine = TransformersEngine(
             spec["model_path"], cfg.dtype, cfg.gpus_per_replica > 0, threads=max(1, int(cfg.cpus_per_replica))
         )
         self.adapter_paths: dict[str, str] = {}
+        self.max_batch = cfg.max_batch_size
+        self.running = RunningBatch(self.engine)
+        self.continuous = self.running.supported()  # else: static batches (run to their end together)
+        self._pending: list[tuple] = []  # (key, GenerationRequest) waiting for room in the running batch
+        self._where: dict[int, tuple] = {}  # key -> (group, index in group)
+        self._keys = itertools.count()
+        self._driver = self._wake = None
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         engine, paths = self.engine, self.adapter_paths
@@ -155,8 +163,52 @@ class LLMServer:
         async for delta in self.generate_batch(req):
             yield delta
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=1024)
     async def generate_batch(self, requests: list) -> AsyncIterator[list]:
+        """Requests that arrived together join the replica's running batch; yields their deltas."""
+        if not self.continuous:
+            async for out in self._static_batch(requests):
+                yield out
+            return
+        group = _Group([len(r.prompt_ids) for r in requests])
+        for i, r in enumerate(requests):
+            key = next(self._keys)
+            self._where[key] = (group, i)
+            self._pending.append((key, r))
+        if self._driver is None or self._driver.done():
+            self._wake = asyncio.Event()
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        self._wake.set()
+        async for out in group.ticks():
+            yield out
+
+    async def _drive(self) -> None:
+        """The decode loop: admit waiting requests at each step boundary, step, hand out the deltas."""
+        running = self.running
+        while True:
+            if not len(running) and not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            room = self.max_batch - len(running)
+            admit, self._pending = self._pending[:room], self._pending[room:]
+            try:
+                events = await asyncio.to_thread(running.step, admit)
+            except Exception as e:  # noqa: BLE001 - every request in the batch gets the error
+                logging.getLogger("ray.serve.rayft").exception("decode step failed")
+                for key in running.fail_all() + [k for k, _ in admit]:
+                    group, _ = self._where.pop(key)
+                    group.fail(e)
+                continue
+            self.batch_sizes.observe(len(running) or len(events))
+            for key, delta in events:
+                group, i = self._where[key]
+                group.push(i, delta.as_dict())
+                if delta.finish_reason:
+                    del self._where[key]
+
+    async def _static_batch(self, requests: list) -> AsyncIterator[list]:
+        """For models whose KV cache cannot be merged: the batch runs to its end together."""
         self.batch_sizes.observe(len(requests))
         steps = self.engine.generate(requests)
         finished = [False] * len(requests)
@@ -185,6 +237,50 @@ class LLMServer:
     def check_health(self):
         if self.engine.model is None:
             raise RuntimeError("model not loaded")
+
+
+class _Group:
+    """The requests of one @serve.batch call: buffers each one's deltas between the handler's yields,
+    which must carry one entry per request (an empty delta while a request waits for a slot)."""
+
+    def __init__(self, prompt_lengths: list[int]):
+        n = len(prompt_lengths)
+        self.prompt_lengths = prompt_lengths
+        self.buf: list[list[dict]] = [[] for _ in range(n)]
+        self.done = [False] * n
+        self.event = asyncio.Event()
+        self.error: BaseException | None = None
+
+    def push(self, i: int, delta: dict) -> None:
+        self.buf[i].append(delta)
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def ticks(self) -> AsyncIterator[list]:
+        while not all(self.done):
+            await self.event.wait()
+            self.event.clear()
+            if self.error is not None:
+                raise self.error
+            out = []
+            for i, deltas in enumerate(self.buf):
+                if self.done[i]:
+                    out.append(StopIteration)
+                    continue
+                self.buf[i] = []
+                if not deltas:
+                    out.append({"text": "", "finish_reason": None, "prompt_tokens": self.prompt_lengths[i],
+                                "completion_tokens": 0, "batch_size": 0})  # fmt: skip
+                    continue
+                merged = dict(deltas[-1])
+                merged["text"] = "".join(d["text"] for d in deltas)
+                merged["batch_size"] = max(d["batch_size"] for d in deltas)
+                self.done[i] = bool(merged["finish_reason"])
+                out.append(merged)
+            yield out
 
 
 class _AdapterSlot:
@@ -417,7 +513,7 @@ class Ingress:
             async with asyncio.timeout(self.cfg.request_timeout_s):
                 async for d in self._deltas(request):
                     usage["completion_tokens"] = d["completion_tokens"]
-                    if ttft is None:
+                    if ttft is None and d["text"]:
                         ttft = time.perf_counter() - t0
                     if d["text"]:
                         yield event(chunk(d["text"], None))

@@ -237,3 +237,187 @@ class TransformersEngine:
                     return
                 step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
                 mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+
+
+class RunningBatch:
+    """Continuous batching: the requests a replica is decoding right now, advanced together.
+
+    Each `step` first advances every running request by one token, then prefills the newly admitted
+    ones and merges their KV cache into the running one (left-padded to a common length), so a new
+    request never waits for a batch to finish and a finished one stops costing compute at once.
+    Works for models whose cache is a plain DynamicCache (decoder-only models without sliding-window
+    layers); `supported()` says so.
+    """
+
+    def __init__(self, engine: TransformersEngine):
+        self.engine = engine
+        self.keys: list = []  # caller's key per running row
+        self.rows: list[_Row] = []
+        self.names: list[str] = []
+        self.next_ids: list[int] = []
+        self.past = None
+        self.mask = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def supported(self) -> bool:
+        import torch
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        probe = torch.tensor([[self.engine.pad_id]], device=self.engine.device)
+        with self.engine.lock, torch.inference_mode():
+            past = self.engine.model(input_ids=probe, use_cache=True, logits_to_keep=1).past_key_values
+        return type(past) is DynamicCache and all(type(layer) is DynamicLayer for layer in past.layers)
+
+    def step(self, admit: list[tuple]) -> list[tuple]:
+        """Advance the running requests one token and admit `admit` [(key, GenerationRequest)];
+        returns [(key, Delta)] for every request that produced something."""
+        import torch
+
+        e = self.engine
+        events: list[tuple] = []
+        with e.lock, torch.inference_mode():
+            if self.rows:
+                events += self._decode()
+            if admit:
+                events += self._prefill(admit)
+        return events
+
+    def fail_all(self) -> list:
+        """Drop every running request (after an engine error); returns their keys."""
+        keys = self.keys
+        self._release(self.names)
+        self.keys, self.rows, self.names, self.next_ids, self.past, self.mask = [], [], [], [], None, None
+        return keys
+
+    # -------------------------------------------------------------- internals (engine lock held)
+
+    def _forward(self, ids, mask, past, names):
+        extra = {"adapter_names": names} if self.engine.adapters else {}
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        return self.engine.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+
+    def _pick(self, rows: list[_Row], logits, batch: int) -> tuple[list[Delta], list[int]]:
+        deltas, tokens = [], []
+        for i, row in enumerate(rows):
+            token = row.pick(logits[i])
+            d = row.advance(token, self.engine.stop_ids)
+            d.batch_size = batch
+            deltas.append(d)
+            tokens.append(token)
+        return deltas, tokens
+
+    def _decode(self) -> list[tuple]:
+        import torch
+
+        dev = self.engine.device
+        ids = torch.tensor(self.next_ids, device=dev).unsqueeze(1)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        out = self._forward(ids, self.mask, self.past, self.names)
+        self.past = out.past_key_values
+        deltas, tokens = self._pick(self.rows, out.logits[:, -1, :], len(self.rows))
+        events = list(zip(self.keys, deltas, strict=True))
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if len(keep) < len(self.rows):
+            self._release([self.names[i] for i, r in enumerate(self.rows) if r.done])
+            self._select(keep)
+        self.next_ids = [tokens[i] for i in keep] if keep else []
+        return events
+
+    def _prefill(self, admit: list[tuple]) -> list[tuple]:
+        import torch
+
+        e, dev = self.engine, self.engine.device
+        keys = [k for k, _ in admit]
+        reqs = [r for _, r in admit]
+        names = [r.adapter or BASE for r in reqs]
+        missing = sorted({n for n in names if n != BASE and n not in e.adapters})
+        if missing:
+            raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
+        rows = [_Row(r, e.tokenizer, dev) for r in reqs]
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.tensor([[e.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=dev)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)
+        out = self._forward(ids, mask, None, names)
+        total = len(self.rows) + len(rows)
+        deltas, tokens = self._pick(rows, out.logits[:, -1, :], total)
+        events = list(zip(keys, deltas, strict=True))
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        if not keep:
+            return events
+        idx = torch.tensor(keep, device=dev)
+        new_past = out.past_key_values
+        mask = mask[idx]
+        for layer in new_past.layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        for n in {names[i] for i in keep} - {BASE}:
+            e.in_use[n] = e.in_use.get(n, 0) + 1
+        if not self.rows:
+            self.past, self.mask = new_past, mask
+        else:
+            run_len, new_len = self.mask.shape[1], mask.shape[1]
+            width = max(run_len, new_len)
+            for old, new in zip(self.past.layers, new_past.layers, strict=True):
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+            self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], dim=0)
+        self.keys += [keys[i] for i in keep]
+        self.rows += [rows[i] for i in keep]
+        self.names += [names[i] for i in keep]
+        self.next_ids += [tokens[i] for i in keep]
+        return events
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        if not keep:
+            self.keys, self.rows, self.names, self.past, self.mask = [], [], [], None, None
+            return
+        idx = torch.tensor(keep, device=self.engine.device)
+        mask = self.mask[idx]
+        first = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every row go
+        self.mask = mask[:, first:]
+        for layer in self.past.layers:
+            layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
+        self.keys = [self.keys[i] for i in keep]
+        self.rows = [self.rows[i] for i in keep]
+        self.names = [self.names[i] for i in keep]
+
+    def _release(self, names: list[str]) -> None:
+        e = self.engine
+        for n in names:
+            if n != BASE and e.in_use.get(n):
+                e.in_use[n] -= 1
+        for n in [n for n in e.unload_later if not e.in_use.get(n)]:
+            e.unload_later.discard(n)
+            if n in e.adapters:
+                e.model.delete_adapter(n)
+                del e.adapters[n]
+
+
+def _left_pad(t, width: int):
+    import torch
+
+    missing = width - t.shape[-2]
+    if missing <= 0:
+        return t
+    pad = torch.zeros((*t.shape[:-2], missing, t.shape[-1]), dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=-2)
+
+
+def _left_pad_mask(m, width: int):
+    import torch
+
+    missing = width - m.shape[1]
+    if missing <= 0:
+        return m
+    return torch.cat([torch.zeros((m.shape[0], missing), dtype=m.dtype, device=m.device), m], dim=1)

@@ -204,6 +204,24 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(endpoint, ba
     assert max(b for _, b in results) > 1
 
 
+def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(endpoint, base_model):
+    """Continuous batching: a short request sent while a long one is decoding is admitted at the next
+    step, shares the batch, and returns while the long one is still generating."""
+    base, name = endpoint
+    model, tok = base_model
+    long = {"model": name, "prompt": "Tell me everything.", "max_tokens": 900, "temperature": 1.0, "stream": True}
+    r = requests.post(f"{base}/v1/completions", json=long, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
+                      timeout=120)  # fmt: skip
+    lines = r.iter_lines(decode_unicode=True)
+    assert next(line for line in lines if line).startswith("data: ")
+    short = post(base, "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": 5, "temperature": 0})  # fmt: skip
+    rest = [line for line in lines if line]  # the long request is still streaming when the short one is done
+    assert short.status_code == 200 and int(short.headers["x-rayft-batch-size"]) >= 2
+    assert short.json()["choices"][0]["message"]["content"] == greedy_reply(model, tok, "hi", 5)
+    assert len(rest) > 5 and rest[-1] == "data: [DONE]"
+
+
 def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(endpoint):
     base, name = endpoint
     c = client(base)
