@@ -168,36 +168,65 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, requests: list[GenerationRequest]):
-        """Yield, per decoding step, one Delta (or None once finished) for each request, in order."""
+    def _hold(self, names) -> None:
+        """Mark adapters as used by a batch (engine lock held)."""
+        for n in set(names) - {BASE}:
+            self.in_use[n] = self.in_use.get(n, 0) + 1
+
+    def _release(self, names) -> None:
+        """A batch is done with these adapters; unload the evicted ones nobody uses now (lock held)."""
+        for n in set(names) - {BASE}:
+            if self.in_use.get(n):
+                self.in_use[n] -= 1
+        for n in [n for n in self.unload_later if not self.in_use.get(n)]:
+            self.unload_later.discard(n)
+            if n in self.adapters:
+                self.model.delete_adapter(n)
+                del self.adapters[n]
+
+    def forward(self, ids, mask, past, names: list[str]):
+        """One forward step: logits at the last position, the KV cache extended (engine lock held)."""
+        extra = {"adapter_names": names} if self.adapters else {}
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+
+    def _check_loaded(self, names) -> None:
+        missing = sorted({n for n in names if n != BASE and n not in self.adapters})
+        if missing:
+            raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
+
+    def _left_padded(self, requests: list[GenerationRequest]):
+        """input_ids and attention_mask of the prompts, left-padded to the longest."""
         import torch
 
-        rows = [_Row(r, self.tokenizer, self.device) for r in requests]
         width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.tensor(
-            [[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=self.device
-        )
+        pads = [width - len(r.prompt_ids) for r in requests]
+        ids = [[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, requests, strict=True)]
+        mask = [[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, requests, strict=True)]
+        return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device)
+
+    def generate(self, requests: list[GenerationRequest]):
+        """Yield, per decoding step, one Delta (or None once finished) for each request, in order."""
+
+        rows = [_Row(r, self.tokenizer, self.device) for r in requests]
+        input_ids, mask = self._left_padded(requests)
         names = [r.adapter or BASE for r in requests]
         with self.lock:
-            missing = sorted({n for n in names if n != BASE and n not in self.adapters})
-            if missing:
-                raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
-            for n in set(names) - {BASE}:
-                self.in_use[n] = self.in_use.get(n, 0) + 1
+            self._check_loaded(names)
+            self._hold(names)
         try:
             yield from self._decode(rows, input_ids, mask, names)
         finally:
             with self.lock:
-                for n in set(names) - {BASE}:
-                    self.in_use[n] -= 1
-                for n in [n for n in self.unload_later if not self.in_use.get(n)]:
-                    self.unload_later.discard(n)
-                    if n in self.adapters:
-                        self.model.delete_adapter(n)
-                        del self.adapters[n]
+                self._release(names)
 
     def _decode(self, rows: list[_Row], input_ids, mask, names: list[str]):
         import torch
@@ -206,18 +235,8 @@ class TransformersEngine:
         step_ids = input_ids
         with torch.inference_mode():
             while True:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
                 with self.lock:  # the model may have become a PeftModel since the last step
-                    extra = {"adapter_names": names} if self.adapters else {}
-                    out = self.model(
-                        input_ids=step_ids,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        past_key_values=past,
-                        use_cache=True,
-                        logits_to_keep=1,
-                        **extra,
-                    )
+                    out = self.forward(step_ids, mask, past, names)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :]
                 deltas: list[Delta | None] = []
@@ -287,24 +306,12 @@ class RunningBatch:
     def fail_all(self) -> list:
         """Drop every running request (after an engine error); returns their keys."""
         keys = self.keys
-        self._release(self.names)
+        for name in self.names:
+            self.engine._release([name])
         self.keys, self.rows, self.names, self.next_ids, self.past, self.mask = [], [], [], [], None, None
         return keys
 
     # -------------------------------------------------------------- internals (engine lock held)
-
-    def _forward(self, ids, mask, past, names):
-        extra = {"adapter_names": names} if self.engine.adapters else {}
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        return self.engine.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
 
     def _pick(self, rows: list[_Row], logits, batch: int) -> tuple[list[Delta], list[int]]:
         deltas, tokens = [], []
@@ -322,13 +329,15 @@ class RunningBatch:
         dev = self.engine.device
         ids = torch.tensor(self.next_ids, device=dev).unsqueeze(1)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        out = self._forward(ids, self.mask, self.past, self.names)
+        out = self.engine.forward(ids, self.mask, self.past, self.names)
         self.past = out.past_key_values
         deltas, tokens = self._pick(self.rows, out.logits[:, -1, :], len(self.rows))
         events = list(zip(self.keys, deltas, strict=True))
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
-            self._release([self.names[i] for i, r in enumerate(self.rows) if r.done])
+            for i, r in enumerate(self.rows):
+                if r.done:
+                    self.engine._release([self.names[i]])
             self._select(keep)
         self.next_ids = [tokens[i] for i in keep] if keep else []
         return events
@@ -347,7 +356,7 @@ class RunningBatch:
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.tensor([[e.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=dev)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)
-        out = self._forward(ids, mask, None, names)
+        out = self.engine.forward(ids, mask, None, names)
         total = len(self.rows) + len(rows)
         deltas, tokens = self._pick(rows, out.logits[:, -1, :], total)
         events = list(zip(keys, deltas, strict=True))
@@ -359,8 +368,8 @@ class RunningBatch:
         mask = mask[idx]
         for layer in new_past.layers:
             layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        for n in {names[i] for i in keep} - {BASE}:
-            e.in_use[n] = e.in_use.get(n, 0) + 1
+        for i in keep:
+            e._hold([names[i]])
         if not self.rows:
             self.past, self.mask = new_past, mask
         else:
@@ -391,17 +400,6 @@ class RunningBatch:
         self.keys = [self.keys[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
         self.names = [self.names[i] for i in keep]
-
-    def _release(self, names: list[str]) -> None:
-        e = self.engine
-        for n in names:
-            if n != BASE and e.in_use.get(n):
-                e.in_use[n] -= 1
-        for n in [n for n in e.unload_later if not e.in_use.get(n)]:
-            e.unload_later.discard(n)
-            if n in e.adapters:
-                e.model.delete_adapter(n)
-                del e.adapters[n]
 
 
 def _left_pad(t, width: int):
