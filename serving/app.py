@@ -42,6 +42,33 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class _Guard:
+    """API keys on /v1 and /admin routes and the body size limit, checked before any route runs.
+    A plain ASGI middleware: Starlette's decorator-style middleware costs milliseconds per request."""
+
+    def __init__(self, app, key_hashes: set[str], limit: int):
+        self.app, self.key_hashes, self.limit = app, key_hashes, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        error = None
+        if self.key_hashes and (path.startswith("/v1") or path.startswith("/admin")):
+            header = headers.get("authorization", "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not token or not any(hmac.compare_digest(hash_key(token), h) for h in self.key_hashes):
+                reason = "missing API key" if not token else "invalid API key"
+                error = ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        size = headers.get("content-length")
+        if error is None and size is not None and size.isdigit() and int(size) > self.limit:
+            error = ApiError(413, f"request body is {size} bytes; the limit is {self.limit} (serve.max_body_bytes)")
+        if error is None:
+            return await self.app(scope, receive, send)
+        return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+
+
 def _build_api(ing: "Ingress") -> FastAPI:
     """The FastAPI app of one ingress replica, built at replica start from its settings."""
     api = FastAPI(
@@ -67,22 +94,7 @@ def _build_api(ing: "Ingress") -> FastAPI:
                           "param": None, "code": None}}  # fmt: skip
         return JSONResponse(body, status_code=500)
 
-    @api.middleware("http")
-    async def _guard(request: Request, call_next):
-        """API keys on /v1 and /admin routes, and the body size limit, before any route runs."""
-        path = request.url.path
-        if key_hashes and (path.startswith("/v1") or path.startswith("/admin")):
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not token or not any(hmac.compare_digest(hash_key(token), h) for h in key_hashes):
-                reason = "missing API key" if not token else "invalid API key"
-                e = ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            e = ApiError(413, f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes)")
-            return JSONResponse(e.body(), status_code=413)
-        return await call_next(request)
+    api.add_middleware(_Guard, key_hashes=key_hashes, limit=limit)
 
     @api.get("/healthz")
     async def healthz():
@@ -162,6 +174,15 @@ class LLMServer:
             await self._load_adapter(req.adapter)
         async for delta in self.generate_batch(req):
             yield delta
+
+    async def complete(self, request: dict, adapter_path: str | None = None) -> dict:
+        """A whole generation as one reply (non-streaming requests: one message back, not one per token)."""
+        text, last, batch = [], None, 1
+        async for d in self.generate(request, adapter_path):
+            text.append(d["text"])
+            batch = max(batch, d["batch_size"])
+            last = d
+        return last | {"text": "".join(text), "batch_size": batch}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=1024)
     async def generate_batch(self, requests: list) -> AsyncIterator[list]:
@@ -456,15 +477,20 @@ class Ingress:
             route, status, elapsed * 1000, usage.get("prompt_tokens", 0), n, adapter or "-", prompt,
         )  # fmt: skip
 
-    async def _deltas(self, request: dict) -> AsyncIterator[dict]:
-        """The model deployment's deltas for one request, with its failures turned into API errors."""
+    async def _deltas(self, request: dict, stream: bool = True) -> AsyncIterator[dict]:
+        """The model deployment's deltas for one request (one merged delta when not streaming), with its
+        failures turned into API errors."""
         from ray.serve.exceptions import BackPressureError
 
         adapter = request["adapter"]
-        handle = self.model.options(stream=True, multiplexed_model_id=adapter or "")
+        path = self.adapters.get(adapter) if adapter else None
         try:
-            async for d in handle.generate.remote(request, self.adapters.get(adapter) if adapter else None):
-                yield d
+            if stream:
+                handle = self.model.options(stream=True, multiplexed_model_id=adapter or "")
+                async for d in handle.generate.remote(request, path):
+                    yield d
+            else:
+                yield await self.model.options(multiplexed_model_id=adapter or "").complete.remote(request, path)
         except BackPressureError:
             raise ApiError(503, "the server is overloaded: too many requests are queued; retry shortly",
                            code="overloaded") from None  # fmt: skip
@@ -480,7 +506,7 @@ class Ingress:
         batch = 1
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for d in self._deltas(request):
+                async for d in self._deltas(request, stream=False):
                     parts.append(d["text"])
                     usage["completion_tokens"] = d["completion_tokens"]
                     batch = max(batch, d["batch_size"])
