@@ -52,22 +52,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def deploy(spec: dict, port: int) -> str:
-    import requests
-    from ray import serve
+    from cluster.serve_cmd import start_app
 
-    from serving.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(spec), name="rayft", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{base}/readyz", timeout=60).status_code == 200:
-                return base
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("endpoint not ready")
+    return start_app(spec | {"serve": spec["serve"] | {"port": port}}, None)
 
 
 def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:

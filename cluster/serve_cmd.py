@@ -156,7 +156,6 @@ def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
 
 
 def serve_until_interrupted() -> None:
-
     out.print("serving; Ctrl-C stops the endpoint")
     try:
         while True:

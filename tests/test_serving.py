@@ -73,22 +73,10 @@ def base_model(tiny_dir):
 
 
 def deploy(spec: dict, port: int) -> str:
-    from ray import serve
+    """Deploy as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
+    from cluster.serve_cmd import start_app
 
-    from serving.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(spec), name=APP, route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{base}/readyz", timeout=30).status_code == 200:
-                return base
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("endpoint never became ready")
+    return start_app(spec | {"serve": spec["serve"] | {"port": port}}, None)
 
 
 @pytest.fixture(scope="module")
