@@ -51,7 +51,7 @@ def build_spec(
             f"{target} is a LoRA adapter; serve its base model and add it as an adapter "
             f"(serve.adapters: {{NAME: {target}}}), or serve the run directory, whose final/ holds the merged model"
         )
-    name = serve_cfg.model_name or _default_name(target, run_dir, model.path)
+    name = serve_cfg.model_name or _default_name(target, run_dir)
     roots = [str(Path(r).expanduser().resolve()) for r in (serve_cfg.adapter_roots or [storage_path or "runs"])]
     adapters = {}
     for adapter_name, adapter_path in serve_cfg.adapters.items():
@@ -80,7 +80,7 @@ def build_spec(
     }
 
 
-def _default_name(target: str, run_dir: str | None, model_path: str) -> str:
+def _default_name(target: str, run_dir: str | None) -> str:
     if run_dir:
         return Path(run_dir).name
     p = Path(target)
