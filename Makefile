@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/data_pipeline.py $(if $(QUICK),--quick,)
 	$(PY) bench/train_throughput.py $(if $(QUICK),--quick,)
 	$(PY) bench/serve_load.py $(if $(QUICK),--quick,)
+	$(PY) bench/sweep_overhead.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             n = 12 if args.quick else 30
             one = {"messages": msgs, "max_tokens": 1, "temperature": 0}
             http_one = http_p50(f"{base}/v1/chat/completions", one, n)
+            http_health = http_p50(f"{base}/healthz", None, n)  # the proxy -> ingress hop alone
             model_path = spec["model_path"]
         serve.delete("rayft")
     direct_one = direct_p50(model_path, ids, 12 if args.quick else 30)
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.requests} streamed chat requests back to back, max_tokens {args.max_tokens}, greedy; "
         f"'one burst' = the {args.clients} clients each send one request at the same moment",
         f"1-token request: HTTP p50 {http_one * 1000:.1f} ms, direct engine call p50 {direct_one * 1000:.1f} ms, "
-        f"no-op Serve deployment HTTP p50 {noop * 1000:.1f} ms",
+        f"no-op Serve deployment HTTP p50 {noop * 1000:.1f} ms; the app's own GET /healthz p50 "
+        f"{http_health * 1000:.1f} ms (proxy -> ingress and back, no model call)",
         f"load average (1 min) at start: {load_avg:.2f}",
     ]
     head = ("setting", "completion tokens/s", "tokens", "wall s", "p50 latency s", "p99 latency s", "p50 TTFT s")

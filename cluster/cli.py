@@ -461,6 +461,10 @@ from cluster.serve_cmd import serve  # noqa: E402
 
 app.command("serve")(serve)
 
+from cluster.sweep_cmd import sweep  # noqa: E402
+
+app.command("sweep")(sweep)
+
 
 def main() -> None:
     try:

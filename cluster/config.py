@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from serving.config import ServeConfig
 from training.config import DataConfig, EvalConfig, ExportConfig, ModelConfig, Section, TrainingConfig
+from tuning.config import SweepConfig
 
 
 class ScalingConfig(Section):
@@ -61,6 +62,7 @@ class JobConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The HTTP endpoint (rayft serve).")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter search (rayft sweep).")
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> JobConfig:

@@ -6,15 +6,18 @@ import logging
 import os
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+def connect(
+    address: str | None = None, num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False
+) -> None:
     """Start or join Ray once per process.
 
     address (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts with
     num_cpus logical CPUs (default: this machine's cores). Ray Data's own progress bars are
-    turned off: rayft prints one progress line of its own.
+    turned off: rayft prints one progress line of its own. `dashboard` starts Ray's dashboard with a
+    local Ray: its state API is how Ray Train frees the workers of a run whose driver was killed
+    (a sweep's stopped trial), so sweeps need it.
     """
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
@@ -24,7 +27,14 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
+    configure_data(quiet)
+
+
+def configure_data(quiet: bool = True) -> None:
+    """Ray Data settings of this process (the driver, or a sweep's trial that drives its own run)."""
+    from ray.data import DataContext
+
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same seed, same row order
     if quiet:

@@ -38,7 +38,7 @@ def ray_local():
 
     from cluster.runtime import connect
 
-    connect(num_cpus=4)
+    connect(num_cpus=4, dashboard=True)  # the dashboard's state API frees a stopped sweep trial's workers
     yield ray
     ray.shutdown()
 

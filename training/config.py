@@ -119,8 +119,8 @@ class TrainingConfig(Section):
     log_every_steps: int = Field(
         10,
         ge=1,
-        description="Report metrics to Ray (Tune, dashboards) every N steps; metrics.jsonl and TensorBoard "
-        "get every step.",
+        description="Report metrics to Ray (Tune, dashboards) every N steps and after every eval; "
+        "metrics.jsonl and TensorBoard get every step.",
     )
     ds_config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config merged over the generated one (experts only)."

@@ -106,14 +106,15 @@ def train_loop(config: dict[str, Any]) -> None:
                 "grad_norm": _float(engine.get_global_grad_norm()),
             }
             is_last = step >= cfg.total_steps
-            if eval_shard is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not is_last:
+            evaluated = eval_shard is not None and t.eval_every_steps and step % t.eval_every_steps == 0
+            if evaluated and not is_last:
                 last_eval = evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
                 metrics |= last_eval
             log.write(metrics)
             want_ckpt = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not is_last
             if want_ckpt:
                 report_with_checkpoint(engine, metrics | last_eval, step, epoch, consumed, rank, t.method == "lora")
-            elif step % t.log_every_steps == 0:
+            elif step % t.log_every_steps == 0 or (evaluated and not is_last):  # every eval reaches Train (and Tune)
                 ray.train.report(metrics)
             acc = StepAccumulator()  # after eval and checkpoint, so step times are training only
         if step < cfg.total_steps:

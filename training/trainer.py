@@ -111,8 +111,11 @@ def count_steps(job: JobConfig, train_rows: int) -> int:
     return max(1, math.floor(t.epochs * train_rows / t.global_batch_size))
 
 
-def run_training(job: JobConfig, restart: bool = False, on_event: Callable[[dict], None] | None = None) -> TrainResult:
-    """Run one finetune to the end (or resume it) and export <run>/final/. Ray must be connected."""
+def run_training(
+    job: JobConfig, restart: bool = False, on_event: Callable[[dict], None] | None = None, callbacks: list | None = None
+) -> TrainResult:
+    """Run one finetune to the end (or resume it) and export <run>/final/. Ray must be connected.
+    `callbacks` are Ray Train callbacks (a sweep's trial passes the one that reports to Tune)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -161,6 +164,7 @@ def run_training(job: JobConfig, restart: bool = False, on_event: Callable[[dict
             storage_path=job.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.checkpoints_to_keep, **score),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

@@ -1,0 +1,426 @@
+"""`rayft sweep`: Ray Tune runs many `rayft train` runs, stops the hopeless ones early (ASHA on
+optimizer steps), and hands the best one on.
+
+Each trial is a Tune function trial that builds and fits a TorchTrainer through `run_training`, the
+same code as `rayft train` (the Ray Train V2 way of combining the two): the trainer's reports reach
+Tune through a Train callback, and a trial Tune stops takes its training workers down with it.
+
+<storage>/<sweep name>/
+    runs/<trial id>/     each trial's run dir (metrics.jsonl, checkpoints, final/)
+    results.csv, .md     the leaderboard         results.png   metric against each parameter
+    best.yaml            the best trial's job file, ready for `rayft train`
+    best/                link to the best trial's final/ (what `rayft serve` takes)
+    (Tune's own state)   what a rerun with the same name resumes from
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tuning.config import EVAL_METRICS, STEP_METRICS, shape_problems
+from tuning.space import apply_params, edge_values, space_problems, tune_space
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
+
+TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only waits on its TorchTrainer
+RUNS_DIR = "runs"
+
+
+class SweepError(Exception):
+    """A sweep that cannot start or did not finish; the message says what to do."""
+
+
+@dataclass
+class TrialRow:
+    trial: str
+    params: dict[str, Any]
+    metric: float | None
+    steps: int
+    status: str  # completed | stopped early | unfinished | error
+    wall_s: float
+    run_dir: str
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: str
+    metric: str
+    mode: str
+    rows: list[TrialRow] = field(default_factory=list)
+    best: TrialRow | None = None
+    resumed: bool = False
+    interrupted: bool = False  # Ctrl-C: some trials have not ended; the same command resumes them
+
+
+def sweep_dir(job: JobConfig) -> str:
+    return os.path.join(job.run.storage_path, job.sweep.name or f"{job.run.name}-sweep")
+
+
+def check_sweep(job: JobConfig) -> list[str]:
+    """Problems that need no cluster: the space, the metric, the scheduler against the run length."""
+    sw = job.sweep
+    problems = []
+    if not sw.space:
+        problems.append("sweep.space is empty: name at least one setting to search, e.g. "
+                        "training.lr: {loguniform: [1e-5, 1e-3]}")  # fmt: skip
+    problems += shape_problems(sw)
+    problems += space_problems(job)
+    has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
+    t = job.training
+    known = list(STEP_METRICS) + (list(EVAL_METRICS) if has_eval else [])
+    if sw.metric not in STEP_METRICS + EVAL_METRICS:
+        problems.append(f"sweep.metric: the trials never report {sw.metric!r}; choose one of {', '.join(known)}")
+    elif sw.metric in EVAL_METRICS:
+        if not has_eval:
+            problems.append(f"sweep.metric: {sw.metric} needs evaluation data: set data.eval or data.eval_fraction, "
+                            f"or pick a training metric ({', '.join(STEP_METRICS)})")  # fmt: skip
+        elif sw.scheduler.type == "asha" and not t.eval_every_steps:
+            problems.append(f"sweep.metric: ASHA compares {sw.metric} while trials train, but it is only measured "
+                            "at the end (training.eval_every_steps is 0); set training.eval_every_steps, or "
+                            "sweep.scheduler.type: fifo")  # fmt: skip
+        elif not t.eval_every_steps and not t.eval_at_end:
+            problems.append(f"sweep.metric: {sw.metric} is never measured (training.eval_every_steps is 0 and "
+                            "training.eval_at_end is false)")  # fmt: skip
+    if sw.scheduler.type == "asha" and t.max_steps and sw.scheduler.grace_period >= t.max_steps:
+        problems.append(f"sweep.scheduler.grace_period ({sw.scheduler.grace_period}) must be below "
+                        f"training.max_steps ({t.max_steps}), or ASHA can never stop a trial")  # fmt: skip
+    return problems
+
+
+def trial_resources(job: JobConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds: its workers, room for its data stages, and the trial itself."""
+    from training.trainer import DATA_CPU_HEADROOM
+
+    s = job.scaling
+    workers = s.num_workers
+    if "scaling.num_workers" in job.sweep.space:
+        workers = max(int(v) for v in edge_values(job.sweep.space["scaling.num_workers"]))
+    cpus = workers * s.cpus_per_worker + DATA_CPU_HEADROOM + TRIAL_DRIVER_CPU
+    return cpus, (workers * s.gpus_per_worker if s.use_gpu else 0.0)
+
+
+def concurrency(job: JobConfig, total: dict[str, float]) -> int:
+    """Trials at once: the configured number (refused when the cluster cannot hold it), else what fits."""
+    cpus, gpus = trial_resources(job)
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    fit = math.floor(have_cpu / cpus + 1e-9)
+    if gpus:
+        fit = min(fit, math.floor(have_gpu / gpus + 1e-9))
+    want = job.sweep.max_concurrent_trials
+    need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+    has = f"{have_cpu:g} CPUs" + (f" and {have_gpu:g} GPUs" if gpus else "")
+    if fit < 1:
+        raise SweepError(f"one trial needs {need} ({job.scaling.num_workers} workers plus data stages), the cluster "
+                         f"has {has}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+    if want and want > fit:
+        raise SweepError(
+            f"sweep.max_concurrent_trials is {want}, but each trial needs {need} and the cluster has "
+            f"{has}: at most {fit} fit; lower sweep.max_concurrent_trials or the workers per trial"
+        )
+    return want or fit
+
+
+def local_cpus(job: JobConfig) -> int:
+    """Logical CPUs for a local Ray: at least what the configured concurrency needs."""
+    cpus, _ = trial_resources(job)
+    return max(os.cpu_count() or 1, math.ceil(cpus * (job.sweep.max_concurrent_trials or 1)) + 1)
+
+
+def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
+    """Run (or resume) the sweep to the end and write its results. Ray must be connected."""
+    import ray
+    from ray import tune
+
+    problems = check_sweep(job)
+    if problems:
+        raise SweepError("the sweep cannot start:\n  " + "\n  ".join(problems))
+    from training.data import check_rows
+    from training.models import resolve_model
+
+    resolve_model(job.model.name)  # once, not in every trial
+    check_rows(job.data)
+    n_at_once = concurrency(job, ray.cluster_resources())
+    sw = job.sweep
+    root = sweep_dir(job)
+    storage, name = os.path.dirname(root), os.path.basename(root)
+    if restart and os.path.isdir(root):
+        import time
+
+        os.replace(root, f"{root}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.join(root, RUNS_DIR), exist_ok=True)
+
+    base = job.model_dump(mode="json")
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric),
+        {"cpu": TRIAL_DRIVER_CPU},
+    )
+    resumed = tune.Tuner.can_restore(root)
+    if resumed:
+        say(f"resuming sweep {name}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(root, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(sw.space, sw.search),
+            tune_config=tune.TuneConfig(
+                metric=sw.metric,
+                mode=sw.metric_mode,
+                num_samples=sw.num_samples,
+                time_budget_s=sw.time_budget_s,
+                scheduler=_scheduler(job),
+                search_alg=_searcher(job, n_at_once),
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=0,
+                callbacks=[_Lines(sw.metric)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    say(f"sweep {name}: {sw.num_samples} trial(s), {n_at_once} at a time, {sw.search} search, "
+        f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}")  # fmt: skip
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune's own tables stay off the console
+    grid = tuner.fit()
+    states = {t.trial_id: t.status for t in getattr(grid._experiment_analysis, "trials", None) or []}
+    rows = [_row(r, root, sw.metric, states) for r in grid]
+    result = SweepResult(root, sw.metric, sw.metric_mode, rows, resumed=resumed)
+    result.interrupted = any(r.status == "unfinished" for r in rows)
+    write_results(result, job)
+    return result
+
+
+def _scheduler(job: JobConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sc = job.sweep.scheduler
+    if sc.type == "fifo":
+        return FIFOScheduler()
+    # max_t past the last step: ASHA stops a trial that reaches max_t, and a trial must end by itself
+    # (export its model, release its workers), not be killed at its last report.
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=(job.training.max_steps or 1_000_000) + 1,
+        grace_period=sc.grace_period,
+        reduction_factor=sc.reduction_factor,
+    )
+
+
+def _searcher(job: JobConfig, n_at_once: int):
+    sw = job.sweep
+    if sw.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=sw.seed), max_concurrent=n_at_once)
+    from ray.tune.search import BasicVariantGenerator
+
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it gets the limit itself.
+    return BasicVariantGenerator(max_concurrent=n_at_once, random_state=sw.seed)
+
+
+def trial_main(config: dict, base: dict, root: str, metric: str) -> None:
+    """One trial (runs in a Tune trial actor): the job with this trial's values, trained as `rayft train`
+    trains it, its reports forwarded to Tune."""
+    import ray.tune
+
+    from cluster.config import JobConfig
+    from cluster.runtime import configure_data
+    from training.trainer import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    raw = apply_params(base, config)
+    raw["run"] |= {"name": trial_id, "storage_path": os.path.join(root, RUNS_DIR)}
+    job = JobConfig.model_validate(raw)
+    configure_data()
+    result = run_training(job, callbacks=[_tune_report(metric)])
+    # The final figures go to Tune only now, after export: a scheduler that stops the trial on them
+    # then stops a finished trial, not one still writing its model.
+    final = dict(result.metrics)
+    if metric not in final:
+        from training.trainer import read_metrics
+
+        final |= next((r for r in reversed(read_metrics(job.run_dir)) if metric in r), {})
+    if metric in final:
+        ray.tune.report({k: v for k, v in final.items() if isinstance(v, int | float)} | {"step": result.steps})
+
+
+def _tune_report(metric: str):
+    """Forwards the Train run's step reports that carry the sweep's metric (Tune wants it in every
+    result); the final report is sent by the trial itself once the model is exported."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _Report(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0] and not metrics[0].get("final"):
+                super().after_report(run_context, metrics, None)  # checkpoints stay in the trial's run dir
+
+    return _Report()
+
+
+from ray.tune import Callback  # noqa: E402 - this module is imported only when a sweep runs
+
+
+def say(line: str) -> None:
+    print(f"sweep: {line}", file=sys.stderr, flush=True)
+
+
+class _Lines(Callback):
+    """One console line per trial event (kept in the sweep's saved state, so it must pickle: no handles)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items())
+        say(f"trial {trial.trial_id} started: {params}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        value = r.get(self.metric)
+        say(f"trial {trial.trial_id} ended at step {r.get('step', 0)}: {self.metric} {_fmt(value)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        say(f"trial {trial.trial_id} failed (see {trial.path})")
+
+
+def _row(result, root: str, metric: str, states: dict[str, str]) -> TrialRow:
+    from training.trainer import read_metrics
+
+    trial_id = os.path.basename(result.path.rstrip("/"))
+    run_dir = os.path.join(root, RUNS_DIR, trial_id)
+    m = result.metrics or {}
+    records = read_metrics(run_dir)
+    steps = max([int(r.get("step", 0)) for r in records] + [int(m.get("step", 0) or 0)])
+    done = os.path.isdir(os.path.join(run_dir, "final"))
+    if result.error is not None or states.get(trial_id) == "ERROR":
+        status = "error"
+    elif done:
+        status = "completed"
+    elif m.get("done"):
+        status = "stopped early"  # the scheduler's decision on its last report
+    else:
+        status = "unfinished"  # interrupted (or never started): the same command resumes it
+    value = m.get(metric)
+    if done and value is None:  # the last report had no eval (eval_at_end false): the run's last one
+        values = [r[metric] for r in records if r.get(metric) is not None]
+        value = values[-1] if values else None
+    return TrialRow(
+        trial=trial_id,
+        params=dict(result.config or {}),
+        metric=float(value) if value is not None else None,
+        steps=steps,
+        status=status,
+        wall_s=float(m.get("time_total_s", 0.0) or 0.0),
+        run_dir=run_dir,
+        error=str(result.error).splitlines()[0][:300] if result.error is not None else None,
+    )
+
+
+def ranked(rows: list[TrialRow], mode: str) -> list[TrialRow]:
+    """Completed trials first (best metric first), then stopped ones by metric, then the rest."""
+    order = {"completed": 0, "stopped early": 1, "unfinished": 2, "error": 3}
+    sign = 1 if mode == "min" else -1
+
+    def key(r: TrialRow):
+        return (order[r.status], r.metric is None, sign * (r.metric if r.metric is not None else 0.0))
+
+    return sorted(rows, key=key)
+
+
+def write_results(result: SweepResult, job: JobConfig) -> None:
+    """results.csv/.md/.png, best.yaml and the best/ link."""
+    rows = ranked(result.rows, result.mode)
+    result.rows = rows
+    params = list(job.sweep.space)
+    head = ["rank", "trial", *params, result.metric, "steps", "status", "wall_s"]
+    table = [
+        [str(i + 1), r.trial, *(_fmt(r.params.get(p)) for p in params), _fmt(r.metric), str(r.steps), r.status,
+         f"{r.wall_s:.1f}"]
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    with open(os.path.join(result.sweep_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        w.writerows(table)
+    best = next((r for r in rows if r.status == "completed" and r.metric is not None), None)
+    result.best = best
+    md = [f"# Sweep {os.path.basename(result.sweep_dir)}", "",
+          f"{len(rows)} trials, {result.mode} {result.metric}; best: {best.trial if best else 'none completed'}", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    md += ["| " + " | ".join(row) + " |" for row in table]
+    with open(os.path.join(result.sweep_dir, "results.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    plot_results(result, params)
+    if best:
+        write_best(result, best, job)
+
+
+def write_best(result: SweepResult, best: TrialRow, job: JobConfig) -> None:
+    import yaml
+
+    from training.trainer import JOB_FILE
+
+    with open(os.path.join(best.run_dir, JOB_FILE)) as f:
+        raw = yaml.safe_load(f)
+    raw.pop("sweep", None)
+    name = os.path.basename(result.sweep_dir)
+    raw["run"] |= {"name": f"{name}-best", "storage_path": job.run.storage_path}
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+    with open(os.path.join(result.sweep_dir, "best.yaml"), "w") as f:
+        f.write(f"# The best trial of sweep {name} ({best.trial}: {result.metric} {_fmt(best.metric)}; {params}).\n"
+                f"#   rayft train {os.path.join(result.sweep_dir, 'best.yaml')}\n")  # fmt: skip
+        yaml.safe_dump(raw, f, sort_keys=False)
+    link = os.path.join(result.sweep_dir, "best")
+    if os.path.islink(link) or os.path.exists(link):
+        os.remove(link)
+    os.symlink(os.path.relpath(os.path.join(best.run_dir, "final"), result.sweep_dir), link)
+
+
+def plot_results(result: SweepResult, params: list[str]) -> str | None:
+    """results.png: the metric against each searched parameter, one panel each; stopped trials hollow."""
+    shown = [p for p in params if any(isinstance(r.params.get(p), int | float) for r in result.rows)][:4]
+    scored = [r for r in result.rows if r.metric is not None]
+    if not shown or not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], shown, strict=True):
+        for status, style in (("completed", "o"), ("stopped early", "x")):
+            pts = [(r.params[p], r.metric) for r in scored if r.status == status and isinstance(r.params.get(p),
+                   int | float)]  # fmt: skip
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=status, markersize=7)
+        values = [r.params[p] for r in scored if isinstance(r.params.get(p), int | float) and r.params[p] > 0]
+        if values and max(values) / max(min(values), 1e-300) > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(p)
+        ax.set_ylabel(result.metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{os.path.basename(result.sweep_dir)}: {result.metric} ({result.mode}) per trial")
+    fig.tight_layout()
+    out = os.path.join(result.sweep_dir, "results.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
