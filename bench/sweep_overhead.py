@@ -68,6 +68,7 @@ run: {{name: bench, storage_path: {work / "runs"}}}
 sweep:
   name: overhead
   space: {{training.lr: {{grid: {json.dumps(lrs)}}}}}
+  num_samples: 1
   max_concurrent_trials: {concurrency}
   scheduler: {{type: fifo}}
 """

@@ -73,7 +73,7 @@ def test_space_paths_bounds_and_metric_are_checked_together(tmp_path):
     assert "sweep.space.training.warmup_ratio" in text and "low (0.2) must be below high (0.1)" in text
     assert "sweep.space.training.lora.r: the value 0 is refused" in text
     assert "sweep.space.run.name" in text and "cannot vary" in text
-    assert "never report 'eval_accuracy'" in text and "eval_loss" in text
+    assert "never report 'eval_accuracy'" in text and "eval_loss" in text and "exact_match" in text
     assert len(problems) == 6, problems
 
 
@@ -193,10 +193,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     from training.trainer import read_metrics
     from tuning.sweep import run_sweep
 
+    # Ranked by a generation score, which each trial measures on its exported model at its end.
     sweep = {"name": "resume", "space": {"training.lr": {"grid": [5e-3, 2e-3]}}, "num_samples": 1,
-             "max_concurrent_trials": 1,
-             "scheduler": {"type": "fifo"}}  # fmt: skip
-    job = load_config(job_file(tmp_path, tiny_model_dir, sweep))
+             "max_concurrent_trials": 1, "metric": "exact_match", "scheduler": {"type": "fifo"}}  # fmt: skip
+    job = load_config(job_file(tmp_path, tiny_model_dir, sweep), ["eval.max_new_tokens=8", "eval.replicas=1"])
     runs = tmp_path / "runs" / "resume" / "runs"
 
     def ctrl_c_after_first_trial():  # what a user's Ctrl-C does: Tune saves its state and returns
@@ -228,3 +228,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     assert (finished_dir / "final").stat().st_mtime_ns == stamp  # not trained again
     assert len([m for m in read_metrics(str(finished_dir)) if m.get("event") == "start"]) == starts
     assert json.loads(json.dumps(second.best.params)) in ({"training.lr": 5e-3}, {"training.lr": 2e-3})
+    for r in second.rows:  # the score of each trial's own model, from predictions kept in its run dir
+        assert r.metric is not None and 0.0 <= r.metric <= 1.0
+        assert (Path(r.run_dir) / "eval" / "predictions-finetuned.jsonl").exists()

@@ -15,6 +15,8 @@ from training.config import Section
 # Metrics the training loop reports with every logged step, and the ones its eval pass adds.
 STEP_METRICS = ("loss", "tokens_per_s", "nonpad_tokens_per_s", "step_time_s", "grad_norm")
 EVAL_METRICS = ("eval_loss", "eval_perplexity")
+# Scores of the generation eval (`rayft eval`), run on each trial's exported model once it has trained.
+GENERATION_METRICS = ("exact_match", "contained", "token_f1", "json_valid")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
@@ -43,8 +45,9 @@ class SweepConfig(Section):
     )
     metric: str = Field(
         "eval_loss",
-        description="What ranks trials and what ASHA compares: eval_loss (needs data.eval and "
-        "training.eval_every_steps) or a training metric such as loss.",
+        description="What ranks trials: eval_loss (needs data.eval and training.eval_every_steps for ASHA), a "
+        "training metric such as loss, or a generation score of `rayft eval` on each trial's model at its end "
+        "(exact_match, contained, token_f1, json_valid; ASHA then compares eval_loss while trials train).",
     )
     mode: Literal["min", "max"] | None = Field(
         None, description="min or max the metric (default: min for losses and perplexity, else max)."
@@ -80,6 +83,12 @@ class SweepConfig(Section):
                     spec = {kind: [_as_float(a) for a in args]}
             out[path] = spec
         return out
+
+    @property
+    def progress_metric(self) -> str:
+        """What trials report while they train (and ASHA compares): the metric, or eval_loss for a
+        generation score, which exists only once a trial has finished."""
+        return "eval_loss" if self.metric in GENERATION_METRICS else self.metric
 
     @property
     def metric_mode(self) -> str:

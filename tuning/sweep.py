@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tuning.config import EVAL_METRICS, STEP_METRICS, shape_problems
+from tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
 from tuning.space import apply_params, edge_values, space_problems, tune_space
 
 if TYPE_CHECKING:
@@ -74,18 +74,22 @@ def check_sweep(job: JobConfig) -> list[str]:
     problems += space_problems(job)
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
     t = job.training
-    known = list(STEP_METRICS) + (list(EVAL_METRICS) if has_eval else [])
-    if sw.metric not in STEP_METRICS + EVAL_METRICS:
+    known = list(STEP_METRICS) + (list(EVAL_METRICS + GENERATION_METRICS) if has_eval else [])
+    progress = sw.progress_metric
+    if sw.metric not in STEP_METRICS + EVAL_METRICS + GENERATION_METRICS:
         problems.append(f"sweep.metric: the trials never report {sw.metric!r}; choose one of {', '.join(known)}")
-    elif sw.metric in EVAL_METRICS:
+    elif sw.metric in GENERATION_METRICS and sw.search == "optuna":
+        problems.append(f"sweep.metric: {sw.metric} is scored once a trial ends, and optuna wants the metric in "
+                        "every report; use search: random or grid, or metric: eval_loss")  # fmt: skip
+    elif progress in EVAL_METRICS:
         if not has_eval:
             problems.append(f"sweep.metric: {sw.metric} needs evaluation data: set data.eval or data.eval_fraction, "
                             f"or pick a training metric ({', '.join(STEP_METRICS)})")  # fmt: skip
         elif sw.scheduler.type == "asha" and not t.eval_every_steps:
-            problems.append(f"sweep.metric: ASHA compares {sw.metric} while trials train, but it is only measured "
+            problems.append(f"sweep.metric: ASHA compares {progress} while trials train, but it is only measured "
                             "at the end (training.eval_every_steps is 0); set training.eval_every_steps, or "
                             "sweep.scheduler.type: fifo")  # fmt: skip
-        elif not t.eval_every_steps and not t.eval_at_end:
+        elif sw.metric in EVAL_METRICS and not t.eval_every_steps and not t.eval_at_end:
             problems.append(f"sweep.metric: {sw.metric} is never measured (training.eval_every_steps is 0 and "
                             "training.eval_at_end is false)")  # fmt: skip
     if sw.scheduler.type == "asha" and t.max_steps and sw.scheduler.grace_period >= t.max_steps:
@@ -158,7 +162,7 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
 
     base = job.model_dump(mode="json")
     trainable = tune.with_resources(
-        tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric),
+        tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric, progress=sw.progress_metric),
         {"cpu": TRIAL_DRIVER_CPU},
     )
     resumed = tune.Tuner.can_restore(root)
@@ -166,12 +170,15 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
         say(f"resuming sweep {name}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(root, trainable=trainable, resume_errored=True)
     else:
+        # A generation score exists only at a trial's end: the scheduler then judges trials by eval_loss
+        # while they train, and the score ranks them (Tune checks every result for TuneConfig's metric).
+        ranked_by_tune = sw.metric not in GENERATION_METRICS
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(sw.space, sw.search),
             tune_config=tune.TuneConfig(
-                metric=sw.metric,
-                mode=sw.metric_mode,
+                metric=sw.metric if ranked_by_tune else None,
+                mode=sw.metric_mode if ranked_by_tune else None,
                 num_samples=sw.num_samples,
                 time_budget_s=sw.time_budget_s,
                 scheduler=_scheduler(job),
@@ -201,12 +208,15 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
 def _scheduler(job: JobConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    sc = job.sweep.scheduler
+    sw = job.sweep
+    sc = sw.scheduler
     if sc.type == "fifo":
         return FIFOScheduler()
+    own = {} if sw.metric == sw.progress_metric else {"metric": sw.progress_metric, "mode": "min"}
     # max_t past the last step: ASHA stops a trial that reaches max_t, and a trial must end by itself
     # (export its model, release its workers), not be killed at its last report.
     return ASHAScheduler(
+        **own,
         time_attr="step",
         max_t=(job.training.max_steps or 1_000_000) + 1,
         grace_period=sc.grace_period,
@@ -227,7 +237,7 @@ def _searcher(job: JobConfig, n_at_once: int):
     return BasicVariantGenerator(max_concurrent=n_at_once, random_state=sw.seed)
 
 
-def trial_main(config: dict, base: dict, root: str, metric: str) -> None:
+def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) -> None:
     """One trial (runs in a Tune trial actor): the job with this trial's values, trained as `rayft train`
     trains it, its reports forwarded to Tune."""
     import ray.tune
@@ -241,16 +251,36 @@ def trial_main(config: dict, base: dict, root: str, metric: str) -> None:
     raw["run"] |= {"name": trial_id, "storage_path": os.path.join(root, RUNS_DIR)}
     job = JobConfig.model_validate(raw)
     configure_data()
-    result = run_training(job, callbacks=[_tune_report(metric)])
+    result = run_training(job, callbacks=[_tune_report(progress)])
     # The final figures go to Tune only now, after export: a scheduler that stops the trial on them
     # then stops a finished trial, not one still writing its model.
     final = dict(result.metrics)
-    if metric not in final:
+    if progress not in final:
         from training.trainer import read_metrics
 
-        final |= next((r for r in reversed(read_metrics(job.run_dir)) if metric in r), {})
+        final |= next((r for r in reversed(read_metrics(job.run_dir)) if progress in r), {})
+    if metric in GENERATION_METRICS:
+        final |= generation_scores(job)
     if metric in final:
         ray.tune.report({k: v for k, v in final.items() if isinstance(v, int | float)} | {"step": result.steps})
+
+
+def generation_scores(job: JobConfig) -> dict:
+    """`rayft eval`'s scores of the trial's exported model (no base model), within the CPUs/GPUs the
+    trial's workers held; predictions are kept in the trial's eval/ like `rayft eval` keeps them."""
+    import dataclasses
+
+    from training.evaluate import EVAL_DIR, eval_rows, inference_config, predict, score
+    from training.inference import resolve_inference_model
+
+    rows = eval_rows(job, job.eval.max_rows)
+    icfg = inference_config(job)
+    s = job.scaling
+    icfg = dataclasses.replace(icfg, replicas=min(icfg.replicas, s.num_workers),
+                               cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker))  # fmt: skip
+    model = resolve_inference_model(job.run_dir, base_model=job.model.name)
+    predictions, _ = predict(model, rows, icfg, os.path.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
+    return {k: v for k, v in score(predictions).items() if k in GENERATION_METRICS and v is not None}
 
 
 def _tune_report(metric: str):
