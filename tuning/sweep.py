@@ -315,8 +315,8 @@ class _Lines(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        value = r.get(self.metric)
-        say(f"trial {trial.trial_id} ended at step {r.get('step', 0)}: {self.metric} {_fmt(value)}")
+        how = "finished" if r.get("final") else "stopped by the scheduler"
+        say(f"trial {trial.trial_id} {how} at step {r.get('step', 0)}: {self.metric} {_fmt(r.get(self.metric))}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         say(f"trial {trial.trial_id} failed (see {trial.path})")
