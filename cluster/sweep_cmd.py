@@ -39,7 +39,7 @@ def sweep(
             result = run_sweep(cfg, restart=restart)
         except SweepError as e:
             err.print(f"[bold red]sweep error[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(2 if "cannot start" in str(e) or "cluster" in str(e) else 1) from None
+            raise typer.Exit(2) from None  # raised before any trial starts
     print_leaderboard(result)
     if result.interrupted:
         err.print(f"interrupted: the same command resumes the sweep ({result.sweep_dir})")
@@ -50,6 +50,8 @@ def sweep(
 
 def print_leaderboard(result) -> None:
     from rich.table import Table
+
+    from tuning.sweep import fmt_value as _fmt
 
     params = list(result.rows[0].params) if result.rows else []
     table = Table(title=f"sweep {result.sweep_dir}", title_justify="left")
@@ -72,9 +74,3 @@ def print_leaderboard(result) -> None:
     out.print(f"  best         {result.best.trial}: {result.metric} {_fmt(result.best.metric)}")
     out.print(f"  rerun it     rayft train {d}/best.yaml")
     out.print(f"  serve it     rayft serve {d}/best")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

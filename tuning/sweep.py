@@ -197,8 +197,7 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
         f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}")  # fmt: skip
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune's own tables stay off the console
     grid = tuner.fit()
-    states = {t.trial_id: t.status for t in getattr(grid._experiment_analysis, "trials", None) or []}
-    rows = [_row(r, root, sw.metric, states) for r in grid]
+    rows = [_row(r, root, sw.metric) for r in grid]
     result = SweepResult(root, sw.metric, sw.metric_mode, rows, resumed=resumed)
     result.interrupted = any(r.status == "unfinished" for r in rows)
     write_results(result, job)
@@ -310,19 +309,19 @@ class _Lines(Callback):
         self.metric = metric
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (trial.config or {}).items())
+        params = ", ".join(f"{k}={fmt_value(v)}" for k, v in (trial.config or {}).items())
         say(f"trial {trial.trial_id} started: {params}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
         how = "finished" if r.get("final") else "stopped by the scheduler"
-        say(f"trial {trial.trial_id} {how} at step {r.get('step', 0)}: {self.metric} {_fmt(r.get(self.metric))}")
+        say(f"trial {trial.trial_id} {how} at step {r.get('step', 0)}: {self.metric} {fmt_value(r.get(self.metric))}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         say(f"trial {trial.trial_id} failed (see {trial.path})")
 
 
-def _row(result, root: str, metric: str, states: dict[str, str]) -> TrialRow:
+def _row(result, root: str, metric: str) -> TrialRow:
     from training.trainer import read_metrics
 
     trial_id = os.path.basename(result.path.rstrip("/"))
@@ -331,7 +330,7 @@ def _row(result, root: str, metric: str, states: dict[str, str]) -> TrialRow:
     records = read_metrics(run_dir)
     steps = max([int(r.get("step", 0)) for r in records] + [int(m.get("step", 0) or 0)])
     done = os.path.isdir(os.path.join(run_dir, "final"))
-    if result.error is not None or states.get(trial_id) == "ERROR":
+    if result.error is not None:
         status = "error"
     elif done:
         status = "completed"
@@ -373,8 +372,8 @@ def write_results(result: SweepResult, job: JobConfig) -> None:
     params = list(job.sweep.space)
     head = ["rank", "trial", *params, result.metric, "steps", "status", "wall_s"]
     table = [
-        [str(i + 1), r.trial, *(_fmt(r.params.get(p)) for p in params), _fmt(r.metric), str(r.steps), r.status,
-         f"{r.wall_s:.1f}"]
+        [str(i + 1), r.trial, *(fmt_value(r.params.get(p)) for p in params), fmt_value(r.metric), str(r.steps),
+         r.status, f"{r.wall_s:.1f}"]
         for i, r in enumerate(rows)
     ]  # fmt: skip
     with open(os.path.join(result.sweep_dir, "results.csv"), "w", newline="") as f:
@@ -404,9 +403,10 @@ def write_best(result: SweepResult, best: TrialRow, job: JobConfig) -> None:
     raw.pop("sweep", None)
     name = os.path.basename(result.sweep_dir)
     raw["run"] |= {"name": f"{name}-best", "storage_path": job.run.storage_path}
-    params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+    params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
     with open(os.path.join(result.sweep_dir, "best.yaml"), "w") as f:
-        f.write(f"# The best trial of sweep {name} ({best.trial}: {result.metric} {_fmt(best.metric)}; {params}).\n"
+        score = f"{result.metric} {fmt_value(best.metric)}"
+        f.write(f"# The best trial of sweep {name} ({best.trial}: {score}; {params}).\n"
                 f"#   rayft train {os.path.join(result.sweep_dir, 'best.yaml')}\n")  # fmt: skip
         yaml.safe_dump(raw, f, sort_keys=False)
     link = os.path.join(result.sweep_dir, "best")
@@ -448,7 +448,7 @@ def plot_results(result: SweepResult, params: list[str]) -> str | None:
     return out
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
