@@ -153,20 +153,21 @@ def _train(cfg, address: str | None, restart: bool):
 
     with err.status("starting Ray", spinner="dots"):
         # A laptop has fewer cores than workers + data stages want; logical CPUs may exceed them.
-        connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1))
-    progress = TrainProgress()
+        joined = connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1))
+    progress = TrainProgress(cfg.training.log_every_steps)
     try:
         with progress:
-            return run_training(cfg, restart=restart, on_event=progress.on_event)
+            return run_training(cfg, restart=restart, on_event=progress.on_event, cluster_can_grow=joined)
     except TrainError as e:
         err.print(f"[bold red]training error[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
 class TrainProgress:
-    """One driver-side progress bar fed by rank 0's metrics (step/total, loss, tokens/s, ETA)."""
+    """One driver-side progress bar fed by rank 0's metrics (step/total, loss, tokens/s, ETA). Without a
+    terminal (a cluster job's log, a pipe) it prints one line every `log_every` steps instead."""
 
-    def __init__(self):
+    def __init__(self, log_every: int = 10):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -179,6 +180,9 @@ class TrainProgress:
             transient=False,
         )
         self.task = None
+        self.log_every = log_every
+        self.lines = not err.is_terminal
+        self.total = None
 
     def __enter__(self):
         self.progress.start()
@@ -189,7 +193,12 @@ class TrainProgress:
         self.progress.stop()
 
     def on_event(self, r: dict) -> None:
+        if self.lines:
+            self._line(r)
+        if r.get("event") == "warning":
+            self.progress.console.print(f"[yellow]warning[/] {escape(r['message'])}", highlight=False)
         if r.get("event") == "planned":
+            self.total = r["total_steps"]
             self.progress.update(self.task, total=r["total_steps"])
             what = "resuming" if r.get("resuming") else "planned"
             rows = f" from {r['train_rows']:,} training rows" if r.get("train_rows") else ""
@@ -203,6 +212,14 @@ class TrainProgress:
             )
         if "eval_loss" in r:
             self.progress.update(self.task, eval=f"{r['eval_loss']:.4f}")
+
+    def _line(self, r: dict) -> None:
+        step = r.get("step")
+        if "eval_loss" in r:
+            self.progress.console.print(f"step {step}/{self.total}  eval loss {r['eval_loss']:.4f}", highlight=False)
+        elif "loss" in r and step and (step % self.log_every == 0 or step == self.total):
+            tps = f"{r['nonpad_tokens_per_s']:,.0f}"
+            self.progress.console.print(f"step {step}/{self.total}  loss {r['loss']:.4f}  {tps} tok/s", highlight=False)
 
 
 def _print_train_summary(result) -> None:
@@ -464,6 +481,11 @@ app.command("serve")(serve)
 from cluster.sweep_cmd import sweep  # noqa: E402
 
 app.command("sweep")(sweep)
+
+from cluster.jobs_cmd import jobs_app, submit  # noqa: E402
+
+app.command("submit")(submit)
+app.add_typer(jobs_app, name="jobs")
 
 
 def main() -> None:

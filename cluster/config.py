@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -27,6 +27,11 @@ class ScalingConfig(Section):
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources each worker needs (e.g. a node label)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes: PACK fills nodes first, SPREAD spreads them when it can, "
+        "STRICT_SPREAD puts each worker on its own node.",
     )
 
 
@@ -51,6 +56,31 @@ class RunConfig(Section):
         return self
 
 
+class SubmitConfig(Section):
+    """How `rayft submit` packages a job for a remote cluster (ignored by local commands)."""
+
+    pip: list[str] = Field(
+        default_factory=list, description="Extra pip requirements installed for the job on the cluster."
+    )
+    image_uri: str | None = Field(
+        None, description="Container image the job runs in (Ray's image_uri; the nodes need podman)."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the job's driver and workers."
+    )
+    max_upload_mb: float = Field(
+        100.0,
+        gt=0,
+        description="Largest total size of local data and model files shipped with a job; put bigger ones on "
+        "shared storage.",
+    )
+    shared_paths: list[str] = Field(
+        default_factory=list,
+        description="Path prefixes mounted at the same place on every node (NFS): files under them are not "
+        "shipped, the job reads them in place.",
+    )
+
+
 class JobConfig(Section):
     """A whole rayft job: what to train on, how, where, and where results go."""
 
@@ -63,6 +93,7 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The HTTP endpoint (rayft serve).")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter search (rayft sweep).")
+    submit: SubmitConfig = Field(default_factory=SubmitConfig, description="Packaging for a cluster (rayft submit).")
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> JobConfig:

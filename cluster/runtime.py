@@ -8,17 +8,19 @@ import os
 
 def connect(
     address: str | None = None, num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False
-) -> None:
+) -> bool:
     """Start or join Ray once per process.
 
     address (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts with
     num_cpus logical CPUs (default: this machine's cores). Ray Data's own progress bars are
     turned off: rayft prints one progress line of its own. `dashboard` starts Ray's dashboard with a
     local Ray: its state API is how Ray Train frees the workers of a run whose driver was killed
-    (a sweep's stopped trial), so sweeps need it.
+    (a sweep's stopped trial), so sweeps need it. Returns True when joined to a running cluster
+    (one that may grow: an autoscaler can add nodes), False for a local Ray of this process.
     """
     import ray
 
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if quiet:  # keep the console to rayft's own lines; Ray's logs stay in /tmp/ray/session_*/logs
@@ -29,6 +31,7 @@ def connect(
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
     configure_data(quiet)
+    return joined
 
 
 def configure_data(quiet: bool = True) -> None:

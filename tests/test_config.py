@@ -149,7 +149,7 @@ def test_cli_config_show_prints_the_resolved_config(tmp_path):
     shown = yaml.safe_load(r.stdout)
     assert shown["training"]["lr"] == 0.01
     assert shown["model"]["name"] == "smollm2-135m-instruct"
-    assert set(shown) == {"model", "data", "training", "scaling", "run", "export", "eval", "serve", "sweep"}
+    assert set(shown) == {"model", "data", "training", "scaling", "run", "export", "eval", "serve", "sweep", "submit"}
     assert JobConfig.model_validate(shown)  # what it prints is itself a valid job file
 
 

@@ -61,7 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             step, epoch, consumed = load_checkpoint(engine, ckpt_dir, lora=t.method == "lora")
     log = MetricsLog(cfg.run_dir) if rank == 0 else NullLog()
-    pids = gather_pids(world)  # recorded so operators (and the failure tests) can find each worker
+    pids, nodes = gather_workers(world)  # recorded so operators (and the failure tests) can find each worker
     log.event(
         {
             "event": "start",
@@ -70,6 +70,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "workers": world,
             "resumed": step > 0,
             "pids": pids,
+            "nodes": nodes,
         }
     )
     train_shard = ray.train.get_dataset_shard("train")
@@ -311,15 +312,18 @@ def _row_ids(row: dict) -> list[int]:
     return [int(row["row_id"])]
 
 
-def gather_pids(world: int) -> list[int]:
+def gather_workers(world: int) -> tuple[list[int], list[str]]:
+    """Each rank's process id and Ray node id, in rank order."""
+    import ray
     import torch.distributed as dist
 
-    pids: list = [None] * world
+    mine = (os.getpid(), ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local")
+    everyone: list = [None] * world
     if dist.is_initialized():
-        dist.all_gather_object(pids, os.getpid())
+        dist.all_gather_object(everyone, mine)
     else:
-        pids = [os.getpid()]
-    return pids
+        everyone = [mine]
+    return [pid for pid, _ in everyone], [node for _, node in everyone]
 
 
 def all_ranks_have(mine: bool, device) -> bool:

@@ -37,13 +37,21 @@ def required_cpus(job: JobConfig) -> float:
     return job.scaling.num_workers * job.scaling.cpus_per_worker + DATA_CPU_HEADROOM
 
 
-def check_cluster(job: JobConfig) -> None:
-    """Refuse, before waiting forever, a run that the cluster cannot place."""
+def check_cluster(job: JobConfig, can_grow: bool = False) -> str | None:
+    """Refuse, before waiting forever, a run that the cluster cannot place. On a cluster that can grow
+    (one joined by address, which may autoscale) a shortfall is returned as a warning instead."""
     import ray
 
     total = ray.cluster_resources()
     s = job.scaling
     problems = []
+    if s.placement_strategy == "STRICT_SPREAD":
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if nodes < s.num_workers:
+            problems.append(
+                f"scaling.placement_strategy STRICT_SPREAD puts each of the {s.num_workers} workers on its own "
+                f"node, but the cluster has {nodes}; add nodes or use SPREAD"
+            )
     need_cpu = required_cpus(job)
     if total.get("CPU", 0) < need_cpu:
         problems.append(
@@ -60,8 +68,11 @@ def check_cluster(job: JobConfig) -> None:
             problems.append(
                 f"resource {name!r}: {amount * s.num_workers:g} needed, the cluster has {total.get(name, 0):g}"
             )
-    if problems:
-        raise TrainError("the cluster cannot fit this run:\n  " + "\n  ".join(problems))
+    if not problems:
+        return None
+    if can_grow:
+        return "the cluster is short of resources for now; the run waits for them:\n  " + "\n  ".join(problems)
+    raise TrainError("the cluster cannot fit this run:\n  " + "\n  ".join(problems))
 
 
 def prepare_run_dir(job: JobConfig, restart: bool) -> bool:
@@ -112,10 +123,15 @@ def count_steps(job: JobConfig, train_rows: int) -> int:
 
 
 def run_training(
-    job: JobConfig, restart: bool = False, on_event: Callable[[dict], None] | None = None, callbacks: list | None = None
+    job: JobConfig,
+    restart: bool = False,
+    on_event: Callable[[dict], None] | None = None,
+    callbacks: list | None = None,
+    cluster_can_grow: bool = False,
 ) -> TrainResult:
     """Run one finetune to the end (or resume it) and export <run>/final/. Ray must be connected.
-    `callbacks` are Ray Train callbacks (a sweep's trial passes the one that reports to Tune)."""
+    `callbacks` are Ray Train callbacks (a sweep's trial passes the one that reports to Tune).
+    `cluster_can_grow`: a cluster joined by address may autoscale, so a resource shortfall waits."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -123,7 +139,9 @@ def run_training(
     from training.loop import LoopConfig, train_loop
     from training.models import resolve_model
 
-    check_cluster(job)
+    warning = check_cluster(job, can_grow=cluster_can_grow)
+    if warning and on_event:
+        on_event({"event": "warning", "message": warning})
     resolve_model(job.model.name)  # a bad model reference fails here, not in every worker; converts the built-in once
     resuming = prepare_run_dir(job, restart)
     check_rows(job.data)
@@ -157,7 +175,10 @@ def run_training(
         train_loop,
         train_loop_config=loop_cfg.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=job.run.name,

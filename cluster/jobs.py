@@ -1,0 +1,388 @@
+"""Cluster jobs through Ray's Jobs API: package a job file with its small local files and rayft's
+own code, submit it to a running cluster, follow its logs, list and stop jobs.
+
+The Jobs API is plain HTTP to the head node's dashboard (port 8265), so this module needs no Ray
+connection. Clusters that require Ray's token authentication get the token from RAY_AUTH_TOKEN,
+the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; it travels only in the request
+header and is never printed, logged or put in a job's metadata or runtime environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+LIVE = ("PENDING", "RUNNING")
+JOB_FILE = "job.yaml"
+# rayft's packages, shipped with every job so the cluster runs the same code as the laptop.
+PACKAGES = ("cluster", "training", "tuning", "serving")
+
+
+class JobsError(Exception):
+    """A job that cannot be submitted or found, or a cluster that cannot be reached; the message says why."""
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+def dashboard_address(address: str | None) -> str:
+    """The Jobs API address: --address, else RAY_ADDRESS, else the local dashboard."""
+    addr = (address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS).strip().rstrip("/")
+    if addr.startswith("ray://"):
+        raise JobsError(
+            f"{addr} is a Ray Client address; jobs go through the head node's dashboard instead: "
+            "--address http://HEAD:8265"
+        )
+    if addr == "auto":
+        return DEFAULT_ADDRESS
+    return addr if "://" in addr else f"http://{addr}"
+
+
+def find_token() -> tuple[str | None, str]:
+    """(token, where it came from), in Ray's own order of precedence. The token is never shown."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    where = "RAY_AUTH_TOKEN_PATH" if path else "~/.ray/auth_token"
+    path = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None, where
+    return (token or None), f"{where} ({path})"
+
+
+def client(address: str | None):
+    """A JobSubmissionClient for the cluster, with the auth header when a token is found."""
+    import logging
+
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray", "ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # Ray's upload chatter; rayft prints what was shipped
+    addr = dashboard_address(address)
+    os.environ["RAY_ADDRESS"] = addr  # Ray's client prefers RAY_ADDRESS over its address argument
+    token, source = find_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return JobSubmissionClient(addr, headers=headers)
+    except AuthenticationError as e:
+        if "Authentication required" in str(e) or not token:
+            raise JobsError(
+                f"the cluster at {addr} requires a Ray auth token and none was found: set RAY_AUTH_TOKEN, or "
+                "put the token in ~/.ray/auth_token (`ray get-auth-token` prints it on the head node)"
+            ) from None
+        raise JobsError(
+            f"the cluster at {addr} refused the auth token from {source}: it is not this cluster's token. "
+            "Copy the head node's token (`ray get-auth-token` there) into RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        ) from None
+    except (ConnectionError, OSError) as e:
+        raise JobsError(
+            f"cannot reach a Ray cluster at {addr} ({_reason(e)}). Check the address: the Jobs API is the head "
+            "node's dashboard port (8265 by default, not the 6379 GCS port); `ray dashboard CLUSTER.yaml` "
+            "forwards it to http://127.0.0.1:8265. Is the cluster up?"
+        ) from None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    m = re.search(r"(Connection refused|Name or service not known|timed out|No route to host)", str(e))
+    return m.group(1) if m else text[:200]
+
+
+# ---------------------------------------------------------------- packaging
+
+
+@dataclass
+class Package:
+    """What `rayft submit` sends: a staged working dir, the entrypoint, the runtime env and metadata."""
+
+    command: str
+    run_name: str
+    run_dir: str
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict
+    staging: str | None = None
+    shipped: list[tuple[str, str, int]] = field(default_factory=list)  # (config key, local path, bytes)
+
+    def cleanup(self) -> None:
+        if self.staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def package(config: Path, overrides: list[str], command: str, name: str | None) -> Package:
+    """Validate the job file locally and stage it for the cluster. Raises ConfigError (the job file) or
+    JobsError (storage or files the cluster could not read)."""
+    from cluster.config import ConfigError, load_config
+
+    if name:
+        overrides = [*overrides, f"sweep.name={name}" if command == "sweep" else f"run.name={name}"]
+    cfg = load_config(config, overrides)
+    if command == "sweep":
+        from tuning.sweep import check_sweep
+
+        problems = check_sweep(cfg)
+        if problems:
+            raise ConfigError(str(config), problems)
+    storage = _raw_storage_path(config, overrides)
+    if "://" not in storage and not os.path.isabs(os.path.expanduser(storage)):
+        raise JobsError(
+            f"run.storage_path is {storage!r}, a path relative to this machine: the cluster's nodes would each "
+            "write their part of the run to their own disk. Point it at storage every node shares, e.g. "
+            "--set run.storage_path=s3://BUCKET/runs, gs://BUCKET/runs, or an NFS mount such as /mnt/shared/runs"
+        )
+    job = cfg.model_dump(mode="json", exclude_unset=True)
+    job.setdefault("run", {})["storage_path"] = storage
+    sub = cfg.submit
+    run_name = (cfg.sweep.name or f"{cfg.run.name}-sweep") if command == "sweep" else cfg.run.name
+
+    files = _local_files(cfg, sub.shared_paths)
+    total = sum(size for _, _, size in files)
+    if total > sub.max_upload_mb * 1e6:
+        biggest = sorted(files, key=lambda f: -f[2])[:5]
+        listing = "\n  ".join(f"{key}: {path} ({fmt_size(size)})" for key, path, size in biggest)
+        raise JobsError(
+            f"the job's local files come to {fmt_size(total)}, above submit.max_upload_mb "
+            f"({sub.max_upload_mb:g}):\n  {listing}\nPut them on storage the cluster reads (s3://..., gs://..., or "
+            "an NFS mount listed in submit.shared_paths) and point the job file there."
+        )
+    if files and sub.image_uri:
+        raise JobsError(
+            "submit.image_uri runs the job in a container, which cannot carry local files "
+            f"({', '.join(sorted({k for k, _, _ in files}))}); put them on shared storage or in the image"
+        )
+
+    metadata = {"rayft_command": command, "rayft_run": run_name, "rayft_storage": storage,
+                "rayft_job_file": Path(config).name}  # fmt: skip
+    env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
+        text = base64.b64encode(_job_yaml(job, config).encode()).decode()
+        entrypoint = f"echo {text} | base64 -d > rayft-{JOB_FILE} && rayft {command} rayft-{JOB_FILE}"
+        runtime_env = {"image_uri": sub.image_uri, "env_vars": env_vars}
+        return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata)
+
+    staging = tempfile.mkdtemp(prefix="rayft-submit-")
+    try:
+        _stage(job, files, Path(staging))
+        (Path(staging) / JOB_FILE).write_text(_job_yaml(job, config))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    runtime_env = {
+        "working_dir": staging,
+        "py_modules": [_package_dir(p) for p in PACKAGES],
+        "excludes": ["__pycache__", "*.pyc"],
+        "env_vars": env_vars,
+    }
+    if sub.pip:
+        runtime_env["pip"] = list(sub.pip)
+    entrypoint = f"python -m cluster.cli {command} {JOB_FILE}"
+    return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files)
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
+
+
+def _raw_storage_path(config: Path, overrides: list[str]) -> str:
+    """run.storage_path as the user wrote it (load_config resolves a local one against this machine)."""
+    from cluster.config import RunConfig, apply_overrides
+
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    apply_overrides(raw, [o for o in overrides if o.strip().startswith("run.")])
+    value = (raw.get("run") or {}).get("storage_path") if isinstance(raw.get("run"), dict) else None
+    return str(value if value is not None else RunConfig.model_fields["storage_path"].default)
+
+
+def _local_files(cfg, shared: list[str]) -> list[tuple[str, str, int]]:
+    """(config key, local path, bytes) of every file or directory the job reads from this machine."""
+    found: list[tuple[str, str, int]] = []
+    missing: list[str] = []
+    entries: list[tuple[str, str]] = []
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        for v in [value] if isinstance(value, str) else value or []:
+            entries.append((f"data.{key}", v))
+    if os.path.isdir(cfg.model.name):
+        entries.append(("model.name", cfg.model.name))
+    for key, value in entries:
+        if "://" in value or any(_under(value, s) for s in shared):
+            continue
+        if glob.has_magic(value):
+            matches = [m for m in glob.glob(value, recursive=True) if os.path.isfile(m)]
+            if not matches:
+                missing.append(f"{key}: no file on this machine matches {value}")
+            found.append((key, value, sum(os.path.getsize(m) for m in matches)))
+        elif os.path.exists(value):
+            found.append((key, value, _size(value)))
+        else:
+            missing.append(f"{key}: {value} does not exist on this machine")
+    if missing:
+        raise JobsError(
+            "the job reads files this machine does not have:\n  " + "\n  ".join(missing) + "\nIf they are on "
+            "storage mounted on every node of the cluster, list the mount in submit.shared_paths."
+        )
+    return found
+
+
+def _under(path: str, prefix: str) -> bool:
+    prefix = os.path.abspath(os.path.expanduser(prefix)).rstrip("/")
+    return os.path.abspath(path) == prefix or os.path.abspath(path).startswith(prefix + "/")
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+
+
+def _stage(job: dict, files: list[tuple[str, str, int]], staging: Path) -> None:
+    """Copy each local file into staging/data/<n>/ and point the job at the copy (relative to job.yaml)."""
+    moved: dict[str, str] = {}
+    for n, (_, path, _) in enumerate(files):
+        dest = staging / "data" / str(n)
+        dest.mkdir(parents=True)
+        if glob.has_magic(path):
+            root = _glob_root(path)
+            for m in glob.glob(path, recursive=True):
+                if os.path.isfile(m):
+                    target = dest / os.path.relpath(m, root)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(m, target)
+            moved[path] = f"data/{n}/{os.path.relpath(path, root)}"
+        elif os.path.isdir(path):
+            shutil.copytree(path, dest / Path(path).name)
+            moved[path] = f"data/{n}/{Path(path).name}"
+        else:
+            shutil.copy2(path, dest / Path(path).name)
+            moved[path] = f"data/{n}/{Path(path).name}"
+    data = job.get("data", {})
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = moved.get(value, value)
+        elif isinstance(value, list):
+            data[key] = [moved.get(v, v) for v in value]
+    model = job.get("model", {})
+    if model.get("name") in moved:
+        model["name"] = "./" + moved[model["name"]]
+
+
+def _glob_root(pattern: str) -> str:
+    parts = Path(pattern).parts
+    for i, part in enumerate(parts):
+        if glob.has_magic(part):
+            return str(Path(*parts[:i])) if i else "."
+    return str(Path(pattern).parent)
+
+
+def _job_yaml(job: dict, config: Path) -> str:
+    head = f"# {Path(config).name} as submitted by `rayft submit` (overrides applied, local files alongside).\n"
+    return head + yaml.safe_dump(job, sort_keys=False)
+
+
+def _package_dir(name: str) -> str:
+    import importlib
+
+    return list(importlib.import_module(name).__path__)[0]  # also for a package without __init__.py
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def submit(address: str | None, pkg: Package) -> tuple[str, str]:
+    """Submit a packaged job; returns (job id, dashboard address). Refuses a run name a live job holds."""
+    c = client(address)
+    for j in c.list_jobs():
+        md = j.metadata or {}
+        if (md.get("rayft_run") == pkg.run_name and md.get("rayft_storage") == pkg.metadata["rayft_storage"]
+                and str(j.status) in LIVE):  # fmt: skip
+            raise JobsError(
+                f"run name {pkg.run_name!r} is taken by job {j.submission_id}, which is still {j.status}: a second "
+                f"job would write into the same run dir. Use another --name, wait for it, or stop it with "
+                f"`rayft jobs stop {j.submission_id}`"
+            )
+    job_id = f"rayft-{pkg.command}-{pkg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        c.submit_job(entrypoint=pkg.entrypoint, runtime_env=pkg.runtime_env, metadata=pkg.metadata,
+                     submission_id=job_id)  # fmt: skip
+    except (RuntimeError, ValueError) as e:
+        raise JobsError(f"the cluster did not accept the job: {str(e).strip()[:2000]}") from None
+    return job_id, c.get_address()
+
+
+def resolve_job(c, job: str):
+    """A job by id, or the newest job of a rayft run name."""
+    jobs = c.list_jobs()
+    for j in jobs:
+        if job in (j.submission_id, j.job_id):
+            return j
+    named = [j for j in jobs if (j.metadata or {}).get("rayft_run") == job]
+    if named:
+        return max(named, key=lambda j: j.start_time or 0)
+    raise JobsError(f"no job {job!r} on the cluster at {c.get_address()}; `rayft jobs list` shows the job ids")
+
+
+def follow(c, job_id: str, write) -> str:
+    """Stream a job's logs (from the start) until it ends; returns its final status."""
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+    for _ in range(60):  # the log stream closes as the job ends; its status may lag a moment
+        status = str(c.get_job_status(job_id))
+        if status not in LIVE:
+            return status
+        time.sleep(1)
+    return status
+
+
+def stop(c, job_id: str, wait_s: float = 60) -> str:
+    """Ask a job to stop and wait for it to end; returns its status."""
+    c.stop_job(job_id)
+    deadline = time.time() + wait_s
+    status = str(c.get_job_status(job_id))
+    while status in LIVE and time.time() < deadline:
+        time.sleep(1)
+        status = str(c.get_job_status(job_id))
+    return status
+
+
+def run_summary(run_dir: str) -> dict | None:
+    """The last metrics and the final model of a run dir, read from its storage (a local or NFS path, or a
+    cloud URI through pyarrow's filesystems). None when the run dir cannot be read from here."""
+    import json
+
+    try:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+        with fs.open_input_stream(f"{path}/metrics.jsonl") as f:
+            records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        final = fs.get_file_info(f"{path}/final").type == pafs.FileType.Directory
+    except Exception:
+        return None
+    steps = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    return {
+        "step": steps[-1]["step"] if steps else 0,
+        "loss": steps[-1]["loss"] if steps else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final": f"{run_dir.rstrip('/')}/final" if final else None,
+    }

@@ -1,0 +1,281 @@
+"""`rayft submit` and `rayft jobs` against a real two-node Ray cluster started on this machine
+(`ray start --head` plus a second `ray start --address`, each with its own custom resource), with Ray's
+token authentication on: a 2-worker finetune whose workers land on different nodes, a run that
+survives losing its worker node, listing and stopping jobs, and the errors users meet first.
+
+Every Ray process the tests start is stopped by pid (each node's process tree), never by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from conftest import ROOT, chat, write_jsonl
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: the `ray start --block` process and every process under it (raylet, GCS, workers)."""
+    try:
+        root = psutil.Process(proc.pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(timeout=30)
+
+
+class TwoNodeCluster:
+    def __init__(self, tmp: Path):
+        self.token = secrets.token_hex(16)
+        self.temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.temp_dirs = [self.temp_dir]
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.logs = tmp
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            PATH=f"{VENV_BIN}:{os.environ['PATH']}",  # the job's `python` is this environment's
+            # a lost node is noticed in seconds rather than the default half minute
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_failure_threshold="3",
+            RAY_health_check_timeout_ms="1000",
+        )
+        self.head = self._start(["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
+                                 "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+                                 f"--temp-dir={self.temp_dir}", "--num-cpus=3"], "head")  # fmt: skip
+        self.workers: list[tuple[subprocess.Popen, str]] = []
+        self.wait(lambda: self._get("/api/version").status_code == 200, 120, "the head's dashboard")
+        self.add_worker_node("node_b")
+
+    def _start(self, args: list[str], resource: str) -> subprocess.Popen:
+        cmd = [f"{VENV_BIN}/ray", "start", "--block", *args, "--resources", json.dumps({f"rayft_{resource}": 1}),
+               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]  # fmt: skip
+        log = open(self.logs / f"ray-{resource}.log", "a")
+        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def add_worker_node(self, resource: str) -> None:
+        # Its own temp dir, as on a machine of its own: nodes sharing one would unpack each job's files into
+        # the same directory and replace each other's copy under running processes.
+        temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        args = [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", f"--temp-dir={temp_dir}"]
+        self.workers.append((self._start(args, resource), resource))
+        self.wait(lambda: self.node_id(resource), 120, f"the worker node {resource} to join")
+
+    def node_id(self, resource: str) -> str | None:
+        return next((n["node_id"] for n in self.alive_nodes() if f"rayft_{resource}" in n["resources_total"]), None)
+
+    def kill_worker_node(self) -> str:
+        """Kill the newest worker node; returns its node id."""
+        proc, resource = self.workers.pop()
+        node_id = self.node_id(resource)
+        kill_tree(proc)
+        self.wait(lambda: not self.node_id(resource), 120, f"Ray to mark node {resource} dead")
+        return node_id
+
+    def _get(self, path: str) -> requests.Response:
+        return requests.get(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+
+    def alive_nodes(self) -> list[dict]:
+        try:
+            r = self._get("/api/v0/nodes?limit=100")
+            nodes = r.json()["data"]["result"]["result"]
+        except Exception:
+            return []
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def actors(self, class_name: str) -> list[dict]:
+        query = f"limit=1000&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+        r = self._get(f"/api/v0/actors?{query}")
+        return r.json()["data"]["result"]["result"]
+
+    @staticmethod
+    def wait(cond, timeout_s: float, what: str):
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                value = cond()
+            except requests.RequestException:
+                value = None
+            if value:
+                return value
+            time.sleep(1)
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def stop(self) -> None:
+        for proc, _ in self.workers:
+            kill_tree(proc)
+        kill_tree(self.head)
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = TwoNodeCluster(tmp_path_factory.mktemp("ray-logs"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def rayft(cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", home: Path | None = None,
+          timeout: int = 900) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_ADDRESS"] = cluster.dashboard
+    if token:
+        env["RAY_AUTH_TOKEN"] = cluster.token if token == "cluster" else token
+    if home:
+        env["HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 32, **training) -> Path:
+    rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(n_rows)]
+    (tmp_path / "data").mkdir(exist_ok=True)
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    t = {"lr": 5e-3, "micro_batch_size": 2, "global_batch_size": 4, "warmup_ratio": 0.0, **training}
+    (tmp_path / "job.yaml").write_text(
+        "# rayft submit job.yaml --address http://HEAD:8265\n"
+        f"model: {{name: {model_dir}}}\n"
+        "data: {train: data/train.jsonl, eval_fraction: 0.125, max_seq_len: 128}\n"
+        f"training: {json.dumps(t)}\n"
+        "scaling: {num_workers: 2, placement_strategy: STRICT_SPREAD}\n"
+        f"run: {{name: lamp, storage_path: {tmp_path / 'runs'}, max_failures: 3}}\n"
+    )
+    return tmp_path / "job.yaml"
+
+
+def _quiet(fn):
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def starts(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == "start"]
+
+
+def test_submit_runs_a_finetune_across_both_nodes(cluster, tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = job_file(tmp_path, tiny_model_dir, max_steps=6)
+    r = rayft(cluster, "submit", str(job), "--name", "spread", "--follow")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "SUCCEEDED" in r.stdout and "step 6/6" in r.stdout  # the driver's progress lines reached the laptop
+    assert cluster.token not in r.stdout + r.stderr
+
+    run_dir = tmp_path / "runs" / "spread"
+    nodes = starts(run_dir)[0]["nodes"]
+    alive = {n["node_id"] for n in cluster.alive_nodes()}
+    assert len(set(nodes)) == 2 and set(nodes) == alive  # one worker on each node, by Ray's own node ids
+    workers = cluster.actors("RayTrainWorker")
+    assert {a["node_id"] for a in workers} >= alive
+
+    final = run_dir / "final"
+    assert f"model      {final}" in r.stdout  # results read back from the run's storage
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    with torch.no_grad():
+        logits = model(**tok("my lamp is broken", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+
+    listed = rayft(cluster, "jobs", "list")
+    assert listed.returncode == 0 and "spread" in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = rayft(cluster, "jobs", "status", "spread")
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "eval loss" in status.stdout
+
+
+def test_bad_addresses_tokens_job_files_and_taken_names_are_clear_errors(cluster, tmp_path, tiny_model_dir):
+    job = str(job_file(tmp_path, tiny_model_dir, max_steps=2000, checkpoint_every_steps=1000))
+    before = rayft(cluster, "jobs", "list").stdout
+
+    r = rayft(cluster, "submit", job, "--address", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and "cannot reach a Ray cluster at http://127.0.0.1:" in r.stderr
+    r = rayft(cluster, "submit", job, token="not-the-token")
+    assert r.returncode == 2 and "refused the auth token from RAY_AUTH_TOKEN" in r.stderr
+    assert "not-the-token" not in r.stdout + r.stderr
+    r = rayft(cluster, "jobs", "list", token=None, home=tmp_path)  # no token anywhere
+    assert r.returncode == 2 and "requires a Ray auth token and none was found" in r.stderr
+    r = rayft(cluster, "submit", job, "--set", "training.lr=-1", "--set", "scaling.placement_strategy=EVERYWHERE")
+    assert r.returncode == 2 and "training.lr" in r.stderr and "scaling.placement_strategy" in r.stderr
+    r = rayft(cluster, "submit", job, "--set", "run.storage_path=runs")
+    assert r.returncode == 2 and "run.storage_path is 'runs'" in r.stderr and "s3://" in r.stderr
+    r = rayft(cluster, "submit", job, "--set", "submit.max_upload_mb=1")
+    assert r.returncode == 2 and "above submit.max_upload_mb (1)" in r.stderr and "model.name" in r.stderr
+    r = rayft(cluster, "submit", job, "--set", "data.train=data/missing.jsonl")
+    assert r.returncode == 2 and "missing.jsonl does not exist on this machine" in r.stderr
+    assert rayft(cluster, "jobs", "list").stdout.count("rayft-") == before.count("rayft-")  # nothing submitted
+
+    first = rayft(cluster, "submit", job, "--name", "busy")
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.split("submitted", 1)[1].split()[0]
+    r = rayft(cluster, "submit", job, "--name", "busy")
+    assert r.returncode == 2 and f"run name 'busy' is taken by job {job_id}" in r.stderr
+    stopped = rayft(cluster, "jobs", "stop", job_id)
+    assert stopped.returncode == 0 and f"{job_id}: STOPPED" in stopped.stdout
+    r = rayft(cluster, "jobs", "status", job_id)
+    assert r.returncode == 3 and "STOPPED" in r.stdout
+    r = rayft(cluster, "jobs", "logs", "no-such-job")
+    assert r.returncode == 2 and "no job 'no-such-job'" in r.stderr
+
+
+def test_a_run_survives_losing_its_worker_node(cluster, tmp_path, tiny_model_dir):
+    """Restart from checkpoint once resources return: STRICT_SPREAD needs two nodes, so the run waits
+    for a replacement node, then Ray Train restarts both workers from the last checkpoint."""
+    job = job_file(tmp_path, tiny_model_dir, n_rows=64, max_steps=40, checkpoint_every_steps=4)
+    r = rayft(cluster, "submit", str(job), "--name", "survivor")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split("submitted", 1)[1].split()[0]
+    run_dir = tmp_path / "runs" / "survivor"
+
+    def progressed():
+        # a checkpoint counts once Ray Train's controller has registered it (it polls the workers every 2 s)
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return snapshot["checkpoint_results"] and any(r.get("step", 0) >= 6 and "loss" in r for r in recs)
+
+    cluster.wait(lambda: _quiet(progressed), 600, "a registered checkpoint and step 6")
+    lost = cluster.kill_worker_node()
+    cluster.add_worker_node("node_c")
+
+    r = rayft(cluster, "jobs", "logs", job_id, "--follow")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    runs = starts(run_dir)
+    assert len(runs) == 2 and runs[1]["resumed"] and runs[1]["step"] >= 4
+    assert lost in runs[0]["nodes"] and lost not in runs[1]["nodes"]  # the second attempt ran on the new node
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in recs) == 40 and (run_dir / "final" / "config.json").exists()
