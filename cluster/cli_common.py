@@ -27,8 +27,9 @@ AddressOpt = Annotated[
 
 @contextmanager
 def _user_errors():
-    """Turn the errors users can fix (config, data, model) into a message and an exit code, not a traceback."""
+    """Turn the errors users can fix (config, data, model, cluster) into a message and an exit code, not a traceback."""
     from cluster.config import ConfigError
+    from cluster.jobs import JobsError
     from training.data import DataError
     from training.models import ModelError
 
@@ -36,6 +37,9 @@ def _user_errors():
         yield
     except ConfigError as e:
         err.print(f"[bold red]config error[/] {escape(e.render())}", highlight=False)
+        raise typer.Exit(2) from None
+    except JobsError as e:
+        err.print(f"[bold red]cluster error[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     except (DataError, ModelError) as e:
         kind = "data error" if isinstance(e, DataError) else "model error"

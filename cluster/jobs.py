@@ -345,17 +345,17 @@ def follow(c, job_id: str, write) -> str:
             write(chunk)
 
     asyncio.run(tail())
-    for _ in range(60):  # the log stream closes as the job ends; its status may lag a moment
-        status = str(c.get_job_status(job_id))
-        if status not in LIVE:
-            return status
-        time.sleep(1)
-    return status
+    return wait_ended(c, job_id, 60)  # the log stream closes as the job ends; its status may lag a moment
 
 
 def stop(c, job_id: str, wait_s: float = 60) -> str:
     """Ask a job to stop and wait for it to end; returns its status."""
     c.stop_job(job_id)
+    return wait_ended(c, job_id, wait_s)
+
+
+def wait_ended(c, job_id: str, wait_s: float) -> str:
+    """The job's status once it has ended, or its live status after `wait_s` seconds."""
     deadline = time.time() + wait_s
     status = str(c.get_job_status(job_id))
     while status in LIVE and time.time() < deadline:

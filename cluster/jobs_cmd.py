@@ -46,7 +46,7 @@ def submit(
     from cluster import jobs
 
     command = "sweep" if sweep else "train"
-    with _user_errors(), _jobs_errors():
+    with _user_errors():
         pkg = jobs.package(config, set_ or [], command, name)
         try:
             with err.status("submitting", spinner="dots"):
@@ -71,7 +71,7 @@ def _addr_hint(address: str | None) -> str:
 def _follow(address: str | None, job_id: str) -> None:
     from cluster import jobs
 
-    with _jobs_errors():
+    with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job_id)
         try:
@@ -122,21 +122,6 @@ def _run_dir(info) -> str | None:
     return None
 
 
-class _jobs_errors:
-    """JobsError -> one red line and exit 2."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        from cluster.jobs import JobsError
-
-        if kind is not None and issubclass(kind, JobsError):
-            err.print(f"[bold red]cluster error[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(2) from None
-        return False
-
-
 @jobs_app.command("list")
 def jobs_list(address: JobsAddressOpt = None) -> None:
     """Every job on the cluster, newest last."""
@@ -144,7 +129,7 @@ def jobs_list(address: JobsAddressOpt = None) -> None:
 
     from cluster import jobs
 
-    with _jobs_errors():
+    with _user_errors():
         c = jobs.client(address)
         rows = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
     table = Table(title=f"jobs on {c.get_address()}", title_justify="left")
@@ -167,7 +152,7 @@ def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
     """A job's status, its run dir and (when readable from here) its latest metrics and model."""
     from cluster import jobs
 
-    with _jobs_errors():
+    with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job)
     status = str(info.status)
@@ -194,7 +179,7 @@ def jobs_logs(
     if follow_:
         _follow(address, job)
         return
-    with _jobs_errors():
+    with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job)
         _write(c.get_job_logs(info.submission_id or info.job_id))
@@ -205,7 +190,7 @@ def jobs_stop(job: JobArg, address: JobsAddressOpt = None) -> None:
     """Stop a job (its workers end; a train run resumes from its last checkpoint when submitted again)."""
     from cluster import jobs
 
-    with _jobs_errors():
+    with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job)
         job_id = info.submission_id or info.job_id
