@@ -167,7 +167,7 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
     metadata = {"rayft_command": command, "rayft_run": run_name, "rayft_storage": storage,
                 "rayft_job_file": Path(config).name}  # fmt: skip
     env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    run_dir = run_dir_of(metadata)
     if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
         text = base64.b64encode(_job_yaml(job, config).encode()).decode()
         entrypoint = f"echo {text} | base64 -d > rayft-{JOB_FILE} && rayft {command} rayft-{JOB_FILE}"
@@ -191,6 +191,13 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
         runtime_env["pip"] = list(sub.pip)
     entrypoint = f"python -m cluster.cli {command} {JOB_FILE}"
     return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files)
+
+
+def run_dir_of(metadata: dict) -> str | None:
+    """A rayft job's run (or sweep) dir, from the metadata `package` gives it; None for other jobs."""
+    if "rayft_storage" in metadata and "rayft_run" in metadata:
+        return f"{metadata['rayft_storage'].rstrip('/')}/{metadata['rayft_run']}"
+    return None
 
 
 def fmt_size(n: int) -> str:

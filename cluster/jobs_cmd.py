@@ -98,7 +98,7 @@ def _print_end(info, status: str) -> None:
     if status != "SUCCEEDED" and info.message:
         line += f": {escape(info.message.strip().splitlines()[-1][:500])}"
     out.print(line, highlight=False)
-    run_dir = _run_dir(info)
+    run_dir = jobs.run_dir_of(info.metadata or {})
     if not run_dir:
         return
     if (info.metadata or {}).get("rayft_command") == "sweep":
@@ -113,13 +113,6 @@ def _print_end(info, status: str) -> None:
         f"  eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
     if summary["final"]:
         out.print(f"  model      {summary['final']}  (rayft serve / rayft eval take it)")
-
-
-def _run_dir(info) -> str | None:
-    md = info.metadata or {}
-    if "rayft_storage" in md and "rayft_run" in md:
-        return f"{md['rayft_storage'].rstrip('/')}/{md['rayft_run']}"
-    return None
 
 
 @jobs_app.command("list")
@@ -158,7 +151,7 @@ def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
     status = str(info.status)
     if status in jobs.LIVE:
         out.print(f"[bold]{status}[/] {escape(info.submission_id or info.job_id)}", highlight=False)
-        run_dir = _run_dir(info)
+        run_dir = jobs.run_dir_of(info.metadata or {})
         summary = jobs.run_summary(run_dir) if run_dir else None
         if run_dir:
             out.print(f"  run dir    {run_dir}" + (f"  step {summary['step']}" if summary else ""))
