@@ -32,12 +32,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Each benchmark prints ratios against a baseline measured in the same run and appends to bench/RESULTS.md.
+# Every CPU benchmark in turn; each prints ratios against a baseline measured in the same run and rewrites its
+# rows of the Summary table in bench/RESULTS.md. QUICK=1: smoke versions, written to bench/out/RESULTS-quick.md.
 bench: setup
-	$(PY) bench/data_pipeline.py $(if $(QUICK),--quick,)
-	$(PY) bench/train_throughput.py $(if $(QUICK),--quick,)
-	$(PY) bench/serve_load.py $(if $(QUICK),--quick,)
-	$(PY) bench/sweep_overhead.py $(if $(QUICK),--quick,)
+	$(PY) bench/run_all.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

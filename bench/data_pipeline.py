@@ -1,7 +1,7 @@
 """Throughput of the Ray Data instruction pipeline against `datasets.map`, and against a CPU train step.
 
     python bench/data_pipeline.py            # 100k generated rows (several minutes on 2 cores)
-    python bench/data_pipeline.py --quick    # 10k rows, one timed train step
+    python bench/data_pipeline.py --quick    # 3k rows, one timed train step
     python bench/data_pipeline.py --rows 50000 --results /tmp/RESULTS.md
 
 One run measures, on the same generated `messages` JSONL file:
@@ -273,6 +273,20 @@ def machine() -> str:
     return f"nproc {ncpu}, {cpu}, {ram} RAM, Python {platform.python_version()}, {platform.system()}"
 
 
+def machine_label() -> str:
+    """The machine in a few words, for the Summary table: core count and CPU model, or the GPU's name."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{ncpu} cores, {cpu}"
+
+
 def command() -> str:
     exe = Path(sys.executable)
     try:
@@ -294,7 +308,8 @@ absolute times on shared CI-class machines drift from run to run (noisy neighbou
 so compare them only within one section. The Summary table holds the latest figure per benchmark.
 """
 
-SUMMARY_HEAD = "| benchmark | figure | ratio | target | date | command |\n" + "| --- " * 6 + "|"
+SUMMARY_COLUMNS = ("benchmark", "figure", "ratio", "target", "date", "machine", "command")
+SUMMARY_HEAD = "| " + " | ".join(SUMMARY_COLUMNS) + " |\n" + "| --- " * len(SUMMARY_COLUMNS) + "|"
 
 
 def results_section(name: str, now: datetime, cmd: str, notes: list[str], head, rows, ratios) -> str:
@@ -318,8 +333,21 @@ def results_section(name: str, now: datetime, cmd: str, notes: list[str], head, 
     )
 
 
-def write_results(path: Path, section: str, summary_rows: list[str], name: str = NAME) -> None:
-    """Append `section` and replace benchmark `name`'s rows in the Summary table, keeping everything else."""
+def _with_machine(row: str, label: str) -> str:
+    """A Summary row with its machine cell: rows are written as benchmark | figure | ratio | target | date |
+    command, and the machine goes before the command (rows from before the column existed get "-")."""
+    cells = [c.strip() for c in row.strip().strip("|").split(" | ")]
+    if len(cells) == len(SUMMARY_COLUMNS) - 1:
+        cells.insert(len(cells) - 1, label)
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_results(
+    path: Path, section: str, summary_rows: list[str], name: str = NAME, machine: str | None = None
+) -> None:
+    """Append `section` and replace benchmark `name`'s rows in the Summary table, keeping everything else.
+    `machine` labels the new rows (default: this machine's cores and CPU model)."""
+    summary_rows = [_with_machine(r, machine or machine_label()) for r in summary_rows]
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
     # Split into the preamble (before the first "## ") and the "## " sections, in file order.
     chunks = re.split(r"(?m)^(?=## )", text)
@@ -332,7 +360,7 @@ def write_results(path: Path, section: str, summary_rows: list[str], name: str =
                 cells = [c.strip() for c in line.strip().strip("|").split("|")]
                 if line.startswith("|") and cells[0] not in ("benchmark", "---"):
                     if not cells[0].startswith(name):
-                        kept_rows.append(line.rstrip())
+                        kept_rows.append(_with_machine(line, "-"))
         else:
             history.append(s.rstrip() + "\n")
     summary = "## Summary\n\n" + SUMMARY_HEAD + "\n" + "\n".join(kept_rows + summary_rows) + "\n"
@@ -353,12 +381,12 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, help="generated rows (default 100000; 10000 with --quick)")
-    p.add_argument("--quick", action="store_true", help="10k rows and one timed train step")
+    p.add_argument("--rows", type=int, help="generated rows (default 100000; 3000 with --quick)")
+    p.add_argument("--quick", action="store_true", help="3k rows and one timed train step")
     p.add_argument("--train-steps", type=int, help="timed train steps (default 2; 1 with --quick)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
     args = p.parse_args(argv)
-    rows = args.rows or (10_000 if args.quick else 100_000)
+    rows = args.rows or (3_000 if args.quick else 100_000)
     steps = args.train_steps or (1 if args.quick else 2)
 
     from cluster.runtime import connect

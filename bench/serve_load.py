@@ -12,7 +12,7 @@ here and now:
    deployment measured in the same run. Target <= 1.5x the no-op's p50.
 
 Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--quick]
-       [--no-write]   (results are appended to bench/RESULTS.md)
+       [--no-write] [--results PATH]   (results are appended to bench/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 clients x 1 request, 16 tokens")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print the results only")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
     args = ap.parse_args(argv)
     if args.quick:
         args.clients, args.requests, args.max_tokens = 4, 1, 16
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {NAME}: Serve overhead vs no-op deployment | {overhead * 1000:.1f} vs {noop * 1000:.1f} ms p50 | "
             f"{over_ratio:.2f}x | <= 1.5x, {verdict(over_ratio <= 1.5)} | {date} | `{cmd}` |",
         ]
-        write_results(ROOT / "bench" / "RESULTS.md", section, summary, name=NAME)
+        write_results(args.results, section, summary, name=NAME)
     return 0
 
 

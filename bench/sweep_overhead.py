@@ -11,7 +11,7 @@ early stopping) run as one `rayft sweep`, C at a time. Figures:
 - baseline: the same job run once with `rayft train`'s code outside Tune, in the same run, so the
   cost of running inside a Tune trial shows as a ratio.
 
-Usage: python bench/sweep_overhead.py [--trials 6] [--concurrency 2] [--steps 8] [--quick] [--no-write]
+Usage: python bench/sweep_overhead.py [--trials 6] [--concurrency 2] [--steps 8] [--quick] [--no-write] [--results PATH]
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per trial")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials of 4 steps")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials of 2 steps")
+    ap.add_argument("--no-write", action="store_true", help="print the results only")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
     args = ap.parse_args(argv)
     if args.quick:
-        args.trials, args.steps = 2, 4
+        args.trials, args.steps = 2, 2
 
     import ray
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(trial_s):,.0f} s of trials in {wall:,.0f} s | {busy * 100:.0f}% | >= 80%, {verdict(busy >= 0.8)} | "
             f"{now:%Y-%m-%d} | `{cmd}` |"
         ]
-        write_results(ROOT / "bench" / "RESULTS.md", section, summary, name=NAME)
+        write_results(args.results, section, summary, name=NAME)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training throughput of `rayft train` against a single-process PyTorch + PEFT loop, on CPU.
 
     python bench/train_throughput.py                  # 20 optimizer steps per contender (several minutes on 2 cores)
-    python bench/train_throughput.py --quick          # 6 steps, to check that everything runs
+    python bench/train_throughput.py --quick          # 4 steps of 4 rows, to check that everything runs
     python bench/train_throughput.py --model smollm2 --steps 6   # the built-in SmolLM2-135M (much slower)
 
 One run trains the same model on the same data for the same number of optimizer steps four times
@@ -67,6 +67,8 @@ LR = 2e-4
 TARGET_VS_PADDED = 1.5
 TARGET_VS_PACKED = 0.85
 TARGET_WAIT_SHARE = 0.05
+# The trainer's per-step phases (mean over ranks, s/step), as training.loop.PHASES records them.
+PHASES = ("forward_s", "backward_s", "grad_sync_s", "optimizer_s")
 
 
 # --------------------------------------------------------------------------- model and data
@@ -310,6 +312,7 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
                     "seconds": r["time"] - prev["time"],
                     "inside_s": r["step_time_s"],
                     "data_wait_s": r["data_wait_s"],
+                    **{k: r[k] for k in PHASES},
                 }
             )
     return Run("rayft train", timed, f"first step waited {first_wait:.1f}s for data"), wall, max(niceness, default=0)
@@ -322,15 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, help="optimizer steps per contender, 2 of them warm-up (default 20; 6 quick)")
-    p.add_argument("--quick", action="store_true", help="6 steps")
+    p.add_argument("--steps", type=int, help="optimizer steps per contender, 2 of them warm-up (default 20; 4 quick)")
+    p.add_argument("--quick", action="store_true", help="4 steps of 4 rows (micro-batch 2)")
     p.add_argument("--model", choices=("small", "smollm2"), default="small", help="4-layer Llama or SmolLM2-135M")
     p.add_argument("--global-batch", type=int, default=8, help="packed rows per optimizer step (default 8)")
     p.add_argument("--micro-batch", type=int, default=4, help="packed rows per worker micro-batch (default 4)")
     p.add_argument("--pad-batch", type=int, default=8, help="examples per padded micro-batch in (a) (default 8)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
     args = p.parse_args(argv)
-    steps = args.steps or (6 if args.quick else 20)
+    steps = args.steps or (4 if args.quick else 20)
+    if args.quick:
+        args.global_batch, args.micro_batch, args.pad_batch = 4, 2, 4
     if steps <= WARMUP_STEPS:
         p.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
     if args.global_batch % (args.micro_batch * WORKERS):
@@ -377,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     vs_padded = rayft.nonpad_tokens_s / padded.nonpad_tokens_s
     vs_packed = rayft.nonpad_tokens_s / packed.nonpad_tokens_s
     vs_same = rayft.nonpad_tokens_s / same.nonpad_tokens_s
+    pad_share = padded.total("nonpad_tokens") / padded.total("padded_tokens")
+    pack_share = rayft.total("nonpad_tokens") / rayft.total("padded_tokens")
     wait_share = float(np.mean([s["data_wait_s"] / s["seconds"] for s in rayft.steps]))
     ok_padded, ok_packed, ok_wait = (
         vs_padded >= TARGET_VS_PADDED,
@@ -417,10 +424,28 @@ def main(argv: list[str] | None = None) -> int:
         ("rayft / (b) packed, non-pad tokens/s", f"{vs_packed:.2f}x", f">= {TARGET_VS_PACKED}x", verdict(ok_packed)),
         ("rayft data wait / step time", f"{wait_share:.1%}", f"< {TARGET_WAIT_SHARE:.0%}", verdict(ok_wait)),
         ("rayft / (c): cost of Ray + DeepSpeed", f"{vs_same:.2f}x", "(info)", ""),
+        ("packing: real tokens / tokens computed, rayft", f"{pack_share:.1%}", "(info)", ""),
+        ("padding: real tokens / tokens computed, (a)", f"{pad_share:.1%}", "(info)", ""),
     ]
     wait = rayft.per_step("data_wait_s")
     inside = rayft.per_step("inside_s")
     between = rayft.per_step("seconds") - inside
+    phase = {k: rayft.per_step(k) for k in PHASES}
+    # Inside the step but in none of the phases: metrics of each micro-batch and the per-step all-reduce of them.
+    other = inside - wait - sum(phase.values())
+    wall_step = rayft.per_step("seconds")
+    split = [
+        ("data wait", wait),
+        ("forward", phase["forward_s"]),
+        ("backward", phase["backward_s"]),
+        ("gradient reduce-scatter (ZeRO-2, gloo)", phase["grad_sync_s"]),
+        ("optimizer step", phase["optimizer_s"]),
+        ("step bookkeeping (batch metrics, their all-reduce)", other),
+        ("between steps (metrics file, TensorBoard, ray.train.report)", between),
+    ]
+    # Packing efficiency: the share of each max_seq_len row holding real tokens, for the packed rows, and the
+    # non-pad share of (a)'s padded micro-batches, the same examples without packing.
+    row_fill = float(np.mean([len(r["input_ids"]) for r in rows]) / MAX_SEQ_LEN)
     notes = [
         f"model: {model_desc}; LoRA r16 all-linear, AdamW lr {LR}, fp32, grad clip 1.0",
         f"data: {DATA.relative_to(ROOT)}, {len(examples)} examples, "
@@ -430,9 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         f"workers; (b): {args.global_batch // args.micro_batch} micro-batches of {args.micro_batch}); (a): as many "
         f"examples as (b), in data order, in micro-batches of {args.pad_batch}; {steps} steps, the first "
         f"{WARMUP_STEPS} untimed",
-        f"rayft step split (mean s/step): data wait {wait:.3f}, compute + gradient sync {inside - wait:.2f}, "
-        f"between steps (metrics, report) {between:.3f}; rayft's figure is timed by wall clock between step "
-        f"records, so it includes the time between steps",
+        "rayft step split (mean over ranks and timed steps, s/step, share of the wall-clock step): "
+        + ", ".join(f"{name} {sec:.3f} ({sec / wall_step:.0%})" for name, sec in split)
+        + f"; wall-clock step {wall_step:.2f}s. rayft's figure is timed by wall clock between step records, so it "
+        "includes the time between steps",
+        f"packing efficiency of the quickstart set: {len(examples)} examples in {len(rows)} rows of {MAX_SEQ_LEN} "
+        f"tokens, {row_fill:.1%} full (first-fit-decreasing within windows of rows); the micro-batches rayft "
+        f"computed were {pack_share:.1%} real tokens, (a)'s padded micro-batches {pad_share:.1%}",
         f"rayft train wall time {rayft_wall:.0f}s for {steps} steps (Ray start, datasets, workers, DeepSpeed and "
         f"export included); {rayft.note} (untimed)",
         f"median of per-step non-pad tokens/s: rayft {rayft.median_tokens_s:,.0f}, (a) {padded.median_tokens_s:,.0f}, "
@@ -454,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for n in notes:
         print(n)
+    print()
+    print("rayft step split (s/step)")
+    for name, sec in split:
+        print(f"  {name:62} {sec:7.3f}  {sec / wall_step:5.1%}")
 
     now = datetime.now(UTC)
     cmd = command()

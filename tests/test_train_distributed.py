@@ -78,6 +78,11 @@ def test_two_workers_train_checkpoint_and_export(tmp_path, tiny_model_dir, zero_
     assert sum(r["loss"] for r in steps[-2:]) < sum(r["loss"] for r in steps[:2])  # it learns the repeated data
     for key in ("lr", "grad_norm", "tokens_per_s", "nonpad_tokens_per_s", "step_time_s", "data_wait_s"):
         assert all(r[key] is not None and r[key] >= 0 for r in steps), key
+    # The step-time split: each phase was measured, and together with the data wait they fit in the step.
+    for r in steps:
+        assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["optimizer_s"] > 0 and r["grad_sync_s"] > 0, r
+        parts = r["data_wait_s"] + r["forward_s"] + r["backward_s"] + r["grad_sync_s"] + r["optimizer_s"]
+        assert parts <= r["step_time_s"] * 1.01, r
     assert "eval_loss" in result.metrics and result.metrics["eval_perplexity"] > 1
     assert any("eval_loss" in r and r["step"] == 3 for r in records)
     assert os.path.getsize(os.path.join(job.run_dir, "loss.png")) > 1000

@@ -33,6 +33,14 @@ def test_ds_config_follows_the_job_file():
     assert not c["bf16"]["enabled"] and not c["fp16"]["enabled"]  # fp32 on CPU by default
 
 
+def test_gpu_runs_use_torch_fused_adamw_unless_the_optimizer_is_offloaded():
+    gpu = build_ds_config(TrainingConfig(), 1, 1, use_gpu=True)["optimizer"]["params"]
+    assert gpu["torch_adam"] is True and gpu["fused"] is True  # no nvcc build of DeepSpeed's FusedAdam on GPU nodes
+    offloaded = build_ds_config(TrainingConfig(offload_optimizer=True), 1, 1, use_gpu=True)["optimizer"]["params"]
+    cpu = build_ds_config(TrainingConfig(), 1, 1, use_gpu=False)["optimizer"]["params"]
+    assert "torch_adam" not in offloaded and "torch_adam" not in cpu  # DeepSpeed's CPU Adam / FusedAdam
+
+
 def test_precision_defaults_to_bf16_on_gpu_and_fp32_on_cpu():
     assert resolve_precision(TrainingConfig(), use_gpu=True) == "bf16"
     assert resolve_precision(TrainingConfig(), use_gpu=False) == "fp32"

@@ -27,15 +27,23 @@ def build_ds_config(training: TrainingConfig, micro_batch_size: int, grad_accum:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if training.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    optimizer: dict[str, Any] = {
+        "lr": training.lr,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": training.weight_decay,
+    }
+    if use_gpu and not training.offload_optimizer:
+        # PyTorch's fused CUDA AdamW. DeepSpeed's own FusedAdam is compiled with nvcc on a node's first run: a
+        # minute or more of start-up, and a failure on GPU nodes without the CUDA toolkit. An offloaded
+        # optimizer keeps DeepSpeed's CPU Adam.
+        optimizer |= {"torch_adam": True, "fused": True}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": training.grad_clip,
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": training.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": training.weight_decay},
-        },
+        "optimizer": {"type": "AdamW", "params": optimizer},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # rayft reports progress itself

@@ -77,6 +77,8 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.has_eval else None
 
     # ---- loop
+    clock = StepClock(device)
+    time_grad_sync(engine, clock)
     acc = StepAccumulator()
     last_eval: dict = {}
     while step < cfg.total_steps:
@@ -89,13 +91,16 @@ def train_loop(config: dict[str, Any]) -> None:
             if not all_ranks_have(item is not None, device):
                 break  # some rank's shard is exhausted: the epoch ends for everyone together
             batch, row_ids = item
-            t_compute = time.perf_counter()
             boundary = engine.is_gradient_accumulation_boundary()
+            clock.start()
             loss = forward(engine, batch, device, pad_id)
-            engine.backward(loss)
+            clock.lap("forward_s")
+            engine.backward(loss)  # its gradient reduction is timed apart, as grad_sync_s (see time_grad_sync)
+            clock.lap("backward_s")
             engine.step()
+            clock.lap("optimizer_s")
             consumed.update(row_ids)
-            acc.add(loss.item(), batch, len(row_ids), wait_s, time.perf_counter() - t_compute)
+            acc.add(loss.item(), batch, len(row_ids), wait_s, clock.take())
             if not boundary:
                 continue
             step += 1
@@ -344,15 +349,63 @@ def forward(engine, rows: list[dict], device, pad_id: int):
     return engine(**batch, use_cache=False).loss
 
 
+PHASES = ("forward_s", "backward_s", "grad_sync_s", "optimizer_s")
+
+
+class StepClock:
+    """Wall time of each phase of a micro-batch: forward, backward, the gradient reduction DeepSpeed runs at
+    the end of backward, and the optimizer step. On a GPU each lap waits for the queued kernels first, so a
+    phase is charged its own GPU time rather than the next phase's (a few microseconds per lap)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.t = time.perf_counter()
+
+    def start(self) -> None:
+        self.sync()
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.phases[phase] += now - self.t
+        self.t = now
+
+    def take(self) -> dict[str, float]:
+        """This micro-batch's phases; the clock starts over."""
+        out, self.phases = self.phases, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def time_grad_sync(engine, clock: StepClock) -> None:
+    """Time DeepSpeed's end-of-backward gradient reduction (ZeRO's reduce-scatter, or the all-reduce
+    without ZeRO) as its own phase, taken out of backward_s. Reductions that overlap the backward pass
+    (overlap_comm on GPU) stay in backward_s."""
+    inner = engine.allreduce_gradients
+
+    def timed(*args, **kwargs):
+        clock.lap("backward_s")
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            clock.lap("grad_sync_s")
+
+    engine.allreduce_gradients = timed
+
+
 class StepAccumulator:
     """Sums one optimizer step's micro-batch figures; `reduce` averages/sums them over ranks."""
 
     def __init__(self):
         self.loss = self.micro = self.tokens = self.real = self.trained = self.examples = 0.0
-        self.wait_s = self.compute_s = 0.0
+        self.wait_s = 0.0
+        self.phases = dict.fromkeys(PHASES, 0.0)
         self.t0 = time.perf_counter()
 
-    def add(self, loss: float, rows: list[dict], examples: int, wait_s: float, compute_s: float) -> None:
+    def add(self, loss: float, rows: list[dict], examples: int, wait_s: float, phases: dict[str, float]) -> None:
         from training.formats import padded_length
 
         lengths = [len(r["input_ids"]) for r in rows]
@@ -363,25 +416,28 @@ class StepAccumulator:
         self.tokens += padded_length(max(lengths)) * len(rows)
         self.trained += sum(int((np.asarray(r["labels"]) != -100).sum()) for r in rows)
         self.wait_s += wait_s
-        self.compute_s += compute_s
+        for k, v in phases.items():
+            self.phases[k] += v
 
     def reduce(self, device, world: int) -> dict:
         import torch
         import torch.distributed as dist
 
         step_s = time.perf_counter() - self.t0
-        v = torch.tensor(
-            [self.loss / max(self.micro, 1), self.tokens, self.real, self.trained, self.wait_s, step_s, self.examples],
-            dtype=torch.float64,
-            device=device,
-        )
+        sums = [self.tokens, self.real, self.trained, self.examples]  # summed over ranks
+        means = [self.loss / max(self.micro, 1), self.wait_s, step_s, *self.phases.values()]  # averaged over ranks
+        v = torch.tensor(sums + means, dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(v)
-            v[0] /= world
-            v[4] /= world
-            v[5] /= world
-        loss, tokens, real, trained, wait_s, step_s, examples = v.tolist()
-        return {
+            v[len(sums) :] /= world
+        tokens, real, trained, examples, loss, wait_s, step_s, *phases = v.tolist()
+        memory = {}
+        if device.type == "cuda":  # the largest any rank has held since the run started
+            peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            memory = {"gpu_mem_peak_gib": round(peak.item(), 2)}
+        return memory | {
             "loss": loss,
             "examples": int(examples),
             "tokens": int(tokens),
@@ -391,6 +447,7 @@ class StepAccumulator:
             "nonpad_tokens_per_s": real / step_s,
             "step_time_s": step_s,
             "data_wait_s": wait_s,
+            **dict(zip(PHASES, phases, strict=True)),
         }
 
 

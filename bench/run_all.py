@@ -1,0 +1,66 @@
+"""Run every CPU benchmark in bench/ in one go, then print the Summary table they rewrote (`make bench`).
+
+    python bench/run_all.py            # the full runs, under 20 minutes on 2 idle cores
+    python bench/run_all.py --quick    # smoke versions (about 3 minutes), written to bench/out/RESULTS-quick.md
+
+Each benchmark runs in its own process, one after the other, so none shares the cores with another.
+Each prints its ratios against a baseline measured in the same run and rewrites its rows of the
+Summary table at the top of the results file, keeping the history below. A missed target is
+reported, not failed; the exit status is 1 only when a benchmark crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# In the order they run: the data pipeline first, then training, serving, and sweeps (the slowest to start).
+BENCHMARKS = ("data_pipeline", "train_throughput", "serve_load", "sweep_overhead")
+QUICK_RESULTS = ROOT / "bench" / "out" / "RESULTS-quick.md"
+
+
+def summary_table(path: Path) -> str:
+    """The Summary section of a results file (empty if there is none)."""
+    if not path.exists():
+        return ""
+    m = re.search(r"(?ms)^## Summary\n(.*?)(?=^## |\Z)", path.read_text(encoding="utf-8"))
+    return m.group(1).strip() if m else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke versions, results to bench/out/RESULTS-quick.md")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run these benchmarks only")
+    p.add_argument("--results", type=Path, help="results file (default bench/RESULTS.md; quick: bench/out/...)")
+    args = p.parse_args(argv)
+    results = args.results or (QUICK_RESULTS if args.quick else ROOT / "bench" / "RESULTS.md")
+    results.parent.mkdir(parents=True, exist_ok=True)
+
+    times: list[tuple[str, float, int]] = []
+    start = time.perf_counter()
+    for name in args.only or BENCHMARKS:
+        cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--results", str(results)]
+        if args.quick:
+            cmd.append("--quick")
+        print(f"\n==== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        times.append((name, time.perf_counter() - t0, rc))
+    total = time.perf_counter() - start
+
+    print(f"\n==== Summary of {results}\n")
+    print(summary_table(results))
+    print()
+    for name, sec, rc in times:
+        print(f"{name:18} {sec / 60:5.1f} min  {'ok' if rc == 0 else f'FAILED (exit status {rc})'}")
+    print(f"{'all':18} {total / 60:5.1f} min")
+    return 0 if all(rc == 0 for _, _, rc in times) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""bench/RESULTS.md bookkeeping: a benchmark rewrites only its own Summary rows (now with the machine),
+keeps every other benchmark's rows and the dated history, and `make bench` prints that table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from data_pipeline import write_results  # noqa: E402
+from run_all import summary_table  # noqa: E402
+
+OLD = """# Benchmark results
+
+Intro text.
+
+## Summary
+
+| benchmark | figure | ratio | target | date | command |
+| --- | --- | --- | --- | --- | --- |
+| alpha: speed | 10 vs 5 tokens/s | 2.00x | >= 1.5x, MET | 2026-11-01 | `python bench/alpha.py` |
+| beta: latency | 3 vs 2 ms | 1.50x | <= 2x, MET | 2026-11-01 | `python bench/beta.py` |
+
+## alpha — 2026-11-01 10:00 UTC
+
+- an old alpha run
+
+## beta — 2026-11-01 11:00 UTC
+
+- an old beta run
+"""
+
+
+def test_a_run_replaces_its_rows_keeps_the_rest_and_records_the_machine(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(OLD)
+    new_row = "| alpha: speed | 12 vs 5 tokens/s | 2.40x | >= 1.5x, MET | 2026-11-28 | `python bench/alpha.py` |"
+    write_results(path, "## alpha — 2026-11-28 09:00 UTC\n\n- the new run", [new_row], name="alpha", machine="H200")
+    text = path.read_text()
+
+    table = summary_table(path).splitlines()
+    assert table[0] == "| benchmark | figure | ratio | target | date | machine | command |"
+    rows = [r for r in table[2:] if r.startswith("|")]
+    assert len(rows) == 2
+    # beta's row stays (machine unknown for a row written before the column existed); alpha's is the new one.
+    assert rows[0] == "| beta: latency | 3 vs 2 ms | 1.50x | <= 2x, MET | 2026-11-01 | - | `python bench/beta.py` |"
+    assert rows[1].startswith("| alpha: speed | 12 vs 5 tokens/s | 2.40x |") and "| H200 |" in rows[1]
+    # The history is kept in order, and the new section comes last.
+    assert text.index("- an old alpha run") < text.index("- an old beta run") < text.index("- the new run")
+    assert text.startswith("# Benchmark results\n\nIntro text.")
+
+    # A second run keeps beta's row as it is (no second machine cell) and labels alpha's with this machine.
+    write_results(path, "## alpha — 2026-11-28 10:00 UTC\n\n- alpha again", [new_row], name="alpha")
+    rows = [r for r in summary_table(path).splitlines()[2:] if r.startswith("|")]
+    assert rows[0] == "| beta: latency | 3 vs 2 ms | 1.50x | <= 2x, MET | 2026-11-01 | - | `python bench/beta.py` |"
+    assert rows[1].count("|") == 8 and "cores, " in rows[1]
