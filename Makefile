@@ -6,8 +6,10 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.rayft-setup
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
+BUNDLE_DIR    ?= bench/out/bundle
+BUNDLE_PYTHON ?= 3.12
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench offline-bundle clean
 
 setup: $(STAMP)
 
@@ -36,6 +38,11 @@ lint: setup
 # rows of the Summary table in bench/RESULTS.md. QUICK=1: smoke versions, written to bench/out/RESULTS-quick.md.
 bench: setup
 	$(PY) bench/run_all.py $(if $(QUICK),--quick,)
+
+# The wheels an offline GPU machine (CUDA torch, transformers and peft already there) lacks for bench/gpu_check.sh:
+# at most 60 MB, with a trimmed Ray. BUNDLE_PYTHON is the target machine's Python version.
+offline-bundle: setup
+	$(PY) bench/offline_bundle.py --out $(BUNDLE_DIR) --python $(BUNDLE_PYTHON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -7,8 +7,8 @@
 #
 # --bundle DIR  install rayft's dependencies from an offline bundle (`make offline-bundle`) into a venv that
 #               sees this machine's own CUDA torch, transformers and peft. The bundle's Ray is a trimmed
-#               wheel of the official release: the Java jars, RLlib and the dashboard's web client are left
-#               out (rayft uses none of them); see DIR/MANIFEST.md.
+#               wheel of the official release: the Java jars, RLlib, the example folders and the dashboard's
+#               source maps are left out (rayft uses none of them); see DIR/MANIFEST.md.
 # --dry-run     the same path on CPU with tiny sizes (no GPU needed; a test runs it).
 # Other options go to bench/gpu_check.py. Python: $PYTHON, else .venv/bin/python, else python3.
 set -euo pipefail
@@ -38,7 +38,7 @@ if [[ -n "$bundle" ]]; then
   fi
   env_dir="${RAYFT_CHECK_ENV:-${TMPDIR:-/tmp}/rayft-check-env}"
   echo "gpu_check: installing $(ls "$bundle"/*.whl | wc -l) wheels from $bundle into $env_dir (offline;" \
-       "Ray is a trimmed wheel without its Java jars, RLlib and dashboard web client)"
+       "Ray is a trimmed wheel: no Java jars, RLlib, examples or dashboard source maps)"
   "$python" -m venv --system-site-packages "$env_dir"
   "$env_dir/bin/python" -m pip install --quiet --no-index --no-deps --no-compile "$bundle"/*.whl
   python="$env_dir/bin/python"
