@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     times: list[tuple[str, float, int]] = []
     start = time.perf_counter()
     for name in args.only or BENCHMARKS:
-        cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--results", str(results)]
+        # Paths relative to the checkout: each script records its command line in the results.
+        script = f"bench/{name}.py"
+        out = results.resolve()
+        out_arg = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+        cmd = [sys.executable, script, "--results", out_arg]
         if args.quick:
             cmd.append("--quick")
         print(f"\n==== {name}: {' '.join(cmd[1:])}", flush=True)
