@@ -275,14 +275,7 @@ def machine() -> str:
 
 def machine_label() -> str:
     """The machine in a few words, for the Summary table: core count and CPU model, or the GPU's name."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = machine().split(", ")[1]  # machine() reads the CPU model once, the same way
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{ncpu} cores, {cpu}"
 
