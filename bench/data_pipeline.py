@@ -115,8 +115,8 @@ _WORKER: tuple[int, object, object] | None = None
 def _worker_state():
     global _WORKER
     if _WORKER is None or _WORKER[0] != os.getpid():
-        from training.formats import Renderer
-        from training.models import load_tokenizer
+        from rayft.training.formats import Renderer
+        from rayft.training.models import load_tokenizer
 
         tok = load_tokenizer(MODEL)
         _WORKER = (os.getpid(), tok, Renderer(tok, None, False))
@@ -125,7 +125,7 @@ def _worker_state():
 
 def hf_tokenize(batch: dict) -> dict:
     """The pipeline's per-row work (training.data.Tokenize with overlong=truncate), as a datasets.map fn."""
-    from training.formats import normalize, tokenize_rendered
+    from rayft.training.formats import normalize, tokenize_rendered
 
     tok, renderer = _worker_state()
     texts, spans = [], []
@@ -174,7 +174,7 @@ def bench_datasets_map(path: Path, cache: Path) -> Measure:
 
 
 def _data_cfg(path: Path, packing: bool):
-    from training.config import DataConfig
+    from rayft.training.config import DataConfig
 
     return DataConfig(
         train=str(path),
@@ -187,8 +187,8 @@ def _data_cfg(path: Path, packing: bool):
 
 
 def bench_pipeline(path: Path) -> Measure:
-    from training.config import ModelConfig
-    from training.data import tokenized
+    from rayft.training.config import ModelConfig
+    from rayft.training.data import tokenized
 
     t0 = time.perf_counter()
     ds = tokenized(ModelConfig(name=MODEL), _data_cfg(path, packing=False), "train")
@@ -204,8 +204,8 @@ def bench_pipeline(path: Path) -> Measure:
 
 
 def bench_packed(path: Path) -> Measure:
-    from training.config import ModelConfig
-    from training.data import build_datasets
+    from rayft.training.config import ModelConfig
+    from rayft.training.data import build_datasets
 
     t0 = time.perf_counter()
     ds = build_datasets(ModelConfig(name=MODEL), _data_cfg(path, packing=True))["train"]
@@ -226,7 +226,7 @@ def bench_train_step(steps: int) -> tuple[float, float]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from training.models import load_model
+    from rayft.training.models import load_model
 
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows or (3_000 if args.quick else 100_000)
     steps = args.train_steps or (1 if args.quick else 2)
 
-    from cluster.runtime import connect
-    from training.models import load_tokenizer
+    from rayft.cluster.runtime import connect
+    from rayft.training.models import load_tokenizer
 
     load_start = load_average()
     print(f"{NAME}: {rows} rows, max_seq_len {MAX_SEQ_LEN}; {machine()}; load {load_start}", flush=True)

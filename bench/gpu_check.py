@@ -279,8 +279,8 @@ def train(method: str, model_dir: Path, data: Path, size: Size, work: Path, use_
     """One `rayft train` run; returns its timed steps' figures."""
     import yaml
 
-    from cluster.config import load_config
-    from training.trainer import read_metrics, run_training
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
 
     global_batch = size.micro_batch  # 1 worker, no accumulation
     job = {
@@ -357,9 +357,9 @@ def serve(model_dir: Path, size: Size, use_gpu: bool) -> dict:
     from ray import serve as ray_serve
     from serve_load import load
 
-    from cluster.serve_cmd import start_app
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.deploy import deploy
+    from rayft.serving.spec import build_spec
 
     clients = size.serve_clients
     cfg = ServeConfig(
@@ -374,7 +374,7 @@ def serve(model_dir: Path, size: Size, use_gpu: bool) -> dict:
     )
     spec = build_spec(str(model_dir), cfg)
     log(f"rayft serve: transformers engine, {'GPU' if use_gpu else 'CPU'}, batches of up to {clients}")
-    base = start_app(spec, None)
+    base = deploy(spec)
     load(base, 2, 1, 4)  # warm-up: first kernels, first batch
     one = load(base, 1, size.serve_requests * 2, size.serve_tokens)
     log(f"  1 client: {one['tokens_per_s']:,.1f} tokens/s")
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     examples, mean_len = make_data(data, size, size.steps * size.micro_batch)
     log(f"model: {fmt_params(params)} parameters; data: {examples} examples, mean example length {mean_len:.0f}")
 
-    from cluster.runtime import connect
+    from rayft.cluster.runtime import connect
 
     # One worker holds one logical CPU; Ray Data's read and tokenizer stages take fractions of the rest.
     connect(num_cpus=max(4, os.cpu_count() or 1))

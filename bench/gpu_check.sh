@@ -5,7 +5,7 @@
 #
 #   bench/gpu_check.sh [--bundle DIR] [--dry-run] [--out DIR] [--results FILE] [--steps N]
 #
-# --bundle DIR  install rayft's dependencies from an offline bundle (`make offline-bundle`) into a venv that
+# --bundle DIR  install rayft and its dependencies from an offline bundle (`make offline-bundle`) into a venv that
 #               sees this machine's own CUDA torch, transformers and peft. The bundle's Ray is a trimmed
 #               wheel of the official release: the Java jars, RLlib, the example folders and the dashboard's
 #               source maps are left out (rayft uses none of them); see DIR/MANIFEST.md.
@@ -44,7 +44,7 @@ if [[ -n "$bundle" ]]; then
   python="$env_dir/bin/python"
 fi
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # rayft itself is installed: from the bundle, or in .venv by make setup
 limit=480  # the check's budget on a GPU; the CPU dry run gets longer on slow shared machines
 [[ $dry -eq 1 ]] && limit=900
 exec timeout --signal=INT --kill-after=30 "$limit" "$python" bench/gpu_check.py "${args[@]}"

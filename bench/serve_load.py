@@ -52,9 +52,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def deploy(spec: dict, port: int) -> str:
-    from cluster.serve_cmd import start_app
+    from rayft.serving.deploy import deploy
 
-    return start_app(spec | {"serve": spec["serve"] | {"port": port}}, None)
+    return deploy(spec | {"serve": spec["serve"] | {"port": port}})
 
 
 def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -142,7 +142,7 @@ def noop_p50(port: int, n: int) -> float:
 
 def direct_p50(model_path: str, ids: list[int], n: int) -> float:
     """The same 1-token generation, called on the engine in this process (1 torch thread, like a replica)."""
-    from serving.engine import GenerationRequest, TransformersEngine
+    from rayft.serving.engine import GenerationRequest, TransformersEngine
 
     engine = TransformersEngine(model_path, threads=1)
     times = []
@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from transformers import AutoTokenizer
 
-    from cluster.runtime import connect
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
+    from rayft.cluster.runtime import connect
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     connect(num_cpus=4)

@@ -38,7 +38,7 @@ def tiny_model(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.models import load_tokenizer
+    from rayft.training.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ sweep:
 
 
 def first_step_s(run_dir: str, started: float) -> float | None:
-    from training.trainer import read_metrics
+    from rayft.training.trainer import read_metrics
 
     steps = [r["time"] for r in read_metrics(run_dir) if "loss" in r and "time" in r]
     return min(steps) - started if steps else None
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from cluster.config import load_config
-    from cluster.runtime import connect
-    from training.trainer import run_training
-    from tuning.sweep import local_cpus, run_sweep
+    from rayft.cluster.config import load_config
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import run_training
+    from rayft.tuning.sweep import local_cpus, run_sweep
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = load_average()
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         trial_s = [r.wall_s for r in result.rows]
         startups = []
         for r in result.rows:
-            from training.trainer import read_metrics
+            from rayft.training.trainer import read_metrics
 
             records = read_metrics(r.run_dir)
             last = max((m["time"] for m in records if "time" in m), default=None)

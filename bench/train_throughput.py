@@ -100,7 +100,7 @@ def small_model(out: Path, tokenizer) -> str:
 
 def load_examples(tokenizer, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(input_ids, labels) per row, made by the pipeline's own per-row functions (truncate, drop untrained)."""
-    from training.formats import IGNORE_INDEX, Renderer, normalize, parse_json_line, tokenize_rendered
+    from rayft.training.formats import IGNORE_INDEX, Renderer, normalize, parse_json_line, tokenize_rendered
 
     renderer = Renderer(tokenizer, None, False)
     with open(path, encoding="utf-8") as f:
@@ -117,8 +117,8 @@ def load_examples(tokenizer, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 def pack(examples: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     """Packed rows as the pipeline makes them: first-fit-decreasing within windows of PACK_WINDOW_ROWS examples.
     `members` holds indices into `examples`."""
-    from training.data import PACK_WINDOW_ROWS
-    from training.formats import pack_examples
+    from rayft.training.data import PACK_WINDOW_ROWS
+    from rayft.training.formats import pack_examples
 
     rows = []
     for start in range(0, len(examples), PACK_WINDOW_ROWS):
@@ -180,8 +180,8 @@ class Run:
 
 
 def loop_config(model_name: str, global_batch: int, micro: int, steps: int, run_dir: str, skip_untrained_logits: bool):
-    from training.config import DataConfig, ModelConfig, TrainingConfig
-    from training.loop import LoopConfig
+    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
+    from rayft.training.loop import LoopConfig
 
     return LoopConfig(
         model=ModelConfig(name=model_name),
@@ -206,8 +206,8 @@ def run_single_process(name: str, cfg, batches: list[list[list[dict]]]) -> Run:
     """The plain loop: forward/backward per micro-batch, then clip + AdamW, in this process with THREADS threads."""
     import torch
 
-    from training.formats import collate, padded_length
-    from training.loop import build_model
+    from rayft.training.formats import collate, padded_length
+    from rayft.training.loop import build_model
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
@@ -250,9 +250,9 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
     import ray
     import yaml
 
-    from cluster.config import load_config
-    from cluster.runtime import connect
-    from training.trainer import read_metrics, run_training
+    from rayft.cluster.config import load_config
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import read_metrics, run_training
 
     job_file = tmp / "job.yaml"
     job = {
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.global_batch % (args.micro_batch * WORKERS):
         p.error(f"--global-batch must be a multiple of --micro-batch x {WORKERS} workers")
 
-    from training.models import load_tokenizer
+    from rayft.training.models import load_tokenizer
 
     load_start = load_average()
     print(f"{NAME}: {steps} steps per contender; {machine()}; load {load_start}", flush=True)

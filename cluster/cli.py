@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out  # noqa: F401
+from rayft.cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out  # noqa: F401
 
 app = typer.Typer(
     name="rayft",
@@ -39,7 +39,7 @@ def config_show(
     import yaml
 
     if describe:
-        from cluster.config import config_reference
+        from rayft.cluster.config import config_reference
 
         table = Table("key", "default", "meaning", show_lines=False)
         for key, default, desc in config_reference():
@@ -70,8 +70,8 @@ def data_inspect(
 
 
 def _inspect(cfg, address: str | None, examples: int, quiet: bool) -> dict:
-    from cluster.runtime import connect
-    from training.data import inspect_data
+    from rayft.cluster.runtime import connect
+    from rayft.training.data import inspect_data
 
     t0 = time.perf_counter()
     with err.status("starting Ray", spinner="dots") if not quiet else _nullcontext() as status:
@@ -148,8 +148,8 @@ def _train(cfg, address: str | None, restart: bool):
     import math
     import os
 
-    from cluster.runtime import connect
-    from training.trainer import TrainError, required_cpus, run_training
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import TrainError, required_cpus, run_training
 
     with err.status("starting Ray", spinner="dots"):
         # A laptop has fewer cores than workers + data stages want; logical CPUs may exceed them.
@@ -261,8 +261,8 @@ def _eval_num_cpus(cfg) -> int:
 def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cluster.runtime import connect
-    from training.evaluate import resolve_models, run_eval
+    from rayft.cluster.runtime import connect
+    from rayft.training.evaluate import resolve_models, run_eval
 
     models = resolve_models(cfg, model, base_only)  # a missing model fails here, before Ray starts
     with err.status("starting Ray", spinner="dots"):
@@ -285,7 +285,7 @@ def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
 
 
 def print_eval_report(report: dict) -> None:
-    from training.evaluate import METRIC_TITLES, METRICS, format_metric
+    from rayft.training.evaluate import METRIC_TITLES, METRICS, format_metric
 
     labels = list(report["models"])
     for lb in labels:
@@ -329,8 +329,8 @@ def export_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: RUN_DIR/final).")] = None,
 ) -> None:
     """Re-export a run's model (LoRA adapter + merged model, or full model) from a kept checkpoint."""
-    from training.export import ExportError, export_checkpoint, list_checkpoints
-    from training.trainer import JOB_FILE
+    from rayft.training.export import ExportError, export_checkpoint, list_checkpoints
+    from rayft.training.trainer import JOB_FILE
 
     with _user_errors():
         job_file = run_dir / JOB_FILE
@@ -375,8 +375,8 @@ def demo(
     import math
     import os
 
-    from cluster.runtime import connect
-    from training.trainer import required_cpus
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import required_cpus
 
     stages: list[tuple[str, float]] = []
     t_all = time.perf_counter()
@@ -421,7 +421,7 @@ def demo(
     for name, secs in stages:
         out.print(f"  {name:<16} {secs:6.1f} s")
     out.print(f"  {'total':<16} {time.perf_counter() - t_all:6.1f} s")
-    from cluster.serve_cmd import serve_until_interrupted, stop_app
+    from rayft.cluster.serve_cmd import serve_until_interrupted, stop_app
 
     if keep_serving:
         out.print(f"[bold]and now it is served at {base}/v1[/] (the examples above work while it runs)")
@@ -432,7 +432,7 @@ def demo(
 
 def _demo_serve(cfg, config: Path, overrides, address: str | None) -> str:
     """Serve the run's final/ model, ask it one held-out question over HTTP, print how to call it."""
-    from cluster.serve_cmd import _spec, ask, print_usage, start_app
+    from rayft.cluster.serve_cmd import _spec, ask, print_usage, start_app
 
     spec = _spec(str(config), overrides, None, None, None, None)
     base = start_app(spec, address)
@@ -470,19 +470,19 @@ def _fresh_demo_run(run_dir: str) -> None:
     Path(run_dir, DEMO_MARK).write_text("made by rayft demo; the next demo replaces this run directory\n")
 
 
-from cluster.generate_cmd import generate  # noqa: E402  (after the shared options it reuses)
+from rayft.cluster.generate_cmd import generate  # noqa: E402  (after the shared options it reuses)
 
 app.command("generate")(generate)
 
-from cluster.serve_cmd import serve  # noqa: E402
+from rayft.cluster.serve_cmd import serve  # noqa: E402
 
 app.command("serve")(serve)
 
-from cluster.sweep_cmd import sweep  # noqa: E402
+from rayft.cluster.sweep_cmd import sweep  # noqa: E402
 
 app.command("sweep")(sweep)
 
-from cluster.jobs_cmd import jobs_app, submit  # noqa: E402
+from rayft.cluster.jobs_cmd import jobs_app, submit  # noqa: E402
 
 app.command("submit")(submit)
 app.add_typer(jobs_app, name="jobs")

@@ -28,10 +28,10 @@ AddressOpt = Annotated[
 @contextmanager
 def _user_errors():
     """Turn the errors users can fix (config, data, model, cluster) into a message and an exit code, not a traceback."""
-    from cluster.config import ConfigError
-    from cluster.jobs import JobsError
-    from training.data import DataError
-    from training.models import ModelError
+    from rayft.cluster.config import ConfigError
+    from rayft.cluster.jobs import JobsError
+    from rayft.training.data import DataError
+    from rayft.training.models import ModelError
 
     try:
         yield
@@ -54,8 +54,8 @@ def _user_errors():
 
 
 def _user_cause(e: BaseException):
-    from training.data import DataError
-    from training.models import ModelError
+    from rayft.training.data import DataError
+    from rayft.training.models import ModelError
 
     seen = 0
     while e is not None and seen < 10:
@@ -67,6 +67,6 @@ def _user_cause(e: BaseException):
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     return load_config(config, overrides or [])

@@ -1,4 +1,5 @@
-"""The job file: one YAML document composed of each package's config section.
+"""The job file: one YAML document composed of each package's config (the training job from
+rayft.training, extended by the sweep job of rayft.tuning, plus `serve` and `submit`).
 
 Precedence is model defaults < YAML < `--set a.b=value`. Unknown keys are errors, and every
 problem is reported at once with its dotted path, the bad value and (when it came from the
@@ -10,50 +11,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
-from serving.config import ServeConfig
-from training.config import DataConfig, EvalConfig, ExportConfig, ModelConfig, Section, TrainingConfig
-from tuning.config import SweepConfig
-
-
-class ScalingConfig(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
-    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); otherwise CPU workers (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved by each training worker.")
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="Extra custom Ray resources each worker needs (e.g. a node label)."
-    )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK",
-        description="How workers are placed on nodes: PACK fills nodes first, SPREAD spreads them when it can, "
-        "STRICT_SPREAD puts each worker on its own node.",
-    )
-
-
-class RunConfig(Section):
-    name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
-    storage_path: str = Field(
-        "runs",
-        description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://.",
-    )
-
-    max_failures: int = Field(
-        2, ge=-1, description="Restart the worker group from the latest checkpoint this many times (-1 = forever)."
-    )
-    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins).")
-
-    @model_validator(mode="after")
-    def _check_name(self) -> RunConfig:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ValueError(
-                f"name must be letters, digits, '.', '_' or '-' and start with a letter or digit (got {self.name!r})"
-            )
-        return self
+from rayft.serving.config import ServeConfig
+from rayft.training.config import RunConfig, ScalingConfig, Section, TrainJob  # noqa: F401 (part of the job file)
+from rayft.tuning.config import SweepJob
 
 
 class SubmitConfig(Section):
@@ -81,39 +46,11 @@ class SubmitConfig(Section):
     )
 
 
-class JobConfig(Section):
-    """A whole rayft job: what to train on, how, where, and where results go."""
+class JobConfig(SweepJob):
+    """A whole rayft job file: the sweep job (training job + `sweep`) plus the endpoint and cluster packaging."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to start from.")
-    data: DataConfig = Field(..., description="Training data and how it becomes token rows.")
-    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation settings.")
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
-    run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The HTTP endpoint (rayft serve).")
-    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter search (rayft sweep).")
     submit: SubmitConfig = Field(default_factory=SubmitConfig, description="Packaging for a cluster (rayft submit).")
-
-    @model_validator(mode="after")
-    def _check_batch_sizes(self) -> JobConfig:
-        per_step = self.training.micro_batch_size * self.scaling.num_workers
-        if self.training.global_batch_size % per_step:
-            raise ValueError(
-                f"training.global_batch_size ({self.training.global_batch_size}) must be a multiple of "
-                f"training.micro_batch_size x scaling.num_workers ({self.training.micro_batch_size} x "
-                f"{self.scaling.num_workers} = {per_step})"
-            )
-        return self
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches each worker accumulates per optimizer step."""
-        return self.training.global_batch_size // (self.training.micro_batch_size * self.scaling.num_workers)
-
-    @property
-    def run_dir(self) -> str:
-        return os.path.join(self.run.storage_path, self.run.name)
 
 
 class ConfigError(Exception):

@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from cluster.cli_common import AddressOpt
+from rayft.cluster.cli_common import AddressOpt
 
 # light (standard library only): the defaults live in one place
-from training.datagen import (
+from rayft.training.datagen import (
     DEFAULT_MAX_CHUNK_CHARS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MIN_OVERLAP,
@@ -107,9 +107,10 @@ def generate(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cluster.cli_common import err, out
-    from training.datagen import GenerateError, generate_qa
-    from training.models import ModelError
+    from rayft.cluster.cli_common import err, out
+    from rayft.cluster.runtime import connect
+    from rayft.training.datagen import GenerateError, generate_qa
+    from rayft.training.models import ModelError
 
     if faq and (model or endpoint or template):
         err.print("[bold red]usage error[/] --faq reads pairs from the documents; drop --model/--endpoint/--template")
@@ -144,7 +145,7 @@ def generate(
                 replicas=replicas,
                 use_gpu=gpu,
                 concurrency=concurrency,
-                address=address,
+                start_ray=lambda cpus: connect(address, num_cpus=cpus),
                 progress=lambda total: _bar(progress, total),
             )
     except (GenerateError, ModelError) as e:

@@ -24,8 +24,9 @@ import yaml
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 LIVE = ("PENDING", "RUNNING")
 JOB_FILE = "job.yaml"
-# rayft's packages, shipped with every job so the cluster runs the same code as the laptop.
-PACKAGES = ("cluster", "training", "tuning", "serving")
+# rayft's subpackages: with rayft's own __init__/__main__ they are the `rayft` package every job ships, so the
+# cluster runs the same code as the laptop whatever rayft (or none) its image holds.
+SUBPACKAGES = ("cluster", "training", "tuning", "serving")
 
 
 class JobsError(Exception):
@@ -116,22 +117,24 @@ class Package:
     metadata: dict
     staging: str | None = None
     shipped: list[tuple[str, str, int]] = field(default_factory=list)  # (config key, local path, bytes)
+    code: str | None = None  # the folder holding the staged `rayft` package (runtime_env py_modules)
 
     def cleanup(self) -> None:
-        if self.staging:
-            shutil.rmtree(self.staging, ignore_errors=True)
+        for path in (self.staging, self.code):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def package(config: Path, overrides: list[str], command: str, name: str | None) -> Package:
     """Validate the job file locally and stage it for the cluster. Raises ConfigError (the job file) or
     JobsError (storage or files the cluster could not read)."""
-    from cluster.config import ConfigError, load_config
+    from rayft.cluster.config import ConfigError, load_config
 
     if name:
         overrides = [*overrides, f"sweep.name={name}" if command == "sweep" else f"run.name={name}"]
     cfg = load_config(config, overrides)
     if command == "sweep":
-        from tuning.sweep import check_sweep
+        from rayft.tuning.sweep import check_sweep
 
         problems = check_sweep(cfg)
         if problems:
@@ -175,22 +178,25 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
         return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata)
 
     staging = tempfile.mkdtemp(prefix="rayft-submit-")
+    code = tempfile.mkdtemp(prefix="rayft-code-")
     try:
         _stage(job, files, Path(staging))
         (Path(staging) / JOB_FILE).write_text(_job_yaml(job, config))
+        shipped_code = stage_rayft(Path(code))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(code, ignore_errors=True)
         raise
     runtime_env = {
         "working_dir": staging,
-        "py_modules": [_package_dir(p) for p in PACKAGES],
+        "py_modules": [str(shipped_code)],
         "excludes": ["__pycache__", "*.pyc"],
         "env_vars": env_vars,
     }
     if sub.pip:
         runtime_env["pip"] = list(sub.pip)
-    entrypoint = f"python -m cluster.cli {command} {JOB_FILE}"
-    return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files)
+    entrypoint = f"python -m rayft {command} {JOB_FILE}"
+    return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files, code)
 
 
 def run_dir_of(metadata: dict) -> str | None:
@@ -206,7 +212,7 @@ def fmt_size(n: int) -> str:
 
 def _raw_storage_path(config: Path, overrides: list[str]) -> str:
     """run.storage_path as the user wrote it (load_config resolves a local one against this machine)."""
-    from cluster.config import RunConfig, apply_overrides
+    from rayft.cluster.config import RunConfig, apply_overrides
 
     raw = yaml.safe_load(Path(config).read_text()) or {}
     apply_overrides(raw, [o for o in overrides if o.strip().startswith("run.")])
@@ -301,10 +307,25 @@ def _job_yaml(job: dict, config: Path) -> str:
     return head + yaml.safe_dump(job, sort_keys=False)
 
 
-def _package_dir(name: str) -> str:
+def stage_rayft(dest: Path) -> Path:
+    """Copy the installed rayft package (its own files and the four subpackages, nothing else of the folder
+    an editable install points at) to dest/rayft, as Ray's py_modules ships it; returns that directory.
+
+    A directory rather than a wheel: Ray installs a py_modules wheel with `pip install --target`, which would
+    fetch all of rayft's dependencies (torch included) into every job's environment."""
     import importlib
 
-    return list(importlib.import_module(name).__path__)[0]  # also for a package without __init__.py
+    import rayft
+
+    root = Path(rayft.__file__).parent
+    target = dest / "rayft"
+    target.mkdir(parents=True)
+    for name in ("__init__.py", "__main__.py"):
+        shutil.copy2(root / name, target / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SUBPACKAGES:
+        shutil.copytree(list(importlib.import_module(f"rayft.{name}").__path__)[0], target / name, ignore=skip)
+    return target
 
 
 # ---------------------------------------------------------------- jobs

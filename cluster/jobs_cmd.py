@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cluster.cli_common import ConfigArg, SetOpt, _user_errors, err
+from rayft.cluster.cli_common import ConfigArg, SetOpt, _user_errors, err
 
 out = Console(soft_wrap=True)  # job ids and run paths stay on one line, whole, in logs and pipes
 
@@ -43,7 +43,7 @@ def submit(
 ) -> None:
     """Run a finetune (or a sweep) on a Ray cluster: the job file is checked here, shipped with its small local
     data files and rayft's code, and submitted through Ray's Jobs API. The laptop can then walk away."""
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     command = "sweep" if sweep else "train"
     with _user_errors():
@@ -69,7 +69,7 @@ def _addr_hint(address: str | None) -> str:
 
 
 def _follow(address: str | None, job_id: str) -> None:
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     with _user_errors():
         c = jobs.client(address)
@@ -91,7 +91,7 @@ def _write(chunk: str) -> None:
 
 
 def _print_end(info, status: str) -> None:
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     style = "bold green" if status == "SUCCEEDED" else "bold red"
     line = f"[{style}]{escape(status)}[/] {escape(info.submission_id or info.job_id)}"
@@ -120,7 +120,7 @@ def jobs_list(address: JobsAddressOpt = None) -> None:
     """Every job on the cluster, newest last."""
     from rich.table import Table
 
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     with _user_errors():
         c = jobs.client(address)
@@ -143,7 +143,7 @@ def jobs_list(address: JobsAddressOpt = None) -> None:
 @jobs_app.command("status")
 def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
     """A job's status, its run dir and (when readable from here) its latest metrics and model."""
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     with _user_errors():
         c = jobs.client(address)
@@ -167,7 +167,7 @@ def jobs_logs(
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
 ) -> None:
     """A job's logs (the driver's output: rayft's progress lines and errors)."""
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     if follow_:
         _follow(address, job)
@@ -181,7 +181,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(job: JobArg, address: JobsAddressOpt = None) -> None:
     """Stop a job (its workers end; a train run resumes from its last checkpoint when submitted again)."""
-    from cluster import jobs
+    from rayft.cluster import jobs
 
     with _user_errors():
         c = jobs.client(address)

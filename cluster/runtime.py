@@ -30,17 +30,8 @@ def connect(
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
-    configure_data(quiet)
-    return joined
-
-
-def configure_data(quiet: bool = True) -> None:
-    """Ray Data settings of this process (the driver, or a sweep's trial that drives its own run)."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same seed, same row order
     if quiet:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        from rayft.training.data import quiet_ray_data
+
+        quiet_ray_data()
+    return joined

@@ -10,9 +10,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cluster.cli_common import AddressOpt, SetOpt, _load, _user_errors, err, out
-
-APP_NAME = "rayft"
+from rayft.cluster.cli_common import AddressOpt, SetOpt, _load, _user_errors, err, out
+from rayft.serving.deploy import APP_NAME
 
 
 def serve(
@@ -65,8 +64,8 @@ def serve(
 
 
 def _spec(target, overrides, host, port, api_keys, adapters) -> dict:
-    from serving.config import ServeConfig
-    from serving.spec import ServeError, build_spec
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import ServeError, build_spec
 
     overrides = list(overrides or [])
     if host:
@@ -79,7 +78,7 @@ def _spec(target, overrides, host, port, api_keys, adapters) -> dict:
         job = _load(p, overrides)
         cfg, run_dir, storage = job.serve, job.run_dir, job.run.storage_path
     else:
-        from cluster.config import load_serve_config
+        from rayft.cluster.config import load_serve_config
 
         cfg = load_serve_config(overrides)
     if adapters:
@@ -106,7 +105,7 @@ def serve_config_yaml(spec: dict) -> str:
     doc = {
         "http_options": {"host": s["host"], "port": s["port"]},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": "serving.app:app_builder", "args": spec}
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "rayft.serving.app:app_builder", "args": spec}
         ],
     }
     head = ("# Ray Serve config written by `rayft serve --emit-config`. Deploy: serve deploy THIS_FILE\n"
@@ -124,35 +123,25 @@ def run_app(spec: dict, address: str | None, detach: bool) -> None:
 
 
 def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
-    """Deploy the app on Ray Serve (joining or starting Ray) and wait until it answers; returns its URL."""
-    import math
+    """Join or start Ray, deploy the app (rayft.serving.deploy) and wait until it answers; returns its URL."""
     import os
 
-    from cluster.runtime import connect
+    from rayft.cluster.runtime import connect
+    from rayft.serving.deploy import cpus_needed, deploy
 
-    s = spec["serve"]
     if detach:
         address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    need = s["autoscaling"]["max_replicas"] * s["cpus_per_replica"]
     try:
         with err.status("starting Ray", spinner="dots"):
-            connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1))
+            connect(address, num_cpus=cpus_needed(spec))
     except ConnectionError as e:
         if detach:
             err.print("[bold red]serve error[/] --detach needs a running Ray cluster that outlives this command: "
                       "start one with `ray start --head` (or pass --address)", highlight=False)  # fmt: skip
             raise typer.Exit(1) from None
         raise typer.Exit(1) from e
-    from ray import serve
-
-    from serving.app import build_app
-
-    base = f"http://{'127.0.0.1' if s['host'] in ('0.0.0.0', '::') else s['host']}:{s['port']}"
     with err.status(f"starting the endpoint ({spec['model_name']}); loading the model", spinner="dots"):
-        serve.start(http_options={"host": s["host"], "port": s["port"]})
-        serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
-        _wait_ready(base, timeout=600)
-    return base
+        return deploy(spec)
 
 
 def serve_until_interrupted() -> None:
@@ -167,11 +156,10 @@ def serve_until_interrupted() -> None:
 
 
 def stop_app() -> None:
-    from ray import serve
+    from rayft.serving.deploy import undeploy
 
     with err.status("stopping the endpoint", spinner="dots"):
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        undeploy()
     out.print("endpoint stopped")
 
 
@@ -185,25 +173,6 @@ def ask(base: str, model: str, messages: list[dict], max_tokens: int, api_key: s
         req.add_header("Authorization", f"Bearer {api_key}")
     with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())["choices"][0]["message"]["content"]
-
-
-def _wait_ready(base: str, timeout: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.time() + timeout
-    last = ""
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=60) as r:
-                if r.status == 200:
-                    return
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        time.sleep(1)
-    raise RuntimeError(f"the endpoint at {base} did not become ready within {timeout:.0f} s (last: {last})")
 
 
 def print_usage(base: str, spec: dict) -> None:

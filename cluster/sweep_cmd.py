@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out
+from rayft.cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out
 
 
 def sweep(
@@ -23,8 +23,8 @@ def sweep(
 ) -> None:
     """Search hyperparameters: many finetunes scheduled by Ray Tune, hopeless ones stopped early (ASHA).
     Writes a leaderboard, a plot, the best trial's job file (best.yaml) and its model (best/)."""
-    from cluster.runtime import connect
-    from tuning.sweep import SweepError, check_sweep, local_cpus, run_sweep
+    from rayft.cluster.runtime import connect
+    from rayft.tuning.sweep import SweepError, check_sweep, local_cpus, run_sweep
 
     with _user_errors():
         cfg = _load(config, (set_ or []) + ([f"sweep.name={name}"] if name else []))
@@ -51,7 +51,7 @@ def sweep(
 def print_leaderboard(result) -> None:
     from rich.table import Table
 
-    from tuning.sweep import fmt_value as _fmt
+    from rayft.tuning.sweep import fmt_value as _fmt
 
     params = list(result.rows[0].params) if result.rows else []
     table = Table(title=f"sweep {result.sweep_dir}", title_justify="left")

@@ -26,8 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from serving.config import ServeConfig
-from serving.openai_api import (
+from rayft.serving.config import ServeConfig
+from rayft.serving.openai_api import (
     AdapterRegistration,
     ApiError,
     ChatCompletionRequest,
@@ -138,7 +138,7 @@ class LLMServer:
     def __init__(self, spec: dict):
         from ray.serve import metrics
 
-        from serving.engine import RunningBatch, TransformersEngine
+        from rayft.serving.engine import RunningBatch, TransformersEngine
 
         cfg = ServeConfig(**spec["serve"])
         self.engine = TransformersEngine(
@@ -166,7 +166,7 @@ class LLMServer:
         )
 
     async def generate(self, request: dict, adapter_path: str | None = None) -> AsyncIterator[dict]:
-        from serving.engine import GenerationRequest
+        from rayft.serving.engine import GenerationRequest
 
         req = GenerationRequest(**request)
         if req.adapter:
@@ -374,7 +374,7 @@ class Ingress:
     # ---------------------------------------------------------------- adapters
 
     def add_adapter(self, body: AdapterRegistration):
-        from serving.spec import validate_adapter
+        from rayft.serving.spec import validate_adapter
 
         name, path = body.name, body.path
         try:
@@ -605,7 +605,7 @@ def build_app(spec: dict):
 
 
 def app_builder(args: dict):
-    """Entry point for `serve deploy` / RayService configs: `import_path: serving.app:app_builder`."""
+    """Entry point for `serve deploy` / RayService configs: `import_path: rayft.serving.app:app_builder`."""
     return build_app(args)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serving.config import ADAPTER_NAME, ServeConfig
+from rayft.serving.config import ADAPTER_NAME, ServeConfig
 
 
 class ServeError(Exception):
@@ -26,8 +26,8 @@ def build_spec(
     api_keys: list[str] | None = None,
 ) -> dict:
     """Resolve the model to serve and the adapters, check them, and return the app's spec."""
-    from training.inference import resolve_inference_model
-    from training.models import ModelError
+    from rayft.training.inference import resolve_inference_model
+    from rayft.training.models import ModelError
 
     if serve_cfg.engine == "vllm":
         import importlib.util
@@ -93,8 +93,8 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
     """An adapter's directory, checked: a valid name, a real adapter trained on `base_path`, inside
     `roots` when given. Accepts a run directory (its final/adapter/), a final/ export, or an adapter dir.
     """
-    from training.inference import _export_base
-    from training.models import resolve_model
+    from rayft.training.inference import adapter_base_model
+    from rayft.training.models import resolve_model
 
     if not ADAPTER_NAME.match(name or ""):
         raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -103,7 +103,7 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
         raise ValueError(f"{path} is outside the directories adapters may come from ({', '.join(roots)})")
     for candidate in (p, p / "adapter", p / "final" / "adapter"):
         if (candidate / "adapter_config.json").is_file():
-            base = _export_base(candidate)
+            base = adapter_base_model(candidate)
             if base and Path(resolve_model(base)).resolve() != Path(base_path).resolve():
                 raise ValueError(
                     f"{path} was trained on {base}, not on the served model ({base_path}); serve that base model "

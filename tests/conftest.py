@@ -36,7 +36,7 @@ def ray_local():
     one each and the data stages (fractional CPUs) still find room, as on a real cluster."""
     import ray
 
-    from cluster.runtime import connect
+    from rayft.cluster.runtime import connect
 
     connect(num_cpus=4, dashboard=True)  # the dashboard's state API frees a stopped sweep trial's workers
     yield ray
@@ -45,7 +45,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from training.models import load_tokenizer
+    from rayft.training.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 

@@ -113,20 +113,20 @@ def test_unknown_fields_catch_a_typo():
 def test_rayservice_serve_config_is_a_valid_rayft_app():
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.config import ServeConfig
+    from rayft.serving.config import ServeConfig
 
     doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "serving.app:app_builder"
+    assert app["import_path"] == "rayft.serving.app:app_builder"
     cfg = ServeConfig(**app["args"]["serve"])  # the replica builds exactly this from the args
     assert cfg.gpus_per_replica == 1 and cfg.autoscaling.max_replicas == 8
     assert set(app["args"]) >= {"model_path", "model_name", "serve", "adapters", "adapter_roots", "key_hashes"}
 
 
 def test_rayjob_entrypoint_is_a_valid_rayft_train_command():
-    from cluster.config import load_config
+    from rayft.cluster.config import load_config
 
     doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     argv = shlex.split(doc["spec"]["entrypoint"])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, JobConfig, config_reference, load_config
 from conftest import ROOT
+from rayft.cluster.config import ConfigError, JobConfig, config_reference, load_config
 
-RAYFT = [sys.executable, "-m", "cluster.cli"]
+RAYFT = [sys.executable, "-m", "rayft"]
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
@@ -155,7 +155,7 @@ def test_cli_config_show_prints_the_resolved_config(tmp_path):
 
 def test_cli_import_does_not_load_torch_or_ray():
     code = (
-        "import sys, cluster.cli, cluster.config; "
+        "import sys, rayft.cluster.cli, rayft.cluster.config; "
         "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

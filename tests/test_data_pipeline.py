@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import QUICKSTART, chat, write_jsonl
-from training.config import DataConfig, ModelConfig
-from training.data import DataError, build_datasets, check_rows, inspect_data, tokenized
+from rayft.training.config import DataConfig, ModelConfig
+from rayft.training.data import DataError, build_datasets, check_rows, inspect_data, tokenized
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 MODEL = ModelConfig()
@@ -130,7 +130,7 @@ def test_overlong_rows_are_truncated_dropped_or_refused(tmp_path):
 
 
 def test_packed_training_rows_fit_and_keep_every_example(tmp_path):
-    from training.formats import collate
+    from rayft.training.formats import collate
 
     path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
     plain = build_datasets(MODEL, DataConfig(train=path, shuffle=False))["train"].take_all()
@@ -165,7 +165,7 @@ def test_quickstart_inspection():
 
 
 def test_large_jsonl_files_are_read_in_line_aligned_chunks(tmp_path, monkeypatch):
-    from training import data as data_mod
+    from rayft.training import data as data_mod
 
     rows = [chat(f"q{i}", f"a{i}") for i in range(50)] + ["{oops"] + [chat("x", "y")]
     path = write_jsonl(tmp_path / "big.jsonl", rows)

@@ -17,9 +17,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cluster.generate_cmd import generate
 from conftest import ROOT
-from training.datagen import (
+from rayft.cluster.generate_cmd import generate
+from rayft.training.datagen import (
     DEFAULT_TEMPLATE,
     Chunk,
     GenerateError,
@@ -34,7 +34,7 @@ from training.datagen import (
     parse_pairs,
     render_prompt,
 )
-from training.formats import normalize
+from rayft.training.formats import normalize
 
 DOCS = ROOT / "examples" / "docs"
 
@@ -306,8 +306,8 @@ class StubServer:
 
 
 def test_cli_generates_from_an_endpoint_and_the_file_passes_data_validation(ray_local, tmp_path):
-    from training.config import DataConfig
-    from training.data import check_rows
+    from rayft.training.config import DataConfig
+    from rayft.training.data import check_rows
 
     out = tmp_path / "gen" / "qa.jsonl"
     with StubServer(key="sk-test") as stub:
@@ -350,7 +350,7 @@ def test_cli_generates_from_an_endpoint_and_the_file_passes_data_validation(ray_
 
 
 def test_endpoint_retries_busy_answers_and_finds_its_only_model(tmp_path, monkeypatch):
-    monkeypatch.setattr("training.datagen.RETRY_BACKOFF_S", 0.05)
+    monkeypatch.setattr("rayft.training.datagen.RETRY_BACKOFF_S", 0.05)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "lamp.md").write_text("# Lamp\n\nThe Lumen Desk Lamp has a touch dimmer. It uses LEDs.\n")
     with StubServer(statuses=[503]) as stub:
@@ -391,7 +391,7 @@ def test_endpoint_errors_say_what_is_wrong(tmp_path):
 
 
 def test_an_unreachable_endpoint_is_a_clear_cli_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("training.datagen.RETRY_BACKOFF_S", 0.05)
+    monkeypatch.setattr("rayft.training.datagen.RETRY_BACKOFF_S", 0.05)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -439,7 +439,7 @@ def test_local_model_pipeline_runs_end_to_end_and_accounts_for_every_pair(ray_lo
 
 def test_the_command_module_imports_no_heavy_libraries():
     code = (
-        "import sys, cluster.generate_cmd, training.datagen; "
+        "import sys, rayft.cluster.generate_cmd, rayft.training.datagen; "
         "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)

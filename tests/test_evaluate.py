@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from conftest import chat, write_jsonl
-from training.data import DataError
-from training.evaluate import contained, exact_match, parse_json, score, token_f1
-from training.formats import Renderer, RowError, normalize
-from training.models import ModelError
+from rayft.training.data import DataError
+from rayft.training.evaluate import contained, exact_match, parse_json, score, token_f1
+from rayft.training.formats import Renderer, RowError, normalize
+from rayft.training.models import ModelError
 
 TICKET = '{"product":"Orbit Earbuds","severity":"high","intent":"refund","order_id":"N-73309","summary":"broken"}'
 
@@ -68,7 +68,7 @@ def test_inference_prompts_end_where_the_reply_starts(smol_tokenizer):
 
 
 def test_models_are_resolved_with_clear_errors(tmp_path, tiny_model_dir):
-    from training.inference import resolve_inference_model
+    from rayft.training.inference import resolve_inference_model
 
     no_tok = tmp_path / "weights-only"
     no_tok.mkdir()
@@ -97,8 +97,8 @@ def _teach(model_dir, out_dir, rows: list[dict], steps: int = 150):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.formats import collate, tokenize_rendered
-    from training.loop import use_trained_position_logits
+    from rayft.training.formats import collate, tokenize_rendered
+    from rayft.training.loop import use_trained_position_logits
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -121,8 +121,8 @@ def _teach(model_dir, out_dir, rows: list[dict], steps: int = 150):
 
 
 def test_eval_compares_base_and_finetuned_per_split_and_writes_the_report(ray_local, tmp_path, tiny_model_dir):
-    from cluster.config import load_config
-    from training.evaluate import run_eval
+    from rayft.cluster.config import load_config
+    from rayft.training.evaluate import run_eval
 
     tickets = [
         chat(f"Order N-{i}{i}{i}: my earbuds broke.", _ticket(i), system="Reply with a JSON ticket.") for i in range(4)
@@ -178,8 +178,8 @@ def test_eval_compares_base_and_finetuned_per_split_and_writes_the_report(ray_lo
 
 
 def test_eval_rejects_rows_it_cannot_evaluate(ray_local, tmp_path, tiny_model_dir):
-    from cluster.config import load_config
-    from training.evaluate import eval_rows
+    from rayft.cluster.config import load_config
+    from rayft.training.evaluate import eval_rows
 
     write_jsonl(tmp_path / "notes.jsonl", [{"text": "plain text"}, chat("q", "a")])
     job = tmp_path / "job.yaml"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.formats import (
+from rayft.training.formats import (
     IGNORE_INDEX,
     Renderer,
     RowError,

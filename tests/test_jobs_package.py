@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.jobs import JobsError, dashboard_address, find_token, package
 from conftest import chat, write_jsonl
+from rayft.cluster.jobs import SUBPACKAGES, JobsError, dashboard_address, find_token, package
 
 
 @pytest.fixture
@@ -42,13 +42,17 @@ def test_local_files_travel_with_the_job_and_remote_ones_stay(job_dir, monkeypat
         root = Path(pkg.staging)
         assert sorted(p.name for p in (root / "data" / "1").iterdir()) == ["p0.jsonl", "p1.jsonl", "p2.jsonl"]
         assert (root / "data" / "0" / "facts.jsonl").read_text() == (job_dir / "data" / "facts.jsonl").read_text()
-        assert pkg.run_dir == "/mnt/shared/runs/lamp-2" and pkg.entrypoint == "python -m cluster.cli train job.yaml"
-        assert {Path(p).name for p in pkg.runtime_env["py_modules"]} == {"cluster", "training", "tuning", "serving"}
+        assert pkg.run_dir == "/mnt/shared/runs/lamp-2" and pkg.entrypoint == "python -m rayft train job.yaml"
+        (code,) = pkg.runtime_env["py_modules"]  # rayft itself, importable as rayft.* on the cluster
+        assert Path(code).name == "rayft" and (Path(code) / "__init__.py").is_file()
+        assert sorted(p.name for p in Path(code).iterdir() if p.is_dir()) == sorted(SUBPACKAGES)
+        assert (Path(code) / "training" / "loop.py").is_file() and (Path(code) / "serving" / "app.py").is_file()
+        assert not list(Path(code).rglob("__pycache__")) and not list(Path(code).rglob("test_*.py"))
         sent = repr(pkg.runtime_env) + repr(pkg.metadata) + (root / "job.yaml").read_text()
         assert "secret-token-value" not in sent
     finally:
         pkg.cleanup()
-    assert not Path(pkg.staging).exists()
+    assert not Path(pkg.staging).exists() and not Path(pkg.code).exists()
 
 
 def test_files_on_shared_mounts_are_read_in_place(job_dir):
@@ -80,14 +84,14 @@ def test_an_image_job_carries_its_job_file_in_the_entrypoint(job_dir):
 
 
 def test_a_sweep_is_checked_before_it_is_sent(job_dir):
-    from cluster.config import ConfigError
+    from rayft.cluster.config import ConfigError
 
     with pytest.raises(ConfigError, match="sweep.space is empty"):
         package(job_dir / "job.yaml", [], "sweep", None)
     pkg = package(job_dir / "job.yaml", ["sweep.space={training.lr: {choice: [1e-4, 1e-3]}}", "sweep.metric=loss"],
                   "sweep", "lr")  # fmt: skip
     try:
-        assert pkg.run_name == "lr" and pkg.entrypoint == "python -m cluster.cli sweep job.yaml"
+        assert pkg.run_name == "lr" and pkg.entrypoint == "python -m rayft sweep job.yaml"
         assert staged(pkg)["sweep"]["name"] == "lr"
     finally:
         pkg.cleanup()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, greedy_reply
-from training import models
-from training.models import ModelError, resolve_model
+from rayft.training import models
+from rayft.training.models import ModelError, resolve_model
 
 
 def test_builtin_alias_becomes_a_plain_safetensors_model_dir():
@@ -68,7 +68,7 @@ def test_missing_model_package_says_how_to_install_it(monkeypatch, tmp_path):
 def test_concurrent_first_use_converts_once(tmp_path):
     """Two processes (as two Ray workers would) ask for the built-in model in a fresh cache at once."""
     code = (
-        "import os, time; from training.models import resolve_model; "
+        "import os, time; from rayft.training.models import resolve_model; "
         "p = resolve_model('smollm2-135m-instruct'); "
         "print(os.stat(os.path.join(p, 'model.safetensors')).st_ino)"
     )

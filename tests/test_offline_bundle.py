@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 
+import rayft
 from conftest import ROOT
 
 MAX_MB = 60
@@ -21,10 +22,10 @@ CHECK = """
 import sys
 site = sys.argv[1]
 import ray, ray.data, ray.train, ray.train.torch, ray.tune, ray.serve, deepspeed, pydantic
-for mod in (ray, deepspeed, pydantic):
+import rayft, rayft.cluster.cli, rayft.training.trainer, rayft.training.loop, rayft.serving.app, rayft.tuning.sweep
+for mod in (ray, deepspeed, pydantic, rayft, rayft.training.loop):  # rayft too: no checkout on the path
     assert mod.__file__.startswith(site), f"{mod.__name__} imported from {mod.__file__}, not from {site}"
 assert ray.__version__ == "2.60.0", ray.__version__
-import cluster.cli, training.trainer, training.loop, serving.app, tuning.sweep
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 assert ray.get(ray.remote(lambda x: x + 1).remote(41)) == 42
 ray.shutdown()
@@ -44,7 +45,7 @@ def test_bundle_fits_the_budget_installs_offline_and_runs_ray(tmp_path):
     assert sum(w.stat().st_size for w in wheels) <= MAX_MB * 1_000_000
     pins = [line for line in (out / "requirements.txt").read_text().splitlines() if "==" in line]
     assert len(pins) == len(wheels)
-    assert {"ray==2.60.0", "deepspeed==0.19.8", "pydantic==2.14.3"} <= set(pins)
+    assert {"ray==2.60.0", "deepspeed==0.19.8", "pydantic==2.14.3", f"rayft=={rayft.__version__}"} <= set(pins)
     (ray_wheel,) = [w for w in wheels if w.name.startswith("ray-2.60.0-")]
     with zipfile.ZipFile(ray_wheel) as z:
         files = z.namelist()
@@ -57,7 +58,7 @@ def test_bundle_fits_the_budget_installs_offline_and_runs_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)])
+    env["PYTHONPATH"] = str(site)
     proc = subprocess.run(
         [sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

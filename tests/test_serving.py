@@ -74,17 +74,17 @@ def base_model(tiny_dir):
 
 def deploy(spec: dict, port: int) -> str:
     """Deploy as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
-    from cluster.serve_cmd import start_app
+    from rayft.serving.deploy import deploy
 
-    return start_app(spec | {"serve": spec["serve"] | {"port": port}}, None)
+    return deploy(spec | {"serve": spec["serve"] | {"port": port}})
 
 
 @pytest.fixture(scope="module")
 def endpoint(ray_local, tiny_dir, adapters, serve_port):
     from ray import serve
 
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
 
     root, _ = adapters
     cfg = ServeConfig(
@@ -385,8 +385,8 @@ def test_killed_replica_fails_in_flight_fast_and_recovers(endpoint):
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_local, tiny_dir, serve_port):
     from ray import serve
 
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
 
     cfg = ServeConfig(
         autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
@@ -430,7 +430,7 @@ def rayft(*args, env=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "rayft", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})  # fmt: skip
 
 
@@ -447,11 +447,11 @@ def test_emitted_config_is_a_valid_serve_deploy_file_without_plain_keys(tiny_dir
     assert "s3cret-key" not in text
     doc = ServeDeploySchema.model_validate(yaml.safe_load(text))  # what `serve deploy` and a RayService accept
     (app,) = doc.applications
-    assert app.import_path == "serving.app:app_builder" and doc.http_options.port == 8111
+    assert app.import_path == "rayft.serving.app:app_builder" and doc.http_options.port == 8111
     assert app.args["key_hashes"] == [hashlib.sha256(b"s3cret-key").hexdigest()]
     from ray.serve import Application
 
-    from serving.app import app_builder
+    from rayft.serving.app import app_builder
 
     assert isinstance(app_builder(app.args), Application)
 
@@ -484,8 +484,8 @@ def test_vllm_engine_answers_the_openai_client(ray_local, tiny_dir, serve_port):
     pytest.importorskip("vllm")
     from ray import serve
 
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
 
     spec = build_spec(str(tiny_dir), ServeConfig(engine="vllm", gpus_per_replica=1))
     base = deploy(spec, serve_port)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, load_config
 from conftest import ROOT, chat, write_jsonl
+from rayft.cluster.config import ConfigError, load_config
 
 
 def job_file(tmp_path: Path, model_dir, sweep: dict, **training) -> Path:
@@ -41,7 +41,7 @@ def job_file(tmp_path: Path, model_dir, sweep: dict, **training) -> Path:
 
 
 def problems_of(tmp_path, sweep: dict, **training) -> list[str]:
-    from tuning.sweep import check_sweep
+    from rayft.tuning.sweep import check_sweep
 
     try:
         job = load_config(job_file(tmp_path, "smollm2-135m-instruct", sweep, **training))
@@ -112,7 +112,7 @@ def test_asha_needs_the_metric_during_training(tmp_path):
 
 
 def test_concurrency_fits_the_cluster_or_says_why(tmp_path):
-    from tuning.sweep import SweepError, concurrency
+    from rayft.tuning.sweep import SweepError, concurrency
 
     job = load_config(job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.lr": {"choice": [1e-3]}}}),
                       ["scaling.num_workers=2"])  # fmt: skip
@@ -127,7 +127,7 @@ def test_concurrency_fits_the_cluster_or_says_why(tmp_path):
 def test_cli_refuses_a_bad_sweep_before_starting_ray(tmp_path):
     path = job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.nope": {"choice": [1]}}})
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "sweep", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "rayft", "sweep", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert proc.returncode == 2
     assert "sweep.space.training.nope: training has no setting 'nope'" in proc.stderr
@@ -139,10 +139,10 @@ def test_cli_refuses_a_bad_sweep_before_starting_ray(tmp_path):
 
 @pytest.mark.usefixtures("ray_local")
 def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tiny_model_dir):
-    from serving.config import ServeConfig
-    from serving.spec import build_spec
-    from training.trainer import read_metrics, run_training
-    from tuning.sweep import run_sweep
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
+    from rayft.training.trainer import read_metrics, run_training
+    from rayft.tuning.sweep import run_sweep
 
     # Two learning rates that learn and two that cannot move the weights in 8 steps. Two trials run at
     # once, so the hopeless pair reaches ASHA's first rung (step 2) after a good one recorded its value.
@@ -190,8 +190,8 @@ def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tin
 
 @pytest.mark.usefixtures("ray_local")
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir):
-    from training.trainer import read_metrics
-    from tuning.sweep import run_sweep
+    from rayft.training.trainer import read_metrics
+    from rayft.tuning.sweep import run_sweep
 
     # Ranked by a generation score, which each trial measures on its exported model at its end.
     sweep = {"name": "resume", "space": {"training.lr": {"grid": [5e-3, 2e-3]}}, "num_samples": 1,

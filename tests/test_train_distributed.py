@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
 from conftest import ROOT, chat, greedy_reply, write_jsonl
-from training.trainer import read_metrics, run_training
+from rayft.cluster.config import load_config
+from rayft.training.trainer import read_metrics, run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -170,7 +170,7 @@ def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny
     # The driver joins the suite's Ray cluster through --address (a second local cluster on the same
     # machine would confuse Ray Train's placement-group cleaner, which looks clusters up by scanning).
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "cluster.cli", "train", str(job), "--address", address]
+    cmd = [sys.executable, "-m", "rayft", "train", str(job), "--address", address]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: committed_checkpoints(run_dir), 600, "a committed checkpoint")
@@ -194,7 +194,7 @@ def test_rayft_export_re_exports_a_kept_checkpoint(tmp_path, tiny_model_dir):
     run_training(job)
     out = tmp_path / "step2"
     r = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "export", job.run_dir, "--checkpoint", "2", "--out", str(out)],
+        [sys.executable, "-m", "rayft", "export", job.run_dir, "--checkpoint", "2", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -207,7 +207,7 @@ def test_rayft_export_re_exports_a_kept_checkpoint(tmp_path, tiny_model_dir):
     final = json.loads(Path(job.run_dir, "final", "rayft_export.json").read_text())
     assert final["step"] == 4
     r = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "export", job.run_dir, "--checkpoint", "3"],
+        [sys.executable, "-m", "rayft", "export", job.run_dir, "--checkpoint", "3"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -217,7 +217,7 @@ def test_rayft_export_re_exports_a_kept_checkpoint(tmp_path, tiny_model_dir):
 
 
 def test_runs_the_cluster_cannot_hold_fail_before_waiting(tmp_path, tiny_model_dir):
-    from training.trainer import TrainError
+    from rayft.training.trainer import TrainError
 
     job = load_config(job_file(tmp_path, tiny_model_dir), ["scaling.num_workers=8", "training.global_batch_size=16"])
     with pytest.raises(TrainError, match=r"8 workers x 1.0 CPUs .* but the cluster has 4"):
@@ -228,8 +228,8 @@ def test_runs_the_cluster_cannot_hold_fail_before_waiting(tmp_path, tiny_model_d
 
 
 def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_dir):
-    from training.models import ModelError
-    from training.trainer import TrainError
+    from rayft.training.models import ModelError
+    from rayft.training.trainer import TrainError
 
     job = load_config(job_file(tmp_path, tiny_model_dir), ["model.name=./no/such/model"])
     with pytest.raises(ModelError, match="neither a built-in alias"):

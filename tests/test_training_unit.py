@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
-from training.config import LoraConfig, TrainingConfig
-from training.ds_config import build_ds_config, lr_lambda, resolve_precision
+from rayft.training.config import LoraConfig, TrainingConfig
+from rayft.training.ds_config import build_ds_config, lr_lambda, resolve_precision
 
 
 def test_ds_config_follows_the_job_file():
@@ -61,7 +61,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_lora_trains_only_adapters_with_the_expected_parameter_count(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from training.loop import apply_lora
+    from rayft.training.loop import apply_lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
@@ -84,8 +84,8 @@ def test_trained_position_logits_give_the_same_loss_and_gradients(tiny_model_dir
     speed-up: same loss and same gradients as the model's own forward, and generation untouched."""
     from transformers import AutoModelForCausalLM
 
-    from training.formats import collate
-    from training.loop import use_trained_position_logits
+    from rayft.training.formats import collate
+    from rayft.training.loop import use_trained_position_logits
 
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -163,10 +163,10 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
 ):
     """Real DeepSpeed (ZeRO-2) in one process: loss falls on a repeated batch, LoRA leaves the base
     untouched, and the model exported from the checkpoint generates exactly what the trained model does."""
-    from cluster.config import load_config
-    from training.export import export_checkpoint
-    from training.formats import Renderer, normalize, tokenize_rendered
-    from training.loop import DS_TAG, LoopConfig, build_engine, build_model, forward
+    from rayft.cluster.config import load_config
+    from rayft.training.export import export_checkpoint
+    from rayft.training.formats import Renderer, normalize, tokenize_rendered
+    from rayft.training.loop import DS_TAG, LoopConfig, build_engine, build_model, forward
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text(

@@ -1,4 +1,5 @@
-"""Config sections owned by training: `model`, `data`, `training`.
+"""Config owned by training: the sections `model`, `data`, `training`, `scaling`, `run`, `export`, `eval`
+and the training job that composes them.
 
 Defaults live here and only here. Every field carries a one-line description, which
 `rayft config show --describe` and the README's config reference are built from.
@@ -6,6 +7,8 @@ Defaults live here and only here. Every field carries a one-line description, wh
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -155,3 +158,72 @@ class EvalConfig(Section):
         description="Inference dtype; auto = bfloat16 on GPU, float32 on CPU. bfloat16 on a CPU with native bf16 "
         "(AVX512-BF16, AMX) generates ~1.4x faster.",
     )
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); otherwise CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved by each training worker.")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom Ray resources each worker needs (e.g. a node label)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes: PACK fills nodes first, SPREAD spreads them when it can, "
+        "STRICT_SPREAD puts each worker on its own node.",
+    )
+
+
+class RunConfig(Section):
+    name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
+    storage_path: str = Field(
+        "runs",
+        description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://.",
+    )
+
+    max_failures: int = Field(
+        2, ge=-1, description="Restart the worker group from the latest checkpoint this many times (-1 = forever)."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins).")
+
+    @model_validator(mode="after")
+    def _check_name(self) -> RunConfig:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(
+                f"name must be letters, digits, '.', '_' or '-' and start with a letter or digit (got {self.name!r})"
+            )
+        return self
+
+
+class TrainJob(Section):
+    """A training job: the model, the data, how to train, on which workers, where the run goes, what final/
+    holds and how it is evaluated. The sweep job (rayft.tuning) and the job file (rayft.cluster) extend it."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to start from.")
+    data: DataConfig = Field(..., description="Training data and how it becomes token rows.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation settings.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and their resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name and storage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="What final/ holds after training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-vs-finetuned evaluation (rayft eval).")
+
+    @model_validator(mode="after")
+    def _check_batch_sizes(self) -> TrainJob:
+        per_step = self.training.micro_batch_size * self.scaling.num_workers
+        if self.training.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size ({self.training.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size x scaling.num_workers ({self.training.micro_batch_size} x "
+                f"{self.scaling.num_workers} = {per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.storage_path, self.run.name)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from training.config import DataConfig, ModelConfig
-from training.formats import RowError, TemplateError, normalize, parse_json_line
+from rayft.training.config import DataConfig, ModelConfig
+from rayft.training.formats import RowError, TemplateError, normalize, parse_json_line
 
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 READ_BATCH_ROWS = 2048
@@ -221,10 +221,31 @@ def _hf_to_rows(hf_ds, label: str):
     return ds.map_batches(to_raw, batch_format="numpy")
 
 
+def deterministic_order() -> None:
+    """Same seed, same row order: Ray Data keeps block order in this process's datasets (a dataset takes the
+    setting when it is created). Set by the pipeline itself, so it holds for a caller's own ray.init()."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or execution banners in this process: rayft prints its own progress line."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def read_rows(source: Source, data: DataConfig, repeat: dict[str, int] | None = None):
     """A Ray Dataset of {"source", "raw"} rows, one per example (files named in `repeat` several times)."""
     import ray.data
 
+    deterministic_order()  # every dataset of the pipeline starts here
     if source.kind == "files":
         tasks = plan_reads(source.paths, repeat_counts(source.paths, repeat) if repeat else None)
         files = ray.data.from_items(tasks, override_num_blocks=len(tasks))
@@ -361,8 +382,8 @@ class Tokenize:
     """Ray Data callable class: the tokenizer is loaded once per actor."""
 
     def __init__(self, model: dict, data: dict, keep_dropped: bool = False):
-        from training.formats import Renderer
-        from training.models import load_tokenizer
+        from rayft.training.formats import Renderer
+        from rayft.training.models import load_tokenizer
 
         self.data = DataConfig.model_validate(data)
         self.tokenizer = load_tokenizer(ModelConfig.model_validate(model).name)
@@ -370,7 +391,7 @@ class Tokenize:
         self.keep_dropped = keep_dropped
 
     def __call__(self, batch: dict) -> dict:
-        from training.formats import tokenize_rendered
+        from rayft.training.formats import tokenize_rendered
 
         max_len, policy = self.data.max_seq_len, self.data.overlong
         keep = [i for i, e in enumerate(batch["error"]) if not e]
@@ -424,7 +445,7 @@ def row_id(source: str) -> int:
 
 
 def _pack_batch(batch: dict, max_seq_len: int) -> dict:
-    from training.formats import pack_examples
+    from rayft.training.formats import pack_examples
 
     rows = pack_examples(list(zip(batch["input_ids"], batch["labels"], strict=True)), max_seq_len)
     ids = np.asarray(batch["row_id"], dtype=np.int64)
@@ -493,8 +514,8 @@ def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
 
 def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4, examples: int = 3) -> dict:
     """Everything `rayft data inspect` reports, as a JSON-ready dict."""
-    from training.formats import IGNORE_INDEX, pack_examples, padded_length
-    from training.models import load_tokenizer
+    from rayft.training.formats import IGNORE_INDEX, pack_examples, padded_length
+    from rayft.training.models import load_tokenizer
 
     checks = check_rows(data)
     tokenizer = load_tokenizer(model.name)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from training.formats import words
+from rayft.training.formats import words
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -453,18 +453,19 @@ def generate_qa(
     use_gpu: bool = False,
     concurrency: int = 4,
     timeout_s: float = 300.0,
-    address: str | None = None,
+    start_ray: Callable[[int], None] | None = None,
     progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> dict:
     """Turn the documents under `docs_dir` into a JSONL training file `out`; return the counts.
 
-    mode "llm": `endpoint` (an OpenAI-compatible base URL) if given, else the local `model` (default the
-    built-in alias) on Ray (`address`, else a local Ray). mode "faq": no LLM, pairs read from the documents
-    (their answers are the documents' own text, so the overlap filter does not apply).
-    `progress(total)` is called once with the number of chunks and returns `advance(n)`.
-    Returns {"mode", "llm", "documents", "chunks", "chunks_without_pairs", "raw_pairs", "kept", "dropped":
-    {reason: count}, "out", "seconds"}; kept + sum(dropped) == raw_pairs. Raises GenerateError (and
-    training.models.ModelError for a local model that cannot be found).
+        mode "llm": `endpoint` (an OpenAI-compatible base URL) if given, else the local `model` (default the
+        built-in alias) on Ray: `start_ray(cpus)` joins or starts it (default: a local Ray of that many logical
+    CPUs unless this process is connected already). mode "faq": no LLM, pairs read from the documents
+        (their answers are the documents' own text, so the overlap filter does not apply).
+        `progress(total)` is called once with the number of chunks and returns `advance(n)`.
+        Returns {"mode", "llm", "documents", "chunks", "chunks_without_pairs", "raw_pairs", "kept", "dropped":
+        {reason: count}, "out", "seconds"}; kept + sum(dropped) == raw_pairs. Raises GenerateError (and
+        training.models.ModelError for a local model that cannot be found).
     """
     t0 = time.perf_counter()
     _check_options(
@@ -501,7 +502,7 @@ def generate_qa(
             llm = f"{client.model} at {client.url}"
             replies = client.complete_all(prompts, max_new_tokens, concurrency, advance)
         else:
-            inference = dict(replicas=replicas, batch_size=batch_size, use_gpu=use_gpu, address=address)
+            inference = dict(replicas=replicas, batch_size=batch_size, use_gpu=use_gpu, start_ray=start_ray)
             llm, replies = _local_replies(prompts, model or DEFAULT_MODEL, max_new_tokens, advance, **inference)
         raw = [(c, parse_pairs(reply)) for c, reply in zip(chunks, replies, strict=True)]
     rows, dropped = [], Counter({r: 0 for r in DROP_REASONS})
@@ -597,7 +598,7 @@ def _local_replies(
     replicas: int,
     batch_size: int,
     use_gpu: bool,
-    address: str | None,
+    start_ray: Callable[[int], None] | None,
 ) -> tuple[str, list[str]]:
     """Generate with a local model through the same Ray Data batch inference as `rayft eval`.
 
@@ -606,8 +607,7 @@ def _local_replies(
 
     from transformers import AutoTokenizer
 
-    from cluster.runtime import connect
-    from training.inference import InferenceConfig, resolve_inference_model, run_inference
+    from rayft.training.inference import InferenceConfig, resolve_inference_model, run_inference
 
     model = resolve_inference_model(model_name)  # a missing model fails here, before Ray starts
     tok = AutoTokenizer.from_pretrained(model.adapter or model.path)
@@ -620,7 +620,14 @@ def _local_replies(
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) + "Q:"
         for p in prompts
     ]
-    connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(replicas) + 1))
+    cpus = max(os.cpu_count() or 1, math.ceil(replicas) + 1)
+    if start_ray:
+        start_ray(cpus)
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=cpus)
     cfg = InferenceConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=replicas, use_gpu=use_gpu)
     rows = run_inference([{"prompt": r} for r in rendered], model, cfg, on_rows=advance)
     return model.describe(), ["Q: " + str(r["prediction"]) for r in rows]

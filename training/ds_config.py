@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from training.config import TrainingConfig
+from rayft.training.config import TrainingConfig
 
 
 def resolve_precision(training: TrainingConfig, use_gpu: bool) -> str:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.data import DataError
-from training.formats import words
-from training.inference import InferenceConfig, InferenceModel, run_inference
+from rayft.training.data import DataError
+from rayft.training.formats import words
+from rayft.training.inference import InferenceConfig, InferenceModel, run_inference
 
 EVAL_DIR = "eval"
 LABELS = ("base", "finetuned")
@@ -121,9 +121,9 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     Reads with Ray Data like training does; rows that cannot be evaluated are listed in one DataError."""
     import numpy as np
 
-    from training.data import validated_rows
-    from training.formats import Renderer, RowError
-    from training.models import load_tokenizer
+    from rayft.training.data import validated_rows
+    from rayft.training.formats import Renderer, RowError
+    from rayft.training.models import load_tokenizer
 
     data = job.data
     ds = validated_rows(data, "eval", keep_raw=True)
@@ -422,8 +422,8 @@ def inference_config(job) -> InferenceConfig:
 def resolve_models(job, model: str | None = None, base_only: bool = False) -> dict[str, InferenceModel]:
     """The models to compare: the job's base model, and (unless base_only) the finetuned one: `model`
     if given, else the run's final/ export. Fails early, before any inference, if one is missing."""
-    from training.inference import resolve_inference_model
-    from training.models import ModelError
+    from rayft.training.inference import resolve_inference_model
+    from rayft.training.models import ModelError
 
     models = {"base": resolve_inference_model(job.model.name)}
     if base_only:

@@ -16,10 +16,10 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
-from training.loop import DS_TAG, STATE_FILE
+from rayft.training.loop import DS_TAG, STATE_FILE
 
 if TYPE_CHECKING:
-    from cluster.config import JobConfig
+    from rayft.training.config import TrainJob
 
 
 class ExportError(Exception):
@@ -41,7 +41,7 @@ def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG, exclude_frozen_parameters=lora)
 
 
-def export_checkpoint(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
+def export_checkpoint(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
     """Write final/ (see module doc) from a checkpoint directory; returns out_dir."""
     import warnings
 
@@ -53,13 +53,13 @@ def export_checkpoint(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
         return _export(ckpt_dir, job, out_dir)
 
 
-def _export(ckpt_dir: str, job: JobConfig, out_dir: str) -> str:
+def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.ds_config import resolve_precision
-    from training.loop import apply_lora
-    from training.models import load_tokenizer, resolve_model
+    from rayft.training.ds_config import resolve_precision
+    from rayft.training.loop import apply_lora
+    from rayft.training.models import load_tokenizer, resolve_model
 
     lora = job.training.method == "lora"
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints progress lines

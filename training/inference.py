@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.models import ModelError
+from rayft.training.models import ModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -40,7 +40,7 @@ def resolve_inference_model(name: str, base_model: str | None = None) -> Inferen
     is loaded over `base_model`, or over the base recorded by the export. Local directories must
     hold a tokenizer; the error says how to get one.
     """
-    from training.models import resolve_model
+    from rayft.training.models import resolve_model
 
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "final").is_dir():
@@ -51,7 +51,7 @@ def resolve_inference_model(name: str, base_model: str | None = None) -> Inferen
                 f"{path} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a "
                 "run directory with a final/ export; train first (rayft train) or point at a model directory"
             )
-        base = base_model or _export_base(path)
+        base = base_model or adapter_base_model(path)
         if base is None:
             raise ModelError(f"{path} is a LoRA adapter; say which base model it belongs to (model.name)")
         _need_tokenizer(path)
@@ -62,7 +62,8 @@ def resolve_inference_model(name: str, base_model: str | None = None) -> Inferen
     return InferenceModel(name, resolved)
 
 
-def _export_base(adapter_dir: Path) -> str | None:
+def adapter_base_model(adapter_dir: Path) -> str | None:
+    """The base model a LoRA adapter dir was trained on: rayft's export record, else PEFT's adapter config."""
     for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text()).get("base_model")
@@ -154,8 +155,8 @@ class Generator:
         import torch
         import torch.nn.functional as F
 
-        from training.formats import collate, tokenize_rendered
-        from training.loop import PLAIN_LM_HEAD_TYPES, next_token_logits_at
+        from rayft.training.formats import collate, tokenize_rendered
+        from rayft.training.loop import PLAIN_LM_HEAD_TYPES, next_token_logits_at
 
         rows = [{"input_ids": ids, "labels": labels} for ids, labels in tokenize_rendered(self.tok, texts, spans)]
         batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from training.config import DataConfig, ModelConfig, Section, TrainingConfig
+from rayft.training.config import DataConfig, ModelConfig, Section, TrainingConfig
 
 STATE_FILE = "trainer_state_rank{rank}.json"
 DS_TAG = "ds"
@@ -148,8 +148,8 @@ def build_model(cfg: LoopConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.ds_config import resolve_precision
-    from training.models import resolve_model
+    from rayft.training.ds_config import resolve_precision
+    from rayft.training.models import resolve_model
 
     precision = resolve_precision(cfg.training, cfg.use_gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -260,7 +260,7 @@ def build_engine(model, cfg: LoopConfig):
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    from training.ds_config import build_ds_config, lr_lambda
+    from rayft.training.ds_config import build_ds_config, lr_lambda
 
     t = cfg.training
     ds_config = build_ds_config(t, t.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
@@ -343,7 +343,7 @@ def all_ranks_have(mine: bool, device) -> bool:
 
 
 def forward(engine, rows: list[dict], device, pad_id: int):
-    from training.formats import collate
+    from rayft.training.formats import collate
 
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     return engine(**batch, use_cache=False).loss
@@ -406,7 +406,7 @@ class StepAccumulator:
         self.t0 = time.perf_counter()
 
     def add(self, loss: float, rows: list[dict], examples: int, wait_s: float, phases: dict[str, float]) -> None:
-        from training.formats import padded_length
+        from rayft.training.formats import padded_length
 
         lengths = [len(r["input_ids"]) for r in rows]
         self.loss += loss

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from training.data import DataError, build_datasets, check_rows
+from rayft.training.data import DataError, build_datasets, check_rows
 
-if TYPE_CHECKING:  # the composed job config lives in cluster/
-    from cluster.config import JobConfig
+if TYPE_CHECKING:
+    from rayft.training.config import TrainJob
 
 DATA_CPU_HEADROOM = 0.5  # logical CPUs left free beside the workers so Ray Data stages can always run
 
@@ -33,11 +33,11 @@ class TrainResult:
     checkpoint_path: str | None
 
 
-def required_cpus(job: JobConfig) -> float:
+def required_cpus(job: TrainJob) -> float:
     return job.scaling.num_workers * job.scaling.cpus_per_worker + DATA_CPU_HEADROOM
 
 
-def check_cluster(job: JobConfig, can_grow: bool = False) -> str | None:
+def check_cluster(job: TrainJob, can_grow: bool = False) -> str | None:
     """Refuse, before waiting forever, a run that the cluster cannot place. On a cluster that can grow
     (one joined by address, which may autoscale) a shortfall is returned as a warning instead."""
     import ray
@@ -75,7 +75,7 @@ def check_cluster(job: JobConfig, can_grow: bool = False) -> str | None:
     raise TrainError("the cluster cannot fit this run:\n  " + "\n  ".join(problems))
 
 
-def prepare_run_dir(job: JobConfig, restart: bool) -> bool:
+def prepare_run_dir(job: TrainJob, restart: bool) -> bool:
     """Create the run dir; with restart, move an earlier run aside. Returns True when resuming."""
     run_dir = job.run_dir
     if "://" in run_dir:
@@ -104,7 +104,7 @@ def prepare_run_dir(job: JobConfig, restart: bool) -> bool:
 JOB_FILE = "job.yaml"
 
 
-def save_job(job: JobConfig) -> None:
+def save_job(job: TrainJob) -> None:
     """The resolved job file, kept with the run: `rayft export` and a later resume read it."""
     import yaml
 
@@ -115,7 +115,7 @@ def save_job(job: JobConfig) -> None:
         yaml.safe_dump(job.model_dump(mode="json"), f, sort_keys=False)
 
 
-def count_steps(job: JobConfig, train_rows: int) -> int:
+def count_steps(job: TrainJob, train_rows: int) -> int:
     t = job.training
     if t.max_steps:
         return t.max_steps
@@ -123,7 +123,7 @@ def count_steps(job: JobConfig, train_rows: int) -> int:
 
 
 def run_training(
-    job: JobConfig,
+    job: TrainJob,
     restart: bool = False,
     on_event: Callable[[dict], None] | None = None,
     callbacks: list | None = None,
@@ -135,9 +135,9 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from training.export import export_checkpoint
-    from training.loop import LoopConfig, train_loop
-    from training.models import resolve_model
+    from rayft.training.export import export_checkpoint
+    from rayft.training.loop import LoopConfig, train_loop
+    from rayft.training.models import resolve_model
 
     warning = check_cluster(job, can_grow=cluster_can_grow)
     if warning and on_event:

@@ -1,4 +1,5 @@
-"""The job file's `sweep:` section: what `rayft sweep` searches over and how it schedules trials.
+"""The sweep job: the training job plus its `sweep:` section, what `rayft sweep` searches over and how it
+schedules trials.
 
 Defaults live here and only here; every field carries the one-line description that the README's
 config reference and `rayft config show --describe` print.
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from training.config import Section
+from rayft.training.config import Section, TrainJob
 
 # Metrics the training loop reports with every logged step, and the ones its eval pass adds.
 STEP_METRICS = ("loss", "tokens_per_s", "nonpad_tokens_per_s", "step_time_s", "grad_norm")
@@ -95,6 +96,12 @@ class SweepConfig(Section):
         if self.mode:
             return self.mode
         return "min" if ("loss" in self.metric or "perplexity" in self.metric) else "max"
+
+
+class SweepJob(TrainJob):
+    """A training job with the `sweep:` section: what `rayft sweep` runs (each trial trains a TrainJob)."""
+
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter search (rayft sweep).")
 
 
 def distribution_problems(spec: Any) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tuning.config import distribution_problems
+from rayft.tuning.config import distribution_problems
 
 # Sections a trial may not vary: where runs are stored, the sweep itself, how the result is served/evaluated.
 FIXED = ("run.name", "run.storage_path", "sweep", "serve", "eval")

@@ -22,11 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
-from tuning.space import apply_params, edge_values, space_problems, tune_space
+from rayft.tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
+from rayft.tuning.space import apply_params, edge_values, space_problems, tune_space
 
 if TYPE_CHECKING:
-    from cluster.config import JobConfig
+    from rayft.training.config import TrainJob
+    from rayft.tuning.config import SweepJob
 
 TRIAL_DRIVER_CPU = 0.1  # the Tune trial itself only waits on its TorchTrainer
 RUNS_DIR = "runs"
@@ -59,11 +60,11 @@ class SweepResult:
     interrupted: bool = False  # Ctrl-C: some trials have not ended; the same command resumes them
 
 
-def sweep_dir(job: JobConfig) -> str:
+def sweep_dir(job: SweepJob) -> str:
     return os.path.join(job.run.storage_path, job.sweep.name or f"{job.run.name}-sweep")
 
 
-def check_sweep(job: JobConfig) -> list[str]:
+def check_sweep(job: SweepJob) -> list[str]:
     """Problems that need no cluster: the space, the metric, the scheduler against the run length."""
     sw = job.sweep
     problems = []
@@ -98,9 +99,9 @@ def check_sweep(job: JobConfig) -> list[str]:
     return problems
 
 
-def trial_resources(job: JobConfig) -> tuple[float, float]:
+def trial_resources(job: SweepJob) -> tuple[float, float]:
     """(CPUs, GPUs) one trial holds: its workers, room for its data stages, and the trial itself."""
-    from training.trainer import DATA_CPU_HEADROOM
+    from rayft.training.trainer import DATA_CPU_HEADROOM
 
     s = job.scaling
     workers = s.num_workers
@@ -110,7 +111,7 @@ def trial_resources(job: JobConfig) -> tuple[float, float]:
     return cpus, (workers * s.gpus_per_worker if s.use_gpu else 0.0)
 
 
-def concurrency(job: JobConfig, total: dict[str, float]) -> int:
+def concurrency(job: SweepJob, total: dict[str, float]) -> int:
     """Trials at once: the configured number (refused when the cluster cannot hold it), else what fits."""
     cpus, gpus = trial_resources(job)
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
@@ -131,13 +132,13 @@ def concurrency(job: JobConfig, total: dict[str, float]) -> int:
     return want or fit
 
 
-def local_cpus(job: JobConfig) -> int:
+def local_cpus(job: SweepJob) -> int:
     """Logical CPUs for a local Ray: at least what the configured concurrency needs."""
     cpus, _ = trial_resources(job)
     return max(os.cpu_count() or 1, math.ceil(cpus * (job.sweep.max_concurrent_trials or 1)) + 1)
 
 
-def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
+def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
     """Run (or resume) the sweep to the end and write its results. Ray must be connected."""
     import ray
     from ray import tune
@@ -145,8 +146,8 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
     problems = check_sweep(job)
     if problems:
         raise SweepError("the sweep cannot start:\n  " + "\n  ".join(problems))
-    from training.data import check_rows
-    from training.models import resolve_model
+    from rayft.training.data import check_rows
+    from rayft.training.models import resolve_model
 
     resolve_model(job.model.name)  # once, not in every trial
     check_rows(job.data)
@@ -160,7 +161,7 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
         os.replace(root, f"{root}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(os.path.join(root, RUNS_DIR), exist_ok=True)
 
-    base = job.model_dump(mode="json")
+    base = _train_job(job)
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric, progress=sw.progress_metric),
         {"cpu": TRIAL_DRIVER_CPU},
@@ -204,7 +205,7 @@ def run_sweep(job: JobConfig, restart: bool = False) -> SweepResult:
     return result
 
 
-def _scheduler(job: JobConfig):
+def _scheduler(job: SweepJob):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sw = job.sweep
@@ -223,7 +224,7 @@ def _scheduler(job: JobConfig):
     )
 
 
-def _searcher(job: JobConfig, n_at_once: int):
+def _searcher(job: SweepJob, n_at_once: int):
     sw = job.sweep
     if sw.search == "optuna":
         from ray.tune.search import ConcurrencyLimiter
@@ -236,26 +237,34 @@ def _searcher(job: JobConfig, n_at_once: int):
     return BasicVariantGenerator(max_concurrent=n_at_once, random_state=sw.seed)
 
 
+def _train_job(job: SweepJob) -> dict:
+    """The training job of each trial, as plain data: the sweep job without the sections only the sweep (or
+    another command) reads."""
+    from rayft.training.config import TrainJob
+
+    return job.model_dump(mode="json", include=set(TrainJob.model_fields))
+
+
 def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) -> None:
     """One trial (runs in a Tune trial actor): the job with this trial's values, trained as `rayft train`
     trains it, its reports forwarded to Tune."""
     import ray.tune
 
-    from cluster.config import JobConfig
-    from cluster.runtime import configure_data
-    from training.trainer import run_training
+    from rayft.training.config import TrainJob
+    from rayft.training.data import quiet_ray_data
+    from rayft.training.trainer import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     raw = apply_params(base, config)
     raw["run"] |= {"name": trial_id, "storage_path": os.path.join(root, RUNS_DIR)}
-    job = JobConfig.model_validate(raw)
-    configure_data()
+    job = TrainJob.model_validate(raw)
+    quiet_ray_data()  # the trial's own process: its console is the sweep's log
     result = run_training(job, callbacks=[_tune_report(progress)])
     # The final figures go to Tune only now, after export: a scheduler that stops the trial on them
     # then stops a finished trial, not one still writing its model.
     final = dict(result.metrics)
     if progress not in final:
-        from training.trainer import read_metrics
+        from rayft.training.trainer import read_metrics
 
         final |= next((r for r in reversed(read_metrics(job.run_dir)) if progress in r), {})
     if metric in GENERATION_METRICS:
@@ -264,13 +273,13 @@ def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) 
         ray.tune.report({k: v for k, v in final.items() if isinstance(v, int | float)} | {"step": result.steps})
 
 
-def generation_scores(job: JobConfig) -> dict:
+def generation_scores(job: TrainJob) -> dict:
     """`rayft eval`'s scores of the trial's exported model (no base model), within the CPUs/GPUs the
     trial's workers held; predictions are kept in the trial's eval/ like `rayft eval` keeps them."""
     import dataclasses
 
-    from training.evaluate import EVAL_DIR, eval_rows, inference_config, predict, score
-    from training.inference import resolve_inference_model
+    from rayft.training.evaluate import EVAL_DIR, eval_rows, inference_config, predict, score
+    from rayft.training.inference import resolve_inference_model
 
     rows = eval_rows(job, job.eval.max_rows)
     icfg = inference_config(job)
@@ -322,7 +331,7 @@ class _Lines(Callback):
 
 
 def _row(result, root: str, metric: str) -> TrialRow:
-    from training.trainer import read_metrics
+    from rayft.training.trainer import read_metrics
 
     trial_id = os.path.basename(result.path.rstrip("/"))
     run_dir = os.path.join(root, RUNS_DIR, trial_id)
@@ -365,7 +374,7 @@ def ranked(rows: list[TrialRow], mode: str) -> list[TrialRow]:
     return sorted(rows, key=key)
 
 
-def write_results(result: SweepResult, job: JobConfig) -> None:
+def write_results(result: SweepResult, job: SweepJob) -> None:
     """results.csv/.md/.png, best.yaml and the best/ link."""
     rows = ranked(result.rows, result.mode)
     result.rows = rows
@@ -393,10 +402,10 @@ def write_results(result: SweepResult, job: JobConfig) -> None:
         write_best(result, best, job)
 
 
-def write_best(result: SweepResult, best: TrialRow, job: JobConfig) -> None:
+def write_best(result: SweepResult, best: TrialRow, job: SweepJob) -> None:
     import yaml
 
-    from training.trainer import JOB_FILE
+    from rayft.training.trainer import JOB_FILE
 
     with open(os.path.join(best.run_dir, JOB_FILE)) as f:
         raw = yaml.safe_load(f)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, chat, write_jsonl
 
-RAYFT = [sys.executable, "-m", "cluster.cli"]
+RAYFT = [sys.executable, "-m", "rayft"]
 
 
 def rayft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

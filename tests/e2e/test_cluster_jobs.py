@@ -154,7 +154,7 @@ def rayft(cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", ho
         env["RAY_AUTH_TOKEN"] = cluster.token if token == "cluster" else token
     if home:
         env["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rayft", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
