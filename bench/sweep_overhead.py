@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
     from rayft.training.trainer import run_training
-    from rayft.tuning.sweep import local_cpus, run_sweep
+    from rayft.tuning.sweep import run_sweep, sweep_cpus
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = load_average()
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = tiny_model(work / "tiny")
         job = load_config(job_file(work, model, args.trials, args.concurrency, args.steps))
-        connect(num_cpus=local_cpus(job), dashboard=True)
+        connect(need_cpus=sweep_cpus(job), dashboard=True)
 
         baseline_s = baseline_startup = None
         if not args.quick:  # the smoke run leaves out the info-only baseline: one start-up fewer

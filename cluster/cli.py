@@ -145,15 +145,12 @@ def train(
 
 
 def _train(cfg, address: str | None, restart: bool):
-    import math
-    import os
 
     from rayft.cluster.runtime import connect
     from rayft.training.trainer import TrainError, required_cpus, run_training
 
     with err.status("starting Ray", spinner="dots"):
-        # A laptop has fewer cores than workers + data stages want; logical CPUs may exceed them.
-        joined = connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1))
+        joined = connect(address, need_cpus=required_cpus(cfg))
     progress = TrainProgress(cfg.training.log_every_steps)
     try:
         with progress:
@@ -250,12 +247,8 @@ def eval_cmd(
     print_eval_report(report)
 
 
-def _eval_num_cpus(cfg) -> int:
-    import math
-    import os
-
-    # the model replicas plus room for the read tasks
-    return max(os.cpu_count() or 1, math.ceil(cfg.eval.replicas * cfg.eval.cpus_per_replica) + 1)
+def _eval_cpus(cfg) -> float:
+    return cfg.eval.replicas * cfg.eval.cpus_per_replica  # the model replicas
 
 
 def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
@@ -266,7 +259,7 @@ def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
 
     models = resolve_models(cfg, model, base_only)  # a missing model fails here, before Ray starts
     with err.status("starting Ray", spinner="dots"):
-        connect(address, num_cpus=_eval_num_cpus(cfg))
+        connect(address, need_cpus=_eval_cpus(cfg))
     progress = Progress(
         TextColumn("[bold]eval {task.description}[/]"),
         BarColumn(),
@@ -372,8 +365,6 @@ def demo(
 ) -> None:
     """The quickstart end to end: inspect the data, evaluate the base model, finetune, evaluate again, compare,
     and serve the finetuned model over the OpenAI API."""
-    import math
-    import os
 
     from rayft.cluster.runtime import connect
     from rayft.training.trainer import required_cpus
@@ -391,8 +382,7 @@ def demo(
         t0 = time.perf_counter()
         with err.status("starting Ray", spinner="dots"):
             # one local Ray for every stage: room for the training workers and data, or the eval replicas
-            cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1, _eval_num_cpus(cfg))
-            connect(address, num_cpus=cpus)
+            connect(address, need_cpus=max(required_cpus(cfg), _eval_cpus(cfg)))
         out.rule("1. data inspect")
         print_inspect_report(_inspect(cfg, address, examples=1, quiet=True))
         stage("data inspect", t0)

@@ -145,7 +145,7 @@ def generate(
                 replicas=replicas,
                 use_gpu=gpu,
                 concurrency=concurrency,
-                start_ray=lambda cpus: connect(address, num_cpus=cpus),
+                start_ray=lambda cpus: connect(address, need_cpus=cpus),
                 progress=lambda total: _bar(progress, total),
             )
     except (GenerateError, ModelError) as e:

@@ -7,12 +7,17 @@ import os
 
 
 def connect(
-    address: str | None = None, num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False
+    address: str | None = None,
+    need_cpus: float = 0,
+    quiet: bool = True,
+    dashboard: bool = False,
+    num_cpus: int | None = None,
 ) -> bool:
     """Start or join Ray once per process.
 
     address (or RAY_ADDRESS) joins a running cluster; otherwise a local Ray starts with
-    num_cpus logical CPUs (default: this machine's cores). Ray Data's own progress bars are
+    logical CPUs enough for `need_cpus` of workers or replicas (rayft.training.resources.local_ray_cpus), or
+    exactly num_cpus when given. Ray Data's own progress bars are
     turned off: rayft prints one progress line of its own. `dashboard` starts Ray's dashboard with a
     local Ray: its state API is how Ray Train frees the workers of a run whose driver was killed
     (a sweep's stopped trial), so sweeps need it. Returns True when joined to a running cluster
@@ -29,7 +34,9 @@ def connect(
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
+            from rayft.training.resources import local_ray_cpus
+
+            ray.init(num_cpus=num_cpus or local_ray_cpus(need_cpus), include_dashboard=dashboard, **kwargs)
     if quiet:
         from rayft.training.data import quiet_ray_data
 

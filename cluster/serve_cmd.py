@@ -133,7 +133,7 @@ def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
         address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         with err.status("starting Ray", spinner="dots"):
-            connect(address, num_cpus=cpus_needed(spec))
+            connect(address, need_cpus=cpus_needed(spec))
     except ConnectionError as e:
         if detach:
             err.print("[bold red]serve error[/] --detach needs a running Ray cluster that outlives this command: "

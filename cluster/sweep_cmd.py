@@ -24,7 +24,7 @@ def sweep(
     """Search hyperparameters: many finetunes scheduled by Ray Tune, hopeless ones stopped early (ASHA).
     Writes a leaderboard, a plot, the best trial's job file (best.yaml) and its model (best/)."""
     from rayft.cluster.runtime import connect
-    from rayft.tuning.sweep import SweepError, check_sweep, local_cpus, run_sweep
+    from rayft.tuning.sweep import SweepError, check_sweep, run_sweep, sweep_cpus
 
     with _user_errors():
         cfg = _load(config, (set_ or []) + ([f"sweep.name={name}"] if name else []))
@@ -34,7 +34,7 @@ def sweep(
                       highlight=False)  # fmt: skip
             raise typer.Exit(2)
         with err.status("starting Ray", spinner="dots"):
-            connect(address, num_cpus=local_cpus(cfg), dashboard=True)
+            connect(address, need_cpus=sweep_cpus(cfg), dashboard=True)
         try:
             result = run_sweep(cfg, restart=restart)
         except SweepError as e:

@@ -3,8 +3,6 @@ The CLI (`rayft serve`, `rayft demo`) adds its console around these; tests and b
 
 from __future__ import annotations
 
-import math
-import os
 import time
 
 APP_NAME = "rayft"
@@ -16,10 +14,10 @@ def endpoint_url(spec: dict) -> str:
     return f"http://{'127.0.0.1' if s['host'] in ('0.0.0.0', '::') else s['host']}:{s['port']}"
 
 
-def cpus_needed(spec: dict) -> int:
-    """Logical CPUs a local Ray needs to hold every replica the app may scale to, plus one for Serve itself."""
+def cpus_needed(spec: dict) -> float:
+    """CPUs of every replica the app may scale to."""
     s = spec["serve"]
-    return max(os.cpu_count() or 1, math.ceil(s["autoscaling"]["max_replicas"] * s["cpus_per_replica"]) + 1)
+    return s["autoscaling"]["max_replicas"] * s["cpus_per_replica"]
 
 
 def deploy(spec: dict, timeout_s: float = 600) -> str:

@@ -44,6 +44,20 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def serve_port():
+    """The HTTP port of the suite's Ray Serve (Serve keeps the port it first started with)."""
+    return free_port()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer():
     from rayft.training.models import load_tokenizer
 

@@ -21,15 +21,6 @@ KEY = "sk-test-key"
 APP = "rayft"
 
 
-@pytest.fixture(scope="session")
-def serve_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with its (tied) embeddings scaled up: a random model's logits are near-ties, which

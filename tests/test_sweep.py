@@ -191,7 +191,7 @@ def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tin
 @pytest.mark.usefixtures("ray_local")
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir):
     from rayft.training.trainer import read_metrics
-    from rayft.tuning.sweep import run_sweep
+    from rayft.tuning.sweep import SweepError, run_sweep
 
     # Ranked by a generation score, which each trial measures on its exported model at its end.
     sweep = {"name": "resume", "space": {"training.lr": {"grid": [5e-3, 2e-3]}}, "num_samples": 1,
@@ -221,6 +221,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     stamp = (finished_dir / "final").stat().st_mtime_ns
     starts = len([m for m in read_metrics(str(finished_dir)) if m.get("event") == "start"])
 
+    marker = tmp_path / "runs" / "resume" / "rayft-version"
+    saved = marker.read_text()
+    marker.unlink()  # how a sweep saved by rayft 0.1 (modules not yet under rayft.*) looks
+    with pytest.raises(SweepError, match=r"saved by rayft 0\.1, .* Start it over with --restart"):
+        run_sweep(job)
+    marker.write_text(saved)
     second = run_sweep(job)  # the same command again
     assert second.resumed and not second.interrupted
     assert sorted(r.status for r in second.rows) == ["completed", "completed"]

@@ -603,7 +603,6 @@ def _local_replies(
     """Generate with a local model through the same Ray Data batch inference as `rayft eval`.
 
     The reply is primed with "Q:" so even a small model starts in the layout the parser reads."""
-    import math
 
     from transformers import AutoTokenizer
 
@@ -620,14 +619,15 @@ def _local_replies(
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) + "Q:"
         for p in prompts
     ]
-    cpus = max(os.cpu_count() or 1, math.ceil(replicas) + 1)
     if start_ray:
-        start_ray(cpus)
+        start_ray(replicas)
     else:
         import ray
 
+        from rayft.training.resources import local_ray_cpus
+
         if not ray.is_initialized():
-            ray.init(num_cpus=cpus)
+            ray.init(num_cpus=local_ray_cpus(replicas))
     cfg = InferenceConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, replicas=replicas, use_gpu=use_gpu)
     rows = run_inference([{"prompt": r} for r in rendered], model, cfg, on_rows=advance)
     return model.describe(), ["Q: " + str(r["prediction"]) for r in rows]

@@ -82,14 +82,14 @@ def _need_tokenizer(path: Path) -> None:
 def load_for_inference(model: InferenceModel, use_gpu: bool = False, dtype: str = "auto"):
     """(model, tokenizer) ready for batched generation: eval mode, left padding, a pad token.
 
-    dtype auto = bfloat16 on GPU, float32 on CPU."""
+    dtype as rayft.training.models.resolve_dtype reads it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rayft.training.models import resolve_dtype
+
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    dtype = getattr(torch, dtype)
+    dtype = getattr(torch, resolve_dtype(dtype, device))
     tokenizer = AutoTokenizer.from_pretrained(model.adapter or model.path)
     lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype)
     if model.adapter:

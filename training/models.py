@@ -120,16 +120,22 @@ def load_tokenizer(name: str):
     return tok
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The torch dtype name for a configured inference dtype: "auto" is bfloat16 on a CUDA device and float32
+    elsewhere (CPU bfloat16 matmuls are fast only on CPUs with native bf16; the user opts in)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 def load_model(name: str, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
-    """A causal LM for a model reference; dtype auto = bfloat16 on CUDA, float32 otherwise."""
+    """A causal LM for a model reference; dtype as resolve_dtype reads it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        resolve_model(name), dtype=getattr(torch, resolve_dtype(dtype, device)), trust_remote_code=trust_remote_code
     )
     return model.to(device)

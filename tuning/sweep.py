@@ -132,10 +132,10 @@ def concurrency(job: SweepJob, total: dict[str, float]) -> int:
     return want or fit
 
 
-def local_cpus(job: SweepJob) -> int:
-    """Logical CPUs for a local Ray: at least what the configured concurrency needs."""
+def sweep_cpus(job: SweepJob) -> float:
+    """CPUs the configured concurrency of trials holds at once."""
     cpus, _ = trial_resources(job)
-    return max(os.cpu_count() or 1, math.ceil(cpus * (job.sweep.max_concurrent_trials or 1)) + 1)
+    return cpus * (job.sweep.max_concurrent_trials or 1)
 
 
 def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
@@ -149,9 +149,6 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
     from rayft.training.data import check_rows
     from rayft.training.models import resolve_model
 
-    resolve_model(job.model.name)  # once, not in every trial
-    check_rows(job.data)
-    n_at_once = concurrency(job, ray.cluster_resources())
     sw = job.sweep
     root = sweep_dir(job)
     storage, name = os.path.dirname(root), os.path.basename(root)
@@ -159,7 +156,12 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
         import time
 
         os.replace(root, f"{root}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_saved_by_this_rayft(root)
+    resolve_model(job.model.name)  # once, not in every trial
+    check_rows(job.data)
+    n_at_once = concurrency(job, ray.cluster_resources())
     os.makedirs(os.path.join(root, RUNS_DIR), exist_ok=True)
+    _mark_version(root)
 
     base = _train_job(job)
     trainable = tune.with_resources(
@@ -203,6 +205,33 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
     result.interrupted = any(r.status == "unfinished" for r in rows)
     write_results(result, job)
     return result
+
+
+VERSION_FILE = "rayft-version"  # which rayft started the sweep: Tune's saved state names rayft's modules
+
+
+def _check_saved_by_this_rayft(root: str) -> None:
+    """A sweep saved by rayft 0.1 (modules named cluster/training/tuning, no version file) cannot resume:
+    Tune's saved state refers to modules that no longer exist. Say so instead of Tune's unpickling error."""
+    from ray import tune
+
+    if tune.Tuner.can_restore(root) and not os.path.isfile(os.path.join(root, VERSION_FILE)):
+        import rayft
+
+        raise SweepError(
+            f"the sweep in {root} was saved by rayft 0.1, before its modules moved to rayft.*, and rayft "
+            f"{rayft.__version__} cannot resume it. Start it over with --restart (the old sweep is moved aside, "
+            "its trial runs and results stay readable), or finish it with rayft 0.1 first"
+        )
+
+
+def _mark_version(root: str) -> None:
+    import rayft
+
+    path = os.path.join(root, VERSION_FILE)
+    if not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(rayft.__version__ + "\n")
 
 
 def _scheduler(job: SweepJob):
