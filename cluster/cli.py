@@ -14,22 +14,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from rayft.cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out  # noqa: F401
-
-app = typer.Typer(
-    name="rayft",
-    help="Finetune open LLMs on Ray (Ray Data -> Ray Train + DeepSpeed) and serve them.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-config_app = typer.Typer(help="Job file commands.", no_args_is_help=True)
-data_app = typer.Typer(help="Data pipeline commands.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-app.add_typer(data_app, name="data")
+from rayft.cluster.cli_common import AddressOpt, ConfigArg, SetOpt, _load, _user_errors, err, out
+from rayft.cluster.generate_cmd import generate
+from rayft.cluster.jobs_cmd import jobs_list, jobs_logs, jobs_status, jobs_stop, submit
+from rayft.cluster.serve_cmd import serve
+from rayft.cluster.sweep_cmd import sweep
 
 
-@config_app.command("show")
 def config_show(
     config: ConfigArg,
     set_: SetOpt = None,
@@ -51,7 +42,6 @@ def config_show(
     out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False, highlight=False)
 
 
-@data_app.command("inspect")
 def data_inspect(
     config: ConfigArg,
     set_: SetOpt = None,
@@ -128,7 +118,6 @@ def print_inspect_report(report: dict) -> None:
         out.print(f"[dim]inspected in {report['wall_s']:.1f} s[/]")
 
 
-@app.command()
 def train(
     config: ConfigArg,
     set_: SetOpt = None,
@@ -229,7 +218,6 @@ def _print_train_summary(result) -> None:
         out.print(f"  model     {result.final_dir}")
 
 
-@app.command("eval")
 def eval_cmd(
     config: ConfigArg,
     model: Annotated[
@@ -313,7 +301,6 @@ def print_eval_report(report: dict) -> None:
     )
 
 
-@app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by rayft train.")],
     checkpoint: Annotated[
@@ -353,7 +340,6 @@ def export_cmd(
     out.print(f"exported step {step} to {target}")
 
 
-@app.command()
 def demo(
     config: Annotated[Path, typer.Argument(help="Job file of the quickstart.")] = Path("configs/quickstart.yaml"),
     set_: SetOpt = None,
@@ -460,22 +446,43 @@ def _fresh_demo_run(run_dir: str) -> None:
     Path(run_dir, DEMO_MARK).write_text("made by rayft demo; the next demo replaces this run directory\n")
 
 
-from rayft.cluster.generate_cmd import generate  # noqa: E402  (after the shared options it reuses)
+# The command tree, in one place. Every command is a plain function (here or in a *_cmd module); a group
+# is (help, {name: command}).
+COMMANDS = {
+    "config": ("Job file commands.", {"show": config_show}),
+    "data": ("Data pipeline commands.", {"inspect": data_inspect}),
+    "generate": generate,
+    "train": train,
+    "eval": eval_cmd,
+    "export": export_cmd,
+    "sweep": sweep,
+    "serve": serve,
+    "demo": demo,
+    "submit": submit,
+    "jobs": (
+        "Jobs on a Ray cluster: list, status, logs, stop.",
+        {"list": jobs_list, "status": jobs_status, "logs": jobs_logs, "stop": jobs_stop},
+    ),
+}
 
-app.command("generate")(generate)
 
-from rayft.cluster.serve_cmd import serve  # noqa: E402
+def build_app(commands: dict = COMMANDS, **settings) -> typer.Typer:
+    group = typer.Typer(no_args_is_help=True, **settings)
+    for name, command in commands.items():
+        if isinstance(command, tuple):
+            help_text, sub = command
+            group.add_typer(build_app(sub, help=help_text), name=name)
+        else:
+            group.command(name)(command)
+    return group
 
-app.command("serve")(serve)
 
-from rayft.cluster.sweep_cmd import sweep  # noqa: E402
-
-app.command("sweep")(sweep)
-
-from rayft.cluster.jobs_cmd import jobs_app, submit  # noqa: E402
-
-app.command("submit")(submit)
-app.add_typer(jobs_app, name="jobs")
+app = build_app(
+    name="rayft",
+    help="Finetune open LLMs on Ray (Ray Data -> Ray Train + DeepSpeed) and serve them.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from rayft.serving.config import ServeConfig
-from rayft.training.config import RunConfig, ScalingConfig, Section, TrainJob  # noqa: F401 (part of the job file)
+from rayft.training.config import RunConfig, ScalingConfig, Section, TrainJob, set_dotted  # noqa: F401
 from rayft.tuning.config import SweepJob
 
 
@@ -125,7 +125,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> tuple[list[str], 
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
-        if not _set_path(raw, key.split("."), parsed):
+        if not set_dotted(raw, key, parsed):
             problems.append(f"--set {key}: {key.rsplit('.', 1)[0]} is not a section, cannot set a key inside it")
         set_keys.add(key)
     return problems, set_keys
@@ -178,18 +178,6 @@ def _resolve_one(value: str, base: Path) -> str:
     if "://" in value or os.path.isabs(os.path.expanduser(value)):
         return os.path.expanduser(value)
     return str(base / value)
-
-
-def _set_path(d: dict, keys: list[str], value: Any) -> bool:
-    for k in keys[:-1]:
-        nxt = d.setdefault(k, {})
-        if nxt is None:
-            nxt = d[k] = {}
-        if not isinstance(nxt, dict):
-            return False
-        d = nxt
-    d[keys[-1]] = value
-    return True
 
 
 def _yaml_lines(text: str) -> dict[str, int]:

@@ -1,7 +1,6 @@
 """`rayft generate DOCS_DIR --out FILE`: documents → question/answer pairs in the `messages` training format.
 
-Registered in cluster/cli.py with `app.command("generate")(generate)`. The consoles are imported from
-cluster.cli inside the command, so cluster.cli may import this module at its top without a cycle.
+Registered in cluster/cli.py's COMMANDS.
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ JobsAddressOpt = Annotated[
 JobArg = Annotated[str, typer.Argument(help="Job id (or a run name: its newest job).", show_default=False)]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
-jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
-
 
 def submit(
     config: ConfigArg,
@@ -115,7 +113,6 @@ def _print_end(info, status: str) -> None:
         out.print(f"  model      {summary['final']}  (rayft serve / rayft eval take it)")
 
 
-@jobs_app.command("list")
 def jobs_list(address: JobsAddressOpt = None) -> None:
     """Every job on the cluster, newest last."""
     from rich.table import Table
@@ -140,7 +137,6 @@ def jobs_list(address: JobsAddressOpt = None) -> None:
         out.print("no jobs yet: rayft submit JOB.yaml --address ...")
 
 
-@jobs_app.command("status")
 def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
     """A job's status, its run dir and (when readable from here) its latest metrics and model."""
     from rayft.cluster import jobs
@@ -160,7 +156,6 @@ def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
     raise typer.Exit(EXIT.get(status, 1))
 
 
-@jobs_app.command("logs")
 def jobs_logs(
     job: JobArg,
     address: JobsAddressOpt = None,
@@ -178,7 +173,6 @@ def jobs_logs(
         _write(c.get_job_logs(info.submission_id or info.job_id))
 
 
-@jobs_app.command("stop")
 def jobs_stop(job: JobArg, address: JobsAddressOpt = None) -> None:
     """Stop a job (its workers end; a train run resumes from its last checkpoint when submitted again)."""
     from rayft.cluster import jobs

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
+from conftest import free_port
 from rayft.training.config import LoraConfig, TrainingConfig
 from rayft.training.ds_config import build_ds_config, lr_lambda, resolve_precision
 
@@ -123,12 +123,6 @@ def test_trained_position_logits_give_the_same_loss_and_gradients(tiny_model_dir
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), ref_text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def process_group():
     """A world of one (gloo), as DeepSpeed expects, for tests that run the engine in-process.
@@ -137,7 +131,7 @@ def process_group():
 
     env = {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",

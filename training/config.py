@@ -14,6 +14,21 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def set_dotted(raw: dict, path: str, value: Any) -> bool:
+    """Set `a.b.c` in raw config data, creating sections on the way (a section left empty in YAML counts as
+    empty). False, and nothing set, when a step on the way holds a value rather than a section."""
+    keys = path.split(".")
+    d = raw
+    for k in keys[:-1]:
+        if d.get(k) is None:
+            d[k] = {}
+        if not isinstance(d[k], dict):
+            return False
+        d = d[k]
+    d[keys[-1]] = value
+    return True
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are checked on assignment."""
 
@@ -26,10 +41,17 @@ class ModelConfig(Section):
         description="Built-in alias (smollm2-135m-instruct), a local Hugging Face model directory, or a hub id.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype when loading; auto = bfloat16 on GPU, float32 on CPU."
-    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (only for models you trust).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError(
+                "model.dtype is not a setting (rayft 0.1 documented it but never read it): the weights train in "
+                "training.precision, are exported in export.dtype, and run in eval.dtype / serve.dtype"
+            )
+        return data
 
 
 class DataConfig(Section):

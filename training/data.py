@@ -386,7 +386,8 @@ class Tokenize:
         from rayft.training.models import load_tokenizer
 
         self.data = DataConfig.model_validate(data)
-        self.tokenizer = load_tokenizer(ModelConfig.model_validate(model).name)
+        m = ModelConfig.model_validate(model)
+        self.tokenizer = load_tokenizer(m.name, m.revision)
         self.renderer = Renderer(self.tokenizer, self.data.template, self.data.train_on_inputs)
         self.keep_dropped = keep_dropped
 
@@ -518,7 +519,7 @@ def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4
     from rayft.training.models import load_tokenizer
 
     checks = check_rows(data)
-    tokenizer = load_tokenizer(model.name)
+    tokenizer = load_tokenizer(model.name, model.revision)
     report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
     for split, check in checks.items():
         ds = tokenized(model, data, split, keep_dropped=True)

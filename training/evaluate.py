@@ -133,7 +133,7 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             "data.train"
         )
     checked = ds.take_all()
-    renderer = Renderer(load_tokenizer(job.model.name), data.template, train_on_inputs=False)
+    renderer = Renderer(load_tokenizer(job.model.name, job.model.revision), data.template, train_on_inputs=False)
     rows, bad = [], []
     for r in checked:
         source = str(r["source"])
@@ -425,7 +425,7 @@ def resolve_models(job, model: str | None = None, base_only: bool = False) -> di
     from rayft.training.inference import resolve_inference_model
     from rayft.training.models import ModelError
 
-    models = {"base": resolve_inference_model(job.model.name)}
+    models = {"base": resolve_inference_model(job.model.name, revision=job.model.revision)}
     if base_only:
         return models
     target = model or job.run_dir
@@ -434,7 +434,7 @@ def resolve_models(job, model: str | None = None, base_only: bool = False) -> di
             f"no finetuned model to evaluate: {job.run_dir} has no final/ export. Train first "
             "(rayft train CONFIG), pass --model PATH_OR_RUN_DIR, or evaluate the base model alone with --base"
         )
-    models["finetuned"] = resolve_inference_model(target, base_model=job.model.name)
+    models["finetuned"] = resolve_inference_model(target, base_model=job.model.name, revision=job.model.revision)
     return models
 
 

@@ -68,7 +68,7 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
         raise ExportError(f"{ckpt_dir}: the checkpoint holds no weights")
     base_path = resolve_model(job.model.name)
     model = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, trust_remote_code=job.model.trust_remote_code
+        base_path, dtype=torch.float32, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision
     )
     if lora:
         model = apply_lora(model, job.training)
@@ -84,7 +84,7 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
         precision, torch.float32
     )
-    tokenizer = load_tokenizer(job.model.name)
+    tokenizer = load_tokenizer(job.model.name, job.model.revision)
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -101,6 +101,7 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
         tokenizer.save_pretrained(tmp)
     info = {
         "base_model": job.model.name,
+        "base_revision": job.model.revision,  # an adapter is merged into, and served over, this exact base
         "method": job.training.method,
         "merged": bool(lora and job.export.merge),
         "checkpoint": os.path.abspath(ckpt_dir),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayft.training.config import EvalConfig
 from rayft.training.models import ModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -28,17 +29,19 @@ class InferenceModel:
     name: str  # as the user gave it
     path: str
     adapter: str | None = None
+    revision: str | None = None  # hub revision of `path` (the base an adapter was trained on)
 
     def describe(self) -> str:
         return f"{self.name} (adapter over {self.path})" if self.adapter else self.name
 
 
-def resolve_inference_model(name: str, base_model: str | None = None) -> InferenceModel:
+def resolve_inference_model(name: str, base_model: str | None = None, revision: str | None = None) -> InferenceModel:
     """Resolve what a user passed as a model: alias, hub id, model dir, run dir or adapter dir.
 
     A run dir resolves to its final/ export. An adapter dir (adapter_config.json, no config.json)
-    is loaded over `base_model`, or over the base recorded by the export. Local directories must
-    hold a tokenizer; the error says how to get one.
+    is loaded over `base_model`, or over the base recorded by the export, at `revision` (else the revision
+    the export recorded) when the base is a hub id. Local directories must hold a tokenizer; the error says
+    how to get one.
     """
     from rayft.training.models import resolve_model
 
@@ -51,24 +54,33 @@ def resolve_inference_model(name: str, base_model: str | None = None) -> Inferen
                 f"{path} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a "
                 "run directory with a final/ export; train first (rayft train) or point at a model directory"
             )
-        base = base_model or adapter_base_model(path)
+        recorded, recorded_revision = adapter_base(path)
+        base = base_model or recorded
         if base is None:
             raise ModelError(f"{path} is a LoRA adapter; say which base model it belongs to (model.name)")
         _need_tokenizer(path)
-        return InferenceModel(name, resolve_model(base), adapter=str(path.resolve()))
+        return InferenceModel(name, resolve_model(base), str(path.resolve()), revision or recorded_revision)
     resolved = resolve_model(str(path) if path.is_dir() else name)
     if Path(resolved).is_dir():
         _need_tokenizer(Path(resolved))
-    return InferenceModel(name, resolved)
+        revision = None  # a local directory has no hub revision
+    return InferenceModel(name, resolved, revision=revision)
+
+
+def adapter_base(adapter_dir: Path) -> tuple[str | None, str | None]:
+    """(base model, hub revision) a LoRA adapter dir was trained on: rayft's export record, else PEFT's
+    adapter config (which records no revision)."""
+    for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
+        if candidate.is_file():
+            info = json.loads(candidate.read_text())
+            return info.get("base_model"), info.get("base_revision")
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return cfg.get("base_model_name_or_path") or None, cfg.get("revision") or None
 
 
 def adapter_base_model(adapter_dir: Path) -> str | None:
-    """The base model a LoRA adapter dir was trained on: rayft's export record, else PEFT's adapter config."""
-    for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text()).get("base_model")
-    cfg = adapter_dir / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") or None
+    """The base model alone (see adapter_base)."""
+    return adapter_base(adapter_dir)[0]
 
 
 def _need_tokenizer(path: Path) -> None:
@@ -90,8 +102,10 @@ def load_for_inference(model: InferenceModel, use_gpu: bool = False, dtype: str 
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, resolve_dtype(dtype, device))
-    tokenizer = AutoTokenizer.from_pretrained(model.adapter or model.path)
-    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model.adapter or model.path, revision=None if model.adapter else model.revision
+    )
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype, revision=model.revision)
     if model.adapter:
         from peft import PeftModel
 
@@ -174,16 +188,19 @@ class Generator:
         return per_row.tolist(), mask.sum(1).tolist()
 
 
+_EVAL = EvalConfig.model_fields  # the defaults are the `eval:` section's, so `rayft eval` and callers agree
+
+
 @dataclass
 class InferenceConfig:
     """How the actor pool runs (built from the job file's `eval` section or CLI flags)."""
 
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    replicas: int = 1
-    cpus_per_replica: float = 1.0
+    max_new_tokens: int = _EVAL["max_new_tokens"].default
+    batch_size: int = _EVAL["batch_size"].default
+    replicas: int = _EVAL["replicas"].default
+    cpus_per_replica: float = _EVAL["cpus_per_replica"].default
     use_gpu: bool = False
-    dtype: str = "auto"
+    dtype: str = _EVAL["dtype"].default
 
 
 def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):

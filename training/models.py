@@ -110,11 +110,12 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def load_tokenizer(name: str):
-    """Tokenizer for a model reference, with a pad token set (falls back to eos)."""
+def load_tokenizer(name: str, revision: str | None = None):
+    """Tokenizer for a model reference (at a hub revision, for a hub id), with a pad token set (falls back
+    to eos)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    tok = AutoTokenizer.from_pretrained(resolve_model(name), revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from rayft.training.config import set_dotted
 from rayft.tuning.config import distribution_problems
 
 # Sections a trial may not vary: where runs are stored, the sweep itself, how the result is served/evaluated.
@@ -33,7 +34,7 @@ def space_problems(job) -> list[str]:
             continue  # reported with the distributions
         for value in edge_values(spec):
             trial = copy.deepcopy(raw)
-            set_path(trial, path, value)
+            set_dotted(trial, path, value)
             trial.pop("sweep", None)
             try:
                 type(job).model_validate(trial)
@@ -80,17 +81,8 @@ def apply_params(raw: dict, params: dict[str, Any]) -> dict:
     """A copy of the raw job config with each dotted path set to the trial's value."""
     out = copy.deepcopy(raw)
     for path, value in params.items():
-        set_path(out, path, value)
+        set_dotted(out, path, value)
     return out
-
-
-def set_path(d: dict, path: str, value: Any) -> None:
-    keys = path.split(".")
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
 
 
 def _missing_path(model: type[BaseModel], path: str) -> str | None:

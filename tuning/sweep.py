@@ -315,7 +315,7 @@ def generation_scores(job: TrainJob) -> dict:
     s = job.scaling
     icfg = dataclasses.replace(icfg, replicas=min(icfg.replicas, s.num_workers),
                                cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker))  # fmt: skip
-    model = resolve_inference_model(job.run_dir, base_model=job.model.name)
+    model = resolve_inference_model(job.run_dir, base_model=job.model.name, revision=job.model.revision)
     predictions, _ = predict(model, rows, icfg, os.path.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
     return {k: v for k, v in score(predictions).items() if k in GENERATION_METRICS and v is not None}
 

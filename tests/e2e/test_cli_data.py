@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, chat, write_jsonl
+from conftest import ROOT, chat, free_port, write_jsonl
 
 RAYFT = [sys.executable, "-m", "rayft"]
 
@@ -87,11 +87,3 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
     assert "asked over HTTP" in out and "reply:" in out
     assert "curl -s http://127.0.0.1:" in out and "client.chat.completions.create(model='quickstart'" in out
     assert "endpoint stopped" in out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,9 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, chat, write_jsonl
+from conftest import ROOT, chat, free_port, write_jsonl
 
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
