@@ -42,19 +42,34 @@ def tiny_model(out: Path) -> Path:
 
     tok = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
 def job_file(work: Path, model: Path, trials: int, concurrency: int, steps: int) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Ticket {i}: my lamp is broken"},
-                          {"role": "assistant", "content": json.dumps({"product": "lamp", "id": i % 4})}]}
-            for i in range(32)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Ticket {i}: my lamp is broken"},
+                {"role": "assistant", "content": json.dumps({"product": "lamp", "id": i % 4})},
+            ]
+        }
+        for i in range(32)
+    ]
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     lrs = [5e-3 / (2**i) for i in range(trials)]

@@ -138,8 +138,11 @@ class _ServeOnly(Section):
 def load_serve_config(overrides: list[str] | None) -> ServeConfig:
     """The `serve:` section from defaults and `serve.*` overrides, for targets that are not job files."""
     raw: dict[str, Any] = {}
-    problems = [f"--set {o}: only serve.* settings apply when serving a model or run dir (not a job file)"
-                for o in overrides or [] if not o.strip().startswith("serve.")]  # fmt: skip
+    problems = [
+        f"--set {o}: only serve.* settings apply when serving a model or run dir (not a job file)"
+        for o in overrides or []
+        if not o.strip().startswith("serve.")
+    ]
     more, set_keys = apply_overrides(raw, [o for o in overrides or [] if o.strip().startswith("serve.")])
     problems += more
     try:

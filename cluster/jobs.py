@@ -167,8 +167,12 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
             f"({', '.join(sorted({k for k, _, _ in files}))}); put them on shared storage or in the image"
         )
 
-    metadata = {"rayft_command": command, "rayft_run": run_name, "rayft_storage": storage,
-                "rayft_job_file": Path(config).name}  # fmt: skip
+    metadata = {
+        "rayft_command": command,
+        "rayft_run": run_name,
+        "rayft_storage": storage,
+        "rayft_job_file": Path(config).name,
+    }
     env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
     run_dir = run_dir_of(metadata)
     if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
@@ -336,8 +340,11 @@ def submit(address: str | None, pkg: Package) -> tuple[str, str]:
     c = client(address)
     for j in c.list_jobs():
         md = j.metadata or {}
-        if (md.get("rayft_run") == pkg.run_name and md.get("rayft_storage") == pkg.metadata["rayft_storage"]
-                and str(j.status) in LIVE):  # fmt: skip
+        if (
+            md.get("rayft_run") == pkg.run_name
+            and md.get("rayft_storage") == pkg.metadata["rayft_storage"]
+            and str(j.status) in LIVE
+        ):
             raise JobsError(
                 f"run name {pkg.run_name!r} is taken by job {j.submission_id}, which is still {j.status}: a second "
                 f"job would write into the same run dir. Use another --name, wait for it, or stop it with "
@@ -345,8 +352,9 @@ def submit(address: str | None, pkg: Package) -> tuple[str, str]:
             )
     job_id = f"rayft-{pkg.command}-{pkg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        c.submit_job(entrypoint=pkg.entrypoint, runtime_env=pkg.runtime_env, metadata=pkg.metadata,
-                     submission_id=job_id)  # fmt: skip
+        c.submit_job(
+            entrypoint=pkg.entrypoint, runtime_env=pkg.runtime_env, metadata=pkg.metadata, submission_id=job_id
+        )
     except (RuntimeError, ValueError) as e:
         raise JobsError(f"the cluster did not accept the job: {str(e).strip()[:2000]}") from None
     return job_id, c.get_address()

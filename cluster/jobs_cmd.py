@@ -75,8 +75,10 @@ def _follow(address: str | None, job_id: str) -> None:
         try:
             status = jobs.follow(c, info.submission_id, _write)
         except KeyboardInterrupt:
-            err.print(f"\nstopped following; the job goes on. Stop it with: rayft jobs stop {info.submission_id}"
-                      + _addr_hint(address))  # fmt: skip
+            err.print(
+                f"\nstopped following; the job goes on. Stop it with: rayft jobs stop {info.submission_id}"
+                + _addr_hint(address)
+            )
             raise typer.Exit(130) from None
         info = jobs.resolve_job(c, info.submission_id)
     _print_end(info, status)
@@ -106,9 +108,11 @@ def _print_end(info, status: str) -> None:
     if summary is None:
         out.print(f"  run dir    {run_dir} (on the cluster's storage; not readable from here)")
         return
-    out.print(f"  run dir    {run_dir}  step {summary['step']}" + (
-        f"  loss {summary['loss']:.4f}" if summary["loss"] is not None else "") + (
-        f"  eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""))  # fmt: skip
+    out.print(
+        f"  run dir    {run_dir}  step {summary['step']}"
+        + (f"  loss {summary['loss']:.4f}" if summary["loss"] is not None else "")
+        + (f"  eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "")
+    )
     if summary["final"]:
         out.print(f"  model      {summary['final']}  (rayft serve / rayft eval take it)")
 
@@ -129,9 +133,14 @@ def jobs_list(address: JobsAddressOpt = None) -> None:
         md = j.metadata or {}
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
         took = (((j.end_time or time.time() * 1000) - j.start_time) / 1000) if j.start_time else None
-        table.add_row(j.submission_id or j.job_id or "-", str(j.status), md.get("rayft_command", "-"),
-                      md.get("rayft_run", (j.entrypoint or "")[:40]), started,
-                      f"{took:,.0f} s" if took is not None else "-")  # fmt: skip
+        table.add_row(
+            j.submission_id or j.job_id or "-",
+            str(j.status),
+            md.get("rayft_command", "-"),
+            md.get("rayft_run", (j.entrypoint or "")[:40]),
+            started,
+            f"{took:,.0f} s" if took is not None else "-",
+        )
     out.print(table)
     if not rows:
         out.print("no jobs yet: rayft submit JOB.yaml --address ...")

@@ -30,8 +30,10 @@ def sweep(
         cfg = _load(config, (set_ or []) + ([f"sweep.name={name}"] if name else []))
         problems = check_sweep(cfg)
         if problems:
-            err.print("[bold red]sweep error[/] the sweep cannot start:\n  " + "\n  ".join(escape(p) for p in problems),
-                      highlight=False)  # fmt: skip
+            err.print(
+                "[bold red]sweep error[/] the sweep cannot start:\n  " + "\n  ".join(escape(p) for p in problems),
+                highlight=False,
+            )
             raise typer.Exit(2)
         with err.status("starting Ray", spinner="dots"):
             connect(address, need_cpus=sweep_cpus(cfg), dashboard=True)
@@ -58,16 +60,24 @@ def print_leaderboard(result) -> None:
     for col in ("#", "trial", *params, result.metric, "steps", "status", "wall s"):
         table.add_column(col, justify="right" if col not in ("trial", "status") else "left")
     for i, r in enumerate(result.rows):
-        cells = [str(i + 1), r.trial, *(_fmt(r.params.get(p)) for p in params), _fmt(r.metric), str(r.steps),
-                 r.status, f"{r.wall_s:.0f}"]  # fmt: skip
+        cells = [
+            str(i + 1),
+            r.trial,
+            *(_fmt(r.params.get(p)) for p in params),
+            _fmt(r.metric),
+            str(r.steps),
+            r.status,
+            f"{r.wall_s:.0f}",
+        ]
         style = "bold green" if result.best is not None and r is result.best else None
         table.add_row(*cells, style=style)
     out.print(table)
     d = result.sweep_dir
     out.print(f"  leaderboard  {d}/results.md, results.csv, results.png")
     if result.best is None and not result.interrupted:
-        out.print("[bold red]no trial completed[/]: see each trial's error in the table and its run dir under "
-                  f"{d}/runs/")  # fmt: skip
+        out.print(
+            f"[bold red]no trial completed[/]: see each trial's error in the table and its run dir under {d}/runs/"
+        )
         return
     if result.best is None:
         return

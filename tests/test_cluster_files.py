@@ -17,8 +17,11 @@ from conftest import ROOT
 
 LAUNCHER_FILES = sorted((ROOT / "cluster").glob("*.yaml"))
 KUBERAY_FILES = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
-KIND_TO_CRD = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-               "RayService": "ray.io_rayservices.yaml"}  # fmt: skip
+KIND_TO_CRD = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 
 
 def kuberay_schemas() -> Path:
@@ -96,11 +99,16 @@ def test_kuberay_manifest_validates_against_its_crd(path):
     schema = crd_schema(doc["kind"])
     jsonschema.validate(doc, schema)
     assert unknown_fields(doc, schema) == []
-    cluster = {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
-               "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)  # fmt: skip
+    cluster = {
+        "RayCluster": lambda d: d["spec"],
+        "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+        "RayService": lambda d: d["spec"]["rayClusterConfig"],
+    }[doc["kind"]](doc)
     assert cluster["rayVersion"] == "2.60.0"
-    gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-            for g in cluster["workerGroupSpecs"]]  # fmt: skip
+    gpus = [
+        g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        for g in cluster["workerGroupSpecs"]
+    ]
     assert gpus and all(int(n) >= 1 for n in gpus)
 
 
@@ -136,6 +144,8 @@ def test_rayjob_entrypoint_is_a_valid_rayft_train_command():
     assert job.scaling.use_gpu and job.scaling.num_workers == 8
     assert job.run.storage_path == "/mnt/runs"
     workers = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
-               for g in workers)  # fmt: skip
+    gpus = sum(
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+        for g in workers
+    )
     assert gpus >= job.scaling.num_workers * job.scaling.gpus_per_worker

@@ -77,8 +77,9 @@ def test_what_the_cluster_could_not_read_is_refused_with_what_to_do(job_dir):
 
 
 def test_an_image_job_carries_its_job_file_in_the_entrypoint(job_dir):
-    pkg = package(job_dir / "job.yaml", ["data.train=s3://bucket/train.jsonl", "submit.image_uri=reg/rayft:1"],
-                  "train", None)  # fmt: skip
+    pkg = package(
+        job_dir / "job.yaml", ["data.train=s3://bucket/train.jsonl", "submit.image_uri=reg/rayft:1"], "train", None
+    )
     assert pkg.runtime_env == {"image_uri": "reg/rayft:1", "env_vars": {"PYTHONUNBUFFERED": "1"}}
     assert pkg.entrypoint.endswith("rayft train rayft-job.yaml") and pkg.staging is None
 
@@ -88,8 +89,9 @@ def test_a_sweep_is_checked_before_it_is_sent(job_dir):
 
     with pytest.raises(ConfigError, match="sweep.space is empty"):
         package(job_dir / "job.yaml", [], "sweep", None)
-    pkg = package(job_dir / "job.yaml", ["sweep.space={training.lr: {choice: [1e-4, 1e-3]}}", "sweep.metric=loss"],
-                  "sweep", "lr")  # fmt: skip
+    pkg = package(
+        job_dir / "job.yaml", ["sweep.space={training.lr: {choice: [1e-4, 1e-3]}}", "sweep.metric=loss"], "sweep", "lr"
+    )
     try:
         assert pkg.run_name == "lr" and pkg.entrypoint == "python -m rayft sweep job.yaml"
         assert staged(pkg)["sweep"]["name"] == "lr"

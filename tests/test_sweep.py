@@ -25,8 +25,15 @@ def job_file(tmp_path: Path, model_dir, sweep: dict, **training) -> Path:
     rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(16)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "eval.jsonl", rows[:4])
-    t = {"lr": 5e-3, "micro_batch_size": 2, "global_batch_size": 4, "warmup_ratio": 0.0, "max_steps": 8,
-         "eval_every_steps": 2, **training}  # fmt: skip
+    t = {
+        "lr": 5e-3,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "warmup_ratio": 0.0,
+        "max_steps": 8,
+        "eval_every_steps": 2,
+        **training,
+    }
     doc = {
         "model": {"name": str(model_dir)},
         "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_seq_len": 128},
@@ -106,16 +113,19 @@ def test_asha_needs_the_metric_during_training(tmp_path):
     text = "\n".join(problems_of(tmp_path, space | {"scheduler": {"grace_period": 8}}))
     assert "grace_period (8) must be below training.max_steps (8)" in text
     # YAML reads 1e-5 (no dot) as a string; the sweep reads it as the number it is
-    job = load_config(job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.lr": {"loguniform": ["1e-5",
-                      "1e-3"]}}}))  # fmt: skip
+    job = load_config(
+        job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.lr": {"loguniform": ["1e-5", "1e-3"]}}})
+    )
     assert job.sweep.space["training.lr"] == {"loguniform": [1e-5, 1e-3]}
 
 
 def test_concurrency_fits_the_cluster_or_says_why(tmp_path):
     from rayft.tuning.sweep import SweepError, concurrency
 
-    job = load_config(job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.lr": {"choice": [1e-3]}}}),
-                      ["scaling.num_workers=2"])  # fmt: skip
+    job = load_config(
+        job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.lr": {"choice": [1e-3]}}}),
+        ["scaling.num_workers=2"],
+    )
     assert concurrency(job, {"CPU": 8.0}) == 3  # 2 workers + 0.5 for data + 0.1 for the trial = 2.6 each
     job.sweep.max_concurrent_trials = 4
     with pytest.raises(SweepError, match=r"max_concurrent_trials is 4.*at most 3 fit"):
@@ -194,8 +204,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
     from rayft.tuning.sweep import SweepError, run_sweep
 
     # Ranked by a generation score, which each trial measures on its exported model at its end.
-    sweep = {"name": "resume", "space": {"training.lr": {"grid": [5e-3, 2e-3]}}, "num_samples": 1,
-             "max_concurrent_trials": 1, "metric": "exact_match", "scheduler": {"type": "fifo"}}  # fmt: skip
+    sweep = {
+        "name": "resume",
+        "space": {"training.lr": {"grid": [5e-3, 2e-3]}},
+        "num_samples": 1,
+        "max_concurrent_trials": 1,
+        "metric": "exact_match",
+        "scheduler": {"type": "fifo"},
+    }
     job = load_config(job_file(tmp_path, tiny_model_dir, sweep), ["eval.max_new_tokens=8", "eval.replicas=1"])
     runs = tmp_path / "runs" / "resume" / "runs"
 

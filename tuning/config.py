@@ -146,11 +146,16 @@ def shape_problems(sw: SweepConfig) -> list[str]:
     for path, spec in sw.space.items():
         problems += [f"sweep.space.{path}: {p}" for p in distribution_problems(spec)]
     if sw.search == "grid":
-        loose = [p for p, s in sw.space.items() if isinstance(s, dict) and next(iter(s), None) in
-                 ("loguniform", "uniform", "randint")]  # fmt: skip
+        loose = [
+            p
+            for p, s in sw.space.items()
+            if isinstance(s, dict) and next(iter(s), None) in ("loguniform", "uniform", "randint")
+        ]
         if loose:
-            problems.append(f"sweep.search: grid tries every value, so each entry must be a choice or grid; "
-                            f"{', '.join(loose)} {'is' if len(loose) == 1 else 'are'} continuous")  # fmt: skip
+            problems.append(
+                f"sweep.search: grid tries every value, so each entry must be a choice or grid; "
+                f"{', '.join(loose)} {'is' if len(loose) == 1 else 'are'} continuous"
+            )
     if sw.search == "optuna":
         grids = [p for p, s in sw.space.items() if isinstance(s, dict) and "grid" in s]
         if grids:

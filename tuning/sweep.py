@@ -69,8 +69,9 @@ def check_sweep(job: SweepJob) -> list[str]:
     sw = job.sweep
     problems = []
     if not sw.space:
-        problems.append("sweep.space is empty: name at least one setting to search, e.g. "
-                        "training.lr: {loguniform: [1e-5, 1e-3]}")  # fmt: skip
+        problems.append(
+            "sweep.space is empty: name at least one setting to search, e.g. training.lr: {loguniform: [1e-5, 1e-3]}"
+        )
     problems += shape_problems(sw)
     problems += space_problems(job)
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
@@ -80,22 +81,32 @@ def check_sweep(job: SweepJob) -> list[str]:
     if sw.metric not in STEP_METRICS + EVAL_METRICS + GENERATION_METRICS:
         problems.append(f"sweep.metric: the trials never report {sw.metric!r}; choose one of {', '.join(known)}")
     elif sw.metric in GENERATION_METRICS and sw.search == "optuna":
-        problems.append(f"sweep.metric: {sw.metric} is scored once a trial ends, and optuna wants the metric in "
-                        "every report; use search: random or grid, or metric: eval_loss")  # fmt: skip
+        problems.append(
+            f"sweep.metric: {sw.metric} is scored once a trial ends, and optuna wants the metric in "
+            "every report; use search: random or grid, or metric: eval_loss"
+        )
     elif progress in EVAL_METRICS:
         if not has_eval:
-            problems.append(f"sweep.metric: {sw.metric} needs evaluation data: set data.eval or data.eval_fraction, "
-                            f"or pick a training metric ({', '.join(STEP_METRICS)})")  # fmt: skip
+            problems.append(
+                f"sweep.metric: {sw.metric} needs evaluation data: set data.eval or data.eval_fraction, "
+                f"or pick a training metric ({', '.join(STEP_METRICS)})"
+            )
         elif sw.scheduler.type == "asha" and not t.eval_every_steps:
-            problems.append(f"sweep.metric: ASHA compares {progress} while trials train, but it is only measured "
-                            "at the end (training.eval_every_steps is 0); set training.eval_every_steps, or "
-                            "sweep.scheduler.type: fifo")  # fmt: skip
+            problems.append(
+                f"sweep.metric: ASHA compares {progress} while trials train, but it is only measured "
+                "at the end (training.eval_every_steps is 0); set training.eval_every_steps, or "
+                "sweep.scheduler.type: fifo"
+            )
         elif sw.metric in EVAL_METRICS and not t.eval_every_steps and not t.eval_at_end:
-            problems.append(f"sweep.metric: {sw.metric} is never measured (training.eval_every_steps is 0 and "
-                            "training.eval_at_end is false)")  # fmt: skip
+            problems.append(
+                f"sweep.metric: {sw.metric} is never measured (training.eval_every_steps is 0 and "
+                "training.eval_at_end is false)"
+            )
     if sw.scheduler.type == "asha" and t.max_steps and sw.scheduler.grace_period >= t.max_steps:
-        problems.append(f"sweep.scheduler.grace_period ({sw.scheduler.grace_period}) must be below "
-                        f"training.max_steps ({t.max_steps}), or ASHA can never stop a trial")  # fmt: skip
+        problems.append(
+            f"sweep.scheduler.grace_period ({sw.scheduler.grace_period}) must be below "
+            f"training.max_steps ({t.max_steps}), or ASHA can never stop a trial"
+        )
     return problems
 
 
@@ -122,8 +133,10 @@ def concurrency(job: SweepJob, total: dict[str, float]) -> int:
     need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
     has = f"{have_cpu:g} CPUs" + (f" and {have_gpu:g} GPUs" if gpus else "")
     if fit < 1:
-        raise SweepError(f"one trial needs {need} ({job.scaling.num_workers} workers plus data stages), the cluster "
-                         f"has {has}; lower scaling.num_workers or scaling.cpus_per_worker")  # fmt: skip
+        raise SweepError(
+            f"one trial needs {need} ({job.scaling.num_workers} workers plus data stages), the cluster "
+            f"has {has}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
     if want and want > fit:
         raise SweepError(
             f"sweep.max_concurrent_trials is {want}, but each trial needs {need} and the cluster has "
@@ -196,8 +209,10 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-    say(f"sweep {name}: {sw.num_samples} trial(s), {n_at_once} at a time, {sw.search} search, "
-        f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}")  # fmt: skip
+    say(
+        f"sweep {name}: {sw.num_samples} trial(s), {n_at_once} at a time, {sw.search} search, "
+        f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}"
+    )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune's own tables stay off the console
     grid = tuner.fit()
     rows = [_row(r, root, sw.metric) for r in grid]
@@ -313,8 +328,9 @@ def generation_scores(job: TrainJob) -> dict:
     rows = eval_rows(job, job.eval.max_rows)
     icfg = inference_config(job)
     s = job.scaling
-    icfg = dataclasses.replace(icfg, replicas=min(icfg.replicas, s.num_workers),
-                               cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker))  # fmt: skip
+    icfg = dataclasses.replace(
+        icfg, replicas=min(icfg.replicas, s.num_workers), cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker)
+    )
     model = resolve_inference_model(job.run_dir, base_model=job.model.name, revision=job.model.revision)
     predictions, _ = predict(model, rows, icfg, os.path.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
     return {k: v for k, v in score(predictions).items() if k in GENERATION_METRICS and v is not None}
@@ -410,19 +426,31 @@ def write_results(result: SweepResult, job: SweepJob) -> None:
     params = list(job.sweep.space)
     head = ["rank", "trial", *params, result.metric, "steps", "status", "wall_s"]
     table = [
-        [str(i + 1), r.trial, *(fmt_value(r.params.get(p)) for p in params), fmt_value(r.metric), str(r.steps),
-         r.status, f"{r.wall_s:.1f}"]
+        [
+            str(i + 1),
+            r.trial,
+            *(fmt_value(r.params.get(p)) for p in params),
+            fmt_value(r.metric),
+            str(r.steps),
+            r.status,
+            f"{r.wall_s:.1f}",
+        ]
         for i, r in enumerate(rows)
-    ]  # fmt: skip
+    ]
     with open(os.path.join(result.sweep_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         w.writerows(table)
     best = next((r for r in rows if r.status == "completed" and r.metric is not None), None)
     result.best = best
-    md = [f"# Sweep {os.path.basename(result.sweep_dir)}", "",
-          f"{len(rows)} trials, {result.mode} {result.metric}; best: {best.trial if best else 'none completed'}", "",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    md = [
+        f"# Sweep {os.path.basename(result.sweep_dir)}",
+        "",
+        f"{len(rows)} trials, {result.mode} {result.metric}; best: {best.trial if best else 'none completed'}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     md += ["| " + " | ".join(row) + " |" for row in table]
     with open(os.path.join(result.sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
@@ -444,8 +472,10 @@ def write_best(result: SweepResult, best: TrialRow, job: SweepJob) -> None:
     params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
     with open(os.path.join(result.sweep_dir, "best.yaml"), "w") as f:
         score = f"{result.metric} {fmt_value(best.metric)}"
-        f.write(f"# The best trial of sweep {name} ({best.trial}: {score}; {params}).\n"
-                f"#   rayft train {os.path.join(result.sweep_dir, 'best.yaml')}\n")  # fmt: skip
+        f.write(
+            f"# The best trial of sweep {name} ({best.trial}: {score}; {params}).\n"
+            f"#   rayft train {os.path.join(result.sweep_dir, 'best.yaml')}\n"
+        )
         yaml.safe_dump(raw, f, sort_keys=False)
     link = os.path.join(result.sweep_dir, "best")
     if os.path.islink(link) or os.path.exists(link):
@@ -467,8 +497,11 @@ def plot_results(result: SweepResult, params: list[str]) -> str | None:
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, p in zip(axes[0], shown, strict=True):
         for status, style in (("completed", "o"), ("stopped early", "x")):
-            pts = [(r.params[p], r.metric) for r in scored if r.status == status and isinstance(r.params.get(p),
-                   int | float)]  # fmt: skip
+            pts = [
+                (r.params[p], r.metric)
+                for r in scored
+                if r.status == status and isinstance(r.params.get(p), int | float)
+            ]
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=status, markersize=7)
         values = [r.params[p] for r in scored if isinstance(r.params.get(p), int | float) and r.params[p] > 0]

@@ -60,16 +60,33 @@ class TwoNodeCluster:
             RAY_health_check_failure_threshold="3",
             RAY_health_check_timeout_ms="1000",
         )
-        self.head = self._start(["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
-                                 "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
-                                 f"--temp-dir={self.temp_dir}", "--num-cpus=3"], "head")  # fmt: skip
+        self.head = self._start(
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--dashboard-port={self.dash_port}",
+                "--include-dashboard=true",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={self.temp_dir}",
+                "--num-cpus=3",
+            ],
+            "head",
+        )
         self.workers: list[tuple[subprocess.Popen, str]] = []
         self.wait(lambda: self._get("/api/version").status_code == 200, 120, "the head's dashboard")
         self.add_worker_node("node_b")
 
     def _start(self, args: list[str], resource: str) -> subprocess.Popen:
-        cmd = [f"{VENV_BIN}/ray", "start", "--block", *args, "--resources", json.dumps({f"rayft_{resource}": 1}),
-               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]  # fmt: skip
+        cmd = [
+            f"{VENV_BIN}/ray",
+            "start",
+            "--block",
+            *args,
+            "--resources",
+            json.dumps({f"rayft_{resource}": 1}),
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ]
         log = open(self.logs / f"ray-{resource}.log", "a")
         return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -139,16 +156,18 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def rayft(cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", home: Path | None = None,
-          timeout: int = 900) -> subprocess.CompletedProcess:  # fmt: skip
+def rayft(
+    cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", home: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_ADDRESS"] = cluster.dashboard
     if token:
         env["RAY_AUTH_TOKEN"] = cluster.token if token == "cluster" else token
     if home:
         env["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "rayft", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rayft", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 32, **training) -> Path:

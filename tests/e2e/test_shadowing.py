@@ -57,8 +57,14 @@ def test_train_and_serve_from_a_project_with_modules_named_like_rayfts(project, 
     import ray
 
     address = ray.get_runtime_context().gcs_address  # train joins the suite's Ray: its workers get the cwd
-    r = subprocess.run([sys.executable, "-m", "rayft", "train", "job.yaml", "--address", address], cwd=project,
-                       env=user_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rayft", "train", "job.yaml", "--address", address],
+        cwd=project,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = project / "runs" / "mine"
     assert (run_dir / "final" / "adapter" / "adapter_config.json").is_file()
@@ -68,8 +74,15 @@ def test_train_and_serve_from_a_project_with_modules_named_like_rayfts(project, 
     # serve starts its own local Ray from the project dir, as a user's `rayft serve` does
     port = free_port()
     cmd = [sys.executable, "-m", "rayft", "serve", "runs/mine", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=project, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project,
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         reply = None
@@ -77,8 +90,9 @@ def test_train_and_serve_from_a_project_with_modules_named_like_rayfts(project, 
         while time.time() < deadline and proc.poll() is None and reply is None:
             try:
                 body = json.dumps({"model": "mine", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-                req = urllib.request.Request(f"{base}/v1/chat/completions", data=body.encode(),
-                                             headers={"Content-Type": "application/json"})  # fmt: skip
+                req = urllib.request.Request(
+                    f"{base}/v1/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     reply = json.loads(resp.read())
             except OSError:
