@@ -32,6 +32,28 @@ def summary_table(path: Path) -> str:
     return m.group(1).strip() if m else ""
 
 
+README = ROOT / "README.md"
+README_BEGIN = "<!-- the Summary of bench/RESULTS.md, copied by bench/run_all.py: edit RESULTS.md, not this -->"
+README_END = "<!-- end of the Summary -->"
+
+
+def readme_table(results: Path) -> str:
+    """The Summary of a results file as the README shows it: every column but the command."""
+    lines = []
+    for row in summary_table(results).splitlines():
+        if row.startswith("|"):
+            cells = [c.strip() for c in row.strip().strip("|").split("|")]
+            lines.append("| " + " | ".join(cells[:-1]) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(results: Path, readme: Path = README) -> None:
+    """Replace the README's copy of the Summary with the current one."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + readme_table(results) + "\n" + text[end:], encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke versions, results to bench/out/RESULTS-quick.md")
@@ -57,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         times.append((name, time.perf_counter() - t0, rc))
     total = time.perf_counter() - start
 
+    if results.resolve() == (ROOT / "bench" / "RESULTS.md").resolve():
+        update_readme(results)  # the README shows the figures RESULTS.md holds, never others
     print(f"\n==== Summary of {results}\n")
     print(summary_table(results))
     print()

@@ -345,9 +345,13 @@ def demo(
     set_: SetOpt = None,
     address: AddressOpt = None,
     keep_serving: Annotated[
-        bool,
-        typer.Option("--keep-serving/--no-keep-serving", help="After the demo, keep the endpoint up until Ctrl-C."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--keep-serving/--no-keep-serving",
+            help="After the demo, keep the endpoint up until Ctrl-C (default: only when run from a terminal).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """The quickstart end to end: inspect the data, evaluate the base model, finetune, evaluate again, compare,
     and serve the finetuned model over the OpenAI API."""
@@ -399,6 +403,8 @@ def demo(
     out.print(f"  {'total':<16} {time.perf_counter() - t_all:6.1f} s")
     from rayft.cluster.serve_cmd import serve_until_interrupted, stop_app
 
+    if keep_serving is None:  # CI, a script or nohup: end after the last stage instead of waiting for a Ctrl-C
+        keep_serving = sys.stdin.isatty() and sys.stdout.isatty()
     if keep_serving:
         out.print(f"[bold]and now it is served at {base}/v1[/] (the examples above work while it runs)")
         serve_until_interrupted()

@@ -1,21 +1,148 @@
-"""What `rayft serve TARGET` resolves to before Ray starts: one JSON-able spec for the Serve app.
+"""What `rayft serve TARGET` resolves to before Ray starts: one typed `ServeSpec` for the Serve app.
 
 TARGET is a job file (its run's final/ export, with the job's `serve:` section), a run dir, a model
 dir or a built-in alias. Every problem is reported before anything starts. API keys enter the spec
 only as SHA-256 hashes, so they never appear in Serve's deployment config, the dashboard or an
 emitted config file.
+
+The spec is JSON-able both ways: `rayft serve --emit-config` writes `spec.model_dump(mode="json")` as
+the Serve application's `args`, and `rayft.serving.app:app_builder` validates them back with
+`ServeSpec.from_args`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayft.serving.config import ADAPTER_NAME, ServeConfig
+
+KEY_HASH = re.compile(r"^[0-9a-f]{64}$")
+# What the vLLM app (Ray Serve LLM's own ingress and engine) takes from `serve:`. Every other setting belongs
+# to rayft's ingress (auth, limits, timeouts, logging) or its batching scheduler, which the vLLM app does not
+# run: a non-default value for one of them is refused rather than silently dropped.
+VLLM_USES = frozenset(
+    {"engine", "model_name", "host", "port", "autoscaling", "max_ongoing_requests", "gpus_per_replica", "dtype"}
+)
 
 
 class ServeError(Exception):
     """A serve target or setting that cannot be used; the message says what to do."""
+
+
+def hash_key(key: str) -> str:
+    """How an API key is kept: its SHA-256 hex digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ServeSpec(BaseModel):
+    """Everything the Serve app needs, resolved and checked: the model, its name, the adapters, the keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: str = Field(..., description="What from_pretrained loads: a local model directory or a hub id.")
+    model_name: str = Field(..., min_length=1, description="The model id clients send as `model`.")
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit) the model and its tokenizer load at, when model_path is "
+        "a hub id; None: the hub's default. Local directories have none.",
+    )
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The job's `serve:` section.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served from the start: {name: checked adapter directory}."
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list, description="Absolute directories adapters may be registered from at run time."
+    )
+    key_hashes: list[str] = Field(
+        default_factory=list, description="SHA-256 hex digests of the accepted API keys; empty: no key needed."
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in v if not ADAPTER_NAME.match(name)]
+        if bad:
+            raise ValueError(f"adapter names {bad} must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("key_hashes")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        if any(not KEY_HASH.match(h) for h in v):
+            raise ValueError("key_hashes holds SHA-256 hex digests (64 characters 0-9a-f), never plain keys")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> ServeSpec:
+        problems = vllm_problems(self.serve, ["key_hashes"] if self.key_hashes else [])
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_args(cls, args: Any) -> ServeSpec:
+        """The spec from a Serve application's `args` (as --emit-config writes them); a clear error otherwise."""
+        if isinstance(args, cls):
+            return args
+        if not isinstance(args, dict):
+            raise ServeError(
+                f"the application's args must be a rayft serve spec (a mapping), not {type(args).__name__}; "
+                "write them with `rayft serve TARGET --emit-config FILE`"
+            )
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            problems = []
+            for err in e.errors():
+                where = ".".join(str(p) for p in err["loc"]) or "args"
+                problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            raise ServeError(
+                "the application's args are not a valid rayft serve spec: " + "; ".join(problems) + ". Write them "
+                "with `rayft serve TARGET --emit-config FILE`"
+            ) from None
+
+    def with_serve(self, **changes: Any) -> ServeSpec:
+        """This spec with some `serve:` settings changed (validated), e.g. `spec.with_serve(port=8001)`."""
+        serve = self.serve.model_dump() | changes
+        return type(self).model_validate(self.model_dump() | {"serve": serve})
+
+
+def vllm_problems(cfg: ServeConfig, key_sources: list[str]) -> list[str]:
+    """Why a `serve:` section cannot run on serve.engine vllm: settings the vLLM app would silently ignore.
+    `key_sources` names where API keys came from (they would not be checked there)."""
+    if cfg.engine != "vllm":
+        return []
+    problems = []
+    if key_sources:
+        problems.append(
+            f"serve.engine vllm does not check API keys, so the endpoint would be open to anyone although keys are "
+            f"set ({', '.join(key_sources)}); use serve.engine: transformers, which enforces them, or put the vLLM "
+            "app behind a gateway that checks keys and set none here"
+        )
+    defaults = ServeConfig()
+    ignored = [f for f in ServeConfig.model_fields if f not in VLLM_USES and getattr(cfg, f) != getattr(defaults, f)]
+    lora = [f for f in ignored if f in ("adapters", "max_adapters_per_replica", "adapter_roots")]
+    if lora:
+        problems.append(
+            f"serve.engine vllm cannot serve {', '.join('serve.' + f for f in lora)}: Ray Serve LLM loads LoRA "
+            "adapters only from cloud storage (s3://, gs://) and has no /admin/adapters; serve a merged model "
+            "(export.merge: true) or use serve.engine: transformers"
+        )
+    rest = [f for f in ignored if f not in lora]
+    if rest:
+        names = ", ".join(f"serve.{f}={getattr(cfg, f)!r}" for f in rest)
+        problems.append(
+            f"serve.engine vllm ignores {names}: these set rayft's own ingress and batching, which the vLLM app "
+            "does not run (vLLM batches, queues and limits requests itself); remove them or use serve.engine: "
+            "transformers"
+        )
+    return problems
 
 
 def build_spec(
@@ -24,16 +151,24 @@ def build_spec(
     run_dir: str | None = None,
     storage_path: str | None = None,
     api_keys: list[str] | None = None,
-) -> dict:
-    """Resolve the model to serve and the adapters, check them, and return the app's spec."""
+    revision: str | None = None,
+) -> ServeSpec:
+    """Resolve the model to serve and the adapters, check them, and return the app's spec.
+
+    `revision`: the hub revision to load a hub-id model at; without one, the revision the served adapters'
+    runs were trained on (their job.yaml), else the hub's default."""
     from rayft.training.inference import resolve_inference_model
     from rayft.training.models import ModelError
 
+    keys, key_sources = _api_keys(serve_cfg, api_keys)
     if serve_cfg.engine == "vllm":
         import importlib.util
 
         if serve_cfg.gpus_per_replica <= 0:
             raise ServeError("serve.engine vllm runs on GPUs only: set serve.gpus_per_replica (e.g. 1)")
+        problems = vllm_problems(serve_cfg, key_sources)
+        if problems:
+            raise ServeError("; ".join(problems))
         if importlib.util.find_spec("vllm") is None:
             raise ServeError(
                 "serve.engine is vllm but vllm is not installed here; install it on the GPU nodes "
@@ -49,35 +184,51 @@ def build_spec(
     if model.adapter:
         raise ServeError(
             f"{target} is a LoRA adapter; serve its base model and add it as an adapter "
-            f"(serve.adapters: {{NAME: {target}}}), or serve the run directory, whose final/ holds the merged model"
+            f"(rayft serve BASE --adapter NAME={target}), or export the run with export.merge: true, so that final/ "
+            "holds the merged model"
         )
-    name = serve_cfg.model_name or _default_name(target, run_dir)
-    roots = [str(Path(r).expanduser().resolve()) for r in (serve_cfg.adapter_roots or [storage_path or "runs"])]
+    hub_model = not Path(model.path).is_dir()
+    if revision and not hub_model:
+        raise ServeError(
+            f"revision {revision!r} applies to hub models only; {model.path} is a local directory (one version)"
+        )
+    if hub_model and revision is None:
+        recorded = (trained_revision(d) for d in map(_adapter_dir, serve_cfg.adapters.values()) if d)
+        revision = next((r for r in recorded if r), None)
     adapters = {}
     for adapter_name, adapter_path in serve_cfg.adapters.items():
         try:
-            adapters[adapter_name] = validate_adapter(adapter_name, adapter_path, None, model.path)
+            adapters[adapter_name] = validate_adapter(adapter_name, adapter_path, None, model.path, revision)
         except ValueError as e:
             raise ServeError(f"serve.adapters.{adapter_name}: {e}") from None
-    import hashlib
+    roots = [str(Path(r).expanduser().resolve()) for r in (serve_cfg.adapter_roots or [storage_path or "runs"])]
+    return ServeSpec(
+        model_path=model.path,
+        model_name=serve_cfg.model_name or _default_name(target, run_dir),
+        revision=revision,
+        serve=serve_cfg,
+        adapters=adapters,
+        adapter_roots=roots,
+        key_hashes=sorted({hash_key(k) for k in keys}),
+    )
 
-    keys = [k.strip() for k in (api_keys or []) if k and k.strip()]
-    env_key = os.environ.get(serve_cfg.api_key_env)
+
+def _api_keys(cfg: ServeConfig, given: list[str] | None) -> tuple[list[str], list[str]]:
+    """The accepted API keys (--api-key, the key variable, serve.api_keys_file) and where they came from."""
+    keys = [k.strip() for k in (given or []) if k and k.strip()]
+    sources = ["--api-key"] if keys else []
+    env_key = (os.environ.get(cfg.api_key_env) or "").strip()
     if env_key:
-        keys.append(env_key.strip())
-    if serve_cfg.api_keys_file:
-        f = Path(serve_cfg.api_keys_file).expanduser()
+        keys.append(env_key)
+        sources.append(f"${cfg.api_key_env}")
+    if cfg.api_keys_file:
+        f = Path(cfg.api_keys_file).expanduser()
         if not f.is_file():
             raise ServeError(f"serve.api_keys_file {f} does not exist; write one API key per line")
-        keys += [line.strip() for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return {
-        "model_path": model.path,
-        "model_name": name,
-        "serve": serve_cfg.model_dump(mode="json"),
-        "adapters": adapters,
-        "adapter_roots": roots,
-        "key_hashes": sorted({hashlib.sha256(k.encode()).hexdigest() for k in keys}),
-    }
+        from_file = [line.strip() for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        keys += from_file
+        sources += ["serve.api_keys_file"] if from_file else []
+    return keys, sources
 
 
 def _default_name(target: str, run_dir: str | None) -> str:
@@ -89,10 +240,40 @@ def _default_name(target: str, run_dir: str | None) -> str:
     return target.rsplit("/", 1)[-1]
 
 
-def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: str) -> str:
-    """An adapter's directory, checked: a valid name, a real adapter trained on `base_path`, inside
-    `roots` when given. Accepts a run directory (its final/adapter/), a final/ export, or an adapter dir.
-    """
+def _adapter_dir(path: str | Path) -> Path | None:
+    """The LoRA adapter directory in a run dir, a final/ export or an adapter dir; None if there is none."""
+    p = Path(path).expanduser().resolve()
+    for candidate in (p, p / "adapter", p / "final", p / "final" / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+def trained_revision(adapter_dir: Path) -> str | None:
+    """The hub revision of the base an adapter was trained on: PEFT's record in adapter_config.json, else
+    `model.revision` in the job.yaml of the run the adapter was exported from; None: the hub's default."""
+    import json
+
+    import yaml
+
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("revision")
+    if recorded:
+        return recorded
+    run = None
+    if adapter_dir.name == "final":  # LoRA export without merge: final/ is the adapter
+        run = adapter_dir.parent
+    elif adapter_dir.name == "adapter" and adapter_dir.parent.name == "final":
+        run = adapter_dir.parent.parent
+    job = run / "job.yaml" if run else None
+    if job is None or not job.is_file():
+        return None
+    model = (yaml.safe_load(job.read_text()) or {}).get("model") or {}
+    return model.get("revision") if isinstance(model, dict) else None
+
+
+def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: str, revision: str | None = None) -> str:
+    """An adapter's directory, checked: a valid name, a real adapter trained on `base_path` (at `revision`, for
+    a hub model), inside `roots` when given. Accepts a run directory, a final/ export, or an adapter dir."""
     from rayft.training.inference import adapter_base_model
     from rayft.training.models import resolve_model
 
@@ -101,13 +282,21 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
     p = Path(path).expanduser().resolve()  # resolves '..' and symlinks before the roots check
     if roots is not None and not any(p == Path(r) or Path(r) in p.parents for r in roots):
         raise ValueError(f"{path} is outside the directories adapters may come from ({', '.join(roots)})")
-    for candidate in (p, p / "adapter", p / "final" / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            base = adapter_base_model(candidate)
-            if base and Path(resolve_model(base)).resolve() != Path(base_path).resolve():
-                raise ValueError(
-                    f"{path} was trained on {base}, not on the served model ({base_path}); serve that base model "
-                    "to switch between its adapters (rayft serve BASE --adapter NAME=RUN_DIR)"
-                )
-            return str(candidate)
-    raise ValueError(f"{path} holds no LoRA adapter (adapter_config.json); give a LoRA run dir or its final/adapter")
+    adapter = _adapter_dir(p)
+    if adapter is None:
+        raise ValueError(
+            f"{path} holds no LoRA adapter (adapter_config.json); give a LoRA run dir or its final/adapter"
+        )
+    base = adapter_base_model(adapter)
+    if base and Path(resolve_model(base)).resolve() != Path(base_path).resolve():
+        raise ValueError(
+            f"{path} was trained on {base}, not on the served model ({base_path}); serve that base model "
+            "to switch between its adapters (rayft serve BASE --adapter NAME=RUN_DIR)"
+        )
+    trained = trained_revision(adapter)
+    if not Path(base_path).is_dir() and trained != revision:
+        raise ValueError(
+            f"{path} was trained on {base_path} at revision {trained or '(the default)'}, but the served model "
+            f"loads at revision {revision or '(the default)'}; serve adapters trained on one revision together"
+        )
+    return str(adapter)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from data_pipeline import write_results  # noqa: E402
-from run_all import summary_table  # noqa: E402
+from run_all import README_BEGIN, README_END, readme_table, summary_table, update_readme  # noqa: E402
 
 OLD = """# Benchmark results
 
@@ -56,3 +56,18 @@ def test_a_run_replaces_its_rows_keeps_the_rest_and_records_the_machine(tmp_path
     rows = [r for r in summary_table(path).splitlines()[2:] if r.startswith("|")]
     assert rows[0] == "| beta: latency | 3 vs 2 ms | 1.50x | <= 2x, MET | 2026-11-01 | - | `python bench/beta.py` |"
     assert rows[1].count("|") == 8 and "cores, " in rows[1]
+
+
+def test_the_readme_shows_the_figures_results_md_holds(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    shown = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)].strip()
+    assert shown == readme_table(ROOT / "bench" / "RESULTS.md"), "README figures differ from RESULTS.md"
+    assert shown.count("\n") >= 3 and "| date |" in shown.splitlines()[0]
+
+    # make bench refreshes that copy from the results file it wrote
+    (tmp_path / "RESULTS.md").write_text(OLD)
+    (tmp_path / "README.md").write_text(f"# x\n\n{README_BEGIN}\nstale\n{README_END}\n\nmore\n")
+    update_readme(tmp_path / "RESULTS.md", tmp_path / "README.md")
+    text = (tmp_path / "README.md").read_text()
+    assert "stale" not in text and "| alpha: speed | 10 vs 5 tokens/s | 2.00x | >= 1.5x, MET | 2026-11-01 |" in text
+    assert "python bench/alpha.py" not in text and text.endswith("more\n")
