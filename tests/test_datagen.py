@@ -1,6 +1,7 @@
-"""`rayft generate`: chunking, the prompt template, parsing LLM output, the filters, FAQ mode, an
-OpenAI-compatible endpoint (a stub server this file starts on 127.0.0.1), a local tiny model on Ray
-Data, and the written file passing the project's own data validation."""
+"""`rayft generate`: chunking (training/chunking.py); the prompt template, parsing LLM output and the filters
+(training/qa_pairs.py); FAQ mode, an OpenAI-compatible endpoint through the openai client (a stub server this
+file starts on 127.0.0.1, spoken to over real HTTP), a local tiny model on Ray Data, and the written file
+passing the project's own data validation (training/datagen.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,22 +21,19 @@ from typer.testing import CliRunner
 
 from conftest import ROOT
 from rayft.cluster.generate_cmd import generate
-from rayft.training.datagen import (
+from rayft.training.chunking import Chunk, GenerateError, chunk_documents
+from rayft.training.datagen import api_base_url, generate_qa
+from rayft.training.formats import normalize
+from rayft.training.qa_pairs import (
     DEFAULT_TEMPLATE,
-    Chunk,
-    GenerateError,
     Pair,
-    chat_completions_url,
     check_template,
-    chunk_documents,
     drop_reason,
-    generate_qa,
     load_template,
     overlap,
     parse_pairs,
     render_prompt,
 )
-from rayft.training.formats import normalize
 
 DOCS = ROOT / "examples" / "docs"
 
@@ -239,12 +238,23 @@ def stub_reply(prompt: str, n: int) -> str:
 
 
 class StubServer:
-    """An OpenAI-compatible chat completions server on 127.0.0.1. `statuses` are answered (in order) before
-    normal replies; `key` is the only bearer key accepted when set; `raw` replaces every reply body."""
+    """An OpenAI-compatible chat completions server on 127.0.0.1, serving the model ids in `models`.
+    `statuses` are answered (in order) before normal replies, each with a Retry-After-Ms header as OpenAI
+    sends, so the client's retries wait milliseconds; `key` is the only bearer key accepted when set; `raw`
+    replaces every reply body (sent as `content_type`); `delay` seconds pass before each chat reply."""
 
-    def __init__(self, key: str | None = None, statuses: list[int] | None = None, raw: bytes | None = None):
+    def __init__(
+        self,
+        key: str | None = None,
+        statuses: list[int] | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+        delay: float = 0.0,
+        models: tuple[str, ...] = ("stub-model",),
+    ):
         self.requests: list[dict] = []
         self.key, self.statuses, self.raw = key, list(statuses or []), raw
+        self.content_type, self.delay, self.models = content_type, delay, models
         self.lock = threading.Lock()
         stub = self
 
@@ -255,7 +265,7 @@ class StubServer:
             def do_GET(self):
                 stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization")})
                 if self.path == "/v1/models":
-                    self.reply(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+                    self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in stub.models]})
                 else:
                     self.reply(404, {"error": {"message": "not found"}})
 
@@ -269,25 +279,32 @@ class StubServer:
                 if stub.key and self.headers.get("Authorization") != f"Bearer {stub.key}":
                     return self.reply(401, {"error": {"message": "Invalid API key"}})
                 if status != 200:
-                    return self.reply(status, {"error": {"message": "busy, try again"}})
+                    return self.reply(status, {"error": {"message": "busy, try again"}}, {"Retry-After-Ms": "10"})
+                if body["model"] not in stub.models:
+                    error = {"message": f"The model `{body['model']}` does not exist", "code": "model_not_found"}
+                    return self.reply(404, {"error": error})
+                time.sleep(stub.delay)
                 if stub.raw is not None:
-                    return self.send_body(200, stub.raw)
+                    return self.send_body(200, stub.raw, stub.content_type)
                 prompt = body["messages"][-1]["content"]
                 n = int(re.search(r"write (\d+) questions", prompt).group(1))
-                content = stub_reply(prompt, n)
-                self.reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                              "finish_reason": "stop"}]})  # fmt: skip
+                message = {"role": "assistant", "content": stub_reply(prompt, n)}
+                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                self.reply(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice]})
 
-            def reply(self, status: int, obj: dict):
-                self.send_body(status, json.dumps(obj).encode())
+            def reply(self, status: int, obj: dict, headers: dict[str, str] | None = None):
+                self.send_body(status, json.dumps(obj).encode(), "application/json", headers)
 
-            def send_body(self, status: int, data: bytes):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def send_body(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None):
+                try:
+                    self.send_response(status)
+                    for name, value in {"Content-Type": content_type, **(headers or {})}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # a client that timed out has hung up
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -311,12 +328,11 @@ def test_cli_generates_from_an_endpoint_and_the_file_passes_data_validation(ray_
 
     out = tmp_path / "gen" / "qa.jsonl"
     with StubServer(key="sk-test") as stub:
+        args = ["--endpoint", stub.base + "/", "--endpoint-model", "stub-model", "--pairs-per-chunk", "2"]
+        args += ["--max-chunk-chars", "400", "--max-new-tokens", "300"]
         result = CliRunner().invoke(
-            cli(),
-            ["generate", str(DOCS), "--out", str(out), "--endpoint", stub.base + "/", "--endpoint-model",
-             "stub-model", "--pairs-per-chunk", "2", "--max-chunk-chars", "400", "--max-new-tokens", "300"],
-            env={"OPENAI_API_KEY": "sk-test"},
-        )  # fmt: skip
+            cli(), ["generate", str(DOCS), "--out", str(out), *args], env={"OPENAI_API_KEY": "sk-test"}
+        )
     assert result.exit_code == 0, result.output + result.stderr
 
     chunks = chunk_documents(DOCS, 400)
@@ -350,7 +366,6 @@ def test_cli_generates_from_an_endpoint_and_the_file_passes_data_validation(ray_
 
 
 def test_endpoint_retries_busy_answers_and_finds_its_only_model(tmp_path, monkeypatch):
-    monkeypatch.setattr("rayft.training.datagen.RETRY_BACKOFF_S", 0.05)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "lamp.md").write_text("# Lamp\n\nThe Lumen Desk Lamp has a touch dimmer. It uses LEDs.\n")
     with StubServer(statuses=[503]) as stub:
@@ -361,37 +376,70 @@ def test_endpoint_retries_busy_answers_and_finds_its_only_model(tmp_path, monkey
     assert stats["llm"] == f"stub-model at {stub.base}/chat/completions"
     assert stats["raw_pairs"] == 4 and stats["kept"] == 3 and stats["dropped"]["low_overlap"] == 1
 
+    # a server still busy after the last retry: ENDPOINT_MAX_RETRIES bounds the tries, and the error counts them
+    monkeypatch.setattr("rayft.training.datagen.ENDPOINT_MAX_RETRIES", 1)
+    with StubServer(statuses=[503, 503, 503]) as stub:
+        with pytest.raises(GenerateError, match=r"/v1/chat/completions failed \(HTTP 503: busy, try again; tried 2 t"):
+            generate_qa(tmp_path / "docs", tmp_path / "qa.jsonl", endpoint=stub.base, endpoint_model="stub-model")
+    assert len(stub.chat_requests()) == 2
 
-def test_endpoint_errors_say_what_is_wrong(tmp_path):
+
+def test_endpoint_errors_say_what_is_wrong(tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "lamp.md").write_text("# Lamp\n\nThe Lumen Desk Lamp has a touch dimmer.\n")
+
+    def run(endpoint: str, model: str | None = "stub-model", **kw) -> None:
+        generate_qa(docs, tmp_path / "a.jsonl", endpoint=endpoint, endpoint_model=model, **kw)
+
     with StubServer(key="sk-right") as stub:
         with pytest.raises(
             GenerateError, match=r"refused the request \(HTTP 401: Invalid API key\); check the API key"
         ):
-            generate_qa(docs, tmp_path / "a.jsonl", endpoint=stub.base, endpoint_model="m", api_key="sk-wrong")
+            run(stub.base, api_key="sk-wrong")
+    assert len(stub.chat_requests()) == 1  # a wrong key is not retried
     with StubServer(raw=b"<html>proxy error</html>") as stub:
         with pytest.raises(GenerateError, match=r"did not answer with JSON \(it began '<html>proxy error"):
-            generate_qa(docs, tmp_path / "a.jsonl", endpoint=stub.base, endpoint_model="m")
+            run(stub.base)
+    with StubServer(raw=b"<html>proxy error</html>", content_type="text/html") as stub:
+        with pytest.raises(GenerateError, match=r"did not answer with JSON \(it began '<html>proxy error"):
+            run(stub.base)
     with StubServer(raw=b'{"result": "hi"}') as stub:
         with pytest.raises(GenerateError, match=r"without choices\[0\]\.message\.content \(got: result\)"):
-            generate_qa(docs, tmp_path / "a.jsonl", endpoint=stub.base, endpoint_model="m")
+            run(stub.base)
+    with StubServer(models=("stub-model", "other-model")) as stub:
+        with pytest.raises(
+            GenerateError, match=r"serves no model 'gpt-4o' \(it serves stub-model, other-model\); check --endpoint-m"
+        ):
+            run(stub.base, model="gpt-4o")
+        with pytest.raises(GenerateError, match=r"say which model .*--endpoint-model \(it serves stub-model, other"):
+            run(stub.base, model=None)
     with StubServer() as stub:
-        with pytest.raises(GenerateError, match="HTTP 404.*check --endpoint"):
-            generate_qa(docs, tmp_path / "a.jsonl", endpoint=stub.base + "/api", endpoint_model="m")
+        with pytest.raises(GenerateError, match="HTTP 404: no route /v1/api/chat/completions; check --endpoint"):
+            run(stub.base + "/api")
     with pytest.raises(GenerateError, match="is not an http"):
-        generate_qa(docs, tmp_path / "a.jsonl", endpoint="localhost:8000", endpoint_model="m")
+        run("localhost:8000")
+
+    # a server slower than the timeout: each try is cut off after timeout_s, and retried
+    monkeypatch.setattr("rayft.training.datagen.ENDPOINT_MAX_RETRIES", 1)
+    with StubServer(delay=2.0) as stub:
+        with pytest.raises(GenerateError, match=r"did not answer within 0.2 s \(tried 2 times\); is the server overl"):
+            run(stub.base, timeout_s=0.2)
+    assert len(stub.chat_requests()) == 2
     assert not (tmp_path / "a.jsonl").exists()  # nothing half-written
 
-    assert chat_completions_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
-    assert chat_completions_url("http://h:8000") == "http://h:8000/v1/chat/completions"  # a bare host gets /v1
-    assert chat_completions_url("https://h/openai") == "https://h/openai/chat/completions"
-    assert chat_completions_url("https://h/v1/chat/completions") == "https://h/v1/chat/completions"
+    assert api_base_url("http://h:8000/v1/") == "http://h:8000/v1"
+    assert api_base_url("http://h:8000") == "http://h:8000/v1"  # a bare host gets /v1
+    assert api_base_url("https://h/openai") == "https://h/openai"
+    assert api_base_url("https://h/v1/chat/completions") == "https://h/v1"
+    with StubServer() as stub:  # each form reaches the same chat completions URL
+        for endpoint in (stub.base + "/", stub.base.removesuffix("/v1"), stub.base + "/chat/completions"):
+            run(endpoint)
+    assert {r["path"] for r in stub.requests} == {"/v1/chat/completions"}
 
 
 def test_an_unreachable_endpoint_is_a_clear_cli_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("rayft.training.datagen.RETRY_BACKOFF_S", 0.05)
+    monkeypatch.setattr("rayft.training.datagen.ENDPOINT_MAX_RETRIES", 1)  # one retry: the client waits ~0.5 s
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -404,6 +452,23 @@ def test_an_unreachable_endpoint_is_a_clear_cli_error(tmp_path, monkeypatch):
         "check --endpoint"
     ) in result.stderr
     assert "Traceback" not in result.output + result.stderr
+
+    # a port that never completes a connection, as behind a firewall that drops packets: a listening socket
+    # whose queue (of one, with listen(0)) is already full, so the client's connect waits and times out
+    monkeypatch.setattr("rayft.training.datagen.ENDPOINT_CONNECT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("rayft.training.datagen.ENDPOINT_MAX_RETRIES", 0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue; it is never accepted
+            with pytest.raises(
+                GenerateError,
+                match=rf"cannot reach the endpoint http://127.0.0.1:{port}/v1/models: no connection "
+                r"within 0.2 s \(tried once\); is the host right and its port open\? check --endpoint",
+            ):
+                generate_qa(DOCS, tmp_path / "qa.jsonl", endpoint=f"http://127.0.0.1:{port}")
+
     both = CliRunner().invoke(cli(), ["generate", str(DOCS), "--out", "x.jsonl", "--faq", "--endpoint", "http://h"])
     assert both.exit_code == 2 and "--faq reads pairs from the documents" in both.stderr
 
@@ -440,7 +505,7 @@ def test_local_model_pipeline_runs_end_to_end_and_accounts_for_every_pair(ray_lo
 def test_the_command_module_imports_no_heavy_libraries():
     code = (
         "import sys, rayft.cluster.generate_cmd, rayft.training.datagen; "
-        "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'ray', 'transformers', 'openai') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -1,431 +1,66 @@
 """`rayft generate`: a folder of documents → question/answer pairs in the `messages` training format.
 
-Documents (.md, .markdown, .txt; the folder is searched recursively, in sorted order, skipping
-hidden files and folders) are split by markdown headings and paragraphs into chunks of at most
-`max_chunk_chars` characters; each chunk keeps its heading trail ("Warranty > Returns") as its
-title. Then either
+`generate_qa` runs the steps, each in its own module:
 
-- an LLM reads each chunk through a prompt template and writes `pairs_per_chunk` pairs as
-  `Q: ...` / `A: ...` lines. The LLM is a local model (the built-in alias, a run dir, any HF model
-  dir) run by Ray Data batch inference (training/inference.py), or any OpenAI-compatible endpoint
-  (POST {base}/chat/completions, plain urllib, a few requests at a time); or
-- (`mode="faq"`, no LLM) the pairs are read from documents already in FAQ shape: `Q:`/`A:` lines,
-  or a markdown heading that is a question followed by its answer.
-
-Pairs are filtered (empty, overlong, duplicate question, answer not grounded in its chunk) and
-written as JSONL rows `{"messages": [user, assistant], "source": "file.md#chunk-3"}` (FAQ rows:
-`"file.md:12"`, the question's line). `generate_qa` returns counts that account for every pair.
+1. the documents are chunked (training/chunking.py);
+2. an LLM reads each chunk through a prompt template and writes `pairs_per_chunk` pairs as `Q: ...` /
+   `A: ...` lines, which are parsed back into pairs (training/qa_pairs.py). The LLM is a local model (the
+   built-in alias, a run dir, any HF model dir) run by Ray Data batch inference (training/inference.py),
+   or any OpenAI-compatible endpoint, through the `openai` client (this module). Or, with `mode="faq"`
+   and no LLM, the pairs are read from documents already in FAQ shape;
+3. the pairs are filtered (training/qa_pairs.py) and written as JSONL rows
+   `{"messages": [user, assistant], "source": "file.md#chunk-3"}` (FAQ rows: `"file.md:12"`, the
+   question's line). `generate_qa` returns counts that account for every pair.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from rayft.training.formats import words
+# the CLI (cluster/generate_cmd.py) takes its defaults from here: DEFAULT_MAX_CHUNK_CHARS, MIN_CHUNK_CHARS, ...
+from rayft.training.chunking import (
+    DEFAULT_MAX_CHUNK_CHARS,
+    MIN_CHUNK_CHARS,
+    Chunk,
+    GenerateError,
+    chunk_documents,
+    find_documents,
+    is_markdown,
+    read_text,
+    source_name,
+)
+from rayft.training.qa_pairs import (
+    DEFAULT_MIN_OVERLAP,
+    MAX_ANSWER_CHARS,
+    MAX_QUESTION_CHARS,
+    Pair,
+    faq_pairs,
+    keep_pairs,
+    load_template,
+    parse_pairs,
+    render_prompt,
+)
 
-DOC_SUFFIXES = (".md", ".markdown", ".txt")
+if TYPE_CHECKING:
+    import openai
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PAIRS_PER_CHUNK = 3
-DEFAULT_MAX_CHUNK_CHARS = 1200
-MIN_CHUNK_CHARS = 100
-DEFAULT_MIN_OVERLAP = 0.5
 DEFAULT_MAX_NEW_TOKENS = 256
-MAX_QUESTION_CHARS = 300
-MAX_ANSWER_CHARS = 1200
-DROP_REASONS = ("empty", "overlong", "low_overlap", "duplicate")
-
-TEMPLATE_FIELDS = ("chunk", "n", "title")
-REQUIRED_TEMPLATE_FIELDS = ("chunk", "n")
-DEFAULT_TEMPLATE = '''You write training data for a question-answering assistant.
-Read the excerpt below, from the section "{title}", and write {n} questions a reader could ask
-about it, each with its answer.
-
-Rules:
-- Each question must be answerable from the excerpt alone.
-- Each answer must use the facts and wording of the excerpt; add nothing that is not in it.
-- Write each pair as two lines: a line starting with Q: and the question, then a line starting with A:
-  and the answer.
-- Write nothing else.
-
-Excerpt:
-"""
-{chunk}
-"""'''
-
-# the endpoint: retries for transient failures (connection errors, 429, 5xx), with doubling waits
-ENDPOINT_RETRIES = 2
-RETRY_BACKOFF_S = 0.5
-RETRY_STATUS = (429, 500, 502, 503, 504)
-
-
-class GenerateError(Exception):
-    """Input `rayft generate` cannot work with (documents, template, options, endpoint); the message says what to do."""
-
-
-# --------------------------------------------------------------------------- documents → chunks
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of a document: `title` is the heading trail (or the file name), `text` the body, at most
-    max_chunk_chars long. `source` names it for people: "guides/care.md#chunk-3" (1-based per file)."""
-
-    source: str
-    title: str
-    text: str
-
-
-@dataclass(frozen=True)
-class _Section:
-    title: str
-    heading: str  # the section's own heading text ("" before the first heading)
-    line: int  # 1-based line of the body's first line in the file
-    lines: list[str]
-
-
-def find_documents(docs_dir: str | Path) -> list[Path]:
-    """The .md/.markdown/.txt files under `docs_dir` (or `docs_dir` itself if it is one), sorted."""
-    root = Path(docs_dir).expanduser()
-    if root.is_file():
-        if root.suffix.lower() not in DOC_SUFFIXES:
-            raise GenerateError(f"{root} is not a .md or .txt file; point DOCS_DIR at a folder of documents")
-        return [root]
-    if not root.is_dir():
-        raise GenerateError(f"documents folder not found: {root}")
-    found, others = [], Counter()
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.suffix.lower() in DOC_SUFFIXES:
-            found.append(p)
-        else:
-            others[p.suffix.lower() or "(no extension)"] += 1
-    if not found:
-        seen = ", ".join(f"{n} {ext}" for ext, n in others.most_common(5))
-        raise GenerateError(
-            f"{root} has no .md or .txt files (searched recursively{'; it has ' + seen if seen else ', it is empty'}); "
-            "convert the documents to markdown or plain text first"
-        )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise GenerateError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 or move it out") from None
-
-
-_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
-_FENCE = re.compile(r"^ {0,3}(```|~~~)")
-
-
-def _sections(text: str, fallback_title: str, markdown: bool) -> list[_Section]:
-    """Split a document at markdown headings (outside code fences); titles are heading trails."""
-    lines = text.splitlines()
-    start = 0
-    if markdown and lines and lines[0].strip() == "---":  # YAML front matter
-        end = next((i for i in range(1, len(lines)) if lines[i].strip() in ("---", "...")), None)
-        if end is not None:
-            start = end + 1
-    trail: list[tuple[int, str]] = []
-    sections: list[_Section] = []
-    current: list[str] = []
-    heading, body_line = "", start + 1
-    in_fence = False
-
-    def close() -> None:
-        title = " > ".join(t for _, t in trail) or fallback_title
-        sections.append(_Section(title, heading, body_line, current))
-
-    for i in range(start, len(lines)):
-        line = lines[i]
-        if markdown and _FENCE.match(line):
-            in_fence = not in_fence
-        m = _HEADING.match(line) if markdown and not in_fence else None
-        if m is None:
-            current.append(line)
-            continue
-        close()
-        level, heading = len(m.group(1)), _strip_md(m.group(2))
-        trail = [(lv, t) for lv, t in trail if lv < level] + [(level, heading)]
-        current, body_line = [], i + 2
-    close()
-    return sections
-
-
-def _strip_md(text: str) -> str:
-    return re.sub(r"[*_`]", "", text).strip()
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    """Blank-line separated paragraphs; a fenced code block stays one paragraph."""
-    paras, cur, in_fence = [], [], False
-    for line in lines:
-        if _FENCE.match(line):
-            in_fence = not in_fence
-        if not line.strip() and not in_fence:
-            if cur:
-                paras.append("\n".join(cur).strip("\n"))
-                cur = []
-            continue
-        cur.append(line.rstrip())
-    if cur:
-        paras.append("\n".join(cur).strip("\n"))
-    return [p for p in paras if p.strip()]
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _split_long(text: str, limit: int) -> list[str]:
-    """Pieces of at most `limit` chars: at sentence ends, else at spaces, else anywhere."""
-    if len(text) <= limit:
-        return [text]
-    pieces: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        while len(sentence) > limit:
-            cut = sentence.rfind(" ", 0, limit + 1)
-            cut = cut if cut > 0 else limit
-            pieces.append(sentence[:cut].rstrip())
-            sentence = sentence[cut:].lstrip()
-        if sentence:
-            pieces.append(sentence)
-    return _pack(pieces, limit, " ")
-
-
-def _pack(pieces: list[str], limit: int, sep: str) -> list[str]:
-    out, cur = [], ""
-    for p in pieces:
-        if cur and len(cur) + len(sep) + len(p) > limit:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur}{sep}{p}" if cur else p
-    if cur:
-        out.append(cur)
-    return out
-
-
-def chunk_text(text: str, max_chars: int, title: str, markdown: bool = True) -> list[tuple[str, str]]:
-    """(title, body) chunks of one document. Sections (by heading) never share a chunk; within one,
-    paragraphs are packed up to `max_chars`, and a longer paragraph is split at sentence ends."""
-    chunks = []
-    for sec in _sections(text, title, markdown):
-        paras: list[str] = []
-        for p in _paragraphs(sec.lines):
-            paras += _split_long(p, max_chars)
-        chunks += [(sec.title, body) for body in _pack(paras, max_chars, "\n\n")]
-    return chunks
-
-
-def chunk_documents(docs_dir: str | Path, max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS) -> list[Chunk]:
-    """Every document under `docs_dir`, chunked; raises GenerateError if there is nothing to read."""
-    root = Path(docs_dir).expanduser()
-    chunks: list[Chunk] = []
-    for path in find_documents(root):
-        rel = _rel(path, root)
-        parts = chunk_text(_read_text(path), max_chunk_chars, path.stem, markdown=path.suffix.lower() != ".txt")
-        chunks += [Chunk(f"{rel}#chunk-{i}", t, body) for i, (t, body) in enumerate(parts, 1)]
-    if not chunks:
-        raise GenerateError(f"the documents under {root} are empty; there is nothing to write questions about")
-    return chunks
-
-
-def _rel(path: Path, root: Path) -> str:
-    return path.name if root.is_file() else path.relative_to(root).as_posix()
-
-
-# --------------------------------------------------------------------------- the prompt template
-
-
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def load_template(path: str | Path | None) -> str:
-    """The default template, or the one in `path` after checking its placeholders."""
-    if path is None:
-        return DEFAULT_TEMPLATE
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GenerateError(f"template file not found: {p}")
-    template = _read_text(p)
-    check_template(template, str(p))
-    return template
-
-
-def check_template(template: str, where: str = "the template") -> None:
-    """A template must hold {chunk} and {n}; {title} is optional; other {names} are typos."""
-    used = set(_PLACEHOLDER.findall(template))
-    problems = []
-    missing = [f"{{{f}}}" for f in REQUIRED_TEMPLATE_FIELDS if f not in used]
-    if missing:
-        problems.append(f"missing placeholder{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    unknown = sorted(f"{{{u}}}" for u in used - set(TEMPLATE_FIELDS))
-    if unknown:
-        problems.append(f"unknown placeholder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-    if problems:
-        raise GenerateError(
-            f"{where}: {'; '.join(problems)}. A template uses {{chunk}} (the document excerpt), {{n}} (pairs "
-            "to write) and optionally {title} (its heading), and should ask for `Q: ...` / `A: ...` lines"
-        )
-
-
-def render_prompt(template: str, chunk: Chunk, n: int) -> str:
-    """Fill the placeholders; other braces (a JSON example, say) are left alone."""
-    values = {"chunk": chunk.text, "n": str(n), "title": chunk.title}
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-# --------------------------------------------------------------------------- LLM output → pairs
-
-
-@dataclass
-class Pair:
-    question: str
-    answer: str
-    line: int = 0  # 1-based line of the question in the parsed text (0: unknown)
-
-
-# "Q:", "1. Q:", "- Question 2:", "**Q:**", "### Answer:" ... ; the label, then the text after it
-_LABEL = re.compile(
-    r"^\s*(?:#{1,6}\s*|[-*•>]\s*)?(?:\(?\d{1,3}[.)]\s*)?(?:[*_]{1,2})?"
-    r"(q|question|a|answer)\s*\d{0,3}\s*(?:[*_]{1,2})?\s*[:：]\s*(?:[*_]{1,2})?\s*(.*)$",
-    re.IGNORECASE,
-)
-_LIST_ITEM = re.compile(r"^\s*(?:[-*•+]|\d{1,3}[.)])\s+")
-_INLINE_ANSWER = re.compile(r"^(.*?[?.!])\s+(?:\*\*)?(?:a|answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(.+)$", re.IGNORECASE)
-
-
-def parse_pairs(text: str) -> list[Pair]:
-    """Question/answer pairs from `Q:`/`A:` lines (tolerant of numbering, bold, `Question:`/`Answer:`).
-
-    Lines without a label continue the field above until a blank line or heading. Every question is a
-    pair (one without an answer gets an empty one, for the filters to count); an answer with no
-    question waiting for it is ignored.
-    """
-    pairs: list[Pair] = []
-    field: str | None = None  # which side of pairs[-1] continuation lines extend
-    for lineno, line in enumerate(text.splitlines(), 1):
-        m = _LABEL.match(line)
-        if m is None:
-            if not line.strip() or _HEADING.match(line):
-                field = None
-            elif field is not None:
-                p = pairs[-1]
-                sep = "\n" if _LIST_ITEM.match(line) else " "  # a wrapped line joins with a space, a list item not
-                setattr(p, field, f"{getattr(p, field)}{sep}{line.strip()}".strip())
-            continue
-        label, content = m.group(1).lower(), _clean(m.group(2))
-        if label.startswith("q"):
-            inline = _INLINE_ANSWER.match(content)
-            if inline:
-                pairs.append(Pair(_clean(inline.group(1)), _clean(inline.group(2)), lineno))
-                field = "answer"
-            else:
-                pairs.append(Pair(content, "", lineno))
-                field = "question"
-        elif pairs and not pairs[-1].answer:
-            pairs[-1].answer = content
-            field = "answer"
-        else:
-            field = None
-    for p in pairs:
-        p.question, p.answer = _clean(p.question), _clean(p.answer)
-    return pairs
-
-
-def _unwrap(paragraph: str) -> str:
-    """Join a paragraph's hard-wrapped lines with spaces; lists and code keep their lines."""
-    lines = paragraph.splitlines()
-    if _FENCE.match(lines[0]) or any(_LIST_ITEM.match(line) for line in lines):
-        return paragraph
-    return " ".join(line.strip() for line in lines)
-
-
-def _clean(text: str) -> str:
-    """Strip bold markers and quotes around the text (small models often open a quote they never close)."""
-    text = text.strip().removesuffix("**").removesuffix("__").strip()
-    for q in '"“”':
-        if text.count(q) == 1 and (text.startswith(q) or text.endswith(q)):
-            text = text.strip(q).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
-        text = text[1:-1].strip()
-    return text
-
-
-def faq_pairs(text: str, title: str, markdown: bool = True) -> list[Pair]:
-    """Pairs from a document already in FAQ shape: each section's `Q:`/`A:` lines, or else a heading that
-    ends in "?" with the section's text as its answer. Lines are 1-based lines of the file."""
-    pairs: list[Pair] = []
-    for sec in _sections(text, title, markdown):
-        found = parse_pairs("\n".join(sec.lines))
-        if found:
-            pairs += [Pair(p.question, p.answer, sec.line + p.line - 1) for p in found]
-        elif sec.heading.endswith("?"):
-            pairs.append(Pair(sec.heading, "\n\n".join(_unwrap(p) for p in _paragraphs(sec.lines)), sec.line - 1))
-    return pairs
-
-
-# --------------------------------------------------------------------------- filters
-
-# very common words: an answer does not count as grounded because it says "the" and "is"
-_STOPWORDS = frozenset(
-    "a an the is are was were be been it its this that these those of to in on at for by with from as and or "
-    "but not no yes do does did can you your i we our they their he she his her them there here what which who "
-    "how when where why will would should could may might has have had".split()
-)
-
-
-def overlap(answer: str, context: str) -> float:
-    """Fraction of the answer's words, ignoring very common ones, found in the context; a plural matches
-    its singular ("months" is found in "27-month"). An answer of only common words ("Yes, it is.")
-    has nothing to check and scores 0."""
-    content = [w for w in words(answer) if w not in _STOPWORDS]
-    if not content:
-        return 0.0
-    known = {_singular(w) for w in words(context)}
-    return sum(_singular(w) in known for w in content) / len(content)
-
-
-def _singular(word: str) -> str:
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
-def question_key(question: str) -> str:
-    """Questions that differ only in case, spacing or punctuation are duplicates."""
-    return " ".join(words(question))
-
-
-def drop_reason(
-    pair: Pair,
-    context: str,
-    seen: set[str],
-    min_overlap: float,
-    max_question_chars: int = MAX_QUESTION_CHARS,
-    max_answer_chars: int = MAX_ANSWER_CHARS,
-) -> str | None:
-    """Why a pair is dropped (one of DROP_REASONS), or None to keep it (its question is added to `seen`).
-    Duplicates are checked last, so a question is only taken once it has an answer worth keeping."""
-    if not words(pair.question) or not words(pair.answer):  # nothing, or only punctuation
-        return "empty"
-    if len(pair.question) > max_question_chars or len(pair.answer) > max_answer_chars:
-        return "overlong"
-    if overlap(pair.answer, context) < min_overlap:
-        return "low_overlap"
-    key = question_key(pair.question)
-    if key in seen:
-        return "duplicate"
-    seen.add(key)
-    return None
+DEFAULT_TIMEOUT_S = 300.0
+
+# The endpoint: the openai client retries what may pass (connection errors, timeouts, 408, 409, 429, 5xx)
+# this many times, waiting about 0.5 s, then 1 s, ... or as long as the server's Retry-After says. Read
+# when an Endpoint is made, so a test can lower it.
+ENDPOINT_MAX_RETRIES = 2
+# A server that is up accepts a connection at once: waiting all of timeout_s (meant for a slow reply) for
+# one would only delay the error for a host whose firewall drops the packets.
+ENDPOINT_CONNECT_TIMEOUT_S = 10.0
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -452,20 +87,20 @@ def generate_qa(
     batch_size: int = 8,
     use_gpu: bool = False,
     concurrency: int = 4,
-    timeout_s: float = 300.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     start_ray: Callable[[int], None] | None = None,
     progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> dict:
     """Turn the documents under `docs_dir` into a JSONL training file `out`; return the counts.
 
-        mode "llm": `endpoint` (an OpenAI-compatible base URL) if given, else the local `model` (default the
-        built-in alias) on Ray: `start_ray(cpus)` joins or starts it (default: a local Ray of that many logical
+    mode "llm": `endpoint` (an OpenAI-compatible base URL) if given, else the local `model` (default the
+    built-in alias) on Ray: `start_ray(cpus)` joins or starts it (default: a local Ray of that many logical
     CPUs unless this process is connected already). mode "faq": no LLM, pairs read from the documents
-        (their answers are the documents' own text, so the overlap filter does not apply).
-        `progress(total)` is called once with the number of chunks and returns `advance(n)`.
-        Returns {"mode", "llm", "documents", "chunks", "chunks_without_pairs", "raw_pairs", "kept", "dropped":
-        {reason: count}, "out", "seconds"}; kept + sum(dropped) == raw_pairs. Raises GenerateError (and
-        training.models.ModelError for a local model that cannot be found).
+    (their answers are the documents' own text, so the overlap filter does not apply).
+    `progress(total)` is called once with the number of chunks and returns `advance(n)`.
+    Returns {"mode", "llm", "documents", "chunks", "chunks_without_pairs", "raw_pairs", "kept", "dropped":
+    {reason: count}, "out", "seconds"}; kept + sum(dropped) == raw_pairs. Raises GenerateError (and
+    training.models.ModelError for a local model that cannot be found).
     """
     t0 = time.perf_counter()
     _check_options(
@@ -498,24 +133,16 @@ def generate_qa(
         prompts = [render_prompt(prompt_template, c, pairs_per_chunk) for c in chunks]
         advance = progress(len(prompts)) if progress else None
         if endpoint:
-            client = Endpoint(endpoint, endpoint_model, api_key, timeout_s)
-            llm = f"{client.model} at {client.url}"
-            replies = client.complete_all(prompts, max_new_tokens, concurrency, advance)
+            with Endpoint(endpoint, endpoint_model, api_key, timeout_s) as client:
+                llm = f"{client.model} at {client.url}"
+                replies = client.complete_all(prompts, max_new_tokens, concurrency, advance)
         else:
             inference = dict(replicas=replicas, batch_size=batch_size, use_gpu=use_gpu, start_ray=start_ray)
             llm, replies = _local_replies(prompts, model or DEFAULT_MODEL, max_new_tokens, advance, **inference)
         raw = [(c, parse_pairs(reply)) for c, reply in zip(chunks, replies, strict=True)]
-    rows, dropped = [], Counter({r: 0 for r in DROP_REASONS})
-    seen: set[str] = set()
-    for chunk, pairs in raw:
-        context = f"{chunk.title}\n{chunk.text}"
-        for p in pairs:
-            reason = drop_reason(p, context, seen, min_overlap, max_question_chars, max_answer_chars)
-            if reason:
-                dropped[reason] += 1
-                continue
-            source = f"{chunk.source}:{p.line}" if mode == "faq" else chunk.source  # FAQ: the question's line
-            rows.append(_row(p, source, system))
+    kept, dropped = keep_pairs(raw, min_overlap, max_question_chars, max_answer_chars)
+    # an FAQ row points at its question's line; an LLM row at the chunk it was written from
+    rows = [_row(p, f"{c.source}:{p.line}" if mode == "faq" else c.source, system) for c, p in kept]
     _write_jsonl(out, rows)
     return {
         "mode": mode,
@@ -525,7 +152,7 @@ def generate_qa(
         "chunks_without_pairs": sum(not pairs for _, pairs in raw),
         "raw_pairs": sum(len(pairs) for _, pairs in raw),
         "kept": len(rows),
-        "dropped": dict(dropped),
+        "dropped": dropped,
         "out": str(out),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -562,10 +189,10 @@ def _faq(root: Path, docs: list[Path]) -> tuple[list[Chunk], list[tuple[Chunk, l
     """FAQ mode: one 'chunk' per document, its source the file's relative path."""
     chunks, raw = [], []
     for path in docs:
-        text = _read_text(path)
-        chunk = Chunk(_rel(path, root), path.stem, text)
+        text = read_text(path)
+        chunk = Chunk(source_name(path, root), path.stem, text)
         chunks.append(chunk)
-        raw.append((chunk, faq_pairs(text, path.stem, markdown=path.suffix.lower() != ".txt")))
+        raw.append((chunk, faq_pairs(text, path.stem, markdown=is_markdown(path))))
     return chunks, raw
 
 
@@ -636,12 +263,12 @@ def _local_replies(
 # --------------------------------------------------------------------------- an OpenAI-compatible endpoint
 
 
-def chat_completions_url(endpoint: str) -> str:
-    """The chat completions URL for what users pass as --endpoint:
-    http://host:8000/v1 (or .../v1/) → http://host:8000/v1/chat/completions;
-    http://host:8000 (no path) → http://host:8000/v1/chat/completions;
-    any other path is taken as the API base (…/openai → …/openai/chat/completions);
-    a URL already ending in /chat/completions is used as is."""
+def api_base_url(endpoint: str) -> str:
+    """The API base (the openai client's base_url) for what users pass as --endpoint:
+    http://host:8000/v1 (or .../v1/) → http://host:8000/v1;
+    http://host:8000 (no path) → http://host:8000/v1;
+    any other path is taken as the API base (…/openai → …/openai);
+    a chat completions URL (…/v1/chat/completions) → the base it is under (…/v1)."""
     from urllib.parse import urlsplit
 
     url = endpoint.strip().rstrip("/")
@@ -651,51 +278,95 @@ def chat_completions_url(endpoint: str) -> str:
             f"--endpoint {endpoint!r} is not an http(s) URL; give the API base, e.g. http://127.0.0.1:8000/v1"
         )
     if url.endswith("/chat/completions"):
-        return url
-    if not parts.path:
-        url += "/v1"
-    return url + "/chat/completions"
+        return url.removesuffix("/chat/completions")
+    return url if parts.path else url + "/v1"
 
 
 class Endpoint:
-    """A client for one OpenAI-compatible chat completions endpoint (urllib, no extra dependencies)."""
+    """One OpenAI-compatible chat completions endpoint, through the `openai` client: the client retries
+    what may pass (ENDPOINT_MAX_RETRIES) and times out each request after `timeout_s`; this class turns
+    whatever still fails into a GenerateError that says what to do."""
 
-    def __init__(self, endpoint: str, model: str | None, api_key: str | None, timeout_s: float = 300.0):
-        self.url = chat_completions_url(endpoint)
-        self.base = self.url.removesuffix("/chat/completions")
-        self.api_key = api_key or None
+    def __init__(self, endpoint: str, model: str | None, api_key: str | None, timeout_s: float = DEFAULT_TIMEOUT_S):
+        import openai  # slow to import: only when an endpoint is used
+
+        self.base = api_base_url(endpoint)
+        self.url = f"{self.base}/chat/completions"  # what people see in messages: the URL that is posted to
         self.timeout_s = timeout_s
-        self.model = model or self._only_model()
+        self.connect_timeout_s = min(timeout_s, ENDPOINT_CONNECT_TIMEOUT_S)
+        self.max_retries = ENDPOINT_MAX_RETRIES
+        # The client will not start without a key, but a local server needs none: with no key, give it a
+        # placeholder and omit the Authorization header from every request, so no made-up key is sent.
+        self._headers = {} if api_key else {"Authorization": openai.omit}
+        self._client = openai.OpenAI(
+            base_url=self.base,
+            api_key=api_key or "unused",
+            timeout=openai.Timeout(timeout_s, connect=self.connect_timeout_s),
+            max_retries=self.max_retries,
+        )
+        try:
+            self.model = model or self._only_model()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client's open connections."""
+        self._client.close()
 
     def _only_model(self) -> str:
         """With no --endpoint-model, use the endpoint's model if it serves exactly one (GET {base}/models)."""
+        import openai
+
         url = f"{self.base}/models"
         try:
-            data = self._request(url, None)
-        except _HTTPFailure as e:
-            if e.code in (401, 403):
-                raise
-            raise GenerateError(f"say which model the endpoint should use with --endpoint-model ({e})") from None
-        ids = []
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            ids = [m.get("id") for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            ids = self.served_models()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise GenerateError(self._status_message(url, e)) from None
+        except openai.APIStatusError as e:
+            message = self._status_message(url, e)
+            raise GenerateError(f"say which model the endpoint should use with --endpoint-model ({message})") from None
         if len(ids) == 1:
             return ids[0]
         served = f"it serves {', '.join(ids[:10])}" if ids else f"{url} lists no models"
         raise GenerateError(f"say which model the endpoint should use with --endpoint-model ({served})")
 
+    def served_models(self) -> list[str]:
+        """The model ids GET {base}/models lists. An HTTP error status is left as openai.APIStatusError, for
+        the caller to explain in its own terms; other failures are GenerateErrors."""
+        page = self._send(f"{self.base}/models", lambda: self._client.models.with_raw_response.list(**self._options))
+        data = getattr(page, "data", None)
+        return [m.id for m in data or [] if isinstance(getattr(m, "id", None), str)]
+
     def complete(self, prompt: str, max_tokens: int) -> str:
-        payload = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": max_tokens,
-        }
-        data = self._request(self.url, payload)
+        import openai
+
+        def post():
+            return self._client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=max_tokens,
+                **self._options,
+            )
+
         try:
-            content = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            completion = self._send(self.url, post)
+        except openai.NotFoundError as e:
+            raise GenerateError(self._not_found(e)) from None
+        except openai.APIStatusError as e:
+            raise GenerateError(self._status_message(self.url, e)) from None
+        try:
+            content = completion.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):  # a loosely parsed reply: fields may be missing or None
+            got = completion.to_dict() if hasattr(completion, "to_dict") else completion
+            keys = ", ".join(map(str, got)) if isinstance(got, dict) else type(got).__name__
             raise GenerateError(
                 f"the endpoint {self.url} answered without choices[0].message.content (got: {keys[:200]}); "
                 "is --endpoint an OpenAI-compatible chat completions API?"
@@ -716,6 +387,7 @@ class Endpoint:
         replies = [self.complete(prompts[0], max_tokens)] + [""] * (len(prompts) - 1)
         if advance:
             advance(1)
+        # one client for every thread: it is thread-safe and keeps its connections open between requests
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rayft-generate") as pool:
             futures = {pool.submit(self.complete, p, max_tokens): i for i, p in enumerate(prompts[1:], 1)}
             for f in as_completed(futures):
@@ -728,86 +400,114 @@ class Endpoint:
                     advance(1)
         return replies
 
-    def _request(self, url: str, payload: dict | None):
-        """GET (payload None) or POST JSON; retries transient failures; every failure a GenerateError."""
-        import http.client
-        import urllib.error
-        import urllib.request
+    @property
+    def _options(self) -> dict:
+        return {"extra_headers": self._headers}
 
-        headers = {"Accept": "application/json", "User-Agent": "rayft-generate"}
-        data = None
-        if payload is not None:
-            data = json.dumps(payload).encode()
-            headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(ENDPOINT_RETRIES + 1):
-            last = attempt == ENDPOINT_RETRIES
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    body = resp.read()
-            except urllib.error.HTTPError as e:
-                if e.code in RETRY_STATUS and not last:
-                    time.sleep(RETRY_BACKOFF_S * 2**attempt)
-                    continue
-                raise _HTTPFailure(_http_error(url, e.code, _error_detail(e)), e.code) from None
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, DNS, not HTTP
-                if not last:
-                    time.sleep(RETRY_BACKOFF_S * 2**attempt)
-                    continue
-                raise GenerateError(self._unreachable(url, e)) from None
-            try:
-                return json.loads(body)
-            except ValueError:
-                start = body[:80].decode("utf-8", errors="replace")
+    def _send(self, url: str, request: Callable[[], Any]):
+        """Run `request` (a with_raw_response call, which the client retries) and parse its JSON. Connection
+        failures, timeouts and answers that are not JSON become GenerateErrors; an HTTP error status stays
+        openai.APIStatusError, since what it means depends on the request."""
+        import openai
+
+        try:
+            raw = request()
+        except openai.APITimeoutError as e:  # before APIConnectionError, its base class
+            if _connect_timed_out(e):
                 raise GenerateError(
-                    f"the endpoint {url} did not answer with JSON (it began {start!r}); is --endpoint an "
-                    "OpenAI-compatible API base such as http://127.0.0.1:8000/v1?"
+                    f"cannot reach the endpoint {url}: no connection within {self.connect_timeout_s:g} s "
+                    f"({self._tries}); is the host right and its port open? check --endpoint"
                 ) from None
-        raise AssertionError("unreachable")
-
-    def _unreachable(self, url: str, e: BaseException) -> str:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            return (
-                f"the endpoint {url} did not answer within {self.timeout_s:.0f} s (tried {ENDPOINT_RETRIES + 1} "
-                "times); is the server overloaded? try fewer --concurrency or --max-new-tokens"
+            raise GenerateError(
+                f"the endpoint {url} did not answer within {self.timeout_s:g} s ({self._tries}); is the server "
+                "overloaded? try fewer --concurrency or --max-new-tokens"
+            ) from None
+        except openai.APIConnectionError as e:
+            raise GenerateError(
+                f"cannot reach the endpoint {url}: {_cause(e)}; is the server running? check --endpoint"
+            ) from None
+        try:
+            parsed = raw.parse()
+        except ValueError:  # a JSON content type with a body that is not JSON
+            parsed = None
+        if parsed is None or isinstance(parsed, str):  # the client hands back any other content type as text
+            start = raw.http_response.text[:80]
+            raise GenerateError(
+                f"the endpoint {url} did not answer with JSON (it began {start!r}); is --endpoint an "
+                "OpenAI-compatible API base such as http://127.0.0.1:8000/v1?"
             )
-        text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-        return f"cannot reach the endpoint {url}: {text}; is the server running? check --endpoint"
+        return parsed
+
+    def _not_found(self, e: openai.NotFoundError) -> str:
+        """A 404 from chat completions is a model the endpoint does not serve, or a wrong URL: the model list
+        tells them apart when the endpoint has one."""
+        import openai
+
+        try:
+            served = self.served_models()
+        except (GenerateError, openai.APIError):  # no model list either: most likely the URL is wrong
+            served = []
+        if served and self.model not in served:
+            return (
+                f"the endpoint {self.base} serves no model {self.model!r} (it serves {', '.join(served[:10])}); "
+                "check --endpoint-model"
+            )
+        return self._status_message(self.url, e)
+
+    def _status_message(self, url: str, e: openai.APIStatusError) -> str:
+        """What an HTTP error status from `url` means, after the client's retries, and what to do about it."""
+        import openai
+
+        detail = _detail(e)
+        said = f"HTTP {e.status_code}" + (f": {detail}" if detail else "")
+        if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return f"the endpoint {url} refused the request ({said}); check the API key (--api-key or OPENAI_API_KEY)"
+        if isinstance(e, openai.NotFoundError):
+            return (
+                f"the endpoint {url} answered {said}; check --endpoint (rayft posts to BASE/chat/completions, "
+                "e.g. BASE = http://127.0.0.1:8000/v1) and --endpoint-model"
+            )
+        if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
+            return f"the endpoint {url} rejected the request ({said}); check --endpoint-model and --max-new-tokens"
+        if isinstance(e, openai.RateLimitError):
+            return f"the endpoint {url} is rate limiting rayft ({said}; {self._tries}); try a lower --concurrency"
+        if e.status_code >= 500:
+            return f"the endpoint {url} failed ({said}; {self._tries}); see the server's log"
+        return f"the endpoint {url} failed ({said})"
+
+    @property
+    def _tries(self) -> str:
+        n = self.max_retries + 1
+        return "tried once" if n == 1 else f"tried {n} times"
 
 
-class _HTTPFailure(GenerateError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
+def _detail(e: openai.APIStatusError) -> str:
+    """The server's own words: the client has already unwrapped {"error": {"message": ...}} into `body`;
+    some servers (FastAPI's defaults) say {"detail": ...} instead."""
+    body = e.body
+    message = (body.get("message") or body.get("detail")) if isinstance(body, dict) else body
+    return " ".join(message.split())[:300] if isinstance(message, str) else ""
 
 
-def _error_detail(e) -> str:
-    try:
-        body = e.read(2000).decode("utf-8", errors="replace")
-    except Exception:
-        return e.reason or ""
-    try:
-        err = json.loads(body).get("error")
-        msg = err.get("message") if isinstance(err, dict) else err
-        if isinstance(msg, str) and msg:
-            return msg[:300]
-    except (ValueError, AttributeError):
-        pass
-    return " ".join(body.split())[:300] or str(e.reason or "")
+def _causes(e: BaseException | None):
+    """An error and the errors it was raised from, innermost last."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
-def _http_error(url: str, code: int, detail: str) -> str:
-    said = f"HTTP {code}" + (f": {detail}" if detail else "")
-    if code in (401, 403):
-        return f"the endpoint {url} refused the request ({said}); check the API key (--api-key or OPENAI_API_KEY)"
-    if code == 404:
-        return (
-            f"the endpoint {url} answered {said}; check --endpoint (rayft posts to BASE/chat/completions, "
-            "e.g. BASE = http://127.0.0.1:8000/v1) and --endpoint-model"
-        )
-    if code in (400, 422):
-        return f"the endpoint {url} rejected the request ({said}); check --endpoint-model and --max-new-tokens"
-    return f"the endpoint {url} failed ({said})"
+def _connect_timed_out(e: BaseException) -> bool:
+    # by name: the client's HTTP library (httpx, or httpx2 in newer openai releases) raises a ConnectTimeout
+    return any(type(c).__name__ == "ConnectTimeout" for c in _causes(e))
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost reason a connection failed ("Connection refused"), not the client's "Connection error."."""
+    reason = str(e)
+    for c in _causes(e):
+        if isinstance(c, OSError) and c.strerror:
+            return c.strerror
+        reason = str(c) or reason
+    return reason

@@ -1,4 +1,4 @@
-'''Question/answer pairs for `rayft generate`: the prompt, reading pairs out of text, and the filters.
+"""Question/answer pairs for `rayft generate`: the prompt, reading pairs out of text, and the filters.
 
 - The prompt template asks an LLM for `n` pairs about one chunk, as `Q: ...` / `A: ...` lines; a
   user's template is checked for its placeholders before any generation.
@@ -6,7 +6,7 @@
   `faq_pairs` reads documents already in FAQ shape (`Q:`/`A:` lines, or question headings).
 - `drop_reason` is every filter in one place: empty, overlong, answer not grounded in its chunk
   (`overlap`), duplicate question; `keep_pairs` applies it and counts each drop by reason.
-'''
+"""
 
 from __future__ import annotations
 

@@ -68,7 +68,6 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
         "--set",
         f"serve.port={free_port()}",
         timeout=900,  # no terminal: the demo ends after its last stage
-
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
