@@ -51,10 +51,11 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def deploy(spec: dict, port: int) -> str:
+def deploy(spec, port: int) -> str:
+    """Deploy a ServeSpec at `port`; the base URL."""
     from rayft.serving.deploy import deploy
 
-    return deploy(spec | {"serve": spec["serve"] | {"port": port}})
+    return deploy(spec.with_serve(port=port))
 
 
 def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(label, {k: round(v, 3) for k, v in results[label].items()}, flush=True)
         results[f"{label}, one burst"] = load(base, args.clients, 1, args.max_tokens)  # all clients at once
         if label == "no batching":  # a batch of one starts at once: no batch wait in the overhead
-            tok = AutoTokenizer.from_pretrained(spec["model_path"])
+            tok = AutoTokenizer.from_pretrained(spec.model_path)
             msgs = [{"role": "user", "content": PROMPTS[4]}]
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             one = {"messages": msgs, "max_tokens": 1, "temperature": 0}
             http_one = http_p50(f"{base}/v1/chat/completions", one, n)
             http_health = http_p50(f"{base}/healthz", None, n)  # the proxy -> ingress hop alone
-            model_path = spec["model_path"]
+            model_path = spec.model_path
         serve.delete("rayft")
     direct_one = direct_p50(model_path, ids, 12 if args.quick else 30)
     noop = noop_p50(args.port, 30 if args.quick else 100)
@@ -221,10 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     head = ("setting", "completion tokens/s", "tokens", "wall s", "p50 latency s", "p99 latency s", "p50 TTFT s")
     rows = [
-        (label, f"{r['tokens_per_s']:.1f}", str(r["tokens"]), f"{r['wall']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
-         f"{r['ttft_p50']:.2f}")
+        (
+            label,
+            f"{r['tokens_per_s']:.1f}",
+            str(r["tokens"]),
+            f"{r['wall']:.1f}",
+            f"{r['p50']:.2f}",
+            f"{r['p99']:.2f}",
+            f"{r['ttft_p50']:.2f}",
+        )
         for label, r in results.items()
-    ]  # fmt: skip
+    ]
     ratios = [
         ("batching gain (tokens/s)", f"{gain:.2f}x", ">= 3x", verdict(gain >= 3)),
         ("batching gain, one burst (info)", f"{burst_gain:.2f}x", "", ""),

@@ -426,7 +426,7 @@ def _demo_serve(cfg, config: Path, overrides, address: str | None) -> str:
     if row and isinstance(row.get("messages"), list):
         messages = [m for m in row["messages"] if m["role"] != "assistant"]
         t0 = time.perf_counter()
-        reply = ask(base, spec["model_name"], messages, cfg.eval.max_new_tokens)
+        reply = ask(base, spec.model_name, messages, cfg.eval.max_new_tokens)
         out.print(f"asked over HTTP ({time.perf_counter() - t0:.1f} s): {escape(messages[-1]['content'])}")
         out.print(f"  reply: {escape(reply)}", highlight=False)
     print_usage(base, spec)

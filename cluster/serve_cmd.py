@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from rayft.cluster.cli_common import AddressOpt, SetOpt, _load, _user_errors, err, out
 from rayft.serving.deploy import APP_NAME
+from rayft.serving.spec import ServeSpec
 
 
 def serve(
@@ -40,7 +41,7 @@ def serve(
         tuple[str, str] | None,
         typer.Option(
             "--add-adapter", help="Register NAME RUN_DIR with a running endpoint (see --url).", show_default=False
-        ),  # fmt: skip
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option("--url", help="Endpoint for --add-adapter (default http://127.0.0.1:8000).")
@@ -57,13 +58,15 @@ def serve(
         spec = _spec(target, set_, host, port, api_key, adapter)
     if emit_config:
         emit_config.write_text(serve_config_yaml(spec))
-        out.print(f"wrote {emit_config}: deploy it with `serve deploy {emit_config}` or paste its application "
-                  "into a RayService's serveConfigV2")  # fmt: skip
+        out.print(
+            f"wrote {emit_config}: deploy it with `serve deploy {emit_config}` or paste its application "
+            "into a RayService's serveConfigV2"
+        )
         return
     run_app(spec, address, detach)
 
 
-def _spec(target, overrides, host, port, api_keys, adapters) -> dict:
+def _spec(target, overrides, host, port, api_keys, adapters) -> ServeSpec:
     from rayft.serving.config import ServeConfig
     from rayft.serving.spec import ServeError, build_spec
 
@@ -97,23 +100,26 @@ def _spec(target, overrides, host, port, api_keys, adapters) -> dict:
         raise typer.Exit(1) from None
 
 
-def serve_config_yaml(spec: dict) -> str:
-    """A Ray Serve config file (`serve deploy`, KubeRay RayService serveConfigV2) for this spec."""
+def serve_config_yaml(spec: ServeSpec) -> str:
+    """A Ray Serve config file (`serve deploy`, KubeRay RayService serveConfigV2) for this spec: the spec goes in
+    as the application's args, which rayft.serving.app:app_builder validates back into a ServeSpec."""
     import yaml
 
-    s = spec["serve"]
-    doc = {
-        "http_options": {"host": s["host"], "port": s["port"]},
-        "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": "rayft.serving.app:app_builder", "args": spec}
-        ],
+    app = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "rayft.serving.app:app_builder",
+        "args": spec.model_dump(mode="json"),
     }
-    head = ("# Ray Serve config written by `rayft serve --emit-config`. Deploy: serve deploy THIS_FILE\n"
-            "# API keys appear only as SHA-256 hashes (key_hashes).\n")  # fmt: skip
+    doc = {"http_options": {"host": spec.serve.host, "port": spec.serve.port}, "applications": [app]}
+    head = (
+        "# Ray Serve config written by `rayft serve --emit-config`. Deploy: serve deploy THIS_FILE\n"
+        "# API keys appear only as SHA-256 hashes (key_hashes).\n"
+    )
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
-def run_app(spec: dict, address: str | None, detach: bool) -> None:
+def run_app(spec: ServeSpec, address: str | None, detach: bool) -> None:
     base = start_app(spec, address, detach)
     print_usage(base, spec)
     if detach:
@@ -122,7 +128,7 @@ def run_app(spec: dict, address: str | None, detach: bool) -> None:
     serve_until_interrupted()
 
 
-def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
+def start_app(spec: ServeSpec, address: str | None, detach: bool = False) -> str:
     """Join or start Ray, deploy the app (rayft.serving.deploy) and wait until it answers; returns its URL."""
     import os
 
@@ -136,11 +142,14 @@ def start_app(spec: dict, address: str | None, detach: bool = False) -> str:
             connect(address, need_cpus=cpus_needed(spec))
     except ConnectionError as e:
         if detach:
-            err.print("[bold red]serve error[/] --detach needs a running Ray cluster that outlives this command: "
-                      "start one with `ray start --head` (or pass --address)", highlight=False)  # fmt: skip
+            err.print(
+                "[bold red]serve error[/] --detach needs a running Ray cluster that outlives this command: "
+                "start one with `ray start --head` (or pass --address)",
+                highlight=False,
+            )
             raise typer.Exit(1) from None
         raise typer.Exit(1) from e
-    with err.status(f"starting the endpoint ({spec['model_name']}); loading the model", spinner="dots"):
+    with err.status(f"starting the endpoint ({spec.model_name}); loading the model", spinner="dots"):
         return deploy(spec)
 
 
@@ -175,18 +184,18 @@ def ask(base: str, model: str, messages: list[dict], max_tokens: int, api_key: s
         return json.loads(r.read())["choices"][0]["message"]["content"]
 
 
-def print_usage(base: str, spec: dict) -> None:
-    key = ' -H "Authorization: Bearer $RAYFT_API_KEY"' if spec["key_hashes"] else ""
-    name = spec["model_name"]
+def print_usage(base: str, spec: ServeSpec) -> None:
+    key = ' -H "Authorization: Bearer $RAYFT_API_KEY"' if spec.key_hashes else ""
+    name = spec.model_name
     body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     out.print(f"[bold green]serving[/] {escape(name)} at {base}/v1  (models: {base}/v1/models, docs: {base}/docs)")
     out.print("  curl:", highlight=False)
     curl = f"curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'"
     out.print("    " + curl, highlight=False, soft_wrap=True, markup=False)
     out.print("  python (pip install openai):", highlight=False)
-    key_expr = 'os.environ["RAYFT_API_KEY"]' if spec["key_hashes"] else "'unused'"
+    key_expr = 'os.environ["RAYFT_API_KEY"]' if spec.key_hashes else "'unused'"
     lines = [
-        "from openai import OpenAI" + ("; import os" if spec["key_hashes"] else ""),
+        "from openai import OpenAI" + ("; import os" if spec.key_hashes else ""),
         f"client = OpenAI(base_url='{base}/v1', api_key={key_expr})",
         f"reply = client.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hello!'}}])",
         "print(reply.choices[0].message.content)",
@@ -202,8 +211,9 @@ def _add_adapter(url: str, name: str, path: str, api_keys: list[str] | None) -> 
 
     key = (api_keys or [None])[0] or os.environ.get("RAYFT_API_KEY")
     body = json.dumps({"name": name, "path": str(Path(path).expanduser().resolve())}).encode()
-    req = urllib.request.Request(f"{url.rstrip('/')}/admin/adapters", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/admin/adapters", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:

@@ -5,33 +5,37 @@ from __future__ import annotations
 
 import time
 
+from rayft.serving.spec import ServeSpec
+
 APP_NAME = "rayft"
 
 
-def endpoint_url(spec: dict) -> str:
+def endpoint_url(spec: ServeSpec) -> str:
     """The base URL a client on this machine reaches the endpoint at."""
-    s = spec["serve"]
-    return f"http://{'127.0.0.1' if s['host'] in ('0.0.0.0', '::') else s['host']}:{s['port']}"
+    s = spec.serve
+    return f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
 
 
-def cpus_needed(spec: dict) -> float:
+def cpus_needed(spec: ServeSpec) -> float:
     """CPUs of every replica the app may scale to."""
-    s = spec["serve"]
-    return s["autoscaling"]["max_replicas"] * s["cpus_per_replica"]
+    s = spec.serve
+    return s.autoscaling.max_replicas * s.cpus_per_replica
 
 
-def deploy(spec: dict, timeout_s: float = 600) -> str:
-    """Start Serve's HTTP proxy at the spec's host:port, run the app, and wait until /readyz answers (the
-    model is loaded); returns the base URL. Ray must be connected."""
+def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:
+    """Start Serve's HTTP proxy at the spec's host:port, run the app, and wait until it answers (the model is
+    loaded); returns the base URL. Ray must be connected."""
     from ray import serve
 
     from rayft.serving.app import build_app
 
-    s = spec["serve"]
-    serve.start(http_options={"host": s["host"], "port": s["port"]})
+    s = spec.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
     base = endpoint_url(spec)
-    wait_ready(base, timeout_s)
+    # rayft's ingress answers /readyz once a replica generated; Ray Serve LLM's app has no such probe, and
+    # serve.run has already waited for its replicas, so its model list answering is enough.
+    wait_ready(base, timeout_s, "/readyz" if s.engine == "transformers" else "/v1/models")
     return base
 
 
@@ -43,7 +47,7 @@ def undeploy() -> None:
     serve.shutdown()
 
 
-def wait_ready(base: str, timeout_s: float) -> None:
+def wait_ready(base: str, timeout_s: float, probe: str = "/readyz") -> None:
     import urllib.error
     import urllib.request
 
@@ -51,7 +55,7 @@ def wait_ready(base: str, timeout_s: float) -> None:
     last = ""
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=60) as r:
+            with urllib.request.urlopen(f"{base}{probe}", timeout=60) as r:
                 if r.status == 200:
                     return
         except urllib.error.HTTPError as e:

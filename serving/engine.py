@@ -112,17 +112,22 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model_path: str, dtype: str = "auto", use_gpu: bool = False, threads: int = 0):
+    def __init__(
+        self, model_path: str, dtype: str = "auto", use_gpu: bool = False, threads: int = 0, revision: str | None = None
+    ):
+        """`revision`: the hub revision of a hub-id `model_path` (None: the hub's default)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rayft.training.models import resolve_dtype
 
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device)), revision=revision
+        )
         self.model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:

@@ -123,18 +123,19 @@ def vllm_problems(cfg: ServeConfig, key_sources: list[str]) -> list[str]:
         problems.append(
             f"serve.engine vllm does not check API keys, so the endpoint would be open to anyone although keys are "
             f"set ({', '.join(key_sources)}); use serve.engine: transformers, which enforces them, or put the vLLM "
-            "app behind a gateway that checks keys and set none here"
+            "app behind a gateway that checks keys and give rayft none (no --api-key, key variable or "
+            "serve.api_keys_file)"
         )
     defaults = ServeConfig()
     ignored = [f for f in ServeConfig.model_fields if f not in VLLM_USES and getattr(cfg, f) != getattr(defaults, f)]
     lora = [f for f in ignored if f in ("adapters", "max_adapters_per_replica", "adapter_roots")]
     if lora:
         problems.append(
-            f"serve.engine vllm cannot serve {', '.join('serve.' + f for f in lora)}: Ray Serve LLM loads LoRA "
+            f"serve.engine vllm cannot use {', '.join('serve.' + f for f in lora)}: Ray Serve LLM loads LoRA "
             "adapters only from cloud storage (s3://, gs://) and has no /admin/adapters; serve a merged model "
             "(export.merge: true) or use serve.engine: transformers"
         )
-    rest = [f for f in ignored if f not in lora]
+    rest = [f for f in ignored if f not in lora and not (key_sources and f in ("api_key_env", "api_keys_file"))]
     if rest:
         names = ", ".join(f"serve.{f}={getattr(cfg, f)!r}" for f in rest)
         problems.append(
@@ -250,13 +251,14 @@ def _adapter_dir(path: str | Path) -> Path | None:
 
 
 def trained_revision(adapter_dir: Path) -> str | None:
-    """The hub revision of the base an adapter was trained on: PEFT's record in adapter_config.json, else
-    `model.revision` in the job.yaml of the run the adapter was exported from; None: the hub's default."""
-    import json
-
+    """The hub revision of the base an adapter was trained on: what the export recorded (rayft_export.json,
+    else PEFT's adapter_config.json), else `model.revision` in the job.yaml of the run the adapter was
+    exported from (runs exported before the revision was recorded); None: the hub's default."""
     import yaml
 
-    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("revision")
+    from rayft.training.inference import adapter_base
+
+    recorded = adapter_base(adapter_dir)[1]
     if recorded:
         return recorded
     run = None
@@ -274,7 +276,7 @@ def trained_revision(adapter_dir: Path) -> str | None:
 def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: str, revision: str | None = None) -> str:
     """An adapter's directory, checked: a valid name, a real adapter trained on `base_path` (at `revision`, for
     a hub model), inside `roots` when given. Accepts a run directory, a final/ export, or an adapter dir."""
-    from rayft.training.inference import adapter_base_model
+    from rayft.training.inference import adapter_base
     from rayft.training.models import resolve_model
 
     if not ADAPTER_NAME.match(name or ""):
@@ -287,7 +289,7 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
         raise ValueError(
             f"{path} holds no LoRA adapter (adapter_config.json); give a LoRA run dir or its final/adapter"
         )
-    base = adapter_base_model(adapter)
+    base = adapter_base(adapter)[0]
     if base and Path(resolve_model(base)).resolve() != Path(base_path).resolve():
         raise ValueError(
             f"{path} was trained on {base}, not on the served model ({base_path}); serve that base model "

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: every run's start, each report and its end wait on that
+# poll. The suite runs many short runs, so it polls faster (set before Ray starts: its workers inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def pytest_collection_modifyitems(config, items):

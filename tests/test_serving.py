@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -63,11 +64,11 @@ def base_model(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def deploy(spec: dict, port: int) -> str:
-    """Deploy as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
+def deploy(spec, port: int) -> str:
+    """Deploy a ServeSpec as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
     from rayft.serving.deploy import deploy
 
-    return deploy(spec | {"serve": spec["serve"] | {"port": port}})
+    return deploy(spec.with_serve(port=port))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def endpoint(ray_local, tiny_dir, adapters, serve_port):
     )
     spec = build_spec(str(tiny_dir), cfg, api_keys=[KEY])
     base = deploy(spec, serve_port)
-    yield base, spec["model_name"]
+    yield base, spec.model_name
     serve.delete(APP)
 
 
@@ -125,8 +126,9 @@ def test_openai_client_chat_equals_transformers_greedy(endpoint, base_model):
     c = client(base)
     assert [m.id for m in c.models.list()] == [name, f"{name}:a1", f"{name}:a2"]
     for q in QUESTIONS[:2]:
-        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": q}], max_tokens=12,
-                                      temperature=0)  # fmt: skip
+        r = c.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0
+        )
         want = greedy_reply(model, tok, q, 12)
         assert r.choices[0].message.content == want
         prompt_ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
@@ -142,16 +144,24 @@ def test_streaming_sends_the_same_text_as_sse_and_ends_with_done(endpoint):
     c = client(base)
     msgs = [{"role": "user", "content": QUESTIONS[0]}]
     whole = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0)
-    chunks = list(c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        c.chat.completions.create(
+            model=name, messages=msgs, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     # the wire format: server-sent events ending in [DONE]
-    r = requests.post(f"{base}/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "stream": True},
-                      headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60)  # fmt: skip
+    r = requests.post(
+        f"{base}/v1/chat/completions",
+        json={"messages": msgs, "max_tokens": 4, "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        stream=True,
+        timeout=60,
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -171,8 +181,11 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(endpoint, ba
     prompts = QUESTIONS + ["Name three colours.", "Count to five."]
 
     def ask(q):
-        r = post(base, "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": q}],
-                                                "max_tokens": 10, "temperature": 0})  # fmt: skip
+        r = post(
+            base,
+            "/v1/chat/completions",
+            {"model": name, "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"], int(r.headers["x-rayft-batch-size"])
 
@@ -189,12 +202,16 @@ def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(endpoint, b
     base, name = endpoint
     model, tok = base_model
     long = {"model": name, "prompt": "Tell me everything.", "max_tokens": 900, "temperature": 1.0, "stream": True}
-    r = requests.post(f"{base}/v1/completions", json=long, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
-                      timeout=120)  # fmt: skip
+    r = requests.post(
+        f"{base}/v1/completions", json=long, headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=120
+    )
     lines = r.iter_lines(decode_unicode=True)
     assert next(line for line in lines if line).startswith("data: ")
-    short = post(base, "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}],
-                                                "max_tokens": 5, "temperature": 0})  # fmt: skip
+    short = post(
+        base,
+        "/v1/chat/completions",
+        {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
+    )
     rest = [line for line in lines if line]  # the long request is still streaming when the short one is done
     assert short.status_code == 200 and int(short.headers["x-rayft-batch-size"]) >= 2
     assert short.json()["choices"][0]["message"]["content"] == greedy_reply(model, tok, "hi", 5)
@@ -206,8 +223,9 @@ def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(endpoint):
     c = client(base)
 
     def sample(seed, stop=None):
-        return c.completions.create(model=name, prompt="Once upon a time", max_tokens=24, temperature=2.0,
-                                    top_p=0.95, seed=seed, stop=stop)  # fmt: skip
+        return c.completions.create(
+            model=name, prompt="Once upon a time", max_tokens=24, temperature=2.0, top_p=0.95, seed=seed, stop=stop
+        )
 
     first, again, other = sample(7), sample(7), sample(8)
     assert first.choices[0].text == again.choices[0].text
@@ -231,8 +249,11 @@ def test_lora_adapters_are_chosen_per_request_in_one_batch(endpoint, adapters, b
     targets = [None, f"{name}:a1", "a2", f"{name}:a1", None, "a2"]
 
     def ask(model_id):
-        r = post(base, "/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": q}],
-                                                "max_tokens": 10, "temperature": 0})  # fmt: skip
+        r = post(
+            base,
+            "/v1/chat/completions",
+            {"model": model_id, "messages": [{"role": "user", "content": q}], "max_tokens": 10, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
 
@@ -250,8 +271,11 @@ def test_adapter_registered_at_run_time_and_paths_checked(endpoint, adapters, ba
     r = post(base, "/admin/adapters", {"name": "a3", "path": str(root / "a3")})
     assert r.status_code == 200, r.text
     assert r.json()["model"] == f"{name}:a3"
-    r = post(base, "/v1/chat/completions", {"model": "a3", "messages": [{"role": "user", "content": "hi"}],
-                                            "max_tokens": 8, "temperature": 0})  # fmt: skip
+    r = post(
+        base,
+        "/v1/chat/completions",
+        {"model": "a3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0},
+    )
     assert r.json()["choices"][0]["message"]["content"] == greedy_reply(merged["a3"], tok, "hi", 8)
     bad = [
         ({"name": "x", "path": str(root / ".." / ".." / "etc")}, "outside"),
@@ -268,6 +292,7 @@ def test_adapter_registered_at_run_time_and_paths_checked(endpoint, adapters, ba
 
 LONG = "word " * 1500
 
+HI = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
     ("invalid JSON", "{not json", 400, "not valid JSON"),
     ("missing messages", {"model": None}, 400, "messages"),
@@ -275,17 +300,15 @@ BAD_REQUESTS = [
     ("empty messages", {"messages": []}, 400, "messages"),
     ("empty content", {"messages": [{"role": "user", "content": ""}]}, 400, "empty"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
-    ("negative max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
-    ("huge max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
-    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400,
-     "temperature"),
-    ("wrong type", {"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}, 400, "top_p"),
-    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("negative max_tokens", {"messages": HI, "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", {"messages": HI, "max_tokens": 10**9}, 400, "max_tokens"),
+    ("temperature out of range", {"messages": HI, "temperature": 3}, 400, "temperature"),
+    ("wrong type", {"messages": HI, "top_p": "high"}, 400, "top_p"),
+    ("n > 1", {"messages": HI, "n": 2}, 400, "n"),
     ("prompt longer than the context", {"messages": [{"role": "user", "content": LONG}]}, 400, "context"),
-    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-    ("unknown adapter", {"model": "tiny-serve0:zz", "messages": [{"role": "user", "content": "hi"}]}, 404,
-     "does not exist"),
-]  # fmt: skip
+    ("unknown model", {"model": "nope", "messages": HI}, 404, "does not exist"),
+    ("unknown adapter", {"model": "tiny-serve0:zz", "messages": HI}, 404, "does not exist"),
+]
 
 
 @pytest.mark.parametrize("what,body,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
@@ -350,8 +373,9 @@ def test_killed_replica_fails_in_flight_fast_and_recovers(endpoint):
     base, name = endpoint
     pid = _model_replica_pid()
     body = {"model": name, "prompt": "Tell me a long story.", "max_tokens": 1000, "temperature": 1.0, "stream": True}
-    r = requests.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
-                      timeout=60)  # fmt: skip
+    r = requests.post(
+        f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60
+    )
     lines = r.iter_lines(decode_unicode=True)
     first = next(line for line in lines if line)
     assert first.startswith("data: ")
@@ -380,10 +404,19 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_local, t
     from rayft.serving.spec import build_spec
 
     cfg = ServeConfig(
-        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
-                     "downscale_delay_s": 3, "look_back_period_s": 2},
-        max_batch_size=1, max_ongoing_requests=2, cpus_per_replica=0.5, batch_wait_timeout_s=0,
-    )  # fmt: skip
+        autoscaling={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+        },
+        max_batch_size=1,
+        max_ongoing_requests=2,
+        cpus_per_replica=0.5,
+        batch_wait_timeout_s=0,
+    )
     base = deploy(build_spec(str(tiny_dir), cfg), serve_port)
 
     def replicas() -> int:
@@ -394,8 +427,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_local, t
 
     def load():
         while not stop.is_set():
-            requests.post(f"{base}/v1/completions", json={"prompt": "go", "max_tokens": 200, "temperature": 1.0},
-                          timeout=120)  # fmt: skip
+            requests.post(
+                f"{base}/v1/completions", json={"prompt": "go", "max_tokens": 200, "temperature": 1.0}, timeout=120
+            )
 
     threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
     for t in threads:
@@ -421,8 +455,13 @@ def rayft(*args, env=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "rayft", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rayft", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_emitted_config_is_a_valid_serve_deploy_file_without_plain_keys(tiny_dir, tmp_path):
@@ -443,8 +482,22 @@ def test_emitted_config_is_a_valid_serve_deploy_file_without_plain_keys(tiny_dir
     from ray.serve import Application
 
     from rayft.serving.app import app_builder
+    from rayft.serving.spec import ServeError, ServeSpec
 
     assert isinstance(app_builder(app.args), Application)
+    spec = ServeSpec.from_args(app.args)  # the args are the spec, JSON both ways
+    assert spec.serve.port == 8111 and spec.model_path == str(tiny_dir.resolve()) and spec.revision is None
+    assert spec.model_dump(mode="json") == app.args
+    bad = [
+        ({**app.args, "modle_path": "x"}, "modle_path: Extra inputs"),
+        ({**app.args, "serve": {**app.args["serve"], "port": 0}}, "serve.port"),
+        ({**app.args, "key_hashes": ["s3cret-key"]}, "never plain keys"),
+        ({k: v for k, v in app.args.items() if k != "model_name"}, "model_name: Field required"),
+        (["not", "a", "mapping"], "not list"),
+    ]
+    for args, words in bad:
+        with pytest.raises(ServeError, match=words):
+            app_builder(args)
 
 
 def test_serve_cli_rejects_bad_targets_and_settings(tiny_dir, tmp_path):
@@ -465,8 +518,97 @@ def test_serve_cli_rejects_bad_targets_and_settings(tiny_dir, tmp_path):
     assert r.returncode == 1 and "train it first" in r.stderr, r.stderr
     r = rayft("serve", str(tiny_dir), "--set", "serve.engine=vllm")
     assert r.returncode == 1 and "GPUs only" in r.stderr, r.stderr
+    r = rayft(
+        "serve", str(tiny_dir), "--set", "serve.engine=vllm", "--set", "serve.gpus_per_replica=1", "--api-key", "k"
+    )
+    assert r.returncode == 1 and "does not check API keys" in r.stderr, r.stderr
     r = rayft("serve", "--add-adapter", "a", str(tmp_path), "--url", "http://127.0.0.1:9")
     assert r.returncode == 1 and "cannot reach" in r.stderr, r.stderr
+
+
+def test_vllm_engine_refuses_settings_it_would_ignore(tiny_dir, tmp_path, monkeypatch):
+    """The vLLM app checks no API keys and runs none of rayft's ingress or batching: a spec that relies on them
+    is refused when it is built (no vLLM needed), and so are such args given to app_builder."""
+    import hashlib
+
+    from rayft.serving.app import app_builder
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import ServeError, ServeSpec, build_spec
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one per line\nfile-key\n")
+    vllm = {"engine": "vllm", "gpus_per_replica": 1}
+    cases = [
+        ({}, ["k1"], ["does not check API keys", "--api-key", "serve.engine: transformers"]),
+        ({"api_keys_file": str(keys)}, None, ["does not check API keys", "serve.api_keys_file"]),
+        ({"max_batch_size": 4, "max_body_bytes": 5000}, None, ["serve.max_batch_size=4", "serve.max_body_bytes=5000"]),
+        ({"request_timeout_s": 5, "log_prompts": True}, None, ["serve.request_timeout_s=5.0", "serve.log_prompts"]),
+        ({"cpus_per_replica": 4}, None, ["serve.cpus_per_replica=4.0", "remove them"]),
+        ({"adapters": {"a": str(tmp_path)}}, None, ["serve.adapters", "cloud storage", "export.merge"]),
+    ]
+    for settings, api_keys, words in cases:
+        with pytest.raises(ServeError) as e:
+            build_spec(str(tiny_dir), ServeConfig(**vllm, **settings), api_keys=api_keys)
+        assert all(w in str(e.value) for w in words), (settings, str(e.value))
+    monkeypatch.setenv("RAYFT_API_KEY", "env-key")
+    with pytest.raises(ServeError, match=r"\$RAYFT_API_KEY"):
+        build_spec(str(tiny_dir), ServeConfig(**vllm))
+    monkeypatch.delenv("RAYFT_API_KEY")
+    # what the vLLM app does use passes the check (and then needs vllm itself)
+    used = ServeConfig(**vllm, port=9001, dtype="bfloat16", max_ongoing_requests=32, autoscaling={"max_replicas": 2})
+    try:
+        spec = build_spec(str(tiny_dir), used)
+        assert spec.serve.engine == "vllm"
+    except ServeError as e:
+        assert "vllm is not installed" in str(e), str(e)
+    # args for app_builder are checked the same way
+    args = {"model_path": str(tiny_dir), "model_name": "m", "serve": used.model_dump(mode="json")}
+    with pytest.raises(ServeError, match="does not check API keys"):
+        app_builder(args | {"key_hashes": [hashlib.sha256(b"k").hexdigest()]})
+    with pytest.raises(ServeError, match="serve.max_queued_requests=8"):
+        ServeSpec.from_args(args | {"serve": args["serve"] | {"max_queued_requests": 8}})
+    transformers = ServeConfig(max_body_bytes=5000)  # the same settings are fine where they apply
+    assert build_spec(str(tiny_dir), transformers, api_keys=["k1"]).key_hashes
+
+
+def test_a_hub_base_loads_at_the_revision_its_adapters_were_trained_on(tiny_dir, tmp_path):
+    import yaml
+
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import ServeError, build_spec
+
+    base = "rayft-test-org/base"  # a hub id: nothing is downloaded to build the spec
+
+    def lora_run(name: str, revision: str | None, merged: bool = True, peft_revision: str | None = None) -> str:
+        """A LoRA run dir as rayft train leaves it: final/adapter (merged export) or final/ (adapter only)."""
+        run = tmp_path / name
+        adapter = run / "final" / "adapter" if merged else run / "final"
+        adapter.mkdir(parents=True)
+        config = {"base_model_name_or_path": base, "peft_type": "LORA", "revision": peft_revision}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        (run / "final" / "rayft_export.json").write_text(json.dumps({"base_model": base, "method": "lora"}))
+        (run / "job.yaml").write_text(yaml.safe_dump({"model": {"name": base, "revision": revision}}))
+        return str(run)
+
+    def spec(revision=None, **adapters):
+        return build_spec(base, ServeConfig(adapters=adapters), revision=revision)
+
+    a = lora_run("a", "abc123")
+    s = spec(a=a)
+    assert s.revision == "abc123" and s.model_path == base
+    assert s.adapters["a"] == str(Path(a, "final", "adapter").resolve())
+    assert type(s).model_validate_json(s.model_dump_json()) == s  # the revision travels to the replicas
+    only = lora_run("only", "abc123", merged=False)  # export.merge: false
+    assert spec(a=a, b=only).adapters["b"] == str(Path(only, "final").resolve())
+    assert spec(p=lora_run("p", None, peft_revision="def456")).revision == "def456"  # PEFT's own record
+    assert spec(d=lora_run("d", None)).revision is None
+    with pytest.raises(ServeError, match="at revision zzz999.*loads at revision abc123"):
+        spec(a=a, z=lora_run("z", "zzz999"))
+    with pytest.raises(ServeError, match="at revision abc123.*loads at revision v2"):
+        spec(revision="v2", a=a)
+    with pytest.raises(ServeError, match="hub models only"):
+        build_spec(str(tiny_dir), ServeConfig(), revision="v2")
 
 
 @pytest.mark.gpu
@@ -481,7 +623,7 @@ def test_vllm_engine_answers_the_openai_client(ray_local, tiny_dir, serve_port):
     spec = build_spec(str(tiny_dir), ServeConfig(engine="vllm", gpus_per_replica=1))
     base = deploy(spec, serve_port)
     r = client(base, key="unused").chat.completions.create(
-        model=spec["model_name"], messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        model=spec.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert r.usage.completion_tokens >= 1
     serve.delete(APP)

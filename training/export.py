@@ -72,6 +72,7 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
     )
     if lora:
         model = apply_lora(model, job.training)
+        model.peft_config["default"].revision = job.model.revision  # PEFT's own record of the base's revision
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ExportError(f"{ckpt_dir}: checkpoint weights the model does not have: {unexpected[:5]}")

@@ -78,11 +78,6 @@ def adapter_base(adapter_dir: Path) -> tuple[str | None, str | None]:
     return cfg.get("base_model_name_or_path") or None, cfg.get("revision") or None
 
 
-def adapter_base_model(adapter_dir: Path) -> str | None:
-    """The base model alone (see adapter_base)."""
-    return adapter_base(adapter_dir)[0]
-
-
 def _need_tokenizer(path: Path) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(
