@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s: every run's start, each report and its end wait on that
 # poll. The suite runs many short runs, so it polls faster (set before Ray starts: its workers inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each run would also start an actor that watches for node preemption (spot instances): a Python process more
+# per run on two cores, for an event a local suite never sees.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -92,6 +96,24 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     model.save_pretrained(out)
     smol_tokenizer.save_pretrained(out)
     return out
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def rayft_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """`rayft ARGS` run in this process (typer's CliRunner): for what a command prints and its exit status,
+    without a new interpreter per call. Commands that start or join Ray belong in a subprocess."""
+    from typer.testing import CliRunner
+
+    from rayft.cluster.cli import app
+
+    r = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    return CliResult(r.exit_code, r.stdout, r.stderr)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, rayft_cli
 from rayft.cluster.config import ConfigError, JobConfig, config_reference, load_config
-
-RAYFT = [sys.executable, "-m", "rayft"]
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
@@ -134,7 +132,7 @@ def test_every_shipped_yaml_loads_and_says_how_to_run_it(path):
 
 def test_cli_prints_config_errors_without_a_traceback(tmp_path):
     job = write(tmp_path, "data: {train: x.jsonl}\ntraining: {lr: -1}\n")
-    r = subprocess.run([*RAYFT, "config", "show", str(job)], capture_output=True, text=True, cwd=ROOT)
+    r = rayft_cli("config", "show", str(job))
     assert r.returncode == 2
     assert "training.lr: must be greater than 0 (got -1)" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
@@ -142,9 +140,7 @@ def test_cli_prints_config_errors_without_a_traceback(tmp_path):
 
 def test_cli_config_show_prints_the_resolved_config(tmp_path):
     job = write(tmp_path, "data: {train: x.jsonl}\n")
-    r = subprocess.run(
-        [*RAYFT, "config", "show", str(job), "--set", "training.lr=0.01"], capture_output=True, text=True, cwd=ROOT
-    )
+    r = rayft_cli("config", "show", str(job), "--set", "training.lr=0.01")
     assert r.returncode == 0, r.stderr
     shown = yaml.safe_load(r.stdout)
     assert shown["training"]["lr"] == 0.01

@@ -451,17 +451,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_local, t
     serve.delete(APP)
 
 
-def rayft(*args, env=None):
-    import subprocess
-    import sys
+def rayft(*args):
+    from conftest import rayft_cli
 
-    return subprocess.run(
-        [sys.executable, "-m", "rayft", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    return rayft_cli(*args, env={"RAYFT_API_KEY": None})  # no key from the environment of the suite
 
 
 def test_emitted_config_is_a_valid_serve_deploy_file_without_plain_keys(tiny_dir, tmp_path):

@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, chat, write_jsonl
+from conftest import chat, rayft_cli, write_jsonl
 from rayft.cluster.config import ConfigError, load_config
 
 
@@ -136,9 +134,7 @@ def test_concurrency_fits_the_cluster_or_says_why(tmp_path):
 
 def test_cli_refuses_a_bad_sweep_before_starting_ray(tmp_path):
     path = job_file(tmp_path, "smollm2-135m-instruct", {"space": {"training.nope": {"choice": [1]}}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "rayft", "sweep", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+    proc = rayft_cli("sweep", str(path))
     assert proc.returncode == 2
     assert "sweep.space.training.nope: training has no setting 'nope'" in proc.stderr
     assert "starting Ray" not in proc.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, chat, greedy_reply, write_jsonl
+from conftest import ROOT, chat, greedy_reply, rayft_cli, write_jsonl
 from rayft.cluster.config import load_config
 from rayft.training.trainer import read_metrics, run_training
 
@@ -43,6 +43,20 @@ def checkpoints(run_dir: str) -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p))
 
 
+def train_two_workers(tmp_path: Path, model_dir: Path, zero_stage: int, method: str):
+    """3 epochs of 16 rows, 8 per step, on 2 workers: an eval and a checkpoint every 3 steps."""
+    lr = 5e-3 if method == "lora" else 2e-3
+    t = dict(epochs=3, zero_stage=zero_stage, method=method, lr=lr, eval_every_steps=3, checkpoint_every_steps=3)
+    job = load_config(job_file(tmp_path, model_dir, **t))
+    return job, run_training(job)
+
+
+@pytest.fixture(scope="module")
+def lora_run(ray_local, tmp_path_factory, tiny_model_dir):
+    """The 2-worker ZeRO-2 LoRA run, shared by the tests that only read what it wrote (steps 3 and 6 kept)."""
+    return train_two_workers(tmp_path_factory.mktemp("lora-run"), tiny_model_dir, 2, "lora")
+
+
 @pytest.mark.parametrize(
     "zero_stage, method",
     [
@@ -52,24 +66,14 @@ def checkpoints(run_dir: str) -> list[str]:
         pytest.param(2, "full", marks=pytest.mark.slow),
     ],
 )
-def test_two_workers_train_checkpoint_and_export(tmp_path, tiny_model_dir, zero_stage, method):
+def test_two_workers_train_checkpoint_and_export(request, tmp_path, tiny_model_dir, zero_stage, method):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    lr = 5e-3 if method == "lora" else 2e-3
-    job = load_config(
-        job_file(
-            tmp_path,
-            tiny_model_dir,
-            epochs=3,
-            zero_stage=zero_stage,
-            method=method,
-            lr=lr,
-            eval_every_steps=3,
-            checkpoint_every_steps=3,
-        )
-    )
-    result = run_training(job)
+    if (zero_stage, method) == (2, "lora"):
+        job, result = request.getfixturevalue("lora_run")
+    else:
+        job, result = train_two_workers(tmp_path, tiny_model_dir, zero_stage, method)
 
     assert result.steps == 6  # 3 epochs x 16 rows / 8 per step
     records = read_metrics(job.run_dir)
@@ -189,31 +193,18 @@ def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny
     assert os.path.isfile(os.path.join(run_dir, "final", "model.safetensors"))
 
 
-def test_rayft_export_re_exports_a_kept_checkpoint(tmp_path, tiny_model_dir):
-    job = load_config(job_file(tmp_path, tiny_model_dir, max_steps=4, checkpoint_every_steps=2))
-    run_training(job)
-    out = tmp_path / "step2"
-    r = subprocess.run(
-        [sys.executable, "-m", "rayft", "export", job.run_dir, "--checkpoint", "2", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_rayft_export_re_exports_a_kept_checkpoint(lora_run, tmp_path):
+    job, _ = lora_run
+    out = tmp_path / "step3"
+    r = rayft_cli("export", job.run_dir, "--checkpoint", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((out / "rayft_export.json").read_text())
-    assert info["step"] == 2 and info["method"] == "lora" and info["merged"]
+    assert info["step"] == 3 and info["method"] == "lora" and info["merged"]
     assert (out / "adapter" / "adapter_config.json").is_file()
     final = json.loads(Path(job.run_dir, "final", "rayft_export.json").read_text())
-    assert final["step"] == 4
-    r = subprocess.run(
-        [sys.executable, "-m", "rayft", "export", job.run_dir, "--checkpoint", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 2 and "no checkpoint at step 3; kept steps: 2, 4" in r.stderr
+    assert final["step"] == 6
+    r = rayft_cli("export", job.run_dir, "--checkpoint", "4")
+    assert r.returncode == 2 and "no checkpoint at step 4; kept steps: 3, 6" in r.stderr
 
 
 def test_runs_the_cluster_cannot_hold_fail_before_waiting(tmp_path, tiny_model_dir):

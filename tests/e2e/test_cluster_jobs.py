@@ -21,7 +21,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, chat, free_port, write_jsonl
+from conftest import ROOT, chat, free_port, rayft_cli, write_jsonl
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -156,18 +156,24 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def rayft(
-    cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", home: Path | None = None, timeout: int = 900
-) -> subprocess.CompletedProcess:
+def cli_env(cluster: TwoNodeCluster, token: str | None = "cluster", home: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_ADDRESS"] = cluster.dashboard
     if token:
         env["RAY_AUTH_TOKEN"] = cluster.token if token == "cluster" else token
     if home:
         env["HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "rayft", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return env
+
+
+def rayft(cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", home: Path | None = None):
+    """A jobs command in this process, as a laptop without Ray would run it: the cluster's address and token
+    (or none) in its environment, nothing else of Ray's."""
+    env = {"RAY_ADDRESS": cluster.dashboard, "RAY_AUTH_TOKEN_PATH": None, "HOME": str(home) if home else None}
+    env["RAY_AUTH_TOKEN"] = (cluster.token if token == "cluster" else token) if token else None
+    if home is None:
+        env.pop("HOME")
+    return rayft_cli(*args, env=env)
 
 
 def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 32, **training) -> Path:
@@ -200,25 +206,51 @@ def starts(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == "start"]
 
 
-def test_submit_runs_a_finetune_across_both_nodes(cluster, tmp_path, tiny_model_dir):
+def test_a_finetune_across_both_nodes_is_followed_to_the_end_and_survives_losing_a_node(
+    cluster, tmp_path, tiny_model_dir
+):
+    """One job spread over both nodes (STRICT_SPREAD), followed from the laptop with `submit --follow`. While it
+    trains, its worker node dies: the run waits for a replacement node, Ray Train restarts both workers from the
+    last checkpoint, and the follow ends when the job has succeeded; its model is read back from storage."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job = job_file(tmp_path, tiny_model_dir, max_steps=6)
-    r = rayft(cluster, "submit", str(job), "--name", "spread", "--follow")
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "SUCCEEDED" in r.stdout and "step 6/6" in r.stdout  # the driver's progress lines reached the laptop
-    assert cluster.token not in r.stdout + r.stderr
-
+    job = job_file(tmp_path, tiny_model_dir, n_rows=64, max_steps=40, checkpoint_every_steps=4)
+    cmd = [sys.executable, "-m", "rayft", "submit", str(job), "--name", "spread", "--follow"]
+    follow = subprocess.Popen(
+        cmd, cwd=ROOT, env=cli_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run_dir = tmp_path / "runs" / "spread"
-    nodes = starts(run_dir)[0]["nodes"]
-    alive = {n["node_id"] for n in cluster.alive_nodes()}
-    assert len(set(nodes)) == 2 and set(nodes) == alive  # one worker on each node, by Ray's own node ids
-    workers = cluster.actors("RayTrainWorker")
-    assert {a["node_id"] for a in workers} >= alive
+
+    def progressed():
+        # a checkpoint counts once Ray Train's controller has registered it
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return snapshot["checkpoint_results"] and any(r.get("step", 0) >= 6 and "loss" in r for r in recs)
+
+    try:
+        cluster.wait(lambda: _quiet(progressed), 600, "a registered checkpoint and step 6")
+        alive = {n["node_id"] for n in cluster.alive_nodes()}
+        assert {a["node_id"] for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE"} == alive
+        lost = cluster.kill_worker_node()
+        cluster.add_worker_node("node_c")
+        out, err = follow.communicate(timeout=900)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0, out[-4000:] + err[-4000:]
+    assert "SUCCEEDED" in out and "step 40/40" in out  # the driver's progress lines reached the laptop
+    assert cluster.token not in out + err
+
+    runs = starts(run_dir)
+    assert len(runs) == 2 and runs[1]["resumed"] and runs[1]["step"] >= 4
+    assert len(set(runs[0]["nodes"])) == 2 and set(runs[0]["nodes"]) == alive  # a worker on each node
+    assert lost in runs[0]["nodes"] and lost not in runs[1]["nodes"]  # the second attempt ran on the new node
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in recs) == 40
 
     final = run_dir / "final"
-    assert f"model      {final}" in r.stdout  # results read back from the run's storage
+    assert f"model      {final}" in out  # results read back from the run's storage
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     with torch.no_grad():
@@ -263,31 +295,3 @@ def test_bad_addresses_tokens_job_files_and_taken_names_are_clear_errors(cluster
     assert r.returncode == 3 and "STOPPED" in r.stdout
     r = rayft(cluster, "jobs", "logs", "no-such-job")
     assert r.returncode == 2 and "no job 'no-such-job'" in r.stderr
-
-
-def test_a_run_survives_losing_its_worker_node(cluster, tmp_path, tiny_model_dir):
-    """Restart from checkpoint once resources return: STRICT_SPREAD needs two nodes, so the run waits
-    for a replacement node, then Ray Train restarts both workers from the last checkpoint."""
-    job = job_file(tmp_path, tiny_model_dir, n_rows=64, max_steps=40, checkpoint_every_steps=4)
-    r = rayft(cluster, "submit", str(job), "--name", "survivor")
-    assert r.returncode == 0, r.stderr
-    job_id = r.stdout.split("submitted", 1)[1].split()[0]
-    run_dir = tmp_path / "runs" / "survivor"
-
-    def progressed():
-        # a checkpoint counts once Ray Train's controller has registered it (it polls the workers every 2 s)
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return snapshot["checkpoint_results"] and any(r.get("step", 0) >= 6 and "loss" in r for r in recs)
-
-    cluster.wait(lambda: _quiet(progressed), 600, "a registered checkpoint and step 6")
-    lost = cluster.kill_worker_node()
-    cluster.add_worker_node("node_c")
-
-    r = rayft(cluster, "jobs", "logs", job_id, "--follow")
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    runs = starts(run_dir)
-    assert len(runs) == 2 and runs[1]["resumed"] and runs[1]["step"] >= 4
-    assert lost in runs[0]["nodes"] and lost not in runs[1]["nodes"]  # the second attempt ran on the new node
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r.get("step", 0) for r in recs) == 40 and (run_dir / "final" / "config.json").exists()
