@@ -92,6 +92,13 @@ class DataConfig(Section):
         "error", description="error = stop before training and list bad rows; skip = drop them and count them."
     )
     tokenizer_actors: int = Field(2, ge=1, description="Largest size of the Ray Data tokenizer actor pool.")
+    cache_max_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="A split whose token rows fit in this many MB (estimated as rows x max_seq_len x 24 bytes) is "
+        "tokenized once and kept in Ray's object store for every epoch and eval pass; a bigger one streams, "
+        "tokenized again each pass. 0 = always stream.",
+    )
     cpus_per_data_task: float = Field(
         0.25, gt=0, le=8, description="Logical CPUs each Ray Data read/tokenize task reserves."
     )

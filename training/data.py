@@ -485,11 +485,21 @@ def tokenized(model: ModelConfig, data: DataConfig, split: str, keep_dropped: bo
     )
 
 
-def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
+CACHED_BYTES_PER_TOKEN = 24  # input_ids, labels and position_ids, int64 each
+
+
+def fits_cache(rows: int, data: DataConfig) -> bool:
+    """Whether a split of `rows` examples is small enough to tokenize once (data.cache_max_mb)."""
+    return rows * data.max_seq_len * CACHED_BYTES_PER_TOKEN <= data.cache_max_mb * 1e6
+
+
+def build_datasets(model: ModelConfig, data: DataConfig, rows: dict[str, int] | None = None) -> dict[str, Any]:
     """The training-ready Ray Datasets: {"train": ..., "eval": ...} (eval only when configured).
 
     Rows have input_ids and labels (plus position_ids when packed); batch them with
-    training.formats.collate.
+    training.formats.collate. With `rows` (examples per split, from check_rows), a split that fits
+    data.cache_max_mb is computed now and kept in the object store: epochs and eval passes then read it
+    instead of running the pipeline again.
     """
     out = {}
     for split in ("train", "eval"):
@@ -506,6 +516,8 @@ def build_datasets(model: ModelConfig, data: DataConfig) -> dict[str, Any]:
             )
         else:
             ds = ds.select_columns(["row_id", "input_ids", "labels"])
+        if rows is not None and split in rows and fits_cache(rows[split], data):
+            ds = ds.materialize()
         out[split] = ds
     return out
 

@@ -144,9 +144,9 @@ def run_training(
         on_event({"event": "warning", "message": warning})
     resolve_model(job.model.name)  # a bad model reference fails here, not in every worker; converts the built-in once
     resuming = prepare_run_dir(job, restart)
-    check_rows(job.data)
+    checks = check_rows(job.data)
     save_job(job)
-    datasets = build_datasets(job.model, job.data)
+    datasets = build_datasets(job.model, job.data, {split: c.rows for split, c in checks.items()})
     train_rows = 0 if job.training.max_steps else datasets["train"].count()
     total_steps = count_steps(job, train_rows)
     if not job.training.max_steps and train_rows < job.training.global_batch_size:
