@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BUNDLE_DIR    ?= bench/out/bundle
 BUNDLE_PYTHON ?= 3.12
 
-.PHONY: setup demo test test-fast lint bench offline-bundle clean
+.PHONY: setup demo test test-fast test-bundle lint bench offline-bundle clean
 
 setup: $(STAMP)
 
@@ -24,11 +24,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/rayft demo $(CONFIG)
 
+# Every test this machine can run, except the offline bundle's build (test-bundle).
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not bundle" $(PYTEST_ARGS)
 
+# The inner loop: no test over ~30 s.
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not bundle" $(PYTEST_ARGS)
+
+# Builds the offline GPU bundle (a first run downloads Ray's wheel and builds DeepSpeed's) and installs it.
+test-bundle: setup
+	$(PY) -m pytest -m bundle $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -46,6 +46,7 @@ def test_skip_drops_bad_rows_and_counts_them(tmp_path):
     assert {b["source"].rsplit(":", 1)[1] for b in split["bad_examples"]} == {"11", "12"}
 
 
+@pytest.mark.slow
 def test_every_source_kind_gives_the_same_tokens(tmp_path):
     flat = [{"instruction": f"Say {i}", "input": "", "output": f"{i}!"} for i in range(12)]
     reference = [

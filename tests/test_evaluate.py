@@ -120,6 +120,7 @@ def _teach(model_dir, out_dir, rows: list[dict], steps: int = 150):
     return out_dir
 
 
+@pytest.mark.slow
 def test_eval_compares_base_and_finetuned_per_split_and_writes_the_report(ray_local, tmp_path, tiny_model_dir):
     from rayft.cluster.config import load_config
     from rayft.training.evaluate import run_eval

@@ -33,7 +33,7 @@ print("bundle ok")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.bundle
 def test_bundle_fits_the_budget_installs_offline_and_runs_ray(tmp_path):
     out, site = tmp_path / "bundle", tmp_path / "site"
     python = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -120,6 +120,7 @@ def completion_greedy(model, tok, prompt: str, n: int) -> str:
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "hi", "Explain LoRA in one line."]
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_openai_client_chat_equals_transformers_greedy(endpoint, base_model):
     base, name = endpoint
     model, tok = base_model
@@ -139,6 +140,7 @@ def test_openai_client_chat_equals_transformers_greedy(endpoint, base_model):
         assert r.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_streaming_sends_the_same_text_as_sse_and_ends_with_done(endpoint):
     base, name = endpoint
     c = client(base)
@@ -167,6 +169,7 @@ def test_streaming_sends_the_same_text_as_sse_and_ends_with_done(endpoint):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_completions_endpoint_equals_greedy(endpoint, base_model):
     base, name = endpoint
     model, tok = base_model
@@ -175,6 +178,7 @@ def test_completions_endpoint_equals_greedy(endpoint, base_model):
     assert r.object == "text_completion"
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_concurrent_requests_are_batched_and_each_answer_is_its_own(endpoint, base_model):
     base, name = endpoint
     model, tok = base_model
@@ -196,6 +200,7 @@ def test_concurrent_requests_are_batched_and_each_answer_is_its_own(endpoint, ba
     assert max(b for _, b in results) > 1
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(endpoint, base_model):
     """Continuous batching: a short request sent while a long one is decoding is admitted at the next
     step, shares the batch, and returns while the long one is still generating."""
@@ -218,6 +223,7 @@ def test_a_request_joins_the_running_batch_and_leaves_before_it_ends(endpoint, b
     assert len(rest) > 5 and rest[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(endpoint):
     base, name = endpoint
     c = client(base)
@@ -238,6 +244,7 @@ def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(endpoint):
     assert cut.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_lora_adapters_are_chosen_per_request_in_one_batch(endpoint, adapters, base_model):
     base, name = endpoint
     root, merged = adapters
@@ -264,6 +271,7 @@ def test_lora_adapters_are_chosen_per_request_in_one_batch(endpoint, adapters, b
         assert text == want[key], t
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_adapter_registered_at_run_time_and_paths_checked(endpoint, adapters, base_model, tmp_path):
     base, name = endpoint
     root, merged = adapters
@@ -311,6 +319,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 @pytest.mark.parametrize("what,body,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_in_openai_shape(endpoint, what, body, status, words):
     base, _ = endpoint
@@ -321,6 +330,7 @@ def test_bad_requests_get_a_4xx_in_openai_shape(endpoint, what, body, status, wo
     assert err["type"] in ("invalid_request_error", "not_found_error")
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_auth_body_limit_probes_and_openapi(endpoint):
     import openai
 
@@ -341,6 +351,7 @@ def test_auth_body_limit_probes_and_openapi(endpoint):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_access_log_has_a_line_per_request_without_prompt_text(endpoint):
     import glob
 
@@ -369,6 +380,7 @@ def _model_replica_pid() -> int:
     return serve.get_deployment_handle("model", APP).info.remote().result(timeout_s=60)["pid"]
 
 
+@pytest.mark.slow  # the shared endpoint takes a while to start
 def test_killed_replica_fails_in_flight_fast_and_recovers(endpoint):
     base, name = endpoint
     pid = _model_replica_pid()

@@ -143,6 +143,7 @@ def test_cli_refuses_a_bad_sweep_before_starting_ray(tmp_path):
 # ------------------------------------------------------------------ real sweeps
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tiny_model_dir):
     from rayft.serving.config import ServeConfig
@@ -194,6 +195,7 @@ def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tin
     assert rerun.steps == 2 and rerun.final_dir and os.path.isdir(rerun.final_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir):
     from rayft.training.trainer import read_metrics
@@ -208,19 +210,23 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, t
         "metric": "exact_match",
         "scheduler": {"type": "fifo"},
     }
-    job = load_config(job_file(tmp_path, tiny_model_dir, sweep), ["eval.max_new_tokens=8", "eval.replicas=1"])
+    # 32 steps, then export and scoring: the second trial is still at work when the Ctrl-C comes (0.1 s a step)
+    overrides = ["eval.max_new_tokens=8", "eval.replicas=1", "training.max_steps=32", "training.eval_every_steps=16"]
+    job = load_config(job_file(tmp_path, tiny_model_dir, sweep), overrides)
     runs = tmp_path / "runs" / "resume" / "runs"
+
+    def training(metrics: Path) -> bool:
+        return any('"loss"' in line for line in metrics.read_text().splitlines())
 
     def ctrl_c_after_first_trial():  # what a user's Ctrl-C does: Tune saves its state and returns
         deadline = time.time() + 600
         while time.time() < deadline:
             finals = list(runs.glob("*/final"))
-            started = [p for p in runs.glob("*/metrics.jsonl")]
-            if finals and len(started) == 2:
-                time.sleep(3)  # the second trial is training
+            second = [p for p in runs.glob("*/metrics.jsonl") if p.parent not in {f.parent for f in finals}]
+            if finals and second and training(second[0]):  # the second trial has made its first step
                 os.kill(os.getpid(), signal.SIGINT)
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=ctrl_c_after_first_trial, daemon=True)
     killer.start()

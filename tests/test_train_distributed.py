@@ -57,6 +57,7 @@ def lora_run(ray_local, tmp_path_factory, tiny_model_dir):
     return train_two_workers(tmp_path_factory.mktemp("lora-run"), tiny_model_dir, 2, "lora")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, method", [(2, "lora"), (3, "full")])
 def test_two_workers_train_checkpoint_and_export(request, tmp_path, tiny_model_dir, zero_stage, method):
     """Stage 3 with LoRA and stage 2 with full finetuning are checked the same way (check_checkpoints_and_export)
@@ -143,6 +144,7 @@ def final_consumed(run_dir: str) -> set[int]:
     return ids
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(tmp_path, tiny_model_dir):
     """ZeRO-3 with LoRA: partitioned weights, trained adapters only in the checkpoint, resumed after a kill."""
     t = dict(epochs=1, checkpoint_every_steps=3, micro_batch_size=4, zero_stage=3, method="lora")
@@ -195,6 +197,7 @@ def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny
     check_checkpoints_and_export(load_config(job), os.path.join(run_dir, "final"), tiny_model_dir)
 
 
+@pytest.mark.slow  # the shared run
 def test_rayft_export_re_exports_a_kept_checkpoint(lora_run, tmp_path):
     job, _ = lora_run
     out = tmp_path / "step3"
