@@ -56,8 +56,10 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill before it starts.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per model replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica (0 = CPU).")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+    dtype: Literal["auto", "fast", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU; fast = bfloat16 on a GPU or a CPU with "
+        "native bf16 (AVX512-BF16, AMX), else float32.",
     )
     default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request sets no max_tokens.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")

@@ -47,6 +47,20 @@ def test_precision_defaults_to_bf16_on_gpu_and_fp32_on_cpu():
     assert build_ds_config(TrainingConfig(precision="bf16"), 1, 1, False)["bf16"]["enabled"]
 
 
+def test_fast_precision_is_bf16_only_where_the_hardware_computes_it():
+    import torch
+
+    from rayft.training.models import resolve_dtype
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    fast = TrainingConfig(precision="fast")
+    assert resolve_precision(fast, use_gpu=True) == "bf16"
+    assert resolve_precision(fast, use_gpu=False) == ("bf16" if native else "fp32")
+    assert resolve_dtype("fast", "cuda") == "bfloat16"
+    assert resolve_dtype("fast", "cpu") == ("bfloat16" if native else "float32")
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+
+
 def test_lr_schedule_warms_up_then_decays():
     total = 100
     cos = [lr_lambda(s, total, 0.1, "cosine") for s in range(total)]

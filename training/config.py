@@ -135,7 +135,11 @@ class TrainingConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fast", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto = bf16 on GPU, fp32 on CPU. fast = bf16 where the hardware computes it natively (a GPU; a "
+        "CPU with AVX512-BF16 or AMX), else fp32: on other CPUs bf16 is emulated, many times slower than fp32.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     skip_untrained_logits: bool = Field(
         True,
@@ -182,10 +186,10 @@ class EvalConfig(Section):
     replicas: int = Field(2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per replica on CPU.")
     max_rows: int | None = Field(None, ge=1, description="Evaluate a fixed sample of this many rows (default: all).")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "fast", "float32", "bfloat16"] = Field(
         "auto",
-        description="Inference dtype; auto = bfloat16 on GPU, float32 on CPU. bfloat16 on a CPU with native bf16 "
-        "(AVX512-BF16, AMX) generates ~1.4x faster.",
+        description="Inference dtype; auto = bfloat16 on GPU, float32 on CPU. fast = bfloat16 where the hardware "
+        "has native bf16 (a GPU; a CPU with AVX512-BF16 or AMX: ~1.4x faster generation), else float32.",
     )
 
 

@@ -9,7 +9,12 @@ from rayft.training.config import TrainingConfig
 
 
 def resolve_precision(training: TrainingConfig, use_gpu: bool) -> str:
-    """bf16 on GPU and fp32 on CPU unless the job file says otherwise."""
+    """bf16 on GPU and fp32 on CPU unless the job file says otherwise; "fast": bf16 on GPU and on a CPU with
+    native bf16, else fp32. Resolved where it runs (each worker, the exporting driver)."""
+    if training.precision == "fast":
+        from rayft.training.models import cpu_has_native_bf16
+
+        return "bf16" if use_gpu or cpu_has_native_bf16() else "fp32"
     if training.precision != "auto":
         return training.precision
     return "bf16" if use_gpu else "fp32"
