@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, chat, free_port, write_jsonl
+from conftest import ROOT, chat, free_port, rayft_cli, write_jsonl
 
 RAYFT = [sys.executable, "-m", "rayft"]
 
@@ -18,7 +18,7 @@ def rayft(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*RAYFT, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
-def test_malformed_jsonl_is_reported_with_file_and_line(tmp_path):
+def test_malformed_jsonl_is_reported_with_file_and_line(ray_local, tmp_path):
     write_jsonl(
         tmp_path / "tickets.jsonl",
         [
@@ -30,7 +30,7 @@ def test_malformed_jsonl_is_reported_with_file_and_line(tmp_path):
     )
     job = tmp_path / "job.yaml"
     job.write_text("# rayft data inspect job.yaml\ndata:\n  train: tickets.jsonl\n")
-    r = rayft("data", "inspect", str(job))
+    r = rayft_cli("data", "inspect", str(job))  # on the suite's Ray
     assert r.returncode == 1
     assert "tickets.jsonl:2: invalid JSON" in r.stderr
     assert "tickets.jsonl:4: the conversation has no assistant message" in r.stderr
