@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -120,7 +121,13 @@ def serve_config_yaml(spec: ServeSpec) -> str:
 
 
 def run_app(spec: ServeSpec, address: str | None, detach: bool) -> None:
-    base = start_app(spec, address, detach)
+    try:
+        base = start_app(spec, address, detach)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the model loads: nothing is left behind
+        if not detach:
+            with contextlib.suppress(Exception):  # Serve may not have started yet
+                stop_app()
+        raise
     print_usage(base, spec)
     if detach:
         out.print(f"left running on the cluster; stop it with `serve shutdown -y` or `serve delete {APP_NAME}`")
@@ -149,11 +156,26 @@ def start_app(spec: ServeSpec, address: str | None, detach: bool = False) -> str
             )
             raise typer.Exit(1) from None
         raise typer.Exit(1) from e
+    if not detach:
+        stop_on_sigterm()  # after connect: ray.init installs a SIGTERM handler that exits without cleaning up
     with err.status(f"starting the endpoint ({spec.model_name}); loading the model", spinner="dots"):
         return deploy(spec)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `docker stop`, a service manager) stops the endpoint as Ctrl-C does: cleanly, its
+    replicas and a local Ray with it."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve_until_interrupted() -> None:
+    """Serve until Ctrl-C or SIGTERM, then stop the endpoint."""
+    stop_on_sigterm()
     out.print("serving; Ctrl-C stops the endpoint")
     try:
         while True:

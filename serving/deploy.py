@@ -62,5 +62,5 @@ def wait_ready(base: str, timeout_s: float, probe: str = "/readyz") -> None:
             last = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
             last = str(e)
-        time.sleep(1)
+        time.sleep(0.25)
     raise RuntimeError(f"the endpoint at {base} did not become ready within {timeout_s:.0f} s (last: {last})")

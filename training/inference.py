@@ -68,14 +68,15 @@ def resolve_inference_model(name: str, base_model: str | None = None, revision: 
 
 
 def adapter_base(adapter_dir: Path) -> tuple[str | None, str | None]:
-    """(base model, hub revision) a LoRA adapter dir was trained on: rayft's export record, else PEFT's
-    adapter config (which records no revision)."""
+    """(base model, hub revision) a LoRA adapter dir was trained on: rayft's export record (rayft_export.json),
+    else PEFT's adapter config."""
+    peft = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base, revision = peft.get("base_model_name_or_path") or None, peft.get("revision") or None
     for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
         if candidate.is_file():
             info = json.loads(candidate.read_text())
-            return info.get("base_model"), info.get("base_revision")
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return cfg.get("base_model_name_or_path") or None, cfg.get("revision") or None
+            return info.get("base_model") or base, info.get("base_revision") or revision
+    return base, revision
 
 
 def _need_tokenizer(path: Path) -> None:

@@ -100,7 +100,7 @@ def test_train_and_serve_from_a_project_with_modules_named_like_rayfts(project, 
         assert reply is not None, f"rayft serve never answered: {proc.poll()=}"
         assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the endpoint stops and the local Ray with it
+        proc.send_signal(signal.SIGTERM)  # as `kill` or a service manager stops it: the endpoint stops cleanly
         try:
             output, _ = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
