@@ -254,3 +254,18 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
         weights = load_file(os.path.join(final, "adapter", "adapter_model.safetensors"))
         assert weights and all("lora_" in k for k in weights)
         assert all(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
+
+
+def test_a_split_is_tokenized_once_up_front_only_when_the_run_reads_it_again():
+    from rayft.training.config import TrainJob
+    from rayft.training.trainer import read_again
+
+    def job(**t):
+        return TrainJob.model_validate({"data": {"train": "x.jsonl"}, "training": {"global_batch_size": 8, **t}})
+
+    assert read_again(job(epochs=1), "train", 3400)  # an epoch-based run counts its rows, then trains
+    assert read_again(job(max_steps=100), "train", 16)  # past one epoch
+    assert not read_again(job(max_steps=6), "train", 3400)  # stops within the first epoch: streams
+    assert read_again(job(max_steps=6, eval_every_steps=3), "eval", 40)  # steps 3 and 6, and the end
+    assert not read_again(job(max_steps=6), "eval", 40)  # only at the end
+    assert not read_again(job(max_steps=6, eval_every_steps=10, eval_at_end=False), "eval", 40)

@@ -115,6 +115,18 @@ def save_job(job: TrainJob) -> None:
         yaml.safe_dump(job.model_dump(mode="json"), f, sort_keys=False)
 
 
+def read_again(job: TrainJob, split: str, rows: int) -> bool:
+    """Whether the run reads `split` more than once, so that tokenizing it once up front (data.cache_max_mb)
+    saves work: training past one epoch (an epoch-based run also counts its rows first), or evaluating
+    more than once. A run that stops within its first epoch streams, tokenizing only what it trains on."""
+    t = job.training
+    if split == "train":
+        return not t.max_steps or t.max_steps * t.global_batch_size > rows
+    if not t.eval_every_steps:
+        return False  # evaluated once at most, at the end
+    return not t.max_steps or t.max_steps // t.eval_every_steps + int(t.eval_at_end) > 1
+
+
 def count_steps(job: TrainJob, train_rows: int) -> int:
     t = job.training
     if t.max_steps:
@@ -146,7 +158,7 @@ def run_training(
     resuming = prepare_run_dir(job, restart)
     checks = check_rows(job.data)
     save_job(job)
-    datasets = build_datasets(job.model, job.data, {split: c.rows for split, c in checks.items()})
+    datasets = build_datasets(job.model, job.data, {s: c.rows for s, c in checks.items() if read_again(job, s, c.rows)})
     train_rows = 0 if job.training.max_steps else datasets["train"].count()
     total_steps = count_steps(job, train_rows)
     if not job.training.max_steps and train_rows < job.training.global_batch_size:
