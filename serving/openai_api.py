@@ -18,9 +18,16 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 class ApiError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             503: "overloaded_error", 504: "timeout_error"}  # fmt: skip
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        408: "timeout_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        504: "timeout_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -125,8 +132,9 @@ def validation_error(exc) -> ApiError:
     for e in exc.errors():
         if e.get("type") == "json_invalid":
             detail = (e.get("ctx") or {}).get("error", "")
-            return ApiError(400, f"the request body is not valid JSON ({detail})".replace(" ()", ""),
-                            code="invalid_json")  # fmt: skip
+            return ApiError(
+                400, f"the request body is not valid JSON ({detail})".replace(" ()", ""), code="invalid_json"
+            )
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         first = first or where
