@@ -521,9 +521,17 @@ def report(info, size, params, mean_len, peak, runs, serving, use_gpu):
         ok = gain >= TARGET_BATCHING
         for label, s in (("serve, 1 client", one), (f"serve, {c} clients", many)):
             rows.append(
-                (label, f"{s['tokens_per_s']:,.1f}", "", "", f"p50 {s['p50']:.2f}", f"TTFT p50 {s['ttft_p50']:.2f}",
-                 "", f"{s['tokens']} tokens")
-            )  # fmt: skip
+                (
+                    label,
+                    f"{s['tokens_per_s']:,.1f}",
+                    "",
+                    "",
+                    f"p50 {s['p50']:.2f}",
+                    f"TTFT p50 {s['ttft_p50']:.2f}",
+                    "",
+                    f"{s['tokens']} tokens",
+                )
+            )
         ratios.append(
             (f"serving batching gain, {c} clients", f"{gain:.2f}x", f">= {TARGET_BATCHING:.0f}x", verdict(ok))
         )
