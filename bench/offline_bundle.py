@@ -258,12 +258,15 @@ def build_rayft(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("rayft-*.whl"):
         old.unlink()
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dest)]
-    proc = subprocess.run([*cmd, str(ROOT)], capture_output=True, text=True)
-    found = sorted(dest.glob("rayft-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise BundleError(f"building rayft's wheel from {ROOT} failed:\n{proc.stderr.strip()[-2000:]}")
-    return found[0]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dest), str(ROOT)]
+    errors = []
+    for extra in (["--no-build-isolation"], []):  # this Python's setuptools first, else an isolated build env
+        proc = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+        found = sorted(dest.glob("rayft-*.whl"))
+        if proc.returncode == 0 and found:
+            return found[0]
+        errors.append(proc.stderr.strip()[-2000:])
+    raise BundleError(f"building rayft's wheel from {ROOT} failed:\n" + "\n".join(errors))
 
 
 # --------------------------------------------------------------------------- trimming Ray
