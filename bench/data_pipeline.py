@@ -181,7 +181,7 @@ def _data_cfg(path: Path, packing: bool):
         max_seq_len=MAX_SEQ_LEN,
         packing=packing,
         shuffle=False,
-        tokenizer_actors=2,
+        tokenizer_tasks=2,
         cpus_per_data_task=0.25,
     )
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     per_row = pipe.tokens / max(pipe.rows, 1)
     notes = [
         f"data: {rows} generated `messages` rows, {pipe.tokens:,} tokens ({per_row:.0f}/row), "
-        f"max_seq_len {MAX_SEQ_LEN}, tokenizer_actors 2, cpus_per_data_task 0.25",
+        f"max_seq_len {MAX_SEQ_LEN}, tokenizer_tasks 2, cpus_per_data_task 0.25",
         f"Ray start-up {ray_start:.1f}s (excluded); pipeline {pipe.extra}; packed: {packed.extra}",
         f"load average (1 min) at start / end: {load_start} / {load_end}",
     ]

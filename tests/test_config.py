@@ -45,6 +45,14 @@ def test_unknown_section_is_rejected(tmp_path):
     assert "training" in problems[0]
 
 
+def test_retired_keys_say_what_replaced_them(tmp_path):
+    job = write(tmp_path, "model: {dtype: bfloat16}\ndata: {train: x.jsonl, tokenizer_actors: 4}\n")
+    problems = problems_of(job)
+    assert len(problems) == 2
+    assert any("model.dtype is not a setting" in p and "training.precision" in p for p in problems)
+    assert any("data.tokenizer_actors is now data.tokenizer_tasks" in p for p in problems)
+
+
 def test_missing_required_data_section(tmp_path):
     assert problems_of(write(tmp_path, "model: {name: smollm2-135m-instruct}\n")) == ["data: is required"]
 

@@ -55,6 +55,16 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tokenizer_actors" in data:
+            raise ValueError(
+                "data.tokenizer_actors is now data.tokenizer_tasks: tokenizing runs as Ray tasks whose worker "
+                "processes keep the tokenizer loaded (rayft 0.2); rename the key"
+            )
+        return data
+
     train: str | list[str] = Field(
         ...,
         description="Training data: file(s), glob(s) or a directory (JSONL/JSON/Parquet/CSV), a dataset saved "
@@ -91,7 +101,12 @@ class DataConfig(Section):
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="error = stop before training and list bad rows; skip = drop them and count them."
     )
-    tokenizer_actors: int = Field(2, ge=1, description="Largest size of the Ray Data tokenizer actor pool.")
+    tokenizer_tasks: int = Field(
+        2,
+        ge=1,
+        description="Most tokenizing tasks at once; each Ray worker process loads the tokenizer once and keeps it "
+        "for its later tasks and runs.",
+    )
     cache_max_mb: float = Field(
         1024.0,
         ge=0,

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,7 +380,7 @@ def _bad_listing(check: RowCheck) -> str:
 
 
 class Tokenize:
-    """Ray Data callable class: the tokenizer is loaded once per actor."""
+    """Renders and tokenizes validated rows; each Ray worker process keeps one per setting (see tokenize_batch)."""
 
     def __init__(self, model: dict, data: dict, keep_dropped: bool = False):
         from rayft.training.formats import Renderer
@@ -440,6 +441,22 @@ class Tokenize:
         return out
 
 
+_TOKENIZERS: dict[str, Tokenize] = {}  # this worker process's loaded tokenizers, newest last
+_TOKENIZERS_KEPT = 2
+
+
+def tokenize_batch(batch: dict, model: dict, data: dict, keep_dropped: bool = False) -> dict:
+    """Ray Data task: tokenize a batch. Loading a tokenizer costs seconds, tokenizing a batch milliseconds, so
+    each worker process keeps the tokenizers it loaded: later tasks, epochs, eval passes and runs of the same
+    job reuse them (an actor pool would load them again for every pass)."""
+    key = json.dumps([model, data, keep_dropped], sort_keys=True, default=str)
+    tok = _TOKENIZERS.pop(key, None) or Tokenize(model, data, keep_dropped)
+    _TOKENIZERS[key] = tok
+    while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
+        _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+    return tok(batch)
+
+
 def row_id(source: str) -> int:
     """A stable 63-bit id of an example, from where it was read (used to skip trained rows on resume)."""
     return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), "little") >> 1
@@ -466,22 +483,15 @@ def tokenized(model: ModelConfig, data: DataConfig, split: str, keep_dropped: bo
     if split == "train" and data.shuffle:
         # Fractional CPUs: beside training workers that hold whole CPUs, a 1-CPU shuffle task would never start.
         ds = ds.random_shuffle(seed=data.seed, num_cpus=data.cpus_per_data_task)
-    import ray.data
-
-    model_dict, data_dict = model.model_dump(), data.model_dump()
-
-    # Configuration travels inside the class (not as constructor arguments) so that restarted
-    # actors never depend on objects that may have left the object store.
-    class _Tokenize(Tokenize):
-        def __init__(self):
-            super().__init__(model_dict, data_dict, keep_dropped)
-
+    # A small split is one block, so one task: Ray Data would warn about the unused concurrency on every run.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return ds.map_batches(
-        _Tokenize,
+        tokenize_batch,
+        fn_kwargs={"model": model.model_dump(), "data": data.model_dump(), "keep_dropped": keep_dropped},
         batch_size=256,
         batch_format="numpy",
         num_cpus=data.cpus_per_data_task,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenizer_actors),
+        concurrency=data.tokenizer_tasks,
     )
 
 
