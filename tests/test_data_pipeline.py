@@ -17,8 +17,8 @@ MODEL = ModelConfig()
 ROWS = [chat(f"Question number {i}?", f"Answer number {i}.") for i in range(40)]
 
 
-def token_rows(data: DataConfig, split: str = "train") -> list[dict]:
-    return tokenized(MODEL, data, split).take_all()
+def token_rows(data: DataConfig, split: str = "train", rows: int | None = None) -> list[dict]:
+    return tokenized(MODEL, data, split, rows=rows).take_all()
 
 
 def test_bad_rows_stop_the_run_with_file_line_and_problem(tmp_path):
@@ -103,14 +103,17 @@ def test_eval_fraction_splits_disjointly_and_deterministically(tmp_path):
     assert evals == {r["source"] for r in token_rows(data, "eval")}
 
 
-def test_shuffle_is_seeded(tmp_path):
+@pytest.mark.parametrize("known_rows", [None, len(ROWS)], ids=["ray-data-shuffle", "local-permutation"])
+def test_shuffle_is_seeded(tmp_path, known_rows):
+    """A split of unknown size goes through Ray Data's shuffle; one counted by check_rows and small enough
+    is permuted in the driver. Both: the same seed gives the same order, every row exactly once."""
     path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
-    order = [r["source"] for r in token_rows(DataConfig(train=path, seed=1))]
-    again = [r["source"] for r in token_rows(DataConfig(train=path, seed=1))]
-    other = [r["source"] for r in token_rows(DataConfig(train=path, seed=2))]
-    unshuffled = [r["source"] for r in token_rows(DataConfig(train=path, shuffle=False))]
+    order = [r["source"] for r in token_rows(DataConfig(train=path, seed=1), rows=known_rows)]
+    again = [r["source"] for r in token_rows(DataConfig(train=path, seed=1), rows=known_rows)]
+    other = [r["source"] for r in token_rows(DataConfig(train=path, seed=2), rows=known_rows)]
+    unshuffled = [r["source"] for r in token_rows(DataConfig(train=path, shuffle=False), rows=known_rows)]
     assert order == again and order != other and order != unshuffled
-    assert sorted(order) == sorted(unshuffled)
+    assert sorted(order) == sorted(unshuffled) and len(set(order)) == len(ROWS)
 
 
 def test_overlong_rows_are_truncated_dropped_or_refused(tmp_path):

@@ -33,12 +33,12 @@ def test_ds_config_follows_the_job_file():
     assert not c["bf16"]["enabled"] and not c["fp16"]["enabled"]  # fp32 on CPU by default
 
 
-def test_gpu_runs_use_torch_fused_adamw_unless_the_optimizer_is_offloaded():
-    gpu = build_ds_config(TrainingConfig(), 1, 1, use_gpu=True)["optimizer"]["params"]
-    assert gpu["torch_adam"] is True and gpu["fused"] is True  # no nvcc build of DeepSpeed's FusedAdam on GPU nodes
+def test_runs_use_torch_fused_adamw_unless_the_optimizer_is_offloaded():
+    for use_gpu in (True, False):  # no nvcc build of DeepSpeed's FusedAdam on GPU nodes, no C++ op load on CPU
+        params = build_ds_config(TrainingConfig(), 1, 1, use_gpu=use_gpu)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True
     offloaded = build_ds_config(TrainingConfig(offload_optimizer=True), 1, 1, use_gpu=True)["optimizer"]["params"]
-    cpu = build_ds_config(TrainingConfig(), 1, 1, use_gpu=False)["optimizer"]["params"]
-    assert "torch_adam" not in offloaded and "torch_adam" not in cpu  # DeepSpeed's CPU Adam / FusedAdam
+    assert "torch_adam" not in offloaded  # DeepSpeed's CPU Adam
 
 
 def test_precision_defaults_to_bf16_on_gpu_and_fp32_on_cpu():
@@ -214,6 +214,8 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     model = build_model(cfg)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     engine = build_engine(model, cfg)
+    inner = engine.optimizer.optimizer  # under ZeRO's wrapper: PyTorch's fused AdamW, not a DeepSpeed C++ op
+    assert type(inner) is torch.optim.AdamW and inner.defaults["fused"]
     losses = []
     for _ in range(12):
         loss = forward(engine, rows, torch.device("cpu"), smol_tokenizer.pad_token_id)

@@ -475,14 +475,39 @@ def _pack_batch(batch: dict, max_seq_len: int) -> dict:
 PACK_WINDOW_ROWS = 1024
 
 
-def tokenized(model: ModelConfig, data: DataConfig, split: str, keep_dropped: bool = False):
-    """Token rows {"source", "input_ids", "labels", "num_tokens", "num_trained", "status"} for a split."""
+LOCAL_SHUFFLE_MAX_ROWS = 50_000
+
+
+def shuffled_rows(ds, data: DataConfig, rows: int | None):
+    """The validated rows in a seeded random order. Ray Data's distributed shuffle costs seconds even for a
+    few rows, so a split known to hold at most LOCAL_SHUFFLE_MAX_ROWS rows (raw JSON text, a few MB to
+    tens of MB) is permuted in this process instead, with the same guarantee: same seed, same order."""
+    import ray.data
+
+    if rows is not None and rows <= LOCAL_SHUFFLE_MAX_ROWS:
+        items = ds.take_all()
+        order = np.random.default_rng(data.seed).permutation(len(items))
+        return ray.data.from_items([items[i] for i in order], override_num_blocks=max(1, min(len(items) // 2048, 8)))
+    # Fractional CPUs: beside training workers that hold whole CPUs, a 1-CPU shuffle task would never start.
+    return ds.random_shuffle(seed=data.seed, num_cpus=data.cpus_per_data_task)
+
+
+def tokenized(
+    model: ModelConfig,
+    data: DataConfig,
+    split: str,
+    keep_dropped: bool = False,
+    shuffle: bool = True,
+    rows: int | None = None,
+):
+    """Token rows {"source", "input_ids", "labels", "num_tokens", "num_trained", "status"} for a split, the
+    training split shuffled when data.shuffle is on (`shuffle=False`: file order, for counting). `rows` is
+    the split's size when known (check_rows); see shuffled_rows."""
     ds = validated_rows(data, split)
     if ds is None:
         return None
-    if split == "train" and data.shuffle:
-        # Fractional CPUs: beside training workers that hold whole CPUs, a 1-CPU shuffle task would never start.
-        ds = ds.random_shuffle(seed=data.seed, num_cpus=data.cpus_per_data_task)
+    if split == "train" and data.shuffle and shuffle:
+        ds = shuffled_rows(ds, data, rows)
     # A small split is one block, so one task: Ray Data would warn about the unused concurrency on every run.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return ds.map_batches(
@@ -503,17 +528,21 @@ def fits_cache(rows: int, data: DataConfig) -> bool:
     return rows * data.max_seq_len * CACHED_BYTES_PER_TOKEN <= data.cache_max_mb * 1e6
 
 
-def build_datasets(model: ModelConfig, data: DataConfig, rows: dict[str, int] | None = None) -> dict[str, Any]:
+def build_datasets(
+    model: ModelConfig, data: DataConfig, rows: dict[str, int] | None = None, read_again: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """The training-ready Ray Datasets: {"train": ..., "eval": ...} (eval only when configured).
 
     Rows have input_ids and labels (plus position_ids when packed); batch them with
-    training.formats.collate. With `rows` (examples per split, from check_rows), a split that fits
-    data.cache_max_mb is computed now and kept in the object store: epochs and eval passes then read it
-    instead of running the pipeline again.
+    training.formats.collate. `rows` are the examples per split (from check_rows): a small training split
+    is then shuffled in this process (shuffled_rows). A split in `read_again` that fits data.cache_max_mb is
+    computed now and kept in the object store: epochs and eval passes then read it instead of running the
+    pipeline again.
     """
+    rows = rows or {}
     out = {}
     for split in ("train", "eval"):
-        ds = tokenized(model, data, split)
+        ds = tokenized(model, data, split, rows=rows.get(split))
         if ds is None:
             continue
         if data.packing:
@@ -526,7 +555,7 @@ def build_datasets(model: ModelConfig, data: DataConfig, rows: dict[str, int] | 
             )
         else:
             ds = ds.select_columns(["row_id", "input_ids", "labels"])
-        if rows is not None and split in rows and fits_cache(rows[split], data):
+        if split in read_again and split in rows and fits_cache(rows[split], data):
             ds = ds.materialize()
         out[split] = ds
     return out
@@ -544,7 +573,7 @@ def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4
     tokenizer = load_tokenizer(model.name, model.revision)
     report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
     for split, check in checks.items():
-        ds = tokenized(model, data, split, keep_dropped=True)
+        ds = tokenized(model, data, split, keep_dropped=True, shuffle=False)  # the counts need no shuffle
         lengths, trained, statuses, shown = [], [], [], []
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):

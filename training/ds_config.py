@@ -38,10 +38,11 @@ def build_ds_config(training: TrainingConfig, micro_batch_size: int, grad_accum:
         "eps": 1e-8,
         "weight_decay": training.weight_decay,
     }
-    if use_gpu and not training.offload_optimizer:
-        # PyTorch's fused CUDA AdamW. DeepSpeed's own FusedAdam is compiled with nvcc on a node's first run: a
-        # minute or more of start-up, and a failure on GPU nodes without the CUDA toolkit. An offloaded
-        # optimizer keeps DeepSpeed's CPU Adam.
+    if not training.offload_optimizer:
+        # PyTorch's fused AdamW (CUDA and CPU kernels). DeepSpeed's own FusedAdam is compiled with nvcc on a GPU
+        # node's first run: a minute or more of start-up, and a failure on GPU nodes without the CUDA toolkit;
+        # on CPU it is a C++ op whose loading probes the CPU in two subprocesses (~2 s per worker per run).
+        # An offloaded optimizer keeps DeepSpeed's CPU Adam.
         optimizer |= {"torch_adam": True, "fused": True}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
