@@ -22,15 +22,18 @@ from rayft.training.trainer import read_metrics, run_training
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 16, **training) -> Path:
-    rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(n_rows)]
+def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 16, packing: bool = False, **training) -> Path:
+    """A 2-worker job on `n_rows` ticket rows. Every row is 53 tokens long, so with packing (max_seq_len 128)
+    each packed row holds exactly two of them."""
+    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(n_rows)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "eval.jsonl", rows[:4])
     t = {"lr": 5e-3, "micro_batch_size": 2, "global_batch_size": 8, "warmup_ratio": 0.0, **training}
     text = (
         "# rayft train job.yaml\n"
         f"model: {{name: {model_dir}}}\n"
-        "data: {train: train.jsonl, eval: eval.jsonl, max_seq_len: 128, shuffle: true}\n"
+        "data: {train: train.jsonl, eval: eval.jsonl, max_seq_len: 128, shuffle: true, "
+        f"packing: {str(packing).lower()}}}\n"
         f"training: {json.dumps(t)}\n"
         "scaling: {num_workers: 2}\n"
         f"run: {{name: run, storage_path: {tmp_path / 'runs'}, max_failures: 2}}\n"
@@ -136,34 +139,50 @@ def committed_checkpoints(run_dir: str) -> list:
         return []
 
 
-def final_consumed(run_dir: str) -> set[int]:
-    last = checkpoints(run_dir)[-1]
+def consumed_in(checkpoint: str) -> set[int]:
+    """The examples a checkpoint records as trained in its epoch (every rank's)."""
     ids: set[int] = set()
-    for path in glob.glob(os.path.join(last, "trainer_state_rank*.json")):
+    for path in glob.glob(os.path.join(checkpoint, "trainer_state_rank*.json")):
         ids.update(json.loads(Path(path).read_text())["consumed"])
     return ids
 
 
+def final_consumed(run_dir: str) -> set[int]:
+    return consumed_in(checkpoints(run_dir)[-1])
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    return [c["metrics"]["step"] for c in committed_checkpoints(run_dir)]
+
+
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(tmp_path, tiny_model_dir):
-    """ZeRO-3 with LoRA: partitioned weights, trained adapters only in the checkpoint, resumed after a kill."""
-    t = dict(epochs=1, checkpoint_every_steps=3, micro_batch_size=4, zero_stage=3, method="lora")
-    job = load_config(job_file(tmp_path, tiny_model_dir, n_rows=96, **t))
+def test_a_killed_worker_resumes_from_the_end_of_an_epoch_and_trains_each_example_once_per_epoch(
+    tmp_path, tiny_model_dir
+):
+    """ZeRO-3 with LoRA on packed rows, 2 epochs: partitioned weights, trained adapters only in the checkpoint.
+    The kept checkpoint is the one taken in epoch 1's last step, where every row of the epoch is consumed:
+    the resumed run starts epoch 2 (it used to find nothing left to train and fail on every retry)."""
+    # 192 rows -> 96 packed rows of two; 8 packed rows per optimizer step -> 12 steps per epoch
+    t = dict(epochs=2, checkpoint_every_steps=12, zero_stage=3, method="lora")
+    job = load_config(job_file(tmp_path, tiny_model_dir, n_rows=192, packing=True, **t))
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
     thread.start()
-    # A checkpoint counts once the Ray Train controller has registered it (it polls workers every 2 s).
-    wait_for(lambda: committed_checkpoints(job.run_dir), 600, "a committed checkpoint")
-    records = wait_for(lambda: step_reached(job.run_dir, 4), 600, "step 4")
+    # A checkpoint counts once the Ray Train controller has registered it.
+    wait_for(lambda: 12 in checkpoint_steps(job.run_dir), 600, "the end-of-epoch checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, 13), 600, "step 13")
     victim = [r for r in records if r.get("event") == "start"][0]["pids"][1]
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=600)
     assert "result" in box, "training did not finish after a worker was killed"
     records = read_metrics(job.run_dir)
     starts = [r for r in records if r.get("event") == "start"]
-    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 3
-    assert box["result"].steps == 12
-    assert len(final_consumed(job.run_dir)) == 96  # every example of the epoch trained, none twice
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 12
+    assert box["result"].steps == 24 and starts[0]["total_steps"] == 24
+    ends = [r for r in records if r.get("event") == "epoch_end"]
+    assert {(e["epoch"], e["step"]) for e in ends} == {(1, 12)}  # both runs: epoch 2 began after step 12
+    first, last = checkpoints(job.run_dir)[0], checkpoints(job.run_dir)[-1]
+    assert len(consumed_in(first)) == 192 and len(consumed_in(last)) == 192  # every example, once per epoch
     check_checkpoints_and_export(job, box["result"].final_dir, tiny_model_dir)
 
 

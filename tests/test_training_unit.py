@@ -174,7 +174,7 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     from rayft.cluster.config import load_config
     from rayft.training.export import export_checkpoint
     from rayft.training.formats import Renderer, normalize, tokenize_rendered
-    from rayft.training.loop import DS_TAG, LoopConfig, build_engine, build_model, forward
+    from rayft.training.loop import DS_TAG, LoopConfig, StepClock, build_engine, build_model, train_step
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text(
@@ -216,12 +216,10 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     engine = build_engine(model, cfg)
     inner = engine.optimizer.optimizer  # under ZeRO's wrapper: PyTorch's fused AdamW, not a DeepSpeed C++ op
     assert type(inner) is torch.optim.AdamW and inner.defaults["fused"]
-    losses = []
-    for _ in range(12):
-        loss = forward(engine, rows, torch.device("cpu"), smol_tokenizer.pad_token_id)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses, cpu = [], torch.device("cpu")
+    for _ in range(12):  # the loop's own optimizer step: one micro-batch, one rank
+        sums, tokens = train_step(engine, [(rows, [])], cpu, smol_tokenizer.pad_token_id, 1, 1, StepClock(cpu))
+        losses.append(sum(sums) / tokens)
     assert losses[-1] < losses[0] - 0.5, losses
     after = dict(engine.module.named_parameters())
     if method == "lora":

@@ -8,6 +8,7 @@ files (DeepSpeed writes one file set per rank) and Ray merges them into one dire
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from rayft.training.config import DataConfig, ModelConfig, Section, TrainingConfig
+from rayft.training.formats import IGNORE_INDEX as IGNORE
 
 STATE_FILE = "trainer_state_rank{rank}.json"
 DS_TAG = "ds"
@@ -83,26 +85,19 @@ def train_loop(config: dict[str, Any]) -> None:
     last_eval: dict = {}
     while step < cfg.total_steps:
         steps_this_epoch = 0
+        resumed_mid_epoch = bool(consumed)
         batches = micro_batches(train_shard, t.micro_batch_size, skip=consumed)
         while step < cfg.total_steps:
             t_wait = time.perf_counter()
-            item = next(batches, None)
+            group = list(itertools.islice(batches, cfg.grad_accum))
             wait_s = time.perf_counter() - t_wait
-            if not all_ranks_have(item is not None, device):
-                break  # some rank's shard is exhausted: the epoch ends for everyone together
-            batch, row_ids = item
-            boundary = engine.is_gradient_accumulation_boundary()
-            clock.start()
-            loss = forward(engine, batch, device, pad_id)
-            clock.lap("forward_s")
-            engine.backward(loss)  # its gradient reduction is timed apart, as grad_sync_s (see time_grad_sync)
-            clock.lap("backward_s")
-            engine.step()
-            clock.lap("optimizer_s")
-            consumed.update(row_ids)
-            acc.add(loss.item(), batch, len(row_ids), wait_s, clock.take())
-            if not boundary:
-                continue
+            if not all_ranks_have(len(group) == cfg.grad_accum, device):
+                break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
+            losses, step_tokens = train_step(engine, group, device, pad_id, world, cfg.grad_accum, clock)
+            for rows, row_ids in group:
+                consumed.update(row_ids)
+                acc.add(rows, len(row_ids))
+            acc.finish(sum(losses), step_tokens, wait_s, clock.take())
             step += 1
             steps_this_epoch += 1
             metrics = acc.reduce(device, world) | {
@@ -124,7 +119,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             acc = StepAccumulator()  # after eval and checkpoint, so step times are training only
         if step < cfg.total_steps:
-            if steps_this_epoch == 0:
+            # A checkpoint taken in an epoch's last step resumes into an epoch with nothing left: it just ends.
+            if steps_this_epoch == 0 and not resumed_mid_epoch:
                 raise RuntimeError("the training data yields no optimizer step; check data.train and batch sizes")
             epoch, consumed = epoch + 1, set()
             log.event({"event": "epoch_end", "epoch": epoch, "step": step})
@@ -343,10 +339,49 @@ def all_ranks_have(mine: bool, device) -> bool:
 
 
 def forward(engine, rows: list[dict], device, pad_id: int):
+    """(summed cross-entropy over the micro-batch's trained tokens, their number): the model's mean loss
+    times the count of shifted labels that carry loss."""
     from rayft.training.formats import collate
 
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-    return engine(**batch, use_cache=False).loss
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return engine(**batch, use_cache=False).loss * n, n
+
+
+def trained_tokens(rows: list[dict]) -> int:
+    """Tokens of a micro-batch that carry loss (labels after the shift)."""
+    return sum(int((np.asarray(r["labels"])[1:] != IGNORE).sum()) for r in rows)
+
+
+def train_step(
+    engine, group: list, device, pad_id: int, world: int, grad_accum: int, clock: StepClock
+) -> tuple[list[float], int]:
+    """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids).
+
+    The step's loss is the mean over every trained token of every micro-batch on every rank: the token
+    count is all-reduced before the first forward, and each micro-batch's summed loss is scaled so that
+    DeepSpeed's averaging (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / count. A
+    micro-batch with 10 trained tokens weighs 10/2,000 of one with 2,000, not as much. Returns each
+    micro-batch's summed loss and the step's trained tokens on all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([float(sum(trained_tokens(rows) for rows, _ in group))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    step_tokens = int(count.item())
+    scale = world * grad_accum / max(step_tokens, 1)
+    losses = []
+    for rows, _ in group:
+        clock.start()
+        loss_sum, _ = forward(engine, rows, device, pad_id)
+        clock.lap("forward_s")
+        engine.backward(loss_sum * scale)  # its gradient reduction is timed apart, as grad_sync_s (time_grad_sync)
+        clock.lap("backward_s")
+        engine.step()
+        clock.lap("optimizer_s")
+        losses.append(loss_sum.item())
+    return losses, step_tokens
 
 
 PHASES = ("forward_s", "backward_s", "grad_sync_s", "optimizer_s")
@@ -397,40 +432,41 @@ def time_grad_sync(engine, clock: StepClock) -> None:
 
 
 class StepAccumulator:
-    """Sums one optimizer step's micro-batch figures; `reduce` averages/sums them over ranks."""
+    """One optimizer step's figures on this rank; `reduce` sums or averages them over ranks."""
 
     def __init__(self):
-        self.loss = self.micro = self.tokens = self.real = self.trained = self.examples = 0.0
-        self.wait_s = 0.0
+        self.tokens = self.real = self.trained = self.examples = 0.0
+        self.loss_sum, self.loss_tokens, self.wait_s = 0.0, 1, 0.0
         self.phases = dict.fromkeys(PHASES, 0.0)
         self.t0 = time.perf_counter()
 
-    def add(self, loss: float, rows: list[dict], examples: int, wait_s: float, phases: dict[str, float]) -> None:
+    def add(self, rows: list[dict], examples: int) -> None:
+        """A micro-batch's token figures."""
         from rayft.training.formats import padded_length
 
         lengths = [len(r["input_ids"]) for r in rows]
-        self.loss += loss
-        self.micro += 1
         self.examples += examples
         self.real += sum(lengths)
         self.tokens += padded_length(max(lengths)) * len(rows)
-        self.trained += sum(int((np.asarray(r["labels"]) != -100).sum()) for r in rows)
-        self.wait_s += wait_s
-        for k, v in phases.items():
-            self.phases[k] += v
+        self.trained += sum(int((np.asarray(r["labels"]) != IGNORE).sum()) for r in rows)
+
+    def finish(self, loss_sum: float, loss_tokens: int, wait_s: float, phases: dict[str, float]) -> None:
+        """The step's summed loss on this rank, the trained tokens of the whole step (all ranks), the data
+        wait and the phase times."""
+        self.loss_sum, self.loss_tokens, self.wait_s, self.phases = loss_sum, max(loss_tokens, 1), wait_s, phases
 
     def reduce(self, device, world: int) -> dict:
         import torch
         import torch.distributed as dist
 
         step_s = time.perf_counter() - self.t0
-        sums = [self.tokens, self.real, self.trained, self.examples]  # summed over ranks
-        means = [self.loss / max(self.micro, 1), self.wait_s, step_s, *self.phases.values()]  # averaged over ranks
+        sums = [self.tokens, self.real, self.trained, self.examples, self.loss_sum]  # summed over ranks
+        means = [self.wait_s, step_s, *self.phases.values()]  # averaged over ranks
         v = torch.tensor(sums + means, dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(v)
             v[len(sums) :] /= world
-        tokens, real, trained, examples, loss, wait_s, step_s, *phases = v.tolist()
+        tokens, real, trained, examples, loss_sum, wait_s, step_s, *phases = v.tolist()
         memory = {}
         if device.type == "cuda":  # the largest any rank has held since the run started
             peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
@@ -438,7 +474,7 @@ class StepAccumulator:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             memory = {"gpu_mem_peak_gib": round(peak.item(), 2)}
         return memory | {
-            "loss": loss,
+            "loss": loss_sum / self.loss_tokens,  # the mean over the step's trained tokens, as eval_loss is
             "examples": int(examples),
             "tokens": int(tokens),
             "nonpad_tokens": int(real),
@@ -465,10 +501,8 @@ def evaluate(engine, shard, size: int, device, pad_id: int) -> dict:
             if not all_ranks_have(item is not None, device):
                 break
             rows, _ = item
-            n = sum(int((np.asarray(r["labels"])[1:] != -100).sum()) for r in rows)
-            total += torch.tensor(
-                [forward(engine, rows, device, pad_id).item() * n, n], dtype=torch.float64, device=device
-            )
+            loss_sum, n = forward(engine, rows, device, pad_id)
+            total += torch.tensor([loss_sum.item(), n], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(total)
     engine.train()
@@ -509,29 +543,58 @@ def load_checkpoint(engine, ckpt_dir: str, lora: bool) -> tuple[int, int, set]:
 
 
 class MetricsLog:
-    """Rank 0's metrics: <run>/metrics.jsonl (the driver tails it for progress) and TensorBoard events."""
+    """Rank 0's metrics: <run>/metrics.jsonl (the driver tails it for progress) and TensorBoard events.
+
+    With the run directory in cloud storage they are written to a local directory and uploaded as they grow
+    (at most every SYNC_S seconds, and at once on events such as a checkpoint or the end); a resumed rank 0
+    first downloads what an earlier one wrote, so the file keeps the whole history."""
+
+    SYNC_S = 1.0
 
     def __init__(self, run_dir: str):
-        os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        from rayft.training import storage
+
+        self.run_dir, self.remote = run_dir, storage.is_remote(run_dir)
+        self.local = tempfile.mkdtemp(prefix="rayft-metrics-") if self.remote else run_dir
+        os.makedirs(self.local, exist_ok=True)
+        self.path = os.path.join(self.local, "metrics.jsonl")
+        if self.remote and storage.exists(storage.join(run_dir, "metrics.jsonl")):
+            storage.download(storage.join(run_dir, "metrics.jsonl"), self.path)
+        self.synced = 0.0
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
         except ImportError:  # pragma: no cover - tensorboardX ships with ray[tune]
             self.tb = None
 
     def event(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._append(record)
+        self.sync(force=True)
 
     def write(self, metrics: dict) -> None:
-        self.event(metrics)
+        self._append(metrics)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, metrics["step"])
             self.tb.flush()
+        self.sync()
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def sync(self, force: bool = False) -> None:
+        """Upload the metrics and TensorBoard events (cloud run directories only)."""
+        if not self.remote or (not force and time.time() - self.synced < self.SYNC_S):
+            return
+        from rayft.training import storage
+
+        storage.upload(self.path, storage.join(self.run_dir, "metrics.jsonl"))
+        if os.path.isdir(os.path.join(self.local, "tensorboard")):
+            storage.upload(os.path.join(self.local, "tensorboard"), storage.join(self.run_dir, "tensorboard"))
+        self.synced = time.time()
 
 
 class NullLog:
