@@ -22,6 +22,25 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def _free_port_early() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Cloud storage in tests is a real S3 API server on 127.0.0.1 (moto's, started by the `s3` fixture). Its address
+# and test credentials are in the environment before any Ray process starts, since Ray's workers (training
+# ranks, data tasks, replicas) inherit the environment of the cluster they belong to.
+S3_PORT = int(os.environ.setdefault("RAYFT_TEST_S3_PORT", str(_free_port_early())))
+os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "rayft-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rayft-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -48,6 +67,46 @@ def ray_local():
     connect(num_cpus=4, dashboard=True)  # the dashboard's state API frees a stopped sweep trial's workers
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1:S3_PORT for the rest of the session (a separate process, ended by pid)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{S3_PORT}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket for one test: s3://rayft-<test name>/ (pyarrow's S3 filesystem creates it)."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    name = "rayft-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}")
+    fs.create_dir(name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

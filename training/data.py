@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from rayft.training import storage
 from rayft.training.config import DataConfig, ModelConfig
 from rayft.training.formats import RowError, TemplateError, normalize, parse_json_line
 
@@ -52,8 +53,9 @@ def resolve_source(spec: str | list[str], what: str) -> Source:
         return Source("saved", paths=[specs[0]])
     files: list[str] = []
     for s in specs:
-        if "://" in s and not s.startswith("file://"):
-            raise DataError(f"{what}: {s!r}: remote URIs other than hf://NAME are not readable here yet")
+        if storage.is_remote(s):
+            files += _remote_files(s, what)
+            continue
         s = s.removeprefix("file://")
         if os.path.isdir(s):
             found = sorted(str(p) for p in Path(s).rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
@@ -75,6 +77,26 @@ def resolve_source(spec: str | list[str], what: str) -> Source:
     return Source("files", paths=files)
 
 
+def _remote_files(spec: str, what: str) -> list[str]:
+    """Files in cloud storage (s3://, gs://, ...): one file, a directory (prefix) or a glob pattern."""
+    try:
+        if any(c in spec for c in "*?["):
+            found = storage.match(spec)
+            if not found:
+                raise DataError(f"{what}: the pattern {spec} matches no files")
+            return found
+        if storage.is_dir(spec):
+            found = [f for f in storage.find_files(spec) if Path(f).suffix.lower() in FILE_TYPES]
+            if not found:
+                raise DataError(f"{what}: {spec} holds no .jsonl/.json/.parquet/.csv files")
+            return found
+        if storage.exists(spec):
+            return [spec]
+    except storage.StorageError as e:
+        raise DataError(f"{what}: {e}") from None
+    raise DataError(f"{what}: not found: {spec}")
+
+
 def _is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
@@ -85,12 +107,12 @@ READ_CHUNK_BYTES = 4 << 20  # JSONL files are read in chunks of about this size,
 def repeat_counts(paths: list[str], repeat: dict[str, int]) -> dict[str, int]:
     """Copies of each file per epoch from data.repeat, whose keys name files by path suffix (a file name
     such as `knowledge.jsonl`, or `facts/knowledge.jsonl`). A key that names no training file is an error."""
-    counts = {os.path.abspath(p): 1 for p in paths}
+    counts = {storage.absolute(p): 1 for p in paths}
     for key, times in repeat.items():
         suffix = "/" + key.strip("/").removeprefix("./")
-        hits = [p for p in counts if p.endswith(suffix) or p == os.path.abspath(key)]
+        hits = [p for p in counts if p.endswith(suffix) or p == storage.absolute(key)]
         if not hits:
-            names = ", ".join(sorted(os.path.basename(p) for p in counts)[:10])
+            names = ", ".join(sorted(storage.basename(p) for p in counts)[:10])
             raise DataError(f"data.repeat: {key!r} names none of the training files ({names})")
         for p in hits:
             counts[p] = times
@@ -103,7 +125,7 @@ def plan_reads(paths: list[str], copies: dict[str, int] | None = None) -> list[d
     actor busy and let the first training batch arrive before a large file is read to its end."""
     items = []
     for path in paths:
-        path = os.path.abspath(path)
+        path = storage.absolute(path)
         for copy in range((copies or {}).get(path, 1)):
             items += _file_reads(path, copy)
     return items
@@ -111,10 +133,10 @@ def plan_reads(paths: list[str], copies: dict[str, int] | None = None) -> list[d
 
 def _file_reads(path: str, copy: int) -> list[dict]:
     items = []
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if FILE_TYPES[Path(path).suffix.lower()] != "jsonl" or size <= READ_CHUNK_BYTES:
         return [{"path": path, "start": 0, "end": size, "line": 1, "copy": copy}]
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         start, line = 0, 1
         while start < size:
             f.seek(min(start + READ_CHUNK_BYTES, size))
@@ -151,7 +173,7 @@ def _iter_file(path: str, start: int, end: int, first_line: int):
     name = path
     kind = FILE_TYPES[Path(path).suffix.lower()]
     if kind == "jsonl" or (kind == "json" and _looks_like_jsonl(path)):
-        with open(path, "rb") as f:
+        with storage.open_binary(path) as f:
             f.seek(start)
             lineno = first_line
             while f.tell() < end:
@@ -163,7 +185,7 @@ def _iter_file(path: str, start: int, end: int, first_line: int):
                     yield f"{name}:{lineno}", text
                 lineno += 1
     elif kind == "json":
-        with open(path, encoding="utf-8") as f:
+        with storage.open_text(path) as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
@@ -177,7 +199,7 @@ def _iter_file(path: str, start: int, end: int, first_line: int):
         for i, row in enumerate(data):
             yield f"{name}[{i}]", json.dumps(row)
     elif kind == "csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with storage.open_text(path, newline="") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield f"{name}:{reader.line_num}", json.dumps(row)
@@ -185,14 +207,14 @@ def _iter_file(path: str, start: int, end: int, first_line: int):
         import pyarrow.parquet as pq
 
         i = 0
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS):
+        for rb in pq.ParquetFile(storage.open_binary(path)).iter_batches(batch_size=READ_BATCH_ROWS):
             for row in rb.to_pylist():
                 yield f"{name} row {i}", json.dumps(row, default=_json_default)
                 i += 1
 
 
 def _looks_like_jsonl(path: str) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with storage.open_text(path) as f:
         head = f.read(1)
         while head and head.isspace():
             head = f.read(1)

@@ -9,13 +9,14 @@ Works offline from any kept checkpoint: DeepSpeed's ZeRO shards are consolidated
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import os
 import shutil
+import tempfile
 from typing import TYPE_CHECKING
 
+from rayft.training import storage
 from rayft.training.loop import DS_TAG, STATE_FILE
 
 if TYPE_CHECKING:
@@ -48,12 +49,19 @@ def export_checkpoint(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the driver's console keeps to rayft's own lines
-    with warnings.catch_warnings():
+    source = ckpt_dir if storage.is_remote(ckpt_dir) else os.path.abspath(ckpt_dir)
+    with warnings.catch_warnings(), storage.local_copy(ckpt_dir) as local_ckpt:
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notices from peft/transformers internals
-        return _export(ckpt_dir, job, out_dir)
+        if not storage.is_remote(out_dir):
+            return _export(local_ckpt, job, out_dir, source)
+        with tempfile.TemporaryDirectory(prefix="rayft-export-") as tmp:
+            _export(local_ckpt, job, os.path.join(tmp, "final"), source)
+            storage.remove(out_dir)
+            storage.upload(os.path.join(tmp, "final"), out_dir)
+    return out_dir
 
 
-def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
+def _export(ckpt_dir: str, job: TrainJob, out_dir: str, source: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +113,7 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
         "base_revision": job.model.revision,  # an adapter is merged into, and served over, this exact base
         "method": job.training.method,
         "merged": bool(lora and job.export.merge),
-        "checkpoint": os.path.abspath(ckpt_dir),
+        "checkpoint": source,
         "step": _checkpoint_step(ckpt_dir),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -117,13 +125,12 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
 
 
 def _checkpoint_step(ckpt_dir: str) -> int | None:
-    for path in glob.glob(os.path.join(ckpt_dir, STATE_FILE.format(rank="*"))):
-        with open(path) as f:
-            return json.load(f)["step"]
+    for path in storage.glob(ckpt_dir, STATE_FILE.format(rank="*")):
+        return json.loads(storage.read_text(path))["step"]
     return None
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int | None, str]]:
-    """(step, path) of every checkpoint kept in a run directory, oldest first."""
-    out = [(_checkpoint_step(p), p) for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p)]
+    """(step, path) of every checkpoint kept in a run directory (local or cloud), oldest first."""
+    out = [(_checkpoint_step(p), p) for p in storage.glob(run_dir, "checkpoint_*") if storage.is_dir(p)]
     return sorted(out, key=lambda x: (x[0] is None, x[0] or 0))

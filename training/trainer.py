@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rayft.training import storage
 from rayft.training.data import DataError, build_datasets, check_rows
 
 if TYPE_CHECKING:
@@ -76,28 +76,27 @@ def check_cluster(job: TrainJob, can_grow: bool = False) -> str | None:
 
 
 def prepare_run_dir(job: TrainJob, restart: bool) -> bool:
-    """Create the run dir; with restart, move an earlier run aside. Returns True when resuming."""
+    """Create the run dir (local, NFS or cloud); with restart, move an earlier run aside. Returns True when
+    resuming."""
     run_dir = job.run_dir
-    if "://" in run_dir:
-        return False  # cloud storage: Ray Train restores from it on its own
-    existed = os.path.isdir(run_dir) and any(os.scandir(run_dir))
-    if existed and restart:
-        aside = f"{run_dir}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(run_dir, aside)
-        existed = False
-    # A dir holding only an evaluation of the base model (rayft eval --base) has nothing to resume.
-    resumable = ("metrics.jsonl", JOB_FILE, "final", "checkpoint_*")
-    existed = existed and any(glob.glob(os.path.join(run_dir, pattern)) for pattern in resumable)
     try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        existed = bool(storage.listdir(run_dir))
+        if existed and restart:
+            storage.move_aside(run_dir, f"{run_dir.rstrip('/')}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+            existed = False
+        # A dir holding only an evaluation of the base model (rayft eval --base) has nothing to resume.
+        resumable = ("metrics.jsonl", JOB_FILE, "final", "checkpoint_*")
+        existed = existed and any(storage.glob(run_dir, pattern) for pattern in resumable)
+        storage.makedirs(run_dir)
+        probe = storage.join(run_dir, ".write-test")
+        storage.write_text(probe, "ok")
+        storage.remove(probe)
     except OSError as e:
         raise TrainError(
-            f"cannot write to the run directory {run_dir}: {e.strerror}; set run.storage_path to a writable place"
+            f"cannot write to the run directory {run_dir}: {e.strerror or e}; set run.storage_path to a writable place"
         ) from None
+    except storage.StorageError as e:
+        raise TrainError(f"{e}; set run.storage_path to a place this machine can write") from None
     return existed
 
 
@@ -108,11 +107,10 @@ def save_job(job: TrainJob) -> None:
     """The resolved job file, kept with the run: `rayft export` and a later resume read it."""
     import yaml
 
-    if "://" in job.run_dir:
-        return
-    with open(os.path.join(job.run_dir, JOB_FILE), "w") as f:
-        f.write("# The resolved job file of this run (written by rayft train).\n")
-        yaml.safe_dump(job.model_dump(mode="json"), f, sort_keys=False)
+    text = yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    storage.write_text(
+        storage.join(job.run_dir, JOB_FILE), "# The resolved job file of this run (written by rayft train).\n" + text
+    )
 
 
 def read_again(job: TrainJob, split: str, rows: int) -> bool:
@@ -205,7 +203,7 @@ def run_training(
     )
     if on_event:
         on_event({"event": "planned", "total_steps": total_steps, "train_rows": train_rows, "resuming": resuming})
-    tail = MetricsTail(os.path.join(job.run_dir, "metrics.jsonl"), on_event) if on_event else None
+    tail = MetricsTail(storage.join(job.run_dir, "metrics.jsonl"), on_event) if on_event else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the worker's message
@@ -217,17 +215,13 @@ def run_training(
         raise TrainError(f"training failed: {_root_message(result.error)}")
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint
-    final_dir = os.path.join(job.run_dir, "final")
-    if ckpt is not None:
-        with ckpt.as_directory() as ckpt_dir:
-            export_checkpoint(ckpt_dir, job, final_dir)
+    final_dir = storage.join(job.run_dir, "final")
+    ckpt_path = storage.join(job.run_dir, storage.basename(ckpt.path)) if ckpt is not None else None
+    if ckpt_path is not None:
+        export_checkpoint(ckpt_path, job, final_dir)
     plot_losses(job.run_dir)
     return TrainResult(
-        job.run_dir,
-        int(metrics.get("step", total_steps)),
-        final_dir if ckpt else None,
-        metrics,
-        ckpt.path if ckpt else None,
+        job.run_dir, int(metrics.get("step", total_steps)), final_dir if ckpt else None, metrics, ckpt_path
     )
 
 
@@ -240,14 +234,22 @@ def _root_message(e: BaseException) -> str:
 
 
 class MetricsTail:
-    """Follows <run>/metrics.jsonl (written by rank 0) in a thread and hands each record to a callback."""
+    """Follows <run>/metrics.jsonl (written by rank 0, local or in cloud storage) in a thread and hands each
+    record to a callback."""
 
-    def __init__(self, path: str, callback: Callable[[dict], None], interval_s: float = 0.5):
-        self.path, self.callback, self.interval_s = path, callback, interval_s
-        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+    def __init__(self, path: str, callback: Callable[[dict], None], interval_s: float | None = None):
+        self.path, self.callback = path, callback
+        self.interval_s = interval_s or (2.0 if storage.is_remote(path) else 0.5)
+        self.offset = len(self._read())
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _read(self) -> bytes:
+        try:
+            return storage.read_bytes(self.path)
+        except (FileNotFoundError, storage.StorageError):
+            return b""
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -256,14 +258,10 @@ class MetricsTail:
         self._poll()
 
     def _poll(self) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
+        chunk = self._read()[self.offset :]
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode().splitlines():
             try:
                 self.callback(json.loads(line))
             except (ValueError, KeyError):
@@ -271,15 +269,15 @@ class MetricsTail:
 
     def stop(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=10)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    try:
+        text = storage.read_text(storage.join(run_dir, "metrics.jsonl"))
+    except FileNotFoundError:
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot_losses(run_dir: str) -> str | None:
@@ -301,11 +299,13 @@ def plot_losses(run_dir: str) -> str | None:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(os.path.basename(run_dir.rstrip("/")))
+    ax.set_title(storage.basename(run_dir))
     ax.grid(alpha=0.3)
     ax.legend()
-    out = os.path.join(run_dir, "loss.png")
+    out = storage.join(run_dir, "loss.png")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(out, image.getvalue())
     return out
