@@ -98,14 +98,13 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
-    """A fresh bucket for one test: s3://rayft-<test name>/ (pyarrow's S3 filesystem creates it)."""
+    """A fresh bucket for one test, s3://rayft-<test name>/ (created as an operator would, with boto3)."""
     import re
 
-    import pyarrow.fs as pafs
+    import boto3
 
-    name = "rayft-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}")
-    fs.create_dir(name)
+    name = "rayft-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
 
 

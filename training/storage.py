@@ -13,6 +13,7 @@ import fnmatch
 import io
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -144,10 +145,35 @@ def match(pattern: str) -> list[str]:
     # The part before the first wildcard is listed; the rest is matched against each file's path.
     cut = min(i for i, c in enumerate(pattern) if c in "*?[")
     root = pattern[: pattern.rfind("/", 0, cut) + 1]
-    regex = fnmatch.translate(pattern).replace(".*", "[^/]*").replace("[^/]*[^/]*", ".*")
-    import re
+    regex = re.compile(_glob_regex(pattern))
+    return [f for f in find_files(root) if regex.fullmatch(f)]
 
-    return [f for f in find_files(root) if re.match(regex, f)]
+
+def _glob_regex(pattern: str) -> str:
+    """`**/` = any number of directories, `*` and `?` = within one path segment, `[...]` = a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
 
 
 def exists(path: str) -> bool:

@@ -1,0 +1,129 @@
+"""Run directories and data in cloud storage, against a real S3 API server on 127.0.0.1 (moto's), through the
+same pyarrow filesystems users run: nothing is patched, and nothing may land in a local directory named `s3:`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICKSTART, chat, write_jsonl
+from rayft.training import storage
+
+
+def test_files_and_trees_round_trip_through_the_bucket(s3_bucket, tmp_path):
+    root = storage.join(s3_bucket, "runs", "r1")
+    storage.write_text(storage.join(root, "job.yaml"), "a: 1\n")
+    assert storage.read_text(storage.join(root, "job.yaml")) == "a: 1\n"
+    assert storage.exists(root) and storage.is_dir(root) and not storage.exists(storage.join(root, "nope"))
+
+    tree = tmp_path / "ckpt"
+    (tree / "ds").mkdir(parents=True)
+    (tree / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"w" * 1000)
+    (tree / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 5000)
+    (tree / "trainer_state_rank0.json").write_text('{"step": 3}')
+    storage.upload(str(tree), storage.join(root, "checkpoint_1"))
+    assert storage.listdir(root) == ["checkpoint_1", "job.yaml"]
+    assert storage.glob(root, "checkpoint_*") == [storage.join(root, "checkpoint_1")]
+    state = storage.join(root, "checkpoint_1", "trainer_state_rank0.json")
+    assert storage.match(f"{s3_bucket}/runs/**/*.json") == [state]
+
+    # A download can leave out what it does not need (the optimizer states of a checkpoint, for an export).
+    with storage.local_copy(storage.join(root, "checkpoint_1"), skip=("*optim_states*",)) as local:
+        got = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+        assert got == ["ds/mp_rank_00_model_states.pt", "trainer_state_rank0.json"]
+    assert not os.path.exists(local)  # the temporary copy is gone
+
+    with storage.open_binary(state) as f:
+        f.seek(1)
+        assert f.readline() == b'"step": 3}'
+
+    storage.move_aside(root, root + ".prev")  # --restart on an object store: copy, then delete
+    assert not storage.exists(root) and storage.listdir(root + ".prev") == ["checkpoint_1", "job.yaml"]
+
+
+def test_a_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(storage.StorageError, match=r"cannot write s3://no-such-bucket-here/x: .*bucket.*credentials"):
+        storage.write_text("s3://no-such-bucket-here/x", "x")
+    with pytest.raises(FileNotFoundError):
+        storage.read_text("s3://no-such-bucket-here/x")
+
+
+def test_data_in_the_bucket_gives_the_same_rows_and_tokens(s3_bucket, ray_local):
+    from rayft.training.config import DataConfig, ModelConfig
+    from rayft.training.data import DataError, check_rows, tokenized
+
+    for name in ("train.jsonl", "eval.jsonl"):
+        storage.upload(str(QUICKSTART / name), storage.join(s3_bucket, "data", name))
+    model = ModelConfig()
+    local = DataConfig(train=str(QUICKSTART / "train.jsonl"), eval=str(QUICKSTART / "eval.jsonl"), shuffle=False)
+    remote = DataConfig(train=f"{s3_bucket}/data/train.jsonl", eval=f"{s3_bucket}/data/*.jsonl", shuffle=False)
+    assert {k: v.rows for k, v in check_rows(remote).items()} == {"train": 1200, "eval": 1200 + 170}
+
+    def tokens(data):
+        return [list(r["input_ids"]) for r in tokenized(model, data, "train").take_all()]
+
+    assert tokens(remote) == tokens(local)
+    with pytest.raises(DataError, match=r"data.train: not found: s3://.*/data/missing.jsonl"):
+        check_rows(DataConfig(train=f"{s3_bucket}/data/missing.jsonl"))
+    with pytest.raises(DataError, match=r"data.train: the pattern s3://.*/nothing/\*.jsonl matches no files"):
+        check_rows(DataConfig(train=f"{s3_bucket}/nothing/*.jsonl"))
+
+
+@pytest.mark.slow
+def test_a_run_in_the_bucket_keeps_every_artifact_there(s3_bucket, ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """2 workers, LoRA, data read from the bucket, run dir in the bucket: job.yaml, the metrics the driver
+    followed, TensorBoard, loss.png, the checkpoints and final/ are all in the bucket, and --restart moves the
+    run aside there."""
+    from rayft.cluster.config import load_config
+    from rayft.training.export import list_checkpoints
+    from rayft.training.trainer import prepare_run_dir, read_metrics, run_training
+
+    monkeypatch.chdir(tmp_path)  # where a local file API handed "s3://..." would create a directory "s3:"
+    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(32)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    storage.upload(str(tmp_path / "train.jsonl"), f"{s3_bucket}/data/train.jsonl")
+    (tmp_path / "train.jsonl").unlink()
+    training = {"method": "lora", "lr": 5e-3, "micro_batch_size": 2, "global_batch_size": 4, "max_steps": 4}
+    job_text = (
+        f"model: {{name: {tiny_model_dir}}}\n"
+        f"data: {{train: {s3_bucket}/data/train.jsonl, eval_fraction: 0.2, max_seq_len: 128}}\n"
+        f"training: {json.dumps(training | {'checkpoint_every_steps': 2, 'eval_every_steps': 2})}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: cloud, storage_path: {s3_bucket}/runs}}\n"
+    )
+    (tmp_path / "job.yaml").write_text(job_text)
+    job = load_config(tmp_path / "job.yaml")
+    assert job.run_dir == f"{s3_bucket}/runs/cloud"
+    seen: list[dict] = []
+    result = run_training(job, on_event=seen.append)
+
+    assert result.steps == 4 and result.final_dir == f"{s3_bucket}/runs/cloud/final"
+    names = storage.listdir(job.run_dir)
+    assert {"job.yaml", "metrics.jsonl", "tensorboard", "loss.png", "final"} <= set(names), names
+    assert load_config_text(storage.read_text(storage.join(job.run_dir, "job.yaml")))["run"]["name"] == "cloud"
+    records = read_metrics(job.run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert records[-1]["event"] == "end" and any("eval_loss" in r for r in records)
+    assert [r["step"] for r in seen if "loss" in r] == [1, 2, 3, 4]  # the driver followed the bucket's copy
+    assert storage.glob(storage.join(job.run_dir, "tensorboard"), "events.out.tfevents.*")
+    assert len(storage.read_bytes(storage.join(job.run_dir, "loss.png"))) > 1000
+    assert [step for step, _ in list_checkpoints(job.run_dir)] == [2, 4]
+    final = storage.listdir(result.final_dir)
+    assert {"adapter", "config.json", "rayft_export.json"} <= set(final), final
+    info = json.loads(storage.read_text(storage.join(result.final_dir, "rayft_export.json")))
+    assert info["step"] == 4 and info["checkpoint"].startswith(f"{s3_bucket}/runs/cloud/checkpoint_")
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # nothing written through local APIs
+
+    assert prepare_run_dir(job, restart=True) is False  # --restart: the earlier run is moved aside, in the bucket
+    aside = [n for n in storage.listdir(storage.join(s3_bucket, "runs")) if n.startswith("cloud.prev-")]
+    assert len(aside) == 1 and "final" in storage.listdir(storage.join(s3_bucket, "runs", aside[0]))
+    assert storage.listdir(job.run_dir) == []
+
+
+def load_config_text(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
