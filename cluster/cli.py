@@ -302,23 +302,25 @@ def print_eval_report(report: dict) -> None:
 
 
 def export_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by rayft train.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by rayft train (local or s3://, gs://).")],
     checkpoint: Annotated[
         int | None, typer.Option("--checkpoint", help="Step of the kept checkpoint to export (default: latest).")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: RUN_DIR/final).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="Output directory (default: RUN_DIR/final).")] = None,
 ) -> None:
     """Re-export a run's model (LoRA adapter + merged model, or full model) from a kept checkpoint."""
+    from rayft.training import storage
     from rayft.training.export import ExportError, export_checkpoint, list_checkpoints
     from rayft.training.trainer import JOB_FILE
 
     with _user_errors():
-        job_file = run_dir / JOB_FILE
-        if not job_file.is_file():
+        job_file = storage.join(run_dir, JOB_FILE)
+        if not storage.exists(job_file):
             err.print(f"[bold red]export error[/] {run_dir} has no {JOB_FILE}; is it a rayft run directory?")
             raise typer.Exit(2)
-        cfg = _load(job_file, None)
-        kept = list_checkpoints(str(run_dir))
+        with storage.local_copy(job_file) as local_job:
+            cfg = _load(Path(local_job), None)
+        kept = list_checkpoints(run_dir)
         if not kept:
             err.print(f"[bold red]export error[/] {run_dir} has no checkpoints")
             raise typer.Exit(1)
@@ -331,7 +333,7 @@ def export_cmd(
                 err.print(f"[bold red]export error[/] no checkpoint at step {checkpoint}; kept steps: {steps}")
                 raise typer.Exit(2)
             step, path = match[0]
-        target = str(out_dir or run_dir / "final")
+        target = out_dir or storage.join(run_dir, "final")
         try:
             export_checkpoint(path, cfg, target)
         except ExportError as e:

@@ -32,9 +32,13 @@ def _user_errors():
     from rayft.cluster.jobs import JobsError
     from rayft.training.data import DataError
     from rayft.training.models import ModelError
+    from rayft.training.storage import StorageError
 
     try:
         yield
+    except StorageError as e:
+        err.print(f"[bold red]storage error[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
     except ConfigError as e:
         err.print(f"[bold red]config error[/] {escape(e.render())}", highlight=False)
         raise typer.Exit(2) from None

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from rayft.training import storage
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -124,6 +126,7 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        model_path = storage.cached(model_path)  # a model in cloud storage: one copy per node, shared by replicas
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device)), revision=revision

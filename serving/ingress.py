@@ -30,6 +30,7 @@ from rayft.serving.openai_api import (
     validation_error,
 )
 from rayft.serving.spec import ServeSpec, hash_key, validate_adapter
+from rayft.training import storage
 
 access_log = logging.getLogger("ray.serve.rayft.access")
 
@@ -132,8 +133,9 @@ class Ingress:
         self.model = model
         self.name = spec.model_name
         self.created = int(time.time())
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path, revision=spec.revision)
-        config = AutoConfig.from_pretrained(spec.model_path, revision=spec.revision)
+        local = storage.cached(spec.model_path)  # a model in cloud storage: the node's copy
+        self.tokenizer = AutoTokenizer.from_pretrained(local, revision=spec.revision)
+        config = AutoConfig.from_pretrained(local, revision=spec.revision)
         self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.adapters: dict[str, str] = dict(spec.adapters)  # grows with /admin/adapters
         self.adapter_roots: list[str] = list(spec.adapter_roots)

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayft.serving.config import ADAPTER_NAME, ServeConfig
+from rayft.training import storage
 
 KEY_HASH = re.compile(r"^[0-9a-f]{64}$")
 # What the vLLM app (Ray Serve LLM's own ingress and engine) takes from `serve:`. Every other setting belongs
@@ -175,11 +176,15 @@ def build_spec(
                 "serve.engine is vllm but vllm is not installed here; install it on the GPU nodes "
                 "(pip install 'ray[llm]') or use serve.engine: transformers"
             )
-    path = Path(run_dir or target).expanduser()
+    where = run_dir or target
     try:
-        model = resolve_inference_model(str(path) if run_dir or path.exists() else target)
-    except ModelError as e:
-        if run_dir and not Path(run_dir, "final").is_dir():
+        if storage.is_remote(where):  # a model or run dir in cloud storage: each replica copies it to its node
+            model = resolve_inference_model(where)
+        else:
+            path = Path(where).expanduser()
+            model = resolve_inference_model(str(path) if run_dir or path.exists() else target)
+    except (ModelError, storage.StorageError) as e:
+        if run_dir and not storage.is_dir(storage.join(run_dir, "final")):
             raise ServeError(f"run {run_dir} has no final/ export yet: train it first (rayft train {target})") from None
         raise ServeError(str(e)) from None
     if model.adapter:
@@ -188,7 +193,7 @@ def build_spec(
             f"(rayft serve BASE --adapter NAME={target}), or export the run with export.merge: true, so that final/ "
             "holds the merged model"
         )
-    hub_model = not Path(model.path).is_dir()
+    hub_model = not (storage.is_remote(model.path) or Path(model.path).is_dir())
     if revision and not hub_model:
         raise ServeError(
             f"revision {revision!r} applies to hub models only; {model.path} is a local directory (one version)"
@@ -234,7 +239,10 @@ def _api_keys(cfg: ServeConfig, given: list[str] | None) -> tuple[list[str], lis
 
 def _default_name(target: str, run_dir: str | None) -> str:
     if run_dir:
-        return Path(run_dir).name
+        return storage.basename(run_dir)
+    if storage.is_remote(target):
+        name = storage.basename(target)
+        return storage.basename(target.rstrip("/").rsplit("/", 1)[0]) if name == "final" else name
     p = Path(target)
     if p.is_dir():
         return p.resolve().name if p.resolve().name != "final" else p.resolve().parent.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "rayft-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rayft-test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Models and adapters copied from the bucket go to a cache of this session's own, not the user's ~/.cache.
+os.environ.setdefault("RAYFT_REMOTE_CACHE", tempfile.mkdtemp(prefix="rayft-test-remote-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICKSTART, chat, write_jsonl
+from conftest import QUICKSTART, chat, rayft_cli, write_jsonl
 from rayft.training import storage
 
 
@@ -73,10 +73,12 @@ def test_data_in_the_bucket_gives_the_same_rows_and_tokens(s3_bucket, ray_local)
 
 
 @pytest.mark.slow
-def test_a_run_in_the_bucket_keeps_every_artifact_there(s3_bucket, ray_local, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_run_in_the_bucket_keeps_every_artifact_there(
+    s3_bucket, ray_local, serve_port, tiny_model_dir, tmp_path, monkeypatch
+):
     """2 workers, LoRA, data read from the bucket, run dir in the bucket: job.yaml, the metrics the driver
-    followed, TensorBoard, loss.png, the checkpoints and final/ are all in the bucket, and --restart moves the
-    run aside there."""
+    followed, TensorBoard, loss.png, the checkpoints and final/ are all in the bucket; rayft export, rayft eval
+    and rayft serve work on it there; --restart moves the run aside there."""
     from rayft.cluster.config import load_config
     from rayft.training.export import list_checkpoints
     from rayft.training.trainer import prepare_run_dir, read_metrics, run_training
@@ -117,10 +119,52 @@ def test_a_run_in_the_bucket_keeps_every_artifact_there(s3_bucket, ray_local, ti
     assert info["step"] == 4 and info["checkpoint"].startswith(f"{s3_bucket}/runs/cloud/checkpoint_")
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # nothing written through local APIs
 
+    # rayft export of a kept checkpoint, from the bucket to the bucket
+    step2 = f"{s3_bucket}/exports/step2"
+    r = rayft_cli("export", job.run_dir, "--checkpoint", "2", "--out", step2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(storage.read_text(storage.join(step2, "rayft_export.json")))["step"] == 2
+
+    # rayft eval of the run: the eval rows come from the bucket, each eval actor copies the model to its node,
+    # and the report and predictions are written to the run dir in the bucket
+    from rayft.training.evaluate import run_eval
+
+    report = run_eval(load_config(tmp_path / "job.yaml", ["eval.max_new_tokens=4", "eval.replicas=1"]))
+    assert set(report["models"]) == {"base", "finetuned"} and report["files"]["json"].startswith(s3_bucket)
+    assert {"report.json", "report.md", "predictions-finetuned.jsonl"} <= set(
+        storage.listdir(storage.join(job.run_dir, "eval"))
+    )
+
+    # rayft serve of the run: the spec names the bucket, the replica loads its node's copy
+    serve_the_run(job, serve_port)
+
     assert prepare_run_dir(job, restart=True) is False  # --restart: the earlier run is moved aside, in the bucket
     aside = [n for n in storage.listdir(storage.join(s3_bucket, "runs")) if n.startswith("cloud.prev-")]
     assert len(aside) == 1 and "final" in storage.listdir(storage.join(s3_bucket, "runs", aside[0]))
     assert storage.listdir(job.run_dir) == []
+
+
+def serve_the_run(job, port: int) -> None:
+    from openai import OpenAI
+    from ray import serve
+
+    from rayft.serving.deploy import APP_NAME, deploy
+    from rayft.serving.spec import build_spec
+
+    cache = Path(storage.cache_dir())  # the suite's own (conftest), so that runs never share copies
+    try:
+        spec = build_spec(job.run_dir, job.serve, run_dir=job.run_dir, storage_path=job.run.storage_path)
+        assert spec.model_path == f"{job.run_dir}/final" and spec.model_name == "cloud"
+        base = deploy(spec.with_serve(port=port))
+        reply = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120).chat.completions.create(
+            model="cloud", messages=[{"role": "user", "content": "Ticket 001: my lamp is broken"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content is not None
+        key = storage.tree_fingerprint(spec.model_path)
+        copies = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("final-") and p.name.endswith(key)]
+        assert len(copies) == 1 and (copies[0] / "config.json").is_file()  # eval actors and the replica: one copy
+    finally:
+        serve.delete(APP_NAME)
 
 
 def load_config_text(text: str) -> dict:

@@ -12,9 +12,9 @@ generation settings change.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rayft.training import storage
 from rayft.training.data import DataError
 from rayft.training.formats import words
 from rayft.training.inference import InferenceConfig, InferenceModel, run_inference
@@ -194,6 +195,9 @@ def fingerprint(model: InferenceModel, rows: list[dict], icfg: InferenceConfig) 
     h = hashlib.blake2b(digest_size=12)
     for part in (model.path, model.adapter or ""):
         h.update(part.encode())
+        if storage.is_remote(part):
+            h.update(storage.tree_fingerprint(part).encode())  # names, sizes and times of every file
+            continue
         for f in ("config.json", "model.safetensors", "adapter_model.safetensors"):
             p = Path(part) / f if part else None
             if p is not None and p.is_file():
@@ -206,19 +210,19 @@ def fingerprint(model: InferenceModel, rows: list[dict], icfg: InferenceConfig) 
 
 
 def predictions_path(eval_dir: str, label: str) -> str:
-    return os.path.join(eval_dir, f"predictions-{label}.jsonl")
+    return storage.join(eval_dir, f"predictions-{label}.jsonl")
 
 
 def load_predictions(eval_dir: str, label: str, expected: str) -> list[dict] | None:
-    """Saved predictions of `label`, if they were made with the same fingerprint."""
-    path = predictions_path(eval_dir, label)
-    if not os.path.isfile(path):
+    """Saved predictions of `label` (local or in cloud storage), if they were made with the same fingerprint."""
+    try:
+        lines = storage.read_text(predictions_path(eval_dir, label)).splitlines()
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        header = json.loads(f.readline() or "{}")
-        if header.get("fingerprint") != expected:
-            return None
-        return [json.loads(line) for line in f if line.strip()]
+    header = json.loads(lines[0] if lines else "{}")
+    if header.get("fingerprint") != expected:
+        return None
+    return [json.loads(line) for line in lines[1:] if line.strip()]
 
 
 def predict(
@@ -240,14 +244,8 @@ def predict(
     done = run_inference(rows, model, icfg, on_rows)
     keep = ("split", "source", "prompt", "reference", "answer", "prediction", "ref_nll", "ref_tokens")
     out = [{k: r[k] for k in keep} for r in done]
-    os.makedirs(eval_dir, exist_ok=True)
     header = {"fingerprint": fp, "model": model.describe(), "seconds": round(time.perf_counter() - t0, 1)}
-    tmp = predictions_path(eval_dir, label) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(header) + "\n")
-        for r in out:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, predictions_path(eval_dir, label))
+    storage.write_text(predictions_path(eval_dir, label), "".join(json.dumps(r) + "\n" for r in [header, *out]))
     return out, False
 
 
@@ -275,15 +273,12 @@ def build_report(eval_dir: str, predictions: dict[str, list[dict]], models: dict
         "examples": examples,
         "rows": len(next(iter(predictions.values()))),
     }
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(os.path.join(eval_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(eval_dir, "report.md"), "w") as f:
-        f.write(render_markdown(report))
-    plot = plot_metrics(report, os.path.join(eval_dir, "metrics.png"))
+    storage.write_text(storage.join(eval_dir, "report.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join(eval_dir, "report.md"), render_markdown(report))
+    plot = plot_metrics(report, storage.join(eval_dir, "metrics.png"))
     report["files"] = {
-        "json": os.path.join(eval_dir, "report.json"),
-        "markdown": os.path.join(eval_dir, "report.md"),
+        "json": storage.join(eval_dir, "report.json"),
+        "markdown": storage.join(eval_dir, "report.md"),
         "plot": plot,
     }
     return report
@@ -399,8 +394,10 @@ def plot_metrics(report: dict, path: str) -> str | None:
     ax.set_title("base vs finetuned, per evaluation split")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, image.getvalue())
     return path
 
 
@@ -429,7 +426,7 @@ def resolve_models(job, model: str | None = None, base_only: bool = False) -> di
     if base_only:
         return models
     target = model or job.run_dir
-    if model is None and not os.path.isdir(os.path.join(job.run_dir, "final")):
+    if model is None and not storage.is_dir(storage.join(job.run_dir, "final")):
         raise ModelError(
             f"no finetuned model to evaluate: {job.run_dir} has no final/ export. Train first "
             "(rayft train CONFIG), pass --model PATH_OR_RUN_DIR, or evaluate the base model alone with --base"
@@ -451,7 +448,7 @@ def run_eval(
     models = models or resolve_models(job, model, base_only)
     rows = eval_rows(job, job.eval.max_rows)
     icfg = inference_config(job)
-    eval_dir = os.path.join(job.run_dir, EVAL_DIR)
+    eval_dir = storage.join(job.run_dir, EVAL_DIR)
     predictions, timings = {}, {}
     for label, m in models.items():
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayft.training import storage
 from rayft.training.config import EvalConfig
 from rayft.training.models import ModelError
 
@@ -45,6 +46,8 @@ def resolve_inference_model(name: str, base_model: str | None = None, revision: 
     """
     from rayft.training.models import resolve_model
 
+    if storage.is_remote(name):
+        return _resolve_remote(name, base_model, revision)
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "final").is_dir():
         path = path / "final"  # a run directory
@@ -67,16 +70,53 @@ def resolve_inference_model(name: str, base_model: str | None = None, revision: 
     return InferenceModel(name, resolved, revision=revision)
 
 
+def _resolve_remote(name: str, base_model: str | None, revision: str | None) -> InferenceModel:
+    """A model, adapter or run directory in cloud storage. It stays a URI here: whoever loads it (an eval actor,
+    a serving replica) takes a node-local copy (storage.cached), so no node reads another's disk."""
+    from rayft.training.models import resolve_model
+
+    uri = name.rstrip("/")
+    try:
+        names = set(storage.listdir(uri))
+        if "config.json" not in names and "final" in names:
+            uri, names = storage.join(uri, "final"), set(storage.listdir(storage.join(uri, "final")))
+    except storage.StorageError as e:
+        raise ModelError(str(e)) from None
+    if not names:
+        raise ModelError(f"{name}: nothing there; give a model, adapter or run directory in the bucket")
+    if not names & set(TOKENIZER_FILES):
+        raise ModelError(f"model directory {uri} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if "config.json" in names:
+        return InferenceModel(name, uri)
+    if "adapter_config.json" not in names:
+        raise ModelError(
+            f"{uri} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a run "
+            "directory with a final/ export"
+        )
+    recorded, recorded_revision = _recorded_base(
+        json.loads(storage.read_text(storage.join(uri, "adapter_config.json"))),
+        [storage.join(uri, "rayft_export.json"), storage.join(uri.rsplit("/", 1)[0], "rayft_export.json")],
+    )
+    base = base_model or recorded
+    if base is None:
+        raise ModelError(f"{uri} is a LoRA adapter; say which base model it belongs to (model.name)")
+    return InferenceModel(name, resolve_model(base), uri, revision or recorded_revision)
+
+
+def _recorded_base(peft: dict, records: list[str]) -> tuple[str | None, str | None]:
+    base, revision = peft.get("base_model_name_or_path") or None, peft.get("revision") or None
+    for candidate in records:
+        if storage.exists(candidate):
+            info = json.loads(storage.read_text(candidate))
+            return info.get("base_model") or base, info.get("base_revision") or revision
+    return base, revision
+
+
 def adapter_base(adapter_dir: Path) -> tuple[str | None, str | None]:
     """(base model, hub revision) a LoRA adapter dir was trained on: rayft's export record (rayft_export.json),
     else PEFT's adapter config."""
     peft = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base, revision = peft.get("base_model_name_or_path") or None, peft.get("revision") or None
-    for candidate in (adapter_dir / "rayft_export.json", adapter_dir.parent / "rayft_export.json"):
-        if candidate.is_file():
-            info = json.loads(candidate.read_text())
-            return info.get("base_model") or base, info.get("base_revision") or revision
-    return base, revision
+    return _recorded_base(peft, [str(adapter_dir / "rayft_export.json"), str(adapter_dir.parent / "rayft_export.json")])
 
 
 def _need_tokenizer(path: Path) -> None:
@@ -98,14 +138,13 @@ def load_for_inference(model: InferenceModel, use_gpu: bool = False, dtype: str 
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, resolve_dtype(dtype, device))
-    tokenizer = AutoTokenizer.from_pretrained(
-        model.adapter or model.path, revision=None if model.adapter else model.revision
-    )
-    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=dtype, revision=model.revision)
-    if model.adapter:
+    path, adapter = storage.cached(model.path), model.adapter and storage.cached(model.adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or path, revision=None if adapter else model.revision)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=model.revision)
+    if adapter:
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(lm, model.adapter).merge_and_unload()
+        lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -386,3 +386,53 @@ def move_aside(path: str, dest: str) -> None:
         fs.delete_dir(p)
     except OSError as e:
         raise _where(path, "move aside", e) from None
+
+
+def tree_fingerprint(path: str) -> str:
+    """A short hash of every file's name, size and modification time under `path`: it changes when a file
+    is rewritten (a re-export to the same place), so a cached copy is never stale."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    except OSError as e:
+        raise _where(path, "list", e) from None
+    h = hashlib.sha256()
+    for i in sorted(infos, key=lambda i: i.path):
+        if i.type == pafs.FileType.File:
+            h.update(f"{i.path}\0{i.size}\0{i.mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    return os.environ.get("RAYFT_REMOTE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rayft", "remote")
+
+
+def cached(path: str) -> str:
+    """A local copy of the model or adapter directory at `path`, downloaded once per machine: every replica
+    and evaluation actor on a node shares it (a lock file keeps concurrent first uses to one download). A
+    local `path` is returned as it is."""
+    if not is_remote(path):
+        return path
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha256(path.encode()).hexdigest()[:12]
+    target = os.path.join(cache_dir(), f"{basename(path)}-{key}-{tree_fingerprint(path)}")
+    if os.path.isdir(target):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(target):
+            tmp = tempfile.mkdtemp(prefix=".download-", dir=cache_dir())
+            try:
+                download(path, tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return target

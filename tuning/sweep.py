@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rayft.training import storage
 from rayft.tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
 from rayft.tuning.space import apply_params, edge_values, space_problems, tune_space
 
@@ -332,7 +333,7 @@ def generation_scores(job: TrainJob) -> dict:
         icfg, replicas=min(icfg.replicas, s.num_workers), cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker)
     )
     model = resolve_inference_model(job.run_dir, base_model=job.model.name, revision=job.model.revision)
-    predictions, _ = predict(model, rows, icfg, os.path.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
+    predictions, _ = predict(model, rows, icfg, storage.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
     return {k: v for k, v in score(predictions).items() if k in GENERATION_METRICS and v is not None}
 
 
