@@ -177,6 +177,30 @@ def rayft_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
     return CliResult(r.exit_code, r.stdout, r.stderr)
 
 
+def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out.put((rank, fn(rank, world, *args)))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args) -> list:
+    """fn(rank, world, *args) in `world` fresh processes joined in a gloo process group, as Ray Train's
+    workers are (real DeepSpeed, no Ray); returns each rank's result, in rank order. fn must be importable."""
+    import torch.multiprocessing as mp
+
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank_main, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn")
+    results = dict(out.get() for _ in range(world))
+    return [results[r] for r in range(world)]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Rows may be dicts (dumped as JSON) or raw strings (written as-is, for malformed lines)."""
     with open(path, "w") as f:

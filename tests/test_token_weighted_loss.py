@@ -4,12 +4,10 @@ loss and the same gradient norm as a plain PyTorch reference (real DeepSpeed ZeR
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import run_ranks
 
 # Four packed rows (two examples each) whose trained lengths differ by up to 40x: a mean of per-micro-batch
 # means would weigh the 3-token row like the 120-token one.
@@ -35,19 +33,14 @@ def packed_rows(vocab: int) -> list[dict]:
 LAYOUTS = {1: [(1, 4, 1), (1, 1, 4)], 2: [(2, 2, 1), (2, 1, 2)]}
 
 
-def _run_layouts(rank: int, world: int, port: int, model_dir: str, out) -> None:
-    """One rank: for each layout of this world size, build the engine, take one optimizer step, report."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)
+def _run_layouts(rank: int, world: int, model_dir: str) -> list[tuple[float, int, float]]:
+    """One rank: for each layout of this world size, build the engine and take one optimizer step."""
     import torch
     import torch.distributed as dist
 
     from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
     from rayft.training.loop import LoopConfig, StepClock, build_engine, build_model, train_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
     for _, micro, accum in LAYOUTS[world]:
         training = TrainingConfig(
@@ -73,19 +66,11 @@ def _run_layouts(rank: int, world: int, port: int, model_dir: str, out) -> None:
         dist.all_reduce(total)
         results.append((total.item() / tokens, tokens, float(engine.get_global_grad_norm())))
         engine.destroy()
-    if rank == 0:
-        out.put(results)
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 def run_world(world: int, model_dir) -> list[tuple[float, int, float]]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_run_layouts, args=(world, free_port(), str(model_dir), out), nprocs=world, start_method="spawn")
-    return out.get()
+    return run_ranks(_run_layouts, world, str(model_dir))[0]
 
 
 def reference(model_dir) -> tuple[float, int, float]:

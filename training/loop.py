@@ -149,6 +149,7 @@ def build_model(cfg: LoopConfig):
 
     precision = resolve_precision(cfg.training, cfg.use_gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    sharded_from_the_start(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(cfg.model.name),
         dtype=dtype,
@@ -166,6 +167,23 @@ def build_model(cfg: LoopConfig):
         if cfg.training.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+_ZERO3: list = []  # the live HfDeepSpeedConfig of this worker's ZeRO-3 run (transformers holds it weakly)
+
+
+def sharded_from_the_start(cfg: LoopConfig) -> None:
+    """With ZeRO-3, make from_pretrained partition each parameter across the ranks as it loads (DeepSpeed's
+    zero.Init, which transformers enters while an HfDeepSpeedConfig is alive): no rank ever holds the whole
+    model, in host memory or on its GPU. The config is the run's own DeepSpeed config, concrete values only."""
+    if cfg.training.zero_stage != 3:
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from rayft.training.ds_config import build_ds_config
+
+    ds_config = build_ds_config(cfg.training, cfg.training.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
+    _ZERO3[:] = [HfDeepSpeedConfig(ds_config)]
 
 
 # Causal LMs whose forward is exactly decoder -> lm_head -> shifted cross-entropy (no logit scaling,
