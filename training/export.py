@@ -28,7 +28,9 @@ class ExportError(Exception):
 
 
 def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
-    """fp32 weights from a DeepSpeed checkpoint (only the trained ones for LoRA)."""
+    """The weights of a DeepSpeed checkpoint (only the trained ones for LoRA). Under ZeRO the values are
+    DeepSpeed's lazy tensors: each is assembled from the ranks' fp32 partitions only when it is copied into
+    the model (load_weights), so the driver never holds a second, whole fp32 copy of the model."""
     import torch
 
     tag_dir = os.path.join(ckpt_dir, DS_TAG)
@@ -39,7 +41,25 @@ def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=DS_TAG, exclude_frozen_parameters=lora)
+    return get_fp32_state_dict_from_zero_checkpoint(
+        ckpt_dir, tag=DS_TAG, exclude_frozen_parameters=lora, lazy_mode=True
+    )
+
+
+def load_weights(model, state: dict) -> tuple[list[str], list[str]]:
+    """Copy `state` into the model's own tensors one weight at a time (cast to the model's dtype), like
+    load_state_dict(strict=False); returns (missing, unexpected) names."""
+    import torch
+
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in own:
+                tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
+                own[name].copy_(tensor.view(own[name].shape))
+                del tensor
+    return [k for k in own if k not in state], unexpected
 
 
 def export_checkpoint(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
@@ -74,25 +94,27 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str, source: str) -> str:
         state = consolidated_state_dict(ckpt_dir, job.training.zero_stage, lora)
     if not state:
         raise ExportError(f"{ckpt_dir}: the checkpoint holds no weights")
+    precision = job.export.dtype if job.export.dtype != "auto" else resolve_precision(job.training, job.scaling.use_gpu)
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
+        precision, torch.float32
+    )
+    # The base loads in the exported dtype: the trained weights are cast as they are copied in, and LoRA merges in
+    # the model's dtype (PEFT keeps the adapter itself in fp32), so no fp32 copy of the whole model is made.
     base_path = resolve_model(job.model.name)
     model = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=torch.float32, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision
+        base_path, dtype=dtype, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision
     )
     if lora:
         model = apply_lora(model, job.training)
         model.peft_config["default"].revision = job.model.revision  # PEFT's own record of the base's revision
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = load_weights(model, state)
+    del state
     if unexpected:
         raise ExportError(f"{ckpt_dir}: checkpoint weights the model does not have: {unexpected[:5]}")
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     not_loaded = sorted(trained & set(missing))
     if not_loaded:
         raise ExportError(f"{ckpt_dir}: checkpoint lacks trained weights: {not_loaded[:5]}")
-
-    precision = job.export.dtype if job.export.dtype != "auto" else resolve_precision(job.training, job.scaling.use_gpu)
-    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(
-        precision, torch.float32
-    )
     tokenizer = load_tokenizer(job.model.name, job.model.revision)
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
