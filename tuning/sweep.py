@@ -75,6 +75,11 @@ def check_sweep(job: SweepJob) -> list[str]:
         )
     problems += shape_problems(sw)
     problems += space_problems(job)
+    if storage.is_remote(job.run.storage_path):
+        problems.append(
+            f"run.storage_path {job.run.storage_path}: sweeps do not keep their leaderboard in cloud storage yet; "
+            "use a local path or an NFS mount every node sees (single runs may use s3:// and gs://)"
+        )
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
     t = job.training
     known = list(STEP_METRICS) + (list(EVAL_METRICS + GENERATION_METRICS) if has_eval else [])
