@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,9 +30,18 @@ def set_dotted(raw: dict, path: str, value: Any) -> bool:
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+    """Base for every config section: unknown keys are errors, values are checked on assignment. A key an
+    earlier rayft had is refused with what replaced it (RETIRED: key -> message)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    RETIRED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        for key in cls.RETIRED.keys() & (data.keys() if isinstance(data, dict) else set()):
+            raise ValueError(cls.RETIRED[key])
+        return data
 
 
 class ModelConfig(Section):
@@ -43,27 +52,17 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (only for models you trust).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_dtype(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "dtype" in data:
-            raise ValueError(
-                "model.dtype is not a setting (rayft 0.1 documented it but never read it): the weights train in "
-                "training.precision, are exported in export.dtype, and run in eval.dtype / serve.dtype"
-            )
-        return data
+    RETIRED: ClassVar[dict[str, str]] = {
+        "dtype": "model.dtype is not a setting (rayft 0.1 documented it but never read it): the weights train in "
+        "training.precision, are exported in export.dtype, and run in eval.dtype / serve.dtype"
+    }
 
 
 class DataConfig(Section):
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "tokenizer_actors" in data:
-            raise ValueError(
-                "data.tokenizer_actors is now data.tokenizer_tasks: tokenizing runs as Ray tasks whose worker "
-                "processes keep the tokenizer loaded (rayft 0.2); rename the key"
-            )
-        return data
+    RETIRED: ClassVar[dict[str, str]] = {
+        "tokenizer_actors": "data.tokenizer_actors is now data.tokenizer_tasks: tokenizing runs as Ray tasks whose "
+        "worker processes keep the tokenizer loaded (rayft 0.2); rename the key"
+    }
 
     train: str | list[str] = Field(
         ...,
