@@ -171,3 +171,83 @@ def load_config_text(text: str) -> dict:
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_a_rank_resuming_from_the_bucket_fetches_only_its_own_partition(s3_bucket, tmp_path):
+    from types import SimpleNamespace
+
+    from rayft.training.loop import checkpoint_files
+
+    ckpt = tmp_path / "checkpoint_000"
+    (ckpt / "ds").mkdir(parents=True)
+    files = ["ds/mp_rank_00_model_states.pt", "trainer_state_rank0.json", "trainer_state_rank1.json"]
+    files += [f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    for f in files:
+        (ckpt / f).write_text(f)
+    run_dir = f"{s3_bucket}/runs/r"
+    storage.upload(str(ckpt), f"{run_dir}/checkpoint_000")
+    checkpoint = SimpleNamespace(path=f"{s3_bucket.removeprefix('s3://')}/runs/r/checkpoint_000")  # Ray's form
+
+    def fetched(rank: int, world: int) -> list[str]:
+        with checkpoint_files(checkpoint, run_dir, rank, world) as local:
+            return sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+
+    common = ["ds/mp_rank_00_model_states.pt", "trainer_state_rank0.json", "trainer_state_rank1.json"]
+    assert fetched(1, 2) == sorted([*common, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+    assert fetched(0, 2) == sorted([*common, "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+    assert fetched(0, 3) == sorted(files)  # the number of ranks changed: every partition is needed
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_model_dir, tmp_path):
+    """ZeRO-2 LoRA with the run dir in the bucket: a worker killed after a checkpoint; the restarted group
+    resumes from the bucket's checkpoint and the epoch's examples are each trained once."""
+    import signal
+    import threading
+    import time
+
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(96)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    training = {"method": "lora", "lr": 5e-3, "micro_batch_size": 4, "global_batch_size": 8, "epochs": 1}
+    (tmp_path / "job.yaml").write_text(
+        f"model: {{name: {tiny_model_dir}}}\n"
+        "data: {train: train.jsonl, max_seq_len: 128}\n"
+        f"training: {json.dumps(training | {'checkpoint_every_steps': 3, 'zero_stage': 2})}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: killed, storage_path: {s3_bucket}/runs, max_failures: 2}}\n"
+    )
+    job = load_config(tmp_path / "job.yaml")
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
+    thread.start()
+
+    def committed() -> list:
+        try:
+            snapshot = storage.read_text(storage.join(job.run_dir, "checkpoint_manager_snapshot.json"))
+        except FileNotFoundError:
+            return []
+        return json.loads(snapshot).get("checkpoint_results", [])
+
+    deadline = time.time() + 600
+    while not (committed() and any(r.get("step", 0) >= 4 for r in read_metrics(job.run_dir) if "loss" in r)):
+        assert time.time() < deadline, "no committed checkpoint and step 4 in the bucket"
+        time.sleep(0.2)
+    start = next(r for r in read_metrics(job.run_dir) if r.get("event") == "start")
+    os.kill(start["pids"][1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in box, "training did not finish after a worker was killed"
+    starts = [r for r in read_metrics(job.run_dir) if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 3
+    assert box["result"].steps == 12
+    from rayft.training.export import list_checkpoints
+
+    step, last = list_checkpoints(job.run_dir)[-1]
+    assert step == 12
+    consumed: set[int] = set()
+    for state in storage.glob(last, "trainer_state_rank*.json"):
+        consumed.update(json.loads(storage.read_text(state))["consumed"])
+    assert len(consumed) == 96  # every example of the epoch trained, none twice
+    assert "config.json" in storage.listdir(box["result"].final_dir)

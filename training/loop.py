@@ -8,6 +8,7 @@ files (DeepSpeed writes one file set per rank) and Ray merges them into one dire
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -60,7 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
     step, epoch, consumed = 0, 0, set()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with checkpoint_files(checkpoint, cfg.run_dir, rank, world) as ckpt_dir:
             step, epoch, consumed = load_checkpoint(engine, ckpt_dir, lora=t.method == "lora")
     log = MetricsLog(cfg.run_dir) if rank == 0 else NullLog()
     pids, nodes = gather_workers(world)  # recorded so operators (and the failure tests) can find each worker
@@ -541,6 +542,27 @@ def report_with_checkpoint(engine, metrics: dict, step: int, epoch: int, consume
         with open(os.path.join(tmp, STATE_FILE.format(rank=rank)), "w") as f:
             json.dump({"step": step, "epoch": epoch, "consumed": sorted(consumed)}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint, run_dir: str, rank: int, world: int):
+    """This rank's local view of a checkpoint to resume from. On a local or shared filesystem, the directory
+    itself. In cloud storage, a download of what this rank reads: the model states, every rank's data
+    position and its own ZeRO partition, not the other ranks' (each is 1/world of the optimizer states;
+    all of them are fetched only when the number of ranks changed)."""
+    from rayft.training import storage
+
+    if not storage.is_remote(run_dir):
+        with checkpoint.as_directory() as local:
+            yield local
+        return
+    uri = storage.join(run_dir, storage.basename(checkpoint.path))
+    saved = storage.glob(storage.join(uri, DS_TAG), "*zero_pp_rank_*_mp_rank_*_optim_states.pt")
+    skip: tuple[str, ...] = ()
+    if len(saved) == world:
+        skip = tuple(f"{DS_TAG}/*zero_pp_rank_{k}_mp_rank_*" for k in range(world) if k != rank)
+    with storage.local_copy(uri, skip=skip) as local:
+        yield local
 
 
 def load_checkpoint(engine, ckpt_dir: str, lora: bool) -> tuple[int, int, set]:
