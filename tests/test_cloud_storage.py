@@ -209,7 +209,8 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     from rayft.cluster.config import load_config
     from rayft.training.trainer import read_metrics, run_training
 
-    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(96)]
+    # 48 steps: the bucket's copy of the metrics lags by up to a second, so the kill needs a wide window
+    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(384)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     training = {"method": "lora", "lr": 5e-3, "micro_batch_size": 4, "global_batch_size": 8, "epochs": 1}
     (tmp_path / "job.yaml").write_text(
@@ -241,13 +242,13 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     assert "result" in box, "training did not finish after a worker was killed"
     starts = [r for r in read_metrics(job.run_dir) if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 3
-    assert box["result"].steps == 12
+    assert box["result"].steps == 48
     from rayft.training.export import list_checkpoints
 
     step, last = list_checkpoints(job.run_dir)[-1]
-    assert step == 12
+    assert step == 48
     consumed: set[int] = set()
     for state in storage.glob(last, "trainer_state_rank*.json"):
         consumed.update(json.loads(storage.read_text(state))["consumed"])
-    assert len(consumed) == 96  # every example of the epoch trained, none twice
+    assert len(consumed) == 384  # every example of the epoch trained, none twice
     assert "config.json" in storage.listdir(box["result"].final_dir)

@@ -153,6 +153,18 @@ def _checkpoint_step(ckpt_dir: str) -> int | None:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int | None, str]]:
-    """(step, path) of every checkpoint kept in a run directory (local or cloud), oldest first."""
-    out = [(_checkpoint_step(p), p) for p in storage.glob(run_dir, "checkpoint_*") if storage.is_dir(p)]
+    """(step, path) of every complete checkpoint kept in a run directory (local or cloud), oldest first.
+
+    Complete: registered by Ray Train (its checkpoint_manager_snapshot.json), when the run has that record. A
+    directory a killed worker left half-written is never offered for export."""
+    try:
+        snapshot = json.loads(storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
+        committed = {c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        committed = None
+    out = []
+    for path in storage.glob(run_dir, "checkpoint_*"):
+        if committed is not None and storage.basename(path) not in committed or not storage.is_dir(path):
+            continue
+        out.append((_checkpoint_step(path), path))
     return sorted(out, key=lambda x: (x[0] is None, x[0] or 0))
