@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def _free_port_early() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -34,7 +34,7 @@ def _free_port_early() -> int:
 # Cloud storage in tests is a real S3 API server on 127.0.0.1 (moto's, started by the `s3` fixture). Its address
 # and test credentials are in the environment before any Ray process starts, since Ray's workers (training
 # ranks, data tasks, replicas) inherit the environment of the cluster they belong to.
-S3_PORT = int(os.environ.setdefault("RAYFT_TEST_S3_PORT", str(_free_port_early())))
+S3_PORT = int(os.environ.setdefault("RAYFT_TEST_S3_PORT", str(free_port())))
 os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{S3_PORT}")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "rayft-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "rayft-test")
@@ -115,14 +115,6 @@ def s3_bucket(s3_server, request):
 def serve_port():
     """The HTTP port of the suite's Ray Serve (Serve keeps the port it first started with)."""
     return free_port()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
