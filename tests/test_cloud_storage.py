@@ -225,12 +225,10 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
     thread.start()
 
+    from rayft.training.export import committed_checkpoints, list_checkpoints
+
     def committed() -> list:
-        try:
-            snapshot = storage.read_text(storage.join(job.run_dir, "checkpoint_manager_snapshot.json"))
-        except FileNotFoundError:
-            return []
-        return json.loads(snapshot).get("checkpoint_results", [])
+        return committed_checkpoints(job.run_dir) or []
 
     deadline = time.time() + 600
     while not (committed() and any(r.get("step", 0) >= 4 for r in read_metrics(job.run_dir) if "loss" in r)):
@@ -243,8 +241,6 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     starts = [r for r in read_metrics(job.run_dir) if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 3
     assert box["result"].steps == 48
-    from rayft.training.export import list_checkpoints
-
     step, last = list_checkpoints(job.run_dir)[-1]
     assert step == 48
     consumed: set[int] = set()

@@ -133,10 +133,9 @@ def step_reached(run_dir: str, step: int):
 
 
 def committed_checkpoints(run_dir: str) -> list:
-    try:
-        return json.loads(Path(run_dir, "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
-        return []
+    from rayft.training.export import committed_checkpoints as registered
+
+    return registered(run_dir) or []
 
 
 def consumed_in(checkpoint: str) -> set[int]:

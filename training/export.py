@@ -152,16 +152,23 @@ def _checkpoint_step(ckpt_dir: str) -> int | None:
     return None
 
 
+def committed_checkpoints(run_dir: str) -> list[dict] | None:
+    """Ray Train's record of the checkpoints it registered (checkpoint_dir_name, metrics), from the run
+    directory (local or cloud); None when the run has no such record yet."""
+    try:
+        snapshot = json.loads(storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
+        return [c for c in snapshot.get("checkpoint_results", []) if "checkpoint_dir_name" in c]
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+
+
 def list_checkpoints(run_dir: str) -> list[tuple[int | None, str]]:
     """(step, path) of every complete checkpoint kept in a run directory (local or cloud), oldest first.
 
     Complete: registered by Ray Train (its checkpoint_manager_snapshot.json), when the run has that record. A
     directory a killed worker left half-written is never offered for export."""
-    try:
-        snapshot = json.loads(storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
-        committed = {c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])}
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        committed = None
+    results = committed_checkpoints(run_dir)
+    committed = None if results is None else {c["checkpoint_dir_name"] for c in results}
     out = []
     for path in storage.glob(run_dir, "checkpoint_*"):
         if committed is not None and storage.basename(path) not in committed or not storage.is_dir(path):
