@@ -139,12 +139,18 @@ def peak_matmul(n: int, use_gpu: bool) -> float:
     import torch
 
     if not use_gpu:
+        # A peak is the best rate seen: the best of 10 timed rounds of 5 products each, after 3 warm-ups,
+        # so that a moment of contention on a shared CPU does not lower the denominator.
         a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        t0 = time.perf_counter()
         for _ in range(3):
             a @ b
-        return 2 * n**3 * 3 / (time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(10):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 * 5 / best
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
