@@ -192,6 +192,12 @@ class ExportConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of exported weights; auto = the dtype the model was trained in."
     )
+    max_shard_gb: float = Field(
+        5.0,
+        gt=0,
+        description="Largest safetensors file of an exported full model (GB); larger models are split into shards "
+        "with an index.",
+    )
 
 
 class EvalConfig(Section):
