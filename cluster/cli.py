@@ -125,12 +125,60 @@ def train(
     restart: Annotated[
         bool, typer.Option("--restart", help="Start over: move an earlier run of the same name aside.")
     ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the memory plan (per GPU and per node) and exit; starts nothing.")
+    ] = False,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory",
+            metavar="GiB",
+            help="With --dry-run: memory per GPU (default: the GPUs of the --address cluster, else this machine's).",
+            show_default=False,
+        ),
+    ] = None,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--host-memory",
+            metavar="GiB",
+            help="With --dry-run: host RAM per node (default: the --address cluster's nodes, else this machine's).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Finetune with Ray Train + DeepSpeed; resumes an interrupted run of the same name."""
     with _user_errors():
         cfg = _load(config, set_)
+        if dry_run:
+            _dry_run(cfg, address, gpu_memory, host_memory)
+            return
+        if gpu_memory is not None or host_memory is not None:
+            err.print("[bold red]usage error[/] --gpu-memory and --host-memory go with --dry-run (the memory plan)")
+            raise typer.Exit(2)
         result = _train(cfg, address, restart)
     _print_train_summary(result)
+
+
+def _dry_run(cfg, address: str | None, gpu_memory: float | None, host_memory: float | None) -> None:
+    """Print the job's memory plan; exit 1 when it will not fit. Ray is joined only with --address (to read the
+    cluster's GPUs and RAM), never started."""
+    from rayft.training.memory_plan import PlanError, estimate
+
+    if address:
+        from rayft.cluster.runtime import connect
+
+        with err.status("joining the Ray cluster to read its resources", spinner="dots"):
+            connect(address)  # with an address, ray.init joins that cluster and starts none
+    with err.status("estimating memory from the model's config", spinner="dots"):
+        try:
+            plan = estimate(cfg, gpu_memory_gib=gpu_memory, host_memory_gib=host_memory)
+        except PlanError as e:
+            err.print(f"[bold red]plan error[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(2) from None
+    out.print(plan.render(), markup=False, highlight=False, soft_wrap=True)
+    if plan.fits is False:
+        raise typer.Exit(1)
 
 
 def _train(cfg, address: str | None, restart: bool):
