@@ -1,6 +1,6 @@
 """Run every CPU benchmark in bench/ in one go, then print the Summary table they rewrote (`make bench`).
 
-    python bench/run_all.py            # the full runs, under 20 minutes on 2 idle cores
+    python bench/run_all.py            # the full runs, about 35 minutes on 2 idle cores
     python bench/run_all.py --quick    # smoke versions (about 3 minutes), written to bench/out/RESULTS-quick.md
 
 Each benchmark runs in its own process, one after the other, so none shares the cores with another.
@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# In the order they run: the data pipeline first, then training, serving, and sweeps (the slowest to start).
-BENCHMARKS = ("data_pipeline", "train_throughput", "serve_load", "sweep_overhead")
+# In the order they run: the data pipeline first, then training and its memory, serving, and sweeps (the slowest
+# to start).
+BENCHMARKS = ("data_pipeline", "train_throughput", "memory_scaling", "serve_load", "sweep_overhead")
 QUICK_RESULTS = ROOT / "bench" / "out" / "RESULTS-quick.md"
 
 

@@ -53,6 +53,11 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    import deepspeed  # noqa: F401  (imported before the baseline below, as transformers and peft are)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    host_start = host_rss()  # the worker process before any weight exists
 
     # ---- setup
     model = build_model(cfg)
@@ -101,7 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
             acc.finish(sum(losses), step_tokens, wait_s, clock.take())
             step += 1
             steps_this_epoch += 1
-            metrics = acc.reduce(device, world) | {
+            metrics = acc.reduce(device, world, host_start) | {
                 "step": step,
                 "epoch": epoch,
                 "lr": engine.get_lr()[0],
@@ -115,6 +120,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.write(metrics)
             want_ckpt = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not is_last
             if want_ckpt:
+                log.sync(force=True)  # the bucket's history reaches this step before a resume can start from it
                 report_with_checkpoint(engine, metrics | last_eval, step, epoch, consumed, rank, t.method == "lora")
             elif step % t.log_every_steps == 0 or (evaluated and not is_last):  # every eval reaches Train (and Tune)
                 ray.train.report(metrics)
@@ -132,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
         final |= evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
         log.write(final)
     report_with_checkpoint(engine, final, step, epoch, consumed, rank, t.method == "lora")
-    log.event({"event": "end", "step": step})
+    log.event({"event": "end", "step": step, **memory_peaks(device, host_start)})  # the final save included
     if dist.is_initialized():
         dist.barrier()
 
@@ -279,6 +285,8 @@ def build_engine(model, cfg: LoopConfig):
 
     t = cfg.training
     ds_config = build_ds_config(t, t.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
+    if t.zero_stage == 3:
+        bound_gathered_weights(ds_config, model, t.ds_config)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -289,6 +297,23 @@ def build_engine(model, cfg: LoopConfig):
     if t.method == "lora":
         engine.module_state_dict = types.MethodType(_trainable_module_state_dict, engine)
     return engine
+
+
+def bound_gathered_weights(ds_config: dict, model, user: dict) -> None:
+    """ZeRO-3 gathers each layer's weights for its forward and backward. DeepSpeed keeps gathered weights it
+    will use again soon, up to 1e9 parameters per rank: for any model below that size every rank ends up
+    holding the whole model, and adding ranks no longer divides the memory. Here the weights a rank keeps
+    gathered are bounded by its own share of the model (DeepSpeed's 1e9 still caps larger models). A value
+    set in training.ds_config wins."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    share = int(min(1e9, max(total // world, 1)))
+    zero = ds_config["zero_optimization"]
+    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        if key not in user.get("zero_optimization", {}):
+            zero[key] = share
 
 
 def _trainable_module_state_dict(engine, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
@@ -450,6 +475,50 @@ def time_grad_sync(engine, clock: StepClock) -> None:
     engine.allreduce_gradients = timed
 
 
+def host_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def host_peak_rss() -> int:
+    """The largest resident set this process has had, in bytes: Linux's VmHWM, which starts afresh when the
+    process execs (getrusage's ru_maxrss does not: a child forked from a large process inherits its peak)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_peaks(device, host_start: int) -> dict:
+    """The largest any rank has held since the run started: GPU memory, and the host memory of the worker
+    process (its peak resident set, and that peak above the process's size before the model loaded)."""
+    import torch
+    import torch.distributed as dist
+
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    host = host_peak_rss()
+    peaks = torch.tensor([gpu / 2**30, host / 2**30, (host - host_start) / 2**30], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    gpu_gib, host_gib, host_above_gib = peaks.tolist()
+    memory = {"host_mem_peak_gib": round(host_gib, 3), "host_mem_peak_above_start_gib": round(host_above_gib, 3)}
+    if device.type == "cuda":
+        memory["gpu_mem_peak_gib"] = round(gpu_gib, 2)
+    return memory
+
+
 class StepAccumulator:
     """One optimizer step's figures on this rank; `reduce` sums or averages them over ranks."""
 
@@ -474,7 +543,8 @@ class StepAccumulator:
         wait and the phase times."""
         self.loss_sum, self.loss_tokens, self.wait_s, self.phases = loss_sum, max(loss_tokens, 1), wait_s, phases
 
-    def reduce(self, device, world: int) -> dict:
+    def reduce(self, device, world: int, host_start: int = 0) -> dict:
+        """The step's figures over all ranks; host_start: this process's resident bytes before the model."""
         import torch
         import torch.distributed as dist
 
@@ -486,13 +556,7 @@ class StepAccumulator:
             dist.all_reduce(v)
             v[len(sums) :] /= world
         tokens, real, trained, examples, loss_sum, wait_s, step_s, *phases = v.tolist()
-        memory = {}
-        if device.type == "cuda":  # the largest any rank has held since the run started
-            peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            memory = {"gpu_mem_peak_gib": round(peak.item(), 2)}
-        return memory | {
+        return memory_peaks(device, host_start) | {
             "loss": loss_sum / self.loss_tokens,  # the mean over the step's trained tokens, as eval_loss is
             "examples": int(examples),
             "tokens": int(tokens),
@@ -642,6 +706,9 @@ class NullLog:
         pass
 
     def write(self, metrics: dict) -> None:
+        pass
+
+    def sync(self, force: bool = False) -> None:
         pass
 
 
