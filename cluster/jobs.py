@@ -403,16 +403,15 @@ def wait_ended(c, job_id: str, wait_s: float) -> str:
 def run_summary(run_dir: str) -> dict | None:
     """The last metrics and the final model of a run dir, read from its storage (a local or NFS path, or a
     cloud URI through pyarrow's filesystems). None when the run dir cannot be read from here."""
-    import json
+    from rayft.training import storage
+    from rayft.training.trainer import read_metrics
 
     try:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else os.path.abspath(run_dir))
-        with fs.open_input_stream(f"{path}/metrics.jsonl") as f:
-            records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-        final = fs.get_file_info(f"{path}/final").type == pafs.FileType.Directory
-    except Exception:
+        records = read_metrics(run_dir)
+        final = storage.is_dir(storage.join(run_dir, "final"))
+    except Exception:  # unreachable storage, missing credentials: the summary is left out, not an error
+        return None
+    if not records and not final:
         return None
     steps = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -420,5 +419,5 @@ def run_summary(run_dir: str) -> dict | None:
         "step": steps[-1]["step"] if steps else 0,
         "loss": steps[-1]["loss"] if steps else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "final": f"{run_dir.rstrip('/')}/final" if final else None,
+        "final": storage.join(run_dir, "final") if final else None,
     }

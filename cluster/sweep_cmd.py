@@ -83,4 +83,6 @@ def print_leaderboard(result) -> None:
         return
     out.print(f"  best         {result.best.trial}: {result.metric} {_fmt(result.best.metric)}")
     out.print(f"  rerun it     rayft train {d}/best.yaml")
-    out.print(f"  serve it     rayft serve {d}/best")
+    from rayft.tuning.sweep import best_model
+
+    out.print(f"  serve it     rayft serve {best_model(d, result.best)}")

@@ -118,6 +118,10 @@ def test_a_run_in_the_bucket_keeps_every_artifact_there(
     info = json.loads(storage.read_text(storage.join(result.final_dir, "rayft_export.json")))
     assert info["step"] == 4 and info["checkpoint"].startswith(f"{s3_bucket}/runs/cloud/checkpoint_")
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # nothing written through local APIs
+    from rayft.cluster.jobs import run_summary  # what `rayft jobs status` shows of a submitted run
+
+    summary = run_summary(job.run_dir)
+    assert summary["step"] == 4 and summary["final"] == result.final_dir and summary["eval_loss"] > 0
 
     # rayft export of a kept checkpoint, from the bucket to the bucket
     step2 = f"{s3_bucket}/exports/step2"
@@ -198,6 +202,30 @@ def test_a_rank_resuming_from_the_bucket_fetches_only_its_own_partition(s3_bucke
     assert fetched(0, 3) == sorted(files)  # the number of ranks changed: every partition is needed
 
 
+def epoch_job(tmp_path: Path, model_dir, runs: str, name: str, run_extra: str = "") -> Path:
+    """A 2-worker LoRA job of one epoch over 384 ticket rows (48 steps, a checkpoint every 3): the bucket's copy
+    of the metrics lags by up to a second, so a kill needs a wide window."""
+    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(384)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    training = {"method": "lora", "lr": 5e-3, "micro_batch_size": 4, "global_batch_size": 8, "epochs": 1}
+    (tmp_path / "job.yaml").write_text(
+        f"model: {{name: {model_dir}}}\n"
+        "data: {train: train.jsonl, max_seq_len: 128}\n"
+        f"training: {json.dumps(training | {'checkpoint_every_steps': 3, 'zero_stage': 2})}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: {name}, storage_path: {runs}{', ' + run_extra if run_extra else ''}}}\n"
+    )
+    return tmp_path / "job.yaml"
+
+
+def consumed_in(checkpoint: str) -> set[int]:
+    """The examples a checkpoint (local or in the bucket) records as trained in its epoch, every rank's."""
+    ids: set[int] = set()
+    for state in storage.glob(checkpoint, "trainer_state_rank*.json"):
+        ids.update(json.loads(storage.read_text(state))["consumed"])
+    return ids
+
+
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_model_dir, tmp_path):
     """ZeRO-2 LoRA with the run dir in the bucket: a worker killed after a checkpoint; the restarted group
@@ -209,18 +237,7 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     from rayft.cluster.config import load_config
     from rayft.training.trainer import read_metrics, run_training
 
-    # 48 steps: the bucket's copy of the metrics lags by up to a second, so the kill needs a wide window
-    rows = [chat(f"Ticket {i:03d}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(384)]
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    training = {"method": "lora", "lr": 5e-3, "micro_batch_size": 4, "global_batch_size": 8, "epochs": 1}
-    (tmp_path / "job.yaml").write_text(
-        f"model: {{name: {tiny_model_dir}}}\n"
-        "data: {train: train.jsonl, max_seq_len: 128}\n"
-        f"training: {json.dumps(training | {'checkpoint_every_steps': 3, 'zero_stage': 2})}\n"
-        "scaling: {num_workers: 2}\n"
-        f"run: {{name: killed, storage_path: {s3_bucket}/runs, max_failures: 2}}\n"
-    )
-    job = load_config(tmp_path / "job.yaml")
+    job = load_config(epoch_job(tmp_path, tiny_model_dir, f"{s3_bucket}/runs", "killed", "max_failures: 2"))
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
     thread.start()
@@ -243,8 +260,118 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     assert box["result"].steps == 48
     step, last = list_checkpoints(job.run_dir)[-1]
     assert step == 48
-    consumed: set[int] = set()
-    for state in storage.glob(last, "trainer_state_rank*.json"):
-        consumed.update(json.loads(storage.read_text(state))["consumed"])
-    assert len(consumed) == 384  # every example of the epoch trained, none twice
+    assert len(consumed_in(last)) == 384  # every example of the epoch trained, none twice
     assert "config.json" in storage.listdir(box["result"].final_dir)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_rerun_and_resumes_from_the_bucket(s3_bucket, tiny_model_dir, tmp_path):
+    """`rayft train` (its own local Ray) killed with SIGKILL mid-run, as a lost head or a stopped job's driver
+    is; the same command again resumes from the last checkpoint in the bucket and finishes the planned steps,
+    and every example of the epoch is trained once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rayft.cluster.config import load_config
+    from rayft.training.export import committed_checkpoints, list_checkpoints
+    from rayft.training.trainer import read_metrics
+
+    job = load_config(epoch_job(tmp_path, tiny_model_dir, f"{s3_bucket}/runs", "driver"))
+    cmd = [sys.executable, "-m", "rayft", "train", "job.yaml"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (
+            committed_checkpoints(job.run_dir) and any(r.get("step", 0) >= 4 for r in read_metrics(job.run_dir))
+        ):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.time() < deadline, "no committed checkpoint and step 4 in the bucket"
+            time.sleep(0.2)
+        os.kill(first.pid, signal.SIGKILL)  # the driver only: its local Ray shares its fate
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    kept = max(c["metrics"]["step"] for c in committed_checkpoints(job.run_dir))
+    assert kept < 48
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in again.stdout + again.stderr
+    starts = [r for r in read_metrics(job.run_dir) if r.get("event") == "start"]
+    # from the last checkpoint committed (one being committed as the driver died may count too)
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= kept and starts[1]["step"] % 3 == 0
+    # the history is whole: the bucket had every step's record up to the checkpoint the run resumed from
+    assert {r["step"] for r in read_metrics(job.run_dir) if "loss" in r} == set(range(1, 49))
+    step, last = list_checkpoints(job.run_dir)[-1]
+    assert step == 48
+    assert len(consumed_in(last)) == 384
+    assert "config.json" in storage.listdir(f"{job.run_dir}/final")
+
+
+@pytest.mark.slow
+def test_a_sweep_in_the_bucket_keeps_its_leaderboard_there_and_resumes_from_it(
+    s3_bucket, ray_local, tiny_model_dir, tmp_path, monkeypatch
+):
+    """2 trials, 2 at once, everything in the bucket: the trials' run dirs and models, the leaderboard, the
+    plot, best.yaml and best.json; the same command again resumes from Tune's state in the bucket without
+    training anything again; --restart moves the sweep aside there."""
+    import yaml
+
+    from rayft.cluster.config import load_config
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
+    from rayft.tuning.sweep import best_model, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(16)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    storage.upload(str(tmp_path / "train.jsonl"), f"{s3_bucket}/data/train.jsonl")
+    doc = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"train": f"{s3_bucket}/data/train.jsonl", "eval_fraction": 0.25, "max_seq_len": 128},
+        "training": {"micro_batch_size": 2, "global_batch_size": 4, "max_steps": 3, "eval_every_steps": 3},
+        "scaling": {"num_workers": 1},
+        "run": {"name": "tiny", "storage_path": f"{s3_bucket}/runs"},
+        "sweep": {
+            "name": "lr",
+            "space": {"training.lr": {"grid": [5e-3, 1e-8]}},
+            "num_samples": 1,  # one pass over the grid
+            "max_concurrent_trials": 2,
+            "scheduler": {"type": "fifo"},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    job = load_config(tmp_path / "job.yaml")
+    result = run_sweep(job)
+
+    root = f"{s3_bucket}/runs/lr"
+    assert result.sweep_dir == root and [r.status for r in result.rows] == ["completed", "completed"]
+    assert result.best.params["training.lr"] == 5e-3 and result.best.run_dir.startswith(f"{root}/runs/")
+    names = set(storage.listdir(root))
+    assert {"results.csv", "results.md", "results.png", "best.yaml", "best.json", "rayft-version", "runs"} <= names
+    assert result.best.trial in storage.read_text(f"{root}/results.csv").splitlines()[1]
+    best = json.loads(storage.read_text(f"{root}/best.json"))
+    assert best["model"] == f"{result.best.run_dir}/final" and best["value"] == result.best.metric
+    rerun = yaml.safe_load(storage.read_text(f"{root}/best.yaml"))
+    assert rerun["training"]["lr"] == 5e-3 and rerun["run"] == {**rerun["run"], "name": "lr-best"}
+    spec = build_spec(best_model(root, result.best), ServeConfig())  # what the sweep tells users to serve
+    assert spec.model_path == best["model"]
+    for r in result.rows:
+        assert "final" in storage.listdir(r.run_dir)
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
+
+    stamps = {r.trial: storage.tree_fingerprint(f"{r.run_dir}/final") for r in result.rows}
+    again = run_sweep(job)  # the same command: Tune's state in the bucket says every trial has ended
+    assert again.resumed and sorted(r.status for r in again.rows) == ["completed", "completed"]
+    assert {r.trial: storage.tree_fingerprint(f"{r.run_dir}/final") for r in again.rows} == stamps
+
+    from rayft.tuning.sweep import sweep_dir
+
+    doc["sweep"]["space"]["training.lr"]["grid"] = [5e-3]  # one trial: --restart starts afresh
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    aside = run_sweep(load_config(tmp_path / "one.yaml"), restart=True)
+    assert [n for n in storage.listdir(f"{s3_bucket}/runs") if n.startswith("lr.prev-")]
+    assert sweep_dir(job) == root and len(aside.rows) == 1 and not aside.resumed

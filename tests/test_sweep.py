@@ -82,14 +82,6 @@ def test_space_paths_bounds_and_metric_are_checked_together(tmp_path):
     assert len(problems) == 6, problems
 
 
-def test_a_sweep_in_cloud_storage_is_refused_before_it_starts(tmp_path):
-    sweep = {"space": {"training.lr": {"grid": [1e-4, 1e-3]}}}
-    job = load_config(job_file(tmp_path, "smollm2-135m-instruct", sweep), ["run.storage_path=s3://bucket/runs"])
-    from rayft.tuning.sweep import check_sweep
-
-    assert any("sweeps do not keep their leaderboard in cloud storage yet" in p for p in check_sweep(job))
-
-
 def test_distribution_shapes_are_config_errors(tmp_path):
     problems = problems_of(
         tmp_path,

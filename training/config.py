@@ -47,7 +47,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Built-in alias (smollm2-135m-instruct), a local Hugging Face model directory, or a hub id.",
+        description="Built-in alias (smollm2-135m-instruct), a Hugging Face model directory (local, or s3:// / "
+        "gs://, copied once per machine), or a hub id.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (only for models you trust).")

@@ -35,10 +35,21 @@ def cache_dir() -> Path:
 def resolve_model(name: str) -> str:
     """Return something `from_pretrained` accepts: a local directory or a hub id.
 
-    Built-in aliases are converted into the cache on first use.
+    Built-in aliases are converted into the cache on first use; a model directory in cloud storage
+    (s3://, gs://) is copied once per machine into rayft's remote cache.
     """
     if name in BUILTIN_MODELS:
         return str(_ensure_builtin(name))
+    from rayft.training import storage
+
+    if storage.is_remote(name):  # a model directory in a bucket: one copy per machine, shared by its workers
+        try:
+            local = storage.cached(name)
+        except (FileNotFoundError, storage.StorageError) as e:
+            raise ModelError(f"model.name {name}: cannot read it ({e})") from None
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ModelError(f"model.name {name} has no config.json; point it at a Hugging Face model directory")
+        return local
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

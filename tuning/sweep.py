@@ -9,13 +9,18 @@ Tune through a Train callback, and a trial Tune stops takes its training workers
     runs/<trial id>/     each trial's run dir (metrics.jsonl, checkpoints, final/)
     results.csv, .md     the leaderboard         results.png   metric against each parameter
     best.yaml            the best trial's job file, ready for `rayft train`
-    best/                link to the best trial's final/ (what `rayft serve` takes)
+    best.json            the best trial, its score and its model's path
+    best/                link to the best trial's final/ (what `rayft serve` takes; local storage only:
+                         object stores have no links, and best.json names the model there)
     (Tune's own state)   what a rerun with the same name resumes from
+
+<storage> may be a local path, NFS, or s3:// / gs:// (every file goes through rayft.training.storage).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -62,7 +67,7 @@ class SweepResult:
 
 
 def sweep_dir(job: SweepJob) -> str:
-    return os.path.join(job.run.storage_path, job.sweep.name or f"{job.run.name}-sweep")
+    return storage.join(job.run.storage_path, job.sweep.name or f"{job.run.name}-sweep")
 
 
 def check_sweep(job: SweepJob) -> list[str]:
@@ -75,11 +80,6 @@ def check_sweep(job: SweepJob) -> list[str]:
         )
     problems += shape_problems(sw)
     problems += space_problems(job)
-    if storage.is_remote(job.run.storage_path):
-        problems.append(
-            f"run.storage_path {job.run.storage_path}: sweeps do not keep their leaderboard in cloud storage yet; "
-            "use a local path or an NFS mount every node sees (single runs may use s3:// and gs://)"
-        )
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
     t = job.training
     known = list(STEP_METRICS) + (list(EVAL_METRICS + GENERATION_METRICS) if has_eval else [])
@@ -170,16 +170,16 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
 
     sw = job.sweep
     root = sweep_dir(job)
-    storage, name = os.path.dirname(root), os.path.basename(root)
-    if restart and os.path.isdir(root):
+    parent, name = storage.absolute(job.run.storage_path), storage.basename(root)
+    if restart and storage.exists(root):
         import time
 
-        os.replace(root, f"{root}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        storage.move_aside(root, f"{root}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_saved_by_this_rayft(root)
     resolve_model(job.model.name)  # once, not in every trial
     check_rows(job.data)
     n_at_once = concurrency(job, ray.cluster_resources())
-    os.makedirs(os.path.join(root, RUNS_DIR), exist_ok=True)
+    storage.makedirs(storage.join(root, RUNS_DIR))
     _mark_version(root)
 
     base = _train_job(job)
@@ -209,7 +209,7 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=parent,
                 verbose=0,
                 callbacks=[_Lines(sw.metric)],
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -236,7 +236,7 @@ def _check_saved_by_this_rayft(root: str) -> None:
     Tune's saved state refers to modules that no longer exist. Say so instead of Tune's unpickling error."""
     from ray import tune
 
-    if tune.Tuner.can_restore(root) and not os.path.isfile(os.path.join(root, VERSION_FILE)):
+    if tune.Tuner.can_restore(root) and not storage.exists(storage.join(root, VERSION_FILE)):
         import rayft
 
         raise SweepError(
@@ -249,10 +249,9 @@ def _check_saved_by_this_rayft(root: str) -> None:
 def _mark_version(root: str) -> None:
     import rayft
 
-    path = os.path.join(root, VERSION_FILE)
-    if not os.path.isfile(path):
-        with open(path, "w") as f:
-            f.write(rayft.__version__ + "\n")
+    path = storage.join(root, VERSION_FILE)
+    if not storage.exists(path):
+        storage.write_text(path, rayft.__version__ + "\n")
 
 
 def _scheduler(job: SweepJob):
@@ -306,7 +305,7 @@ def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) 
 
     trial_id = ray.tune.get_context().get_trial_id()
     raw = apply_params(base, config)
-    raw["run"] |= {"name": trial_id, "storage_path": os.path.join(root, RUNS_DIR)}
+    raw["run"] |= {"name": trial_id, "storage_path": storage.join(root, RUNS_DIR)}
     job = TrainJob.model_validate(raw)
     quiet_ray_data()  # the trial's own process: its console is the sweep's log
     result = run_training(job, callbacks=[_tune_report(progress)])
@@ -384,12 +383,12 @@ class _Lines(Callback):
 def _row(result, root: str, metric: str) -> TrialRow:
     from rayft.training.trainer import read_metrics
 
-    trial_id = os.path.basename(result.path.rstrip("/"))
-    run_dir = os.path.join(root, RUNS_DIR, trial_id)
+    trial_id = storage.basename(result.path.rstrip("/"))
+    run_dir = storage.join(root, RUNS_DIR, trial_id)
     m = result.metrics or {}
     records = read_metrics(run_dir)
     steps = max([int(r.get("step", 0)) for r in records] + [int(m.get("step", 0) or 0)])
-    done = os.path.isdir(os.path.join(run_dir, "final"))
+    done = storage.is_dir(storage.join(run_dir, "final"))
     if result.error is not None:
         status = "error"
     elif done:
@@ -443,14 +442,15 @@ def write_results(result: SweepResult, job: SweepJob) -> None:
         ]
         for i, r in enumerate(rows)
     ]
-    with open(os.path.join(result.sweep_dir, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(head)
-        w.writerows(table)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(head)
+    w.writerows(table)
+    storage.write_text(storage.join(result.sweep_dir, "results.csv"), buf.getvalue())
     best = next((r for r in rows if r.status == "completed" and r.metric is not None), None)
     result.best = best
     md = [
-        f"# Sweep {os.path.basename(result.sweep_dir)}",
+        f"# Sweep {storage.basename(result.sweep_dir)}",
         "",
         f"{len(rows)} trials, {result.mode} {result.metric}; best: {best.trial if best else 'none completed'}",
         "",
@@ -458,35 +458,47 @@ def write_results(result: SweepResult, job: SweepJob) -> None:
         "|" + "---|" * len(head),
     ]
     md += ["| " + " | ".join(row) + " |" for row in table]
-    with open(os.path.join(result.sweep_dir, "results.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    storage.write_text(storage.join(result.sweep_dir, "results.md"), "\n".join(md) + "\n")
     plot_results(result, params)
     if best:
         write_best(result, best, job)
 
 
 def write_best(result: SweepResult, best: TrialRow, job: SweepJob) -> None:
+    """best.yaml (the winner's job file under a new run name), best.json, and locally the best/ link."""
+    import json
+
     import yaml
 
     from rayft.training.trainer import JOB_FILE
 
-    with open(os.path.join(best.run_dir, JOB_FILE)) as f:
-        raw = yaml.safe_load(f)
+    raw = yaml.safe_load(storage.read_text(storage.join(best.run_dir, JOB_FILE)))
     raw.pop("sweep", None)
-    name = os.path.basename(result.sweep_dir)
+    name = storage.basename(result.sweep_dir)
     raw["run"] |= {"name": f"{name}-best", "storage_path": job.run.storage_path}
     params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
-    with open(os.path.join(result.sweep_dir, "best.yaml"), "w") as f:
-        score = f"{result.metric} {fmt_value(best.metric)}"
-        f.write(
-            f"# The best trial of sweep {name} ({best.trial}: {score}; {params}).\n"
-            f"#   rayft train {os.path.join(result.sweep_dir, 'best.yaml')}\n"
-        )
-        yaml.safe_dump(raw, f, sort_keys=False)
+    score = f"{result.metric} {fmt_value(best.metric)}"
+    text = (
+        f"# The best trial of sweep {name} ({best.trial}: {score}; {params}).\n"
+        f"#   rayft train {storage.join(result.sweep_dir, 'best.yaml')}\n"
+    ) + yaml.safe_dump(raw, sort_keys=False)
+    storage.write_text(storage.join(result.sweep_dir, "best.yaml"), text)
+    model = storage.join(best.run_dir, "final")
+    pointer = {"trial": best.trial, "metric": result.metric, "value": best.metric, "params": best.params}
+    pointer |= {"run_dir": best.run_dir, "model": model}
+    storage.write_text(storage.join(result.sweep_dir, "best.json"), json.dumps(pointer, indent=2) + "\n")
+    if storage.is_remote(result.sweep_dir):
+        return
     link = os.path.join(result.sweep_dir, "best")
     if os.path.islink(link) or os.path.exists(link):
         os.remove(link)
-    os.symlink(os.path.relpath(os.path.join(best.run_dir, "final"), result.sweep_dir), link)
+    os.symlink(os.path.relpath(model, result.sweep_dir), link)
+
+
+def best_model(sweep_dir: str, best: TrialRow) -> str:
+    """What `rayft serve` takes for the best trial: the best/ link locally, the trial's run dir in cloud
+    storage (no links there)."""
+    return best.run_dir if storage.is_remote(sweep_dir) else storage.join(sweep_dir, "best")
 
 
 def plot_results(result: SweepResult, params: list[str]) -> str | None:
@@ -517,11 +529,13 @@ def plot_results(result: SweepResult, params: list[str]) -> str | None:
         ax.set_ylabel(result.metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle(f"{os.path.basename(result.sweep_dir)}: {result.metric} ({result.mode}) per trial")
+    fig.suptitle(f"{storage.basename(result.sweep_dir)}: {result.metric} ({result.mode}) per trial")
     fig.tight_layout()
-    out = os.path.join(result.sweep_dir, "results.png")
-    fig.savefig(out, dpi=110)
+    out = storage.join(result.sweep_dir, "results.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(out, png.getvalue())
     return out
 
 

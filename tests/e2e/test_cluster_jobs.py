@@ -1,7 +1,9 @@
 """`rayft submit` and `rayft jobs` against a real two-node Ray cluster started on this machine
 (`ray start --head` plus a second `ray start --address`, each with its own custom resource), with Ray's
-token authentication on: a 2-worker finetune whose workers land on different nodes, a run that
-survives losing its worker node, listing and stopping jobs, and the errors users meet first.
+token authentication on: a 2-worker finetune whose workers land on different nodes and share no
+directory (model, data and run dir in a bucket of the suite's S3 server, each node with its own model
+cache), a run that survives losing its worker node, listing and stopping jobs, and the errors users meet
+first.
 
 Every Ray process the tests start is stopped by pid (each node's process tree), never by name."""
 
@@ -74,10 +76,11 @@ class TwoNodeCluster:
             "head",
         )
         self.workers: list[tuple[subprocess.Popen, str]] = []
+        self.caches = {"head": os.path.join(self.temp_dir, "rayft-cache")}
         self.wait(lambda: self._get("/api/version").status_code == 200, 120, "the head's dashboard")
         self.add_worker_node("node_b")
 
-    def _start(self, args: list[str], resource: str) -> subprocess.Popen:
+    def _start(self, args: list[str], resource: str, cache: str | None = None) -> subprocess.Popen:
         cmd = [
             f"{VENV_BIN}/ray",
             "start",
@@ -89,7 +92,8 @@ class TwoNodeCluster:
             "--disable-usage-stats",
         ]
         log = open(self.logs / f"ray-{resource}.log", "a")
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = self.env | {"RAYFT_REMOTE_CACHE": cache or os.path.join(self.temp_dir, "rayft-cache")}
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def add_worker_node(self, resource: str) -> None:
         # Its own temp dir, as on a machine of its own: nodes sharing one would unpack each job's files into
@@ -97,7 +101,8 @@ class TwoNodeCluster:
         temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")
         self.temp_dirs.append(temp_dir)
         args = [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", f"--temp-dir={temp_dir}"]
-        self.workers.append((self._start(args, resource), resource))
+        self.caches[resource] = os.path.join(temp_dir, "rayft-cache")  # a machine's own copies of models
+        self.workers.append((self._start(args, resource, self.caches[resource]), resource))
         self.wait(lambda: self.node_id(resource), 120, f"the worker node {resource} to join")
 
     def node_id(self, resource: str) -> str | None:
@@ -177,7 +182,7 @@ def rayft(cluster: TwoNodeCluster, *args: str, token: str | None = "cluster", ho
     return rayft_cli(*args, env=env)
 
 
-def job_file(tmp_path: Path, model_dir: Path, n_rows: int = 32, **training) -> Path:
+def job_file(tmp_path: Path, model_dir, n_rows: int = 32, **training) -> Path:
     rows = [chat(f"Ticket {i}: my lamp is broken", f'{{"product":"lamp","id":{i % 4}}}') for i in range(n_rows)]
     (tmp_path / "data").mkdir(exist_ok=True)
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
@@ -200,34 +205,36 @@ def _quiet(fn):
         return None
 
 
-def starts(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == "start"]
-
-
 def test_a_finetune_across_both_nodes_is_followed_to_the_end_and_survives_losing_a_node(
-    cluster, tmp_path, tiny_model_dir
+    cluster, s3_bucket, tmp_path, tiny_model_dir
 ):
-    """One job spread over both nodes (STRICT_SPREAD), followed from the laptop with `submit --follow`. While it
-    trains, its worker node dies: the run waits for a replacement node, Ray Train restarts both workers from the
-    last checkpoint, and the follow ends when the job has succeeded; its model is read back from storage."""
+    """One job spread over both nodes (STRICT_SPREAD), followed from the laptop with `submit --follow`, with the
+    model, the data and the run dir in a bucket: the nodes share no directory. While it trains, its worker node
+    dies: the run waits for a replacement node, which copies the model from the bucket into its own cache, Ray
+    Train restarts both workers from the last checkpoint in the bucket, and the follow ends when the job has
+    succeeded; its model and its status are read back from the bucket."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job = job_file(tmp_path, tiny_model_dir, n_rows=64, max_steps=40, checkpoint_every_steps=4)
+    from rayft.training import storage
+    from rayft.training.export import committed_checkpoints
+    from rayft.training.trainer import read_metrics
+
+    storage.upload(str(tiny_model_dir), f"{s3_bucket}/models/tiny")
+    job = job_file(tmp_path, f"{s3_bucket}/models/tiny", n_rows=64, max_steps=40, checkpoint_every_steps=4)
+    storage.upload(str(tmp_path / "data" / "train.jsonl"), f"{s3_bucket}/data/train.jsonl")
+    shutil.rmtree(tmp_path / "data")  # nothing local travels with the job: it reads the bucket
+    text = job.read_text().replace("train: data/train.jsonl", f"train: {s3_bucket}/data/train.jsonl")
+    job.write_text(text.replace(f"storage_path: {tmp_path / 'runs'}", f"storage_path: {s3_bucket}/runs"))
+    run_dir = f"{s3_bucket}/runs/spread"
     cmd = [sys.executable, "-m", "rayft", "submit", str(job), "--name", "spread", "--follow"]
     follow = subprocess.Popen(
         cmd, cwd=ROOT, env=cli_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    run_dir = tmp_path / "runs" / "spread"
 
-    def progressed():
-        # a checkpoint counts once Ray Train's controller has registered it
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return snapshot["checkpoint_results"] and any(r.get("step", 0) >= 6 and "loss" in r for r in recs)
+    def progressed():  # a checkpoint counts once Ray Train's controller has registered it
+        steps = [r.get("step", 0) for r in read_metrics(run_dir) if "loss" in r]
+        return committed_checkpoints(run_dir) and max(steps, default=0) >= 6
 
     try:
         cluster.wait(lambda: _quiet(progressed), 600, "a registered checkpoint and step 6")
@@ -243,17 +250,21 @@ def test_a_finetune_across_both_nodes_is_followed_to_the_end_and_survives_losing
     assert "SUCCEEDED" in out and "step 40/40" in out  # the driver's progress lines reached the laptop
     assert cluster.token not in out + err
 
-    runs = starts(run_dir)
+    records = read_metrics(run_dir)
+    runs = [r for r in records if r.get("event") == "start"]
     assert len(runs) == 2 and runs[1]["resumed"] and runs[1]["step"] >= 4
     assert len(set(runs[0]["nodes"])) == 2 and set(runs[0]["nodes"]) == alive  # a worker on each node
     assert lost in runs[0]["nodes"] and lost not in runs[1]["nodes"]  # the second attempt ran on the new node
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r.get("step", 0) for r in recs) == 40
+    assert max(r.get("step", 0) for r in records) == 40
+    for node in ("head", "node_c"):  # each machine read the model from the bucket into its own cache
+        assert [p for p in Path(cluster.caches[node]).glob("tiny-*") if (p / "config.json").is_file()], node
+    assert not (tmp_path / "runs").exists()
 
-    final = run_dir / "final"
+    final = f"{run_dir}/final"
     assert f"model      {final}" in out  # results read back from the run's storage
-    tok = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final)
+    with storage.local_copy(final) as local:
+        tok = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local)
     with torch.no_grad():
         logits = model(**tok("my lamp is broken", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
