@@ -285,8 +285,6 @@ def build_engine(model, cfg: LoopConfig):
 
     t = cfg.training
     ds_config = build_ds_config(t, t.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
-    if t.zero_stage == 3:
-        bound_gathered_weights(ds_config, model, t.ds_config)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -297,23 +295,6 @@ def build_engine(model, cfg: LoopConfig):
     if t.method == "lora":
         engine.module_state_dict = types.MethodType(_trainable_module_state_dict, engine)
     return engine
-
-
-def bound_gathered_weights(ds_config: dict, model, user: dict) -> None:
-    """ZeRO-3 gathers each layer's weights for its forward and backward. DeepSpeed keeps gathered weights it
-    will use again soon, up to 1e9 parameters per rank: for any model below that size every rank ends up
-    holding the whole model, and adding ranks no longer divides the memory. Here the weights a rank keeps
-    gathered are bounded by its own share of the model (DeepSpeed's 1e9 still caps larger models). A value
-    set in training.ds_config wins."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    share = int(min(1e9, max(total // world, 1)))
-    zero = ds_config["zero_optimization"]
-    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
-        if key not in user.get("zero_optimization", {}):
-            zero[key] = share
 
 
 def _trainable_module_state_dict(engine, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):

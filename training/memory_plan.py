@@ -6,8 +6,8 @@ for LoRA, wrapped with the same `apply_lora` the workers use. The rest is the st
 
 N = parameters (tied embeddings once; LoRA: base + adapters), T = trainable, w = workers, e = 2 (bf16/fp16) or 4 (fp32).
 - weights: e*N. ZeRO-3 partitions them (frozen ones too): e*N/w, plus the weights gathered for compute, which
-  DeepSpeed keeps up to stage3_max_live_parameters (rayft's build_engine bounds that by the rank's share, N/w,
-  unless training.ds_config sets it) plus the layer (or embedding) being gathered; offload_params keeps the
+  DeepSpeed keeps up to stage3_max_live_parameters (1e9 unless training.ds_config sets it: for smaller models,
+  all of them) plus the layer (or embedding) being gathered; offload_params keeps the
   partition in host RAM.
 - gradients: e*T; ZeRO-2/3 partition them (e*T/w), and with offload_optimizer the partition lives in host RAM.
   ZeRO-1/2/3 add their reduce buckets (reduce_bucket_size elements, two with overlap_comm on GPU).
@@ -335,9 +335,9 @@ def _plan(job: TrainJob, cap: _Capacity) -> MemoryPlan:
         weights = e * n
     else:
         partition = 0 if t.offload_params else e * n // w
-        # what build_engine (bound_gathered_weights) sets, unless training.ds_config does
+        # DeepSpeed's stage3_max_live_parameters (1e9 unless training.ds_config sets it)
         user = t.ds_config.get("zero_optimization", {})
-        live = int(user.get("stage3_max_live_parameters", min(1e9, max(n // w, 1))))
+        live = int(user.get("stage3_max_live_parameters", 1e9))
         # gathering allocates fresh full-size buffers at any world size, one rank included
         gathered = e * min(n, live + shape.largest_block)
         weights = partition + gathered
