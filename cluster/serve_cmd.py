@@ -25,7 +25,9 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (default 8000).")] = None,
     api_key: Annotated[
         list[str] | None,
-        typer.Option("--api-key", help="Require this bearer key on /v1 routes (repeatable; also RAYFT_API_KEY)."),
+        typer.Option(
+            "--api-key", help="Require this bearer key on /v1 and /admin routes (repeatable; also RAYFT_API_KEY)."
+        ),
     ] = None,
     adapter: Annotated[
         list[str] | None,
@@ -56,18 +58,27 @@ def serve(
         err.print("[bold red]usage error[/] give a TARGET: a job file, a run dir, a model dir or a built-in alias")
         raise typer.Exit(2)
     with _user_errors():
-        spec = _spec(target, set_, host, port, api_key, adapter)
+        spec = _spec(target, set_, host, port, api_key, adapter, elsewhere=emit_config is not None)
     if emit_config:
+        from rayft.serving.spec import is_loopback
+
         emit_config.write_text(serve_config_yaml(spec))
         out.print(
             f"wrote {emit_config}: deploy it with `serve deploy {emit_config}` or paste its application "
             "into a RayService's serveConfigV2"
         )
+        s = spec.serve
+        if not spec.key_hashes and not s.allow_unauthenticated and not is_loopback(s.host):
+            out.print(
+                f"  it binds {s.host} with no API key in it: set ${s.api_key_env} (or mount serve.api_keys_file) "
+                "where the replicas run, e.g. from a Kubernetes Secret; without a key they refuse to start",
+                highlight=False,
+            )
         return
     run_app(spec, address, detach)
 
 
-def _spec(target, overrides, host, port, api_keys, adapters) -> ServeSpec:
+def _spec(target, overrides, host, port, api_keys, adapters, elsewhere: bool = False) -> ServeSpec:
     from rayft.serving.config import ServeConfig
     from rayft.serving.spec import ServeError, build_spec
 
@@ -95,7 +106,7 @@ def _spec(target, overrides, host, port, api_keys, adapters) -> ServeSpec:
             extra[name] = path
         cfg = ServeConfig(**(cfg.model_dump() | {"adapters": extra}))
     try:
-        return build_spec(target, cfg, run_dir=run_dir, storage_path=storage, api_keys=api_keys)
+        return build_spec(target, cfg, run_dir=run_dir, storage_path=storage, api_keys=api_keys, elsewhere=elsewhere)
     except ServeError as e:
         err.print(f"[bold red]serve error[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None

@@ -25,9 +25,17 @@ def build_app(spec: ServeSpec):
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
         health_check_period_s=5,
         health_check_timeout_s=30,
+        # drain: a replica being removed (scale-down, redeploy, Ctrl-C) gets no new requests and finishes the
+        # ones it holds for up to serve.drain_timeout_s
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
     ).bind(spec)
     return Ingress.options(
-        num_replicas=1, max_ongoing_requests=max(100, cfg.max_queued_requests * 2), ray_actor_options={"num_cpus": 0}
+        num_replicas=1,
+        max_ongoing_requests=max(100, cfg.max_queued_requests * 2),
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
     ).bind(spec, model)
 
 
@@ -54,10 +62,11 @@ def autoscaling_config(spec: ServeSpec) -> dict:
 def build_vllm_app(spec: ServeSpec):
     """The same model behind Ray Serve LLM's vLLM engine and OpenAI app (GPU clusters only).
 
-    It takes the model, its name and revision, serve.autoscaling, serve.max_ongoing_requests, serve.dtype and
-    serve.gpus_per_replica (the tensor-parallel size); batching is vLLM's own. A spec that sets anything else
-    (API keys, LoRA adapters, rayft's batching and limits) is refused when it is built (ServeSpec), since this
-    app would ignore it."""
+    It takes the model, its name and revision, serve.autoscaling, serve.max_ongoing_requests, serve.dtype,
+    serve.drain_timeout_s and serve.gpus_per_replica (the tensor-parallel size); batching is vLLM's own. A spec
+    that sets anything else (API keys, LoRA adapters, rayft's batching and limits) is refused when it is built
+    (ServeSpec), since this app would ignore it; so is an API key in the environment where the app starts, and
+    a network bind without serve.allow_unauthenticated."""
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:
@@ -70,6 +79,15 @@ def build_vllm_app(spec: ServeSpec):
     cfg = spec.serve
     if cfg.gpus_per_replica <= 0:
         raise RuntimeError("serve.engine vllm needs GPUs: set serve.gpus_per_replica (e.g. 1)")
+    import os
+
+    here = [f"${cfg.api_key_env}"] if (os.environ.get(cfg.api_key_env) or "").strip() else []
+    here += ["serve.api_keys_file"] if cfg.api_keys_file else []
+    if here:  # keys the vLLM app would not check: refuse rather than serve openly
+        raise RuntimeError(
+            f"serve.engine vllm cannot check API keys, but {' and '.join(here)} is set where the app starts: use "
+            "serve.engine: transformers, or put the vLLM app behind a gateway that checks keys and set none here"
+        )
     engine = {"dtype": resolve_dtype(cfg.dtype, "cuda"), "tensor_parallel_size": max(1, int(cfg.gpus_per_replica))}
     if spec.revision:
         engine |= {"revision": spec.revision, "tokenizer_revision": spec.revision}
@@ -78,6 +96,7 @@ def build_vllm_app(spec: ServeSpec):
         deployment_config={
             "autoscaling_config": autoscaling_config(spec),
             "max_ongoing_requests": cfg.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
         },
         engine_kwargs=engine,
     )

@@ -47,10 +47,12 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replicas.")
     max_ongoing_requests: int = Field(
-        16, ge=1, description="Requests a replica works on at once (at least max_batch_size)."
+        16,
+        ge=1,
+        description="Requests a replica holds at once, running or waiting for a batch slot (at least max_batch_size).",
     )
     max_queued_requests: int = Field(
-        64, ge=1, description="Requests waiting for a replica before new ones get 503 (overloaded)."
+        64, ge=1, description="Requests waiting for a replica before new ones get 429 with Retry-After."
     )
     max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch (1 = no batching).")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill before it starts.")
@@ -65,8 +67,31 @@ class ServeConfig(Section):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request taking longer gets 504.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (413 above).")
-    api_key_env: str = Field("RAYFT_API_KEY", description="Environment variable holding an API key (checked when set).")
-    api_keys_file: str | None = Field(None, description="File with accepted API keys, one per line.")
+    api_key_env: str = Field(
+        "RAYFT_API_KEY",
+        description="Environment variable holding an API key; read by `rayft serve` and by every ingress replica.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of accepted API keys, one per line (or sha256:HEX digests), read by every ingress replica "
+        "and re-read when it changes (e.g. a mounted Kubernetes Secret).",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve on a non-loopback address with no API key (refused unless true)."
+    )
+    drain_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="On scale-down, redeploy or Ctrl-C, how long a replica keeps generating its in-flight requests "
+        "(new ones go elsewhere) before it stops.",
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (s) sent with a 429 when every queue is full.")
+    kv_cache_gib: float = Field(
+        4.0,
+        gt=0,
+        description="KV-cache bytes a replica's running batch may hold (GiB); a request is admitted when its prompt "
+        "plus max_tokens fits beside the running ones.",
+    )
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters served next to the model: {name: run dir or adapter dir}."
     )

@@ -10,6 +10,7 @@ batches), so one replica serves the base model and several finetunes at once.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,20 +141,25 @@ class TransformersEngine:
         stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.stop_ids = {i for i in stops if i is not None}
         self.adapters: dict[str, str] = {}  # loaded adapter name -> path
-        # Adapters load in another thread while batches decode: a lock keeps each forward step whole,
-        # and an adapter in use by a running batch is unloaded only when that batch ends.
-        self.lock = threading.Lock()
-        self.in_use: dict[str, int] = {}
-        self.unload_later: set[str] = set()
+        self.lock = threading.Lock()  # one forward step or adapter load at a time
+        self.pins = threading.Lock()  # in_use and unload_later
+        self.in_use: dict[str, int] = {}  # adapter -> requests holding it
+        self.unload_later: set[str] = set()  # evicted, deleted once nobody holds them
 
     # ------------------------------------------------------------------ adapters
+    # Adapters load in a thread while batches decode: the engine lock keeps each forward step whole. Pins and
+    # evictions only take the small `pins` lock (they run on the replica's event loop, which must never wait
+    # for a forward step); the weights of an evicted adapter are deleted by the next step or load, once no
+    # request that pinned it is left.
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load a LoRA adapter under `name` (the model becomes a PeftModel on the first one)."""
         from peft import PeftModel
 
         with self.lock:
-            self.unload_later.discard(name)
+            with self.pins:
+                self.unload_later.discard(name)
+            self._delete_evicted()
             if self.adapters.get(name) == path:
                 return
             if name in self.adapters:
@@ -167,30 +173,36 @@ class TransformersEngine:
             self.adapters[name] = path
 
     def unload_adapter(self, name: str) -> None:
-        with self.lock:
-            if self.in_use.get(name):
-                self.unload_later.add(name)
-            elif name in self.adapters:
-                self.model.delete_adapter(name)
-                del self.adapters[name]
+        """Evict an adapter: its weights go once no request holds it (see pin)."""
+        with self.pins:
+            self.unload_later.add(name)
 
-    # ------------------------------------------------------------------ generation
+    def pin(self, name: str | None) -> None:
+        """A request that will use adapter `name` holds it from its arrival to its end: an eviction from the
+        replica's LRU meanwhile unloads it only after the last such request is done."""
+        if name and name != BASE:
+            with self.pins:
+                self.in_use[name] = self.in_use.get(name, 0) + 1
 
-    def _hold(self, names) -> None:
-        """Mark adapters as used by a batch (engine lock held)."""
-        for n in set(names) - {BASE}:
-            self.in_use[n] = self.in_use.get(n, 0) + 1
+    def unpin(self, name: str | None) -> None:
+        if name and name != BASE:
+            with self.pins:
+                if self.in_use.get(name, 0) > 1:
+                    self.in_use[name] -= 1
+                else:
+                    self.in_use.pop(name, None)
 
-    def _release(self, names) -> None:
-        """A batch is done with these adapters; unload the evicted ones nobody uses now (lock held)."""
-        for n in set(names) - {BASE}:
-            if self.in_use.get(n):
-                self.in_use[n] -= 1
-        for n in [n for n in self.unload_later if not self.in_use.get(n)]:
-            self.unload_later.discard(n)
+    def _delete_evicted(self) -> None:
+        """Delete the weights of evicted adapters nobody holds (engine lock held)."""
+        with self.pins:
+            gone = {n for n in self.unload_later if not self.in_use.get(n)}
+            self.unload_later -= gone
+        for n in gone:
             if n in self.adapters:
                 self.model.delete_adapter(n)
                 del self.adapters[n]
+
+    # ------------------------------------------------------------------ generation
 
     def forward(self, ids, mask, past, names: list[str]):
         """One forward step: logits at the last position, the KV cache extended (engine lock held)."""
@@ -206,79 +218,63 @@ class TransformersEngine:
             **extra,
         )
 
-    def _check_loaded(self, names) -> None:
-        missing = sorted({n for n in names if n != BASE and n not in self.adapters})
-        if missing:
-            raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
-
-    def _left_padded(self, requests: list[GenerationRequest]):
-        """input_ids and attention_mask of the prompts, left-padded to the longest."""
-        import torch
-
-        width = max(len(r.prompt_ids) for r in requests)
-        pads = [width - len(r.prompt_ids) for r in requests]
-        ids = [[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, requests, strict=True)]
-        mask = [[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, requests, strict=True)]
-        return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device)
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one request holds (keys and values of every layer)."""
+        c = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        heads = getattr(c, "num_attention_heads", 1) or 1
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        size = next(self.model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * kv_heads * head_dim * size
 
     def generate(self, requests: list[GenerationRequest]):
-        """Yield, per decoding step, one Delta (or None once finished) for each request, in order."""
+        """Yield, per decoding step, one Delta (or None once finished) for each request, in order: a static
+        batch of these requests, run to its end (a request that fails raises)."""
+        batch = RunningBatch(self, merge=False)
+        admit, n = list(enumerate(requests)), len(requests)
+        done = [False] * n
+        while not all(done):
+            events, failures = batch.step(admit, [])
+            admit = []
+            if failures:
+                raise failures[0][1]
+            out: list[Delta | None] = [None] * n
+            for key, delta in events:
+                out[key] = delta
+                done[key] = done[key] or bool(delta.finish_reason)
+            yield out
 
-        rows = [_Row(r, self.tokenizer, self.device) for r in requests]
-        input_ids, mask = self._left_padded(requests)
-        names = [r.adapter or BASE for r in requests]
-        with self.lock:
-            self._check_loaded(names)
-            self._hold(names)
-        try:
-            yield from self._decode(rows, input_ids, mask, names)
-        finally:
-            with self.lock:
-                self._release(names)
 
-    def _decode(self, rows: list[_Row], input_ids, mask, names: list[str]):
-        import torch
+class RequestFailed(Exception):
+    """One request could not run (e.g. its adapter is gone, its prefill ran out of memory); the others go on.
+    `status`: the HTTP status its client gets (503: worth retrying)."""
 
-        past = None
-        step_ids = input_ids
-        with torch.inference_mode():
-            while True:
-                with self.lock:  # the model may have become a PeftModel since the last step
-                    out = self.forward(step_ids, mask, past, names)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :]
-                deltas: list[Delta | None] = []
-                next_ids = []
-                for i, row in enumerate(rows):
-                    if row.done:
-                        deltas.append(None)
-                        next_ids.append(self.pad_id)
-                        continue
-                    token = row.pick(logits[i])
-                    d = row.advance(token, self.stop_ids)
-                    d.batch_size = len(rows)
-                    deltas.append(d)
-                    next_ids.append(token)
-                yield deltas
-                if all(r.done for r in rows):
-                    return
-                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
-                mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class RunningBatch:
-    """Continuous batching: the requests a replica is decoding right now, advanced together.
+    """The requests a replica is decoding right now, advanced together one token per `step`.
 
-    Each `step` first advances every running request by one token, then prefills the newly admitted
-    ones and merges their KV cache into the running one (left-padded to a common length), so a new
-    request never waits for a batch to finish and a finished one stops costing compute at once.
-    Works for models whose cache is a plain DynamicCache (decoder-only models without sliding-window
-    layers); `supported()` says so.
+    Continuous batching (`merge=True`): each step first drops the requests whose clients left, advances the
+    running requests one token, then prefills the newly admitted ones and merges their KV cache into the
+    running one (left-padded to a common length), so a new request never waits for a batch to finish and a
+    finished or abandoned one stops costing compute at once. This works for models whose cache is a plain
+    DynamicCache (decoder-only models without sliding-window layers); `supported()` says so.
+
+    Static batches (`merge=False`, every other model): requests are admitted only into an empty batch, whose
+    cache is never cut; a finished or abandoned request stops producing at once and the batch ends as soon
+    as every request in it finished or left.
+
+    A request whose prefill fails fails alone (`step` returns it among the failures); the others in its
+    admission go on. A failing decode step, which involves every running request, fails them all.
     """
 
-    def __init__(self, engine: TransformersEngine):
+    def __init__(self, engine: TransformersEngine, merge: bool = True):
         self.engine = engine
-        self.keys: list = []  # caller's key per running row
+        self.merge = merge
+        self.keys: list = []  # caller's key per row
         self.rows: list[_Row] = []
         self.names: list[str] = []
         self.next_ids: list[int] = []
@@ -286,7 +282,14 @@ class RunningBatch:
         self.mask = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Requests still producing tokens."""
+        return sum(not r.done for r in self.rows)
+
+    def room(self, max_batch: int) -> int:
+        """How many new requests the next step may admit."""
+        if self.merge:
+            return max(0, max_batch - len(self.rows))
+        return max_batch if not self.rows else 0
 
     def supported(self) -> bool:
         import torch
@@ -297,29 +300,35 @@ class RunningBatch:
             past = self.engine.model(input_ids=probe, use_cache=True, logits_to_keep=1).past_key_values
         return type(past) is DynamicCache and all(type(layer) is DynamicLayer for layer in past.layers)
 
-    def step(self, admit: list[tuple]) -> list[tuple]:
-        """Advance the running requests one token and admit `admit` [(key, GenerationRequest)];
-        returns [(key, Delta)] for every request that produced something."""
+    def step(self, admit: list[tuple], drop: list) -> tuple[list[tuple], list[tuple]]:
+        """Drop the rows of the keys in `drop`, advance the running requests one token and admit `admit`
+        [(key, GenerationRequest)]. Returns ([(key, Delta)] for every request that produced something,
+        [(key, exception)] for admitted requests that failed)."""
         import torch
 
-        e = self.engine
         events: list[tuple] = []
-        with e.lock, torch.inference_mode():
-            if self.rows:
+        failures: list[tuple] = []
+        with self.engine.lock, torch.inference_mode():
+            self.engine._delete_evicted()
+            if drop:
+                self._drop(set(drop))
+            if len(self):
                 events += self._decode()
             if admit:
-                events += self._prefill(admit)
-        return events
+                events_in, failures = self._admit(admit)
+                events += events_in
+        return events, failures
 
     def fail_all(self) -> list:
-        """Drop every running request (after an engine error); returns their keys."""
-        keys = self.keys
-        for name in self.names:
-            self.engine._release([name])
-        self.keys, self.rows, self.names, self.next_ids, self.past, self.mask = [], [], [], [], None, None
+        """Forget every request (after a failed decode step); returns their keys."""
+        keys = [k for k, r in zip(self.keys, self.rows, strict=True) if not r.done]
+        self._clear()
         return keys
 
     # -------------------------------------------------------------- internals (engine lock held)
+
+    def _clear(self) -> None:
+        self.keys, self.rows, self.names, self.next_ids, self.past, self.mask = [], [], [], [], None, None
 
     def _pick(self, rows: list[_Row], logits, batch: int) -> tuple[list[Delta], list[int]]:
         deltas, tokens = [], []
@@ -331,6 +340,21 @@ class RunningBatch:
             tokens.append(token)
         return deltas, tokens
 
+    def _drop(self, keys: set) -> None:
+        for k, row in zip(self.keys, self.rows, strict=True):
+            if k in keys:
+                row.done = True
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rows that finished or left: cut out of the cache (merge), or the whole batch once all are done."""
+        if not self.rows:
+            return
+        if all(r.done for r in self.rows):
+            self._clear()
+        elif self.merge and any(r.done for r in self.rows):
+            self._select([i for i, r in enumerate(self.rows) if not r.done])
+
     def _decode(self) -> list[tuple]:
         import torch
 
@@ -339,16 +363,55 @@ class RunningBatch:
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         out = self.engine.forward(ids, self.mask, self.past, self.names)
         self.past = out.past_key_values
-        deltas, tokens = self._pick(self.rows, out.logits[:, -1, :], len(self.rows))
-        events = list(zip(self.keys, deltas, strict=True))
-        keep = [i for i, r in enumerate(self.rows) if not r.done]
-        if len(keep) < len(self.rows):
-            for i, r in enumerate(self.rows):
-                if r.done:
-                    self.engine._release([self.names[i]])
-            self._select(keep)
-        self.next_ids = [tokens[i] for i in keep] if keep else []
+        logits = out.logits[:, -1, :]
+        live = [i for i, r in enumerate(self.rows) if not r.done]
+        deltas, tokens = self._pick([self.rows[i] for i in live], logits[live], len(live))
+        events = [(self.keys[i], d) for i, d in zip(live, deltas, strict=True)]
+        for i, t in zip(live, tokens, strict=True):
+            self.next_ids[i] = t
+        for i, r in enumerate(self.rows):
+            if r.done:
+                self.next_ids[i] = self.engine.pad_id
+        self._compact()
         return events
+
+    def _admit(self, admit: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+        """Prefill the admitted requests together; if that fails, find the ones that fail alone and admit the
+        rest, so one bad request fails alone."""
+        e = self.engine
+        failures, ok = [], []
+        for key, req in admit:
+            name = req.adapter or BASE
+            if name != BASE and name not in e.adapters:
+                failures.append((key, RequestFailed("the request's adapter is not loaded on this replica; retry", 503)))
+            else:
+                ok.append((key, req))
+        if not ok:
+            return [], failures
+        try:
+            return self._prefill(ok), failures
+        except Exception:  # noqa: BLE001 - which request caused it is found below
+            if len(ok) == 1:
+                return [], failures + [(ok[0][0], _failed(sys.exc_info()[1]))]
+        healthy = []
+        for key, req in ok:
+            try:
+                self._probe(req)
+                healthy.append((key, req))
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                failures.append((key, _failed(exc)))
+        if not healthy:
+            return [], failures
+        try:
+            return self._prefill(healthy), failures
+        except Exception as exc:  # noqa: BLE001 - each works alone but not together (e.g. out of memory)
+            return [], failures + [(k, _failed(exc)) for k, _ in healthy]
+
+    def _probe(self, req: GenerationRequest) -> None:
+        import torch
+
+        ids = torch.tensor([req.prompt_ids], device=self.engine.device)
+        self.engine.forward(ids, torch.ones_like(ids), None, [req.adapter or BASE])
 
     def _prefill(self, admit: list[tuple]) -> list[tuple]:
         import torch
@@ -357,17 +420,20 @@ class RunningBatch:
         keys = [k for k, _ in admit]
         reqs = [r for _, r in admit]
         names = [r.adapter or BASE for r in reqs]
-        missing = sorted({n for n in names if n != BASE and n not in e.adapters})
-        if missing:
-            raise KeyError(f"adapter(s) not loaded: {', '.join(missing)}")
         rows = [_Row(r, e.tokenizer, dev) for r in reqs]
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.tensor([[e.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=dev)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)
         out = self.engine.forward(ids, mask, None, names)
-        total = len(self.rows) + len(rows)
+        total = len(self) + len(rows)
         deltas, tokens = self._pick(rows, out.logits[:, -1, :], total)
         events = list(zip(keys, deltas, strict=True))
+        if not self.merge:  # an empty batch takes these rows, finished ones included (its cache is never cut)
+            self.past, self.mask = out.past_key_values, mask
+            self.keys, self.rows, self.names = keys, rows, names
+            self.next_ids = [e.pad_id if r.done else t for r, t in zip(rows, tokens, strict=True)]
+            self._compact()
+            return events
         keep = [i for i, r in enumerate(rows) if not r.done]
         if not keep:
             return events
@@ -376,8 +442,6 @@ class RunningBatch:
         mask = mask[idx]
         for layer in new_past.layers:
             layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        for i in keep:
-            e._hold([names[i]])
         if not self.rows:
             self.past, self.mask = new_past, mask
         else:
@@ -397,7 +461,7 @@ class RunningBatch:
         import torch
 
         if not keep:
-            self.keys, self.rows, self.names, self.past, self.mask = [], [], [], None, None
+            self._clear()
             return
         idx = torch.tensor(keep, device=self.engine.device)
         mask = self.mask[idx]
@@ -408,6 +472,16 @@ class RunningBatch:
         self.keys = [self.keys[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
         self.names = [self.names[i] for i in keep]
+        self.next_ids = [self.next_ids[i] for i in keep]
+
+
+def _failed(exc: BaseException) -> RequestFailed:
+    """A request's own failure, in words for its client."""
+    if isinstance(exc, RequestFailed):
+        return exc
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return RequestFailed(f"the replica ran out of memory for this request ({type(exc).__name__}); retry", 503)
+    return RequestFailed(f"generation failed for this request ({type(exc).__name__}: {exc})")
 
 
 def _left_pad(t, width: int):

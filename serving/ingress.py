@@ -10,12 +10,14 @@ loads ray and fastapi at import).
 """
 
 import asyncio
-import hmac
+import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,39 +29,145 @@ from rayft.serving.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    ErrorResponse,
     validation_error,
 )
-from rayft.serving.spec import ServeSpec, hash_key, validate_adapter
+from rayft.serving.spec import KeyRing, ServeSpec, check_bind, validate_adapter
 from rayft.training import storage
 
 access_log = logging.getLogger("ray.serve.rayft.access")
+CANCELLED = 499  # the access log's status of a request whose client left or whose call was cancelled
+
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class _Guard:
-    """API keys on /v1 and /admin routes and the body size limit, checked before any route runs.
-    A plain ASGI middleware: Starlette's decorator-style middleware costs milliseconds per request."""
+    """Before any route runs: a request id on every response (the client's x-request-id when it sent a sane
+    one), API keys on /v1 and /admin routes, and the body size limit, counted as the bytes arrive (a chunked
+    body has no Content-Length to trust). A plain ASGI middleware: Starlette's decorator-style middleware
+    costs milliseconds per request."""
 
-    def __init__(self, app, key_hashes: set[str], limit: int):
-        self.app, self.key_hashes, self.limit = app, key_hashes, limit
+    def __init__(self, app, keys: KeyRing, limit: int):
+        self.app, self.keys, self.limit = app, keys, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id", "")
+        if not REQUEST_ID.match(rid):
+            rid = "req-" + uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = message | {"headers": [*message.get("headers", []), rid_header]}
+            await send(message)
+
         path = scope.get("path", "")
         error = None
-        if self.key_hashes and (path.startswith("/v1") or path.startswith("/admin")):
+        if self.keys.required and (path.startswith("/v1") or path.startswith("/admin")):
             header = headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not token or not any(hmac.compare_digest(hash_key(token), h) for h in self.key_hashes):
+            if not self.keys.accepts(token):
                 reason = "missing API key" if not token else "invalid API key"
                 error = ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         size = headers.get("content-length")
         if error is None and size is not None and size.isdigit() and int(size) > self.limit:
-            error = ApiError(413, f"request body is {size} bytes; the limit is {self.limit} (serve.max_body_bytes)")
+            error = self._too_large(f"{size} bytes")
+        if error is None and scope.get("method") in BODY_METHODS:
+            body = await self._read_body(receive)
+            if body is None:  # the client left while sending
+                return
+            if len(body) > self.limit:
+                error = self._too_large(f"over {self.limit} bytes")
+            else:
+                receive = _replay(body, receive)
         if error is None:
-            return await self.app(scope, receive, send)
-        return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return await self.app(scope, receive, send_with_id)
+        response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return await response(scope, receive, send_with_id)
+
+    def _too_large(self, size: str) -> ApiError:
+        return ApiError(413, f"request body is {size}; the limit is {self.limit} bytes (serve.max_body_bytes)")
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or its first limit+1 bytes once it is over the limit; None if the client left."""
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            chunks.append(chunk)
+            if total > self.limit or not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands the app the body already read, then the client's later messages
+    (its disconnect, which streaming responses listen for)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for the error statuses a route really answers with."""
+    what = {
+        400: "Invalid request: the message names the field.",
+        401: "Missing or invalid API key (when the server requires keys).",
+        404: "Unknown model or adapter.",
+        413: "Request body over serve.max_body_bytes.",
+        429: "Every queue is full; retry after Retry-After seconds.",
+        500: "The request failed on the model replica.",
+        503: "The model is loading, or its replica failed; retry.",
+        504: "Generation took longer than serve.request_timeout_s.",
+    }
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
+def _openapi(api: FastAPI) -> dict:
+    """FastAPI's document, made to say what the server really does: bad bodies are 400s in OpenAI's error shape
+    (not FastAPI's 422), every response carries x-request-id, 429s carry Retry-After, and completions answer
+    text/event-stream when `stream` is true."""
+    from fastapi.openapi.utils import get_openapi
+
+    if api.openapi_schema:
+        return api.openapi_schema
+    doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    request_id = {"description": "The request's id (the client's x-request-id if it sent one).",
+                  "schema": {"type": "string"}}  # fmt: skip
+    retry = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+    for path, ops in doc.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            responses.pop("422", None)
+            for status, response in responses.items():
+                response.setdefault("headers", {})["x-request-id"] = request_id
+                if status == "429":
+                    response["headers"]["Retry-After"] = retry
+            if path in ("/v1/chat/completions", "/v1/completions") and "200" in responses:
+                responses["200"]["content"]["text/event-stream"] = {
+                    "schema": {"type": "string", "description": "Server-sent events when stream is true, ending "
+                               "with `data: [DONE]`; an error after the stream began is its last event."}
+                }  # fmt: skip
+    schemas = doc.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    api.openapi_schema = doc
+    return doc
 
 
 def _build_api(ing: "Ingress") -> FastAPI:
@@ -68,12 +176,11 @@ def _build_api(ing: "Ingress") -> FastAPI:
         title="rayft",
         description="OpenAI-compatible endpoint for models finetuned with rayft.",
     )
-    key_hashes = set(ing.spec.key_hashes)
-    limit = ing.cfg.max_body_bytes
+    api.openapi = lambda: _openapi(api)
 
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -85,36 +192,37 @@ def _build_api(ing: "Ingress") -> FastAPI:
         logging.getLogger("ray.serve.rayft").exception("unexpected error")
         return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__})").body(), status_code=500)
 
-    api.add_middleware(_Guard, key_hashes=key_hashes, limit=limit)
+    api.add_middleware(_Guard, keys=ing.keys, limit=ing.cfg.max_body_bytes)
+    generation = _errors(400, 401, 404, 413, 429, 500, 503, 504)
 
     @api.get("/healthz")
     async def healthz():
         return {"status": "alive"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses=_errors(503))
     async def readyz():
         return await ing.readyz()
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=_errors(401))
     async def models():
         return ing.models()
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
     async def model(model_id: str):
         ing._adapter_for(model_id)
         return ing._model_card(model_id)
 
-    @api.post("/admin/adapters")
+    @api.post("/admin/adapters", responses=_errors(400, 401, 413))
     async def add_adapter(body: AdapterRegistration):
         return ing.add_adapter(body)
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await ing.chat_completions(body)
+    @api.post("/v1/chat/completions", responses=generation)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await ing.chat_completions(body, request.state.request_id)
 
-    @api.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await ing.completions(body)
+    @api.post("/v1/completions", responses=generation)
+    async def completions(body: CompletionRequest, request: Request):
+        return await ing.completions(body, request.state.request_id)
 
     return api
 
@@ -130,6 +238,10 @@ class Ingress:
 
         self.cfg = spec.serve
         self.spec = spec
+        # Keys: the spec's, plus the key variable and keys file as this replica sees them; a network bind with
+        # none refuses to start (unless serve.allow_unauthenticated).
+        self.keys = KeyRing(spec)
+        check_bind(self.cfg, self.keys.required)
         self.model = model
         self.name = spec.model_name
         self.created = int(time.time())
@@ -137,7 +249,12 @@ class Ingress:
         self.tokenizer = AutoTokenizer.from_pretrained(local, revision=spec.revision)
         config = AutoConfig.from_pretrained(local, revision=spec.revision)
         self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-        self.adapters: dict[str, str] = dict(spec.adapters)  # grows with /admin/adapters
+        start = self.tokenizer.bos_token_id
+        self.empty_prompt = [start if start is not None else (self.tokenizer.eos_token_id or 0)]
+        self.adapters: dict[str, str] = {}  # name -> adapter dir; grows with /admin/adapters
+        self.versions: dict[str, str] = {}  # name -> multiplexed id: name@digest of its path and files
+        for name, path in spec.adapters.items():
+            self._set_adapter(name, path)
         self.adapter_roots: list[str] = list(spec.adapter_roots)
         self.ready = False
         tags = ("route", "status")
@@ -170,7 +287,7 @@ class Ingress:
     async def readyz(self):
         if not self.ready:
             try:  # one tiny generation proves a model replica is loaded and answering
-                await asyncio.wait_for(self._collect(self._request([self.tokenizer.eos_token_id or 0], 1), None), 30)
+                await asyncio.wait_for(self._collect(self._request([self.tokenizer.eos_token_id or 0], 1)), 30)
                 self.ready = True
             except Exception as e:  # noqa: BLE001 - any failure means "not ready"
                 return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
@@ -185,15 +302,25 @@ class Ingress:
 
     # ---------------------------------------------------------------- adapters
 
+    def _set_adapter(self, name: str, path: str) -> None:
+        """Serve `name` from `path`. Its multiplexed id names this version: re-registering the name with another
+        run (or the same directory with new files) gives a new id, so no replica keeps serving the old weights
+        it cached under the name."""
+        stamp = [path]
+        for f in sorted(Path(path).glob("adapter_*")):
+            st = f.stat()
+            stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        self.adapters[name] = path
+        self.versions[name] = f"{name}@{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:12]}"
+
     def add_adapter(self, body: AdapterRegistration):
         name, path = body.name, body.path
         try:
-            self.adapters[name] = validate_adapter(
-                name, path, self.adapter_roots, self.spec.model_path, self.spec.revision
-            )
+            checked = validate_adapter(name, path, self.adapter_roots, self.spec.model_path, self.spec.revision)
         except ValueError as e:
             raise ApiError(400, str(e), param="path") from None
-        return {"name": name, "model": f"{self.name}:{name}", "path": self.adapters[name]}
+        self._set_adapter(name, checked)
+        return {"name": name, "model": f"{self.name}:{name}", "path": checked}
 
     def _adapter_for(self, model: str | None) -> str | None:
         """The adapter a request's `model` names: None for the served model itself; 404 if unknown."""
@@ -209,7 +336,7 @@ class Ingress:
 
     # ---------------------------------------------------------------- completions
 
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request_id: str = "-"):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -217,11 +344,11 @@ class Ingress:
             raise ApiError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        return await self._complete(body, list(ids), chat=True, route="chat")
+        return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id)
 
-    async def completions(self, body: CompletionRequest):
-        ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
-        return await self._complete(body, ids, chat=False, route="completions")
+    async def completions(self, body: CompletionRequest, request_id: str = "-"):
+        ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"] if body.prompt else []
+        return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id)
 
     def _request(self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None) -> dict:
         return {
@@ -231,7 +358,7 @@ class Ingress:
             "top_p": body.top_p if body else 1.0,
             "stop": list(body.stop or []) if body else [],
             "seed": body.seed if body else None,
-            "adapter": adapter,
+            "adapter": self.versions[adapter] if adapter else None,
         }
 
     def _budget(self, body, n_prompt: int) -> int:
@@ -261,30 +388,59 @@ class Ingress:
             )
         return min(asked or self.cfg.default_max_tokens, room)
 
-    async def _complete(self, body, ids: list[int], chat: bool, route: str):
+    async def _complete(self, body, ids: list[int], chat: bool, route: str, request_id: str):
         t0 = time.perf_counter()
         status = 200
         adapter = None
         usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
+        log = {"route": route, "t0": t0, "usage": usage, "body": body, "request_id": request_id}
+        streaming = False
         try:
             adapter = self._adapter_for(body.model)
+            log["adapter"] = adapter
             request = self._request(ids, self._budget(body, len(ids)), body, adapter)
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             model_id = body.model or self.name
+            deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
             if body.stream:
-                stream = self._stream(request, rid, model_id, chat, body.include_usage(), t0, usage, route)
+                # The first delta before the response starts: an error until then (a full queue, an unknown
+                # adapter, a failed admission) is an HTTP status, not a 200 with an error event.
+                deltas = self._deltas(request)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        first = await anext(deltas, None)
+                except BaseException:
+                    await deltas.aclose()
+                    raise
+                stream = self._stream(deltas, first, deadline, rid, model_id, chat, body.include_usage(), log)
+                streaming = True
                 return StreamingResponse(stream, media_type="text/event-stream")
-            text, finish, usage, batch = await self._collect(request, t0)
+            text, finish, usage, batch = await self._collect(request, deadline)
+            log["usage"] = usage
             body_out = self._final_body(rid, model_id, chat, text, finish, usage)
             return JSONResponse(body_out, headers={"x-rayft-batch-size": str(batch)})
+        except TimeoutError:
+            status = 504
+            raise self._timeout() from None
         except ApiError as e:
             status = e.status
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CANCELLED
+            raise
         finally:
-            if not body.stream or status != 200:
-                self._account(route, status, t0, usage, adapter, body)
+            if not streaming:
+                self._account(status, **log)
 
-    def _account(self, route, status, t0, usage, adapter, body, ttft=None):
+    def _timeout(self) -> ApiError:
+        return ApiError(
+            504,
+            f"generation took longer than {self.cfg.request_timeout_s:g} s (serve.request_timeout_s); lower "
+            "max_tokens or retry",
+            code="timeout",
+        )
+
+    def _account(self, status, route, t0, usage, body=None, request_id="-", adapter=None, ttft=None):
         elapsed = time.perf_counter() - t0
         self.m_requests.inc(tags={"route": route, "status": str(status)})
         self.m_latency.observe(elapsed, tags={"route": route})
@@ -297,68 +453,87 @@ class Ingress:
         prompt = ""
         if self.cfg.log_prompts and body is not None:
             prompt = " prompt=" + json.dumps(getattr(body, "prompt", None) or [m.text() for m in body.messages])
+        outcome = "cancelled" if status == CANCELLED else ("ok" if status == 200 else "error")
         access_log.info(
-            "route=%s status=%d latency_ms=%.0f prompt_tokens=%d completion_tokens=%d adapter=%s%s",
+            "route=%s status=%d outcome=%s latency_ms=%.0f prompt_tokens=%d completion_tokens=%d adapter=%s "
+            "request_id=%s%s",
             route,
             status,
+            outcome,
             elapsed * 1000,
             usage.get("prompt_tokens", 0),
             n,
             adapter or "-",
+            request_id,
             prompt,
         )
 
     async def _deltas(self, request: dict, stream: bool = True) -> AsyncIterator[dict]:
         """The model deployment's deltas for one request (one merged delta when not streaming), with its
-        failures turned into API errors."""
+        failures turned into API errors. Leaving early (a closed stream, a timeout, a cancelled request) cancels
+        the call on the model replica, which takes the request out of its batch at the next token step."""
         from ray.serve.exceptions import BackPressureError
 
-        adapter = request["adapter"]
-        path = self.adapters.get(adapter) if adapter else None
+        mux = request["adapter"] or ""
+        path = self.adapters.get(mux.rsplit("@", 1)[0]) if mux else None
+        response, done = None, False
         try:
             if stream:
-                handle = self.model.options(stream=True, multiplexed_model_id=adapter or "")
-                async for d in handle.generate.remote(request, path):
+                response = self.model.options(stream=True, multiplexed_model_id=mux).generate.remote(request, path)
+                async for d in response:
                     yield d
             else:
-                yield await self.model.options(multiplexed_model_id=adapter or "").complete.remote(request, path)
+                response = self.model.options(multiplexed_model_id=mux).complete.remote(request, path)
+                yield await response
+            done = True
         except BackPressureError:
+            done = True
             raise ApiError(
-                503, "the server is overloaded: too many requests are queued; retry shortly", code="overloaded"
+                429,
+                "the server is at capacity: every replica's queue is full (serve.max_queued_requests); retry after "
+                f"{self.cfg.retry_after_s} s",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(self.cfg.retry_after_s)},
             ) from None
         except ApiError:
+            done = True
             raise
         except Exception as e:  # noqa: BLE001 - a replica crash or a lost actor: fail fast, never hang
+            done = True
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ApiError):  # the request's own error, raised on the model replica
+                raise ApiError(cause.status, cause.message, cause.param, cause.code, cause.headers) from None
             logging.getLogger("ray.serve.rayft").warning("generation failed: %r", e)
             raise ApiError(
                 503,
                 f"the model replica failed while generating ({type(e).__name__}); retry the request",
                 code="replica_failed",
             ) from None
+        finally:
+            if response is not None and not done:
+                response.cancel()
 
-    async def _collect(self, request: dict, t0: float | None):
+    async def _collect(self, request: dict, deadline: float | None = None):
         parts, finish, usage = [], "length", {"prompt_tokens": len(request["prompt_ids"]), "completion_tokens": 0}
         batch = 1
+        deltas = self._deltas(request, stream=False)
         try:
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for d in self._deltas(request, stream=False):
+            async with asyncio.timeout_at(deadline):
+                async for d in deltas:
                     parts.append(d["text"])
                     usage["completion_tokens"] = d["completion_tokens"]
                     batch = max(batch, d["batch_size"])
                     if d["finish_reason"]:
                         finish = d["finish_reason"]
-        except TimeoutError:
-            raise ApiError(
-                504,
-                f"generation took longer than {self.cfg.request_timeout_s:g} s (serve."
-                "request_timeout_s); lower max_tokens or retry",
-                code="timeout",
-            ) from None
+        finally:
+            await deltas.aclose()
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return "".join(parts), finish, usage, batch
 
-    async def _stream(self, request, rid, model_id, chat, include_usage, t0, usage, route):
-        status, ttft = 200, None
+    async def _stream(self, deltas, first, deadline, rid, model_id, chat, include_usage, log):
+        """The SSE body. An error after it began arrives as a last `error` event, then `data: [DONE]`; a client
+        that leaves ends it at once (the model replica drops the request at its next step)."""
+        status, ttft, t0, usage = 200, None, log["t0"], log["usage"]
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(payload: dict) -> str:
@@ -374,32 +549,38 @@ class Ingress:
             return head() | {"choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
 
         try:
-            if chat:
-                yield event(chunk(None, None, role=True))
-            finish = "length"
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                async for d in self._deltas(request):
-                    usage["completion_tokens"] = d["completion_tokens"]
-                    if ttft is None and d["text"]:
-                        ttft = time.perf_counter() - t0
-                    if d["text"]:
-                        yield event(chunk(d["text"], None))
-                    if d["finish_reason"]:
-                        finish = d["finish_reason"]
-            yield event(chunk(None, finish))
-            if include_usage:
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                yield event(head() | {"choices": [], "usage": usage})
-        except TimeoutError:
-            status = 504
-            err = ApiError(504, f"generation took longer than {self.cfg.request_timeout_s:g} s", code="timeout")
-            yield event(err.body())
-        except ApiError as e:
-            status = e.status
-            yield event(e.body())
-        finally:
+            try:
+                if chat:
+                    yield event(chunk(None, None, role=True))
+                finish = "length"
+                d = first
+                async with asyncio.timeout_at(deadline):
+                    while d is not None:
+                        usage["completion_tokens"] = d["completion_tokens"]
+                        if ttft is None and d["text"]:
+                            ttft = time.perf_counter() - t0
+                        if d["text"]:
+                            yield event(chunk(d["text"], None))
+                        if d["finish_reason"]:
+                            finish = d["finish_reason"]
+                        d = await anext(deltas, None)
+                yield event(chunk(None, finish))
+                if include_usage:
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    yield event(head() | {"choices": [], "usage": usage})
+            except TimeoutError:
+                status = 504
+                yield event(self._timeout().body())
+            except ApiError as e:
+                status = e.status
+                yield event(e.body())
             yield "data: [DONE]\n\n"
-            self._account(route, status, t0, usage, request["adapter"], None, ttft)
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: no more events
+            status = CANCELLED
+            raise
+        finally:
+            await deltas.aclose()
+            self._account(status, ttft=ttft, **log)
 
     @staticmethod
     def _final_body(rid, model_id, chat, text, finish, usage) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -29,9 +29,20 @@ class ApiError(Exception):
         504: "timeout_error",
     }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})
+
+    def __reduce__(self):  # raised in a model replica, re-raised in the ingress: keep every field
+        return type(self), (self.status, self.message, self.param, self.code, self.headers)
 
     def body(self) -> dict:
         kind = self.TYPES.get(self.status, "server_error")
@@ -97,12 +108,6 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
 
-    @model_validator(mode="after")
-    def _has_text(self):
-        if not any(m.text().strip() for m in self.messages):
-            raise ValueError("messages: every message is empty; send at least one with text")
-        return self
-
 
 class CompletionRequest(_Body):
     prompt: str | list[str]
@@ -115,9 +120,20 @@ class CompletionRequest(_Body):
             if len(v) != 1:
                 raise ValueError("prompt: send one prompt per request (a string, or a list of one string)")
             v = v[0]
-        if not v:
-            raise ValueError("prompt is empty")
-        return v
+        return v  # an empty prompt is allowed (as OpenAI's): generation starts from the start-of-text token
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="What was wrong and what to do.")
+    type: str = Field(..., description="invalid_request_error, authentication_error, not_found_error, ...")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="A stable machine-readable reason, e.g. context_length_exceeded.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error response's body (OpenAI's shape)."""
+
+    error: ErrorDetail
 
 
 class AdapterRegistration(BaseModel):

@@ -13,8 +13,11 @@ the Serve application's `args`, and `rayft.serving.app:app_builder` validates th
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,18 @@ KEY_HASH = re.compile(r"^[0-9a-f]{64}$")
 # to rayft's ingress (auth, limits, timeouts, logging) or its batching scheduler, which the vLLM app does not
 # run: a non-default value for one of them is refused rather than silently dropped.
 VLLM_USES = frozenset(
-    {"engine", "model_name", "host", "port", "autoscaling", "max_ongoing_requests", "gpus_per_replica", "dtype"}
+    {
+        "engine",
+        "model_name",
+        "host",
+        "port",
+        "autoscaling",
+        "max_ongoing_requests",
+        "gpus_per_replica",
+        "dtype",
+        "allow_unauthenticated",
+        "drain_timeout_s",
+    }
 )
 
 
@@ -39,6 +53,99 @@ class ServeError(Exception):
 def hash_key(key: str) -> str:
     """How an API key is kept: its SHA-256 hex digest."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_keys_file(path: str | Path) -> list[str]:
+    """The key hashes a keys file holds: one key per line, or `sha256:HEX` for a key given by its digest;
+    blank lines and lines starting with # are skipped. A malformed digest is an error naming its line."""
+    hashes = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("sha256:"):
+            digest = line[len("sha256:") :].strip().lower()
+            if not KEY_HASH.match(digest):
+                raise ServeError(f"{path}:{n}: a sha256: line needs 64 hex digits (sha256sum of the key)")
+            hashes.append(digest)
+        else:
+            hashes.append(hash_key(line))
+    return hashes
+
+
+class KeyRing:
+    """The API keys an ingress replica accepts: the spec's hashes, plus what the replica reads itself at start
+    (serve.api_key_env in its own environment, serve.api_keys_file on its own node), so keys can come from a
+    Kubernetes Secret that the machine writing the config never saw. The keys file is re-read when it changes
+    (checked at most every `recheck_s`), so rotating a Secret needs no redeploy.
+
+    Auth is required when any key was found at start or a keys file is configured; once required it stays
+    required: a keys file emptied later rejects every request rather than opening the endpoint."""
+
+    def __init__(self, spec: ServeSpec, environ=None, recheck_s: float = 5.0):
+        cfg = spec.serve
+        environ = os.environ if environ is None else environ
+        self.fixed = set(spec.key_hashes)
+        env_key = (environ.get(cfg.api_key_env) or "").strip()
+        if env_key:
+            self.fixed.add(hash_key(env_key))
+        self.file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
+        self.recheck_s = recheck_s
+        self.from_file: set[str] = set()
+        self._stamp = None
+        self._checked = time.monotonic()
+        if self.file is not None:
+            if not self.file.is_file():
+                raise ServeError(
+                    f"serve.api_keys_file {self.file} does not exist on this node; mount the keys there (one per "
+                    "line) or unset serve.api_keys_file"
+                )
+            self._reload()
+        self.required = bool(self.fixed or self.from_file or self.file is not None)
+
+    def _reload(self) -> None:
+        st = self.file.stat()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            self.from_file, self._stamp = set(read_keys_file(self.file)), stamp
+
+    def hashes(self) -> set[str]:
+        if self.file is not None and time.monotonic() - self._checked >= self.recheck_s:
+            self._checked = time.monotonic()
+            try:
+                self._reload()
+            except (OSError, ServeError) as e:  # keep the last good keys; the operator sees why
+                logging.getLogger("ray.serve.rayft").warning("keeping the previous API keys: %s", e)
+        return self.fixed | self.from_file
+
+    def accepts(self, token: str) -> bool:
+        import hmac
+
+        if not token:
+            return False
+        digest = hash_key(token)
+        return any(hmac.compare_digest(digest, h) for h in self.hashes())
+
+
+def check_bind(cfg: ServeConfig, has_keys: bool) -> None:
+    """A non-loopback bind needs an API key unless serve.allow_unauthenticated says otherwise."""
+    if has_keys or cfg.allow_unauthenticated or is_loopback(cfg.host):
+        return
+    raise ServeError(
+        f"serve.host {cfg.host} exposes the endpoint to the network, but no API key is set: give one (--api-key, "
+        f"${cfg.api_key_env} or serve.api_keys_file), or set serve.allow_unauthenticated: true if a gateway in "
+        "front of it checks who calls"
+    )
 
 
 class ServeSpec(BaseModel):
@@ -127,6 +234,11 @@ def vllm_problems(cfg: ServeConfig, key_sources: list[str]) -> list[str]:
             "app behind a gateway that checks keys and give rayft none (no --api-key, key variable or "
             "serve.api_keys_file)"
         )
+    if not key_sources and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
+        problems.append(
+            f"serve.engine vllm cannot check API keys, and serve.host {cfg.host} exposes it to the network: put it "
+            "behind a gateway that checks keys and set serve.allow_unauthenticated: true, or bind 127.0.0.1"
+        )
     defaults = ServeConfig()
     ignored = [f for f in ServeConfig.model_fields if f not in VLLM_USES and getattr(cfg, f) != getattr(defaults, f)]
     lora = [f for f in ignored if f in ("adapters", "max_adapters_per_replica", "adapter_roots")]
@@ -154,15 +266,21 @@ def build_spec(
     storage_path: str | None = None,
     api_keys: list[str] | None = None,
     revision: str | None = None,
+    elsewhere: bool = False,
 ) -> ServeSpec:
     """Resolve the model to serve and the adapters, check them, and return the app's spec.
 
     `revision`: the hub revision to load a hub-id model at; without one, the revision the served adapters'
-    runs were trained on (their job.yaml), else the hub's default."""
+    runs were trained on (their job.yaml), else the hub's default. `elsewhere`: the spec is for a config file
+    deployed on other machines (--emit-config): a keys file missing here and a network bind with no key here
+    are left to the replicas, which read the key variable and the keys file themselves and refuse to start
+    without a key."""
     from rayft.training.inference import resolve_inference_model
     from rayft.training.models import ModelError
 
-    keys, key_sources = _api_keys(serve_cfg, api_keys)
+    hashes, key_sources = _api_keys(serve_cfg, api_keys, elsewhere)
+    if not elsewhere:
+        check_bind(serve_cfg, bool(hashes))
     if serve_cfg.engine == "vllm":
         import importlib.util
 
@@ -215,26 +333,31 @@ def build_spec(
         serve=serve_cfg,
         adapters=adapters,
         adapter_roots=roots,
-        key_hashes=sorted({hash_key(k) for k in keys}),
+        key_hashes=sorted(set(hashes)),
     )
 
 
-def _api_keys(cfg: ServeConfig, given: list[str] | None) -> tuple[list[str], list[str]]:
-    """The accepted API keys (--api-key, the key variable, serve.api_keys_file) and where they came from."""
+def _api_keys(cfg: ServeConfig, given: list[str] | None, elsewhere: bool = False) -> tuple[list[str], list[str]]:
+    """The hashes of the accepted API keys (--api-key, the key variable, serve.api_keys_file) and where they
+    came from. A keys file that exists only where the replicas run (elsewhere) is read there."""
     keys = [k.strip() for k in (given or []) if k and k.strip()]
     sources = ["--api-key"] if keys else []
     env_key = (os.environ.get(cfg.api_key_env) or "").strip()
     if env_key:
         keys.append(env_key)
         sources.append(f"${cfg.api_key_env}")
+    hashes = [hash_key(k) for k in keys]
     if cfg.api_keys_file:
         f = Path(cfg.api_keys_file).expanduser()
-        if not f.is_file():
+        if f.is_file():
+            from_file = read_keys_file(f)
+            hashes += from_file
+            sources += ["serve.api_keys_file"] if from_file else []
+        elif not elsewhere:
             raise ServeError(f"serve.api_keys_file {f} does not exist; write one API key per line")
-        from_file = [line.strip() for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        keys += from_file
-        sources += ["serve.api_keys_file"] if from_file else []
-    return keys, sources
+        else:
+            sources.append("serve.api_keys_file")
+    return hashes, sources
 
 
 def _default_name(target: str, run_dir: str | None) -> str:
