@@ -163,8 +163,7 @@ class TransformersEngine:
             if self.adapters.get(name) == path:
                 return
             if name in self.adapters:
-                self.model.delete_adapter(name)
-                del self.adapters[name]
+                self._delete(name)
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
             else:
@@ -199,8 +198,20 @@ class TransformersEngine:
             self.unload_later -= gone
         for n in gone:
             if n in self.adapters:
-                self.model.delete_adapter(n)
-                del self.adapters[n]
+                self._delete(n)
+
+    def _delete(self, name: str) -> None:
+        """Delete an adapter's weights (engine lock held). PEFT keeps a deleted adapter as its active one when
+        it was the last (a later load then fails with KeyError): the last one unwraps the base model, and
+        otherwise a remaining adapter becomes the active one (mixed batches choose per row anyway)."""
+        del self.adapters[name]
+        if not self.adapters:
+            self.model = self.model.unload().eval()
+            return
+        self.model.delete_adapter(name)
+        if any(a not in self.model.peft_config for a in self.model.active_adapters):
+            self.model.set_adapter(next(iter(self.adapters)))
+        self.model.eval()
 
     # ------------------------------------------------------------------ generation
 

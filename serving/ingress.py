@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,15 +38,13 @@ access_log = logging.getLogger("ray.serve.rayft.access")
 CANCELLED = 499  # the access log's status of a request whose client left or whose call was cancelled
 
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class _Guard:
-    """Before any route runs: a request id on every response (the client's x-request-id when it sent a sane
-    one), API keys on /v1 and /admin routes, and the body size limit, counted as the bytes arrive (a chunked
-    body has no Content-Length to trust). A plain ASGI middleware: Starlette's decorator-style middleware
-    costs milliseconds per request."""
+    """Before any route runs: API keys on /v1 and /admin routes, and the body size limit, counted as the bytes
+    arrive (a chunked body has no Content-Length to trust). A plain ASGI middleware: Starlette's decorator-style
+    middleware costs milliseconds per request."""
 
     def __init__(self, app, keys: KeyRing, limit: int):
         self.app, self.keys, self.limit = app, keys, limit
@@ -56,16 +53,9 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        rid = headers.get("x-request-id", "")
-        if not REQUEST_ID.match(rid):
-            rid = "req-" + uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        rid_header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                message = message | {"headers": [*message.get("headers", []), rid_header]}
-            await send(message)
+        # Serve's proxy gives every request an id (the client's x-request-id, else a new one), passes it in the
+        # request's headers and puts it on the response; the access log records it.
+        scope.setdefault("state", {})["request_id"] = headers.get("x-request-id") or "-"
 
         path = scope.get("path", "")
         error = None
@@ -87,9 +77,9 @@ class _Guard:
             else:
                 receive = _replay(body, receive)
         if error is None:
-            return await self.app(scope, receive, send_with_id)
+            return await self.app(scope, receive, send)
         response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-        return await response(scope, receive, send_with_id)
+        return await response(scope, receive, send)
 
     def _too_large(self, size: str) -> ApiError:
         return ApiError(413, f"request body is {size}; the limit is {self.limit} bytes (serve.max_body_bytes)")
@@ -147,7 +137,7 @@ def _openapi(api: FastAPI) -> dict:
     if api.openapi_schema:
         return api.openapi_schema
     doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-    request_id = {"description": "The request's id (the client's x-request-id if it sent one).",
+    request_id = {"description": "The request's id (the client's x-request-id if it sent one, else a new one).",
                   "schema": {"type": "string"}}  # fmt: skip
     retry = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
     for path, ops in doc.get("paths", {}).items():
@@ -253,6 +243,7 @@ class Ingress:
         self.empty_prompt = [start if start is not None else (self.tokenizer.eos_token_id or 0)]
         self.adapters: dict[str, str] = {}  # name -> adapter dir; grows with /admin/adapters
         self.versions: dict[str, str] = {}  # name -> multiplexed id: name@digest of its path and files
+        self.version_paths: dict[str, str] = {}  # multiplexed id -> adapter dir
         for name, path in spec.adapters.items():
             self._set_adapter(name, path)
         self.adapter_roots: list[str] = list(spec.adapter_roots)
@@ -310,8 +301,8 @@ class Ingress:
         for f in sorted(Path(path).glob("adapter_*")):
             st = f.stat()
             stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-        self.adapters[name] = path
-        self.versions[name] = f"{name}@{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:12]}"
+        version = f"{name}@{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:12]}"
+        self.adapters[name], self.versions[name], self.version_paths[version] = path, version, path
 
     def add_adapter(self, body: AdapterRegistration):
         name, path = body.name, body.path
@@ -475,7 +466,7 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError
 
         mux = request["adapter"] or ""
-        path = self.adapters.get(mux.rsplit("@", 1)[0]) if mux else None
+        path = self.version_paths.get(mux) if mux else None
         response, done = None, False
         try:
             if stream:

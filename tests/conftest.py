@@ -227,3 +227,80 @@ def greedy_reply(model, tokenizer, question: str, max_new_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- serving helpers
+
+
+def make_serve_model(out: Path, tokenizer, vocab_size: int | None = None, context: int = 1024) -> Path:
+    """A 2-layer Llama for the Serve app, with SmolLM2's tokenizer and its (tied) embeddings scaled up: a random
+    model's logits are near-ties, which the float noise of a different batch shape can flip; larger margins make
+    greedy answers well defined. `vocab_size` below the tokenizer's makes prompts holding a token past it fail
+    in the model (a real failure of that one request)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_adapters(base_dir: Path, root: Path, names: list[str]) -> dict:
+    """LoRA adapters over a model with random (non-zero) weights, saved under root/NAME; their merged models."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    merged = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(base, cfg)
+        peft_model.save_pretrained(root / name)
+        merged[name] = peft_model.merge_and_unload().eval()
+    return merged
+
+
+def serve_deploy(spec, port: int) -> str:
+    """Deploy a ServeSpec as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
+    from rayft.serving.deploy import deploy
+
+    return deploy(spec.with_serve(port=port))
+
+
+def post_json(base: str, path: str, body, key: str | None = None, raw: bool = False, headers: dict | None = None):
+    import requests
+
+    h = {"Content-Type": "application/json"} | (headers or {})
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    data = body if raw else json.dumps(body)
+    return requests.post(f"{base}{path}", data=data, headers=h, timeout=120)
+
+
+def completion_greedy(model, tok, prompt: str, n: int) -> str:
+    """transformers' own greedy continuation of a raw prompt (what /v1/completions at temperature 0 returns)."""
+    import torch
+
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

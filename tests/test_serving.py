@@ -16,45 +16,22 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import greedy_reply
+from conftest import completion_greedy, greedy_reply, make_adapters, make_serve_model, post_json, serve_deploy
 
 KEY = "sk-test-key"
 APP = "rayft"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its (tied) embeddings scaled up: a random model's logits are near-ties, which
-    the float noise of a different batch shape can flip; larger margins make greedy answers well defined."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(6.0)
-    out = tmp_path_factory.mktemp("tiny-serve")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+def tiny_dir(smol_tokenizer, tmp_path_factory):
+    return make_serve_model(tmp_path_factory.mktemp("tiny-serve"), smol_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory):
-    """Two LoRA adapters over the tiny model with random (non-zero) weights, and their merged models."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+    """Three LoRA adapters over the tiny model with random (non-zero) weights, and their merged models."""
     root = tmp_path_factory.mktemp("adapters")
-    merged = {}
-    for i, name in enumerate(["a1", "a2", "a3"]):
-        torch.manual_seed(100 + i)
-        base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-        cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-        peft_model = get_peft_model(base, cfg)
-        peft_model.save_pretrained(root / name)
-        merged[name] = peft_model.merge_and_unload().eval()
-    return root, merged
+    return root, make_adapters(tiny_dir, root, ["a1", "a2", "a3"])
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +42,7 @@ def base_model(tiny_dir):
 
 
 def deploy(spec, port: int) -> str:
-    """Deploy a ServeSpec as `rayft serve` does (on the suite's Ray, at the session's HTTP port); the base URL."""
-    from rayft.serving.deploy import deploy
-
-    return deploy(spec.with_serve(port=port))
+    return serve_deploy(spec, port)
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +75,7 @@ def client(base: str, key: str = KEY):
 
 
 def post(base: str, path: str, body, key: str | None = KEY, raw: bool = False):
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = body if raw else json.dumps(body)
-    return requests.post(f"{base}{path}", data=data, headers=headers, timeout=120)
-
-
-def completion_greedy(model, tok, prompt: str, n: int) -> str:
-    import torch
-
-    enc = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
-    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return post_json(base, path, body, key=key, raw=raw)
 
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "hi", "Explain LoRA in one line."]
