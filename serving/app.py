@@ -67,6 +67,16 @@ def build_vllm_app(spec: ServeSpec):
     that sets anything else (API keys, LoRA adapters, rayft's batching and limits) is refused when it is built
     (ServeSpec), since this app would ignore it; so is an API key in the environment where the app starts, and
     a network bind without serve.allow_unauthenticated."""
+    import os
+
+    cfg = spec.serve
+    here = [f"${cfg.api_key_env}"] if (os.environ.get(cfg.api_key_env) or "").strip() else []
+    here += ["serve.api_keys_file"] if cfg.api_keys_file else []
+    if here:  # keys the vLLM app would not check: refuse rather than serve openly
+        raise RuntimeError(
+            f"serve.engine vllm cannot check API keys, but {' and '.join(here)} is set where the app starts: use "
+            "serve.engine: transformers, or put the vLLM app behind a gateway that checks keys and set none here"
+        )
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:
@@ -76,18 +86,8 @@ def build_vllm_app(spec: ServeSpec):
         ) from None
     from rayft.training.models import resolve_dtype
 
-    cfg = spec.serve
     if cfg.gpus_per_replica <= 0:
         raise RuntimeError("serve.engine vllm needs GPUs: set serve.gpus_per_replica (e.g. 1)")
-    import os
-
-    here = [f"${cfg.api_key_env}"] if (os.environ.get(cfg.api_key_env) or "").strip() else []
-    here += ["serve.api_keys_file"] if cfg.api_keys_file else []
-    if here:  # keys the vLLM app would not check: refuse rather than serve openly
-        raise RuntimeError(
-            f"serve.engine vllm cannot check API keys, but {' and '.join(here)} is set where the app starts: use "
-            "serve.engine: transformers, or put the vLLM app behind a gateway that checks keys and set none here"
-        )
     engine = {"dtype": resolve_dtype(cfg.dtype, "cuda"), "tensor_parallel_size": max(1, int(cfg.gpus_per_replica))}
     if spec.revision:
         engine |= {"revision": spec.revision, "tokenizer_revision": spec.revision}

@@ -131,6 +131,20 @@ def test_rayservice_serve_config_is_a_valid_rayft_app():
     cfg = ServeConfig(**app["args"]["serve"])  # the replica builds exactly this from the args
     assert cfg.gpus_per_replica == 1 and cfg.autoscaling.max_replicas == 8
     assert set(app["args"]) >= {"model_path", "model_name", "serve", "adapters", "adapter_roots", "key_hashes"}
+    # It binds 0.0.0.0 with no key in its args: every pod gets the key from a Secret, and a replica that found
+    # none would refuse to start.
+    from rayft.serving.spec import KeyRing, ServeError, ServeSpec, check_bind
+
+    spec = ServeSpec(**{k: v for k, v in app["args"].items()})
+    assert spec.serve.host == "0.0.0.0" and spec.key_hashes == []
+    cluster = doc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        (env,) = [e for e in pod["template"]["spec"]["containers"][0]["env"] if e["name"] == spec.serve.api_key_env]
+        assert env["valueFrom"]["secretKeyRef"]["name"] == "rayft-api-key"
+    with pytest.raises(ServeError, match="no API key"):
+        check_bind(spec.serve, KeyRing(spec, environ={}).required)
+    check_bind(spec.serve, KeyRing(spec, environ={"RAYFT_API_KEY": "from-the-secret"}).required)
 
 
 def test_rayjob_entrypoint_is_a_valid_rayft_train_command():

@@ -535,6 +535,107 @@ def test_vllm_engine_refuses_settings_it_would_ignore(tiny_dir, tmp_path, monkey
         ServeSpec.from_args(args | {"serve": args["serve"] | {"max_queued_requests": 8}})
     transformers = ServeConfig(max_body_bytes=5000)  # the same settings are fine where they apply
     assert build_spec(str(tiny_dir), transformers, api_keys=["k1"]).key_hashes
+    # a key in the environment where the vLLM app starts (a RayService's pods) is refused there too
+    from rayft.serving.app import build_vllm_app
+
+    spec = ServeSpec.from_args(args)
+    monkeypatch.setenv("RAYFT_API_KEY", "pod-key")
+    with pytest.raises(RuntimeError, match=r"cannot check API keys, but \$RAYFT_API_KEY"):
+        build_vllm_app(spec)
+    monkeypatch.delenv("RAYFT_API_KEY")
+    with pytest.raises(ServeError, match="allow_unauthenticated"):  # and a network bind it cannot protect
+        ServeSpec.from_args(args | {"serve": args["serve"] | {"host": "0.0.0.0"}})
+    assert ServeSpec.from_args(args | {"serve": args["serve"] | {"host": "0.0.0.0", "allow_unauthenticated": True}})
+
+
+def test_a_network_bind_needs_a_key_here_and_on_every_replica(tiny_dir, tmp_path, monkeypatch):
+    import hashlib
+
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import KeyRing, ServeError, build_spec, check_bind
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    with pytest.raises(ServeError, match="serve.allow_unauthenticated: true"):
+        build_spec(str(tiny_dir), ServeConfig(host="0.0.0.0"))
+    r = rayft("serve", str(tiny_dir), "--host", "0.0.0.0")
+    assert r.returncode == 1 and "exposes the endpoint to the network" in r.stderr, r.stderr
+    assert build_spec(str(tiny_dir), ServeConfig(host="0.0.0.0"), api_keys=["k"]).key_hashes
+    assert build_spec(str(tiny_dir), ServeConfig(host="0.0.0.0", allow_unauthenticated=True)).key_hashes == []
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert build_spec(str(tiny_dir), ServeConfig(host=loopback)).key_hashes == []
+    # for a config deployed elsewhere the replicas decide, with the keys they find themselves
+    spec = build_spec(str(tiny_dir), ServeConfig(host="0.0.0.0"), elsewhere=True)
+    with pytest.raises(ServeError, match="exposes the endpoint"):
+        check_bind(spec.serve, KeyRing(spec, environ={}).required)
+    ring = KeyRing(spec, environ={"RAYFT_API_KEY": "pod-key"})
+    assert ring.required and ring.accepts("pod-key") and not ring.accepts("pod-kez") and not ring.accepts("")
+    keys = tmp_path / "keys"
+    keys.write_text(f"plain-key\n\n# comment\nsha256:{hashlib.sha256(b'hashed-key').hexdigest().upper()}\n")
+    ring = KeyRing(spec.with_serve(api_keys_file=str(keys)), environ={})
+    assert ring.accepts("plain-key") and ring.accepts("hashed-key") and not ring.accepts("sha256:")
+    keys.write_text("ok\nsha256:abc\n")
+    with pytest.raises(ServeError, match=r"keys:2: a sha256: line needs 64 hex digits"):
+        KeyRing(spec.with_serve(api_keys_file=str(keys)), environ={})
+    with pytest.raises(ServeError, match="does not exist on this node"):
+        KeyRing(spec.with_serve(api_keys_file=str(tmp_path / "absent")), environ={})
+    r = rayft("serve", str(tiny_dir), "--host", "0.0.0.0", "--emit-config", str(tmp_path / "s.yaml"))
+    assert r.returncode == 0 and "they refuse to start" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_a_deployed_config_with_the_key_in_the_pods_environment_requires_it(ray_local, tiny_dir, tmp_path, serve_port):
+    """The shipped RayService's way: the emitted config binds 0.0.0.0 with no key in it, and the key is in the
+    environment of the pods (here the application's runtime_env), from a Secret. Deployed with `serve deploy`,
+    the app answers only requests with that key; deployed without it, it refuses to start."""
+    import subprocess
+    import sys
+
+    import ray
+    import yaml
+    from ray import serve
+
+    out = tmp_path / "serve.yaml"
+    r = rayft("serve", str(tiny_dir), "--host", "0.0.0.0", "--port", str(serve_port), "--emit-config", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert doc["applications"][0]["args"]["key_hashes"] == []
+    doc["http_options"] = {"host": "127.0.0.1", "port": serve_port}  # this suite's Serve proxy
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    serve_cli = str(Path(sys.executable).parent / "serve")
+
+    def deploy_with(env: dict | None) -> str:
+        app = doc["applications"][0]
+        app.pop("runtime_env", None)
+        if env:
+            app["runtime_env"] = {"env_vars": env}
+        out.write_text(yaml.safe_dump(doc))
+        done = subprocess.run([serve_cli, "deploy", str(out), "-a", dashboard], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            status = serve.status().applications.get(APP)
+            if status is not None and str(status.status).rsplit(".", 1)[-1] in ("RUNNING", "DEPLOY_FAILED"):
+                return (
+                    str(status.status).rsplit(".", 1)[-1]
+                    + " "
+                    + json.dumps({n: d.message for n, d in status.deployments.items()})
+                )
+            time.sleep(1)
+        raise AssertionError("the deployed app neither ran nor failed")
+
+    base = f"http://127.0.0.1:{serve_port}"
+    try:
+        assert deploy_with({"RAYFT_API_KEY": "sk-pod-secret"}).startswith("RUNNING")
+        hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert post(base, "/v1/chat/completions", hi, key=None).status_code == 401
+        assert post(base, "/v1/chat/completions", hi, key="sk-wrong").status_code == 401
+        assert post(base, "/admin/adapters", {"name": "x", "path": "/"}, key=None).status_code == 401
+        assert post(base, "/v1/chat/completions", hi, key="sk-pod-secret").status_code == 200
+        state = deploy_with(None)  # the same config, no key where it runs
+        assert state.startswith("DEPLOY_FAILED") and "exposes the endpoint to the network" in state, state
+    finally:
+        serve.delete(APP)
+        serve.shutdown()
 
 
 def test_a_hub_base_loads_at_the_revision_its_adapters_were_trained_on(tiny_dir, tmp_path):
