@@ -461,3 +461,48 @@ def test_scale_down_and_redeploy_under_steady_load_drop_nothing(ray_local, model
         serve.delete(APP)
     bad = [o for o in outcomes if o != (200, True)]
     assert not bad, f"{len(bad)} of {len(outcomes)} requests failed or were cut: {bad[:5]}"
+
+
+@pytest.mark.slow
+def test_stopping_rayft_serve_lets_in_flight_streams_finish(ray_local, model_dir, serve_port):
+    """SIGTERM (what Ctrl-C, `kill` and a service manager send) to `rayft serve`: the streams in flight end with
+    their finish_reason and [DONE], then the endpoint stops."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    address = ray._private.worker.global_worker.node.address  # the suite's Ray: no second cluster here
+    env = {k: v for k, v in os.environ.items() if k != "RAYFT_API_KEY"}
+    cmd = [sys.executable, "-m", "rayft", "serve", str(model_dir), "--port", str(serve_port), "--address", address]
+    cmd += ["--set", "serve.max_tokens_limit=2000", "--set", "serve.request_timeout_s=120"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{serve_port}"
+    try:
+        wait_until(lambda: _ready(base), 180, "rayft serve to answer")
+        streams = []
+        for p in PROMPTS[:3]:
+            body = {"prompt": p, "max_tokens": 800, "temperature": 0, "stream": True}
+            streams.append(requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=120))
+        iters = [r.iter_lines(decode_unicode=True) for r in streams]
+        for it in iters:
+            assert events([next(it)])  # generating
+        proc.send_signal(signal.SIGTERM)
+        for it in iters:
+            got = events(it)
+            assert got[-1] == "[DONE]" and not any("error" in e for e in got[:-1] if isinstance(e, dict)), got[-3:]
+            assert got[-2]["choices"][0]["finish_reason"] == "length"
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "endpoint stopped" in out, out[-2000:]  # 130: stopped by the user
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/readyz", timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
