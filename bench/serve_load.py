@@ -10,6 +10,12 @@ here and now:
    generation called directly on the engine in this process (measured on the `max_batch_size: 1`
    deployment, so no batch wait is counted), compared with the HTTP p50 of a no-op Ray Serve
    deployment measured in the same run. Target <= 1.5x the no-op's p50.
+3. The peer: the same model, prompts and streaming clients against `transformers serve
+   --continuous-batching` (transformers' own server, its defaults on this CPU), at 1 and at C clients:
+   rayft's tokens/s and p50 TTFT as ratios of its. Target: >= 1.2x its tokens/s at C clients, TTFT p50
+   no worse.
+4. Cancellation: C streaming clients each read 3 events of a long generation and disconnect; the tokens
+   the replica generated for them beyond what they had read, per request (target <= 2).
 
 Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--quick]
        [--no-write] [--results PATH]   (results are appended to bench/RESULTS.md)
@@ -58,7 +64,7 @@ def deploy(spec, port: int) -> str:
     return deploy(spec.with_serve(port=port))
 
 
-def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def load(base: str, clients: int, per_client: int, max_tokens: int, model: str | None = None) -> dict:
     """`clients` threads, each sending `per_client` streamed chat requests back to back."""
     import requests
 
@@ -74,6 +80,8 @@ def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
+            if model:
+                body["model"] = model
             t0 = time.perf_counter()
             first, used = None, 0
             with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
@@ -106,6 +114,63 @@ def load(base: str, clients: int, per_client: int, max_tokens: int) -> dict:
         "p99": pct(latencies, 0.99),
         "ttft_p50": pct(ttfts, 0.5),
     }
+
+
+def abandon(base: str, clients: int) -> dict:
+    """`clients` streams of 400 tokens, each closed after 3 events; what the replica generated for them."""
+    import requests
+    from ray import serve
+
+    def info() -> dict:
+        return serve.get_deployment_handle("model", "rayft").info.remote().result(timeout_s=60)
+
+    before = info()
+    body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 400, "temperature": 0, "stream": True}
+    streams = [
+        requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) for _ in range(clients)
+    ]
+    read = 0
+    for r in streams:
+        lines = (line for line in r.iter_lines(decode_unicode=True) if line.startswith("data: "))
+        for _ in range(4):  # the role chunk, then 3 with text
+            next(lines)
+        read += 3
+    for r in streams:
+        r.close()
+    deadline = time.time() + 60
+    while (after := info())["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    generated = after["generated_for_cancelled"] - before["generated_for_cancelled"]
+    return {
+        "cancelled": after["cancelled"] - before["cancelled"],
+        "after_leaving_per_request": max(0, generated - read) / clients,
+        "after_cancel_seen": after["tokens_after_cancel"] - before["tokens_after_cancel"],
+    }
+
+
+def peer_server(model_path: str, port: int, log: Path):
+    """`transformers serve --continuous-batching` on the model, in a process of its own; returns it once
+    /health answers."""
+    import subprocess
+
+    import requests
+
+    exe = Path(sys.executable).parent / "transformers"
+    cmd = [str(exe), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), model_path]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited ({proc.returncode}); see {log}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"transformers serve did not answer /health within 300 s; see {log}")
 
 
 def http_p50(url: str, body: dict | None, n: int) -> float:
@@ -190,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = load(base, args.clients, args.requests, args.max_tokens)
         print(label, {k: round(v, 3) for k, v in results[label].items()}, flush=True)
         results[f"{label}, one burst"] = load(base, args.clients, 1, args.max_tokens)  # all clients at once
+        if label == "batching":
+            results["batching, 1 client"] = load(base, 1, args.requests, args.max_tokens)
+            cancel = abandon(base, args.clients)
+            print("cancellation", cancel, flush=True)
         if label == "no batching":  # a batch of one starts at once: no batch wait in the overhead
             tok = AutoTokenizer.from_pretrained(spec.model_path)
             msgs = [{"role": "user", "content": PROMPTS[4]}]
@@ -205,8 +274,25 @@ def main(argv: list[str] | None = None) -> int:
     noop = noop_p50(args.port, 30 if args.quick else 100)
     serve.shutdown()
     ray.shutdown()
+    peer_log = Path(os.environ.get("TMPDIR", "/tmp")) / "serve_load_transformers_serve.log"
+    peer = peer_server(model_path, args.port + 1, peer_log)
+    try:
+        peer_base = f"http://127.0.0.1:{args.port + 1}"
+        load(peer_base, 2, 1, 4, model=model_path)  # warm-up
+        results["transformers serve, 1 client"] = load(peer_base, 1, args.requests, args.max_tokens, model_path)
+        results[f"transformers serve, {args.clients} clients"] = load(
+            peer_base, args.clients, args.requests, args.max_tokens, model_path
+        )
+    finally:
+        peer.terminate()
+        peer.wait(timeout=60)
 
     b, nb = results["batching"], results["no batching"]
+    p8, p1 = results[f"transformers serve, {args.clients} clients"], results["transformers serve, 1 client"]
+    r1 = results["batching, 1 client"]
+    peer_tps, peer_ttft = b["tokens_per_s"] / p8["tokens_per_s"], b["ttft_p50"] / p8["ttft_p50"]
+    peer_tps1, peer_ttft1 = r1["tokens_per_s"] / p1["tokens_per_s"], r1["ttft_p50"] / p1["ttft_p50"]
+    per_abandoned = cancel["after_leaving_per_request"]
     gain = b["tokens_per_s"] / nb["tokens_per_s"]
     burst_gain = results["batching, one burst"]["tokens_per_s"] / results["no batching, one burst"]["tokens_per_s"]
     overhead = max(0.0, http_one - direct_one)
@@ -218,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         f"1-token request: HTTP p50 {http_one * 1000:.1f} ms, direct engine call p50 {direct_one * 1000:.1f} ms, "
         f"no-op Serve deployment HTTP p50 {noop * 1000:.1f} ms; the app's own GET /healthz p50 "
         f"{http_health * 1000:.1f} ms (proxy -> ingress and back, no model call)",
+        "peer: `transformers serve --continuous-batching --device cpu --dtype float32` (its defaults otherwise, "
+        "all cores), the same model directory, prompts and clients, measured after rayft's runs with Ray stopped",
+        f"cancellation: {args.clients} clients read 3 events of a 400-token stream and disconnect: "
+        f"{cancel['cancelled']} requests cancelled, {per_abandoned:.2f} tokens per request generated beyond what "
+        f"its client had read, {cancel['after_cancel_seen']} tokens in steps already running when the replica "
+        "learned of it",
         f"load average (1 min) at start: {load_avg:.2f}",
     ]
     head = ("setting", "completion tokens/s", "tokens", "wall s", "p50 latency s", "p99 latency s", "p50 TTFT s")
@@ -237,7 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         ("batching gain (tokens/s)", f"{gain:.2f}x", ">= 3x", verdict(gain >= 3)),
         ("batching gain, one burst (info)", f"{burst_gain:.2f}x", "", ""),
         ("Serve overhead vs no-op p50", f"{over_ratio:.2f}x", "<= 1.5x", verdict(over_ratio <= 1.5)),
-    ]
+        (f"tokens/s vs transformers serve, {args.clients} clients", f"{peer_tps:.2f}x", ">= 1.2x",
+         verdict(peer_tps >= 1.2)),
+        (f"TTFT p50 vs transformers serve, {args.clients} clients", f"{peer_ttft:.2f}x", "<= 1.0x",
+         verdict(peer_ttft <= 1.0)),
+        ("tokens/s vs transformers serve, 1 client (info)", f"{peer_tps1:.2f}x", "", ""),
+        ("TTFT p50 vs transformers serve, 1 client (info)", f"{peer_ttft1:.2f}x", "", ""),
+        ("tokens generated per abandoned request", f"{per_abandoned:.2f}", "<= 2", verdict(per_abandoned <= 2)),
+    ]  # fmt: skip
     now = datetime.now(UTC)
     cmd = command()
     section = results_section(NAME, now, cmd, notes, head, rows, ratios)
@@ -249,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{nb['tokens_per_s']:,.1f} tokens/s | {gain:.2f}x | >= 3x, {verdict(gain >= 3)} | {date} | `{cmd}` |",
             f"| {NAME}: Serve overhead vs no-op deployment | {overhead * 1000:.1f} vs {noop * 1000:.1f} ms p50 | "
             f"{over_ratio:.2f}x | <= 1.5x, {verdict(over_ratio <= 1.5)} | {date} | `{cmd}` |",
+            f"| {NAME}: tokens/s vs transformers serve, {args.clients} clients | {b['tokens_per_s']:,.1f} vs "
+            f"{p8['tokens_per_s']:,.1f} tokens/s | {peer_tps:.2f}x | >= 1.2x, {verdict(peer_tps >= 1.2)} | {date} | "
+            f"`{cmd}` |",
+            f"| {NAME}: TTFT p50 vs transformers serve, {args.clients} clients | {b['ttft_p50']:.2f} vs "
+            f"{p8['ttft_p50']:.2f} s | {peer_ttft:.2f}x | <= 1.0x, {verdict(peer_ttft <= 1.0)} | {date} | `{cmd}` |",
+            f"| {NAME}: tokens generated per abandoned request | {per_abandoned:.2f} | {per_abandoned:.2f} | <= 2, "
+            f"{verdict(per_abandoned <= 2)} | {date} | `{cmd}` |",
         ]
         write_results(args.results, section, summary, name=NAME)
     return 0

@@ -135,12 +135,13 @@ def engine_name(mux_id: str) -> str:
 class _Ticket:
     """One request inside the scheduler: where its deltas go, and whether its caller left."""
 
-    __slots__ = ("key", "req", "queue", "cancelled", "reserved")
+    __slots__ = ("key", "req", "queue", "cancelled", "reserved", "produced")
 
     def __init__(self, key: int, req: GenerationRequest, reserved: int):
         self.key, self.req, self.reserved = key, req, reserved
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.produced = 0  # tokens generated for it
 
 
 class Scheduler:
@@ -158,7 +159,15 @@ class Scheduler:
         self._keys = itertools.count()
         self._wake = asyncio.Event()
         self._driver: asyncio.Task | None = None
-        self.counts = {"finished": 0, "failed": 0, "cancelled": 0, "tokens_after_cancel": 0}
+        # tokens_after_cancel: generated after the scheduler learned that the caller left (the step in flight);
+        # generated_for_cancelled: every token generated for requests whose callers left, before and after
+        self.counts = {
+            "finished": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "tokens_after_cancel": 0,
+            "generated_for_cancelled": 0,
+        }
 
     def need(self, req: GenerationRequest) -> int:
         return (len(req.prompt_ids) + req.max_tokens) * self.kv_per_token
@@ -221,6 +230,7 @@ class Scheduler:
                 self.pending = [t for t in self.pending if not t.cancelled]
             drop = [k for k, t in self.running.items() if t.cancelled]
             for k in drop:
+                self.counts["generated_for_cancelled"] += self.running[k].produced
                 self._leave(k)
             admit = self._admissions()
             try:
@@ -242,6 +252,7 @@ class Scheduler:
                 t = self.running.get(key)
                 if t is None:
                     continue
+                t.produced += 1
                 if t.cancelled:  # its caller left while this step ran; it is dropped at the next one
                     self.counts["tokens_after_cancel"] += 1
                     continue

@@ -74,6 +74,7 @@ def test_a_caller_that_leaves_is_out_of_the_batch_at_the_next_step(engine):
     assert sizes[0] == 2 and sizes[-1] == 1
     assert sizes.index(1) <= 5  # it ran alone within two steps of the other's third token
     assert sched.counts["cancelled"] == 1 and sched.counts["tokens_after_cancel"] <= 1
+    assert sched.counts["generated_for_cancelled"] <= 3 + 1  # what it read, and the step in flight when it left
     assert sched.counts["finished"] == 1 and not sched.running and not sched.pending
 
 
@@ -100,4 +101,10 @@ def test_a_failing_request_fails_alone_in_a_static_batch(engine):
     good1, failed, good2 = asyncio.run(run())
     assert isinstance(failed, ApiError) and failed.status == 500 and "IndexError" in failed.message
     assert isinstance(good1, str) and good1 and isinstance(good2, str) and good2
-    assert sched.counts == {"finished": 2, "failed": 1, "cancelled": 0, "tokens_after_cancel": 0}
+    assert sched.counts == {
+        "finished": 2,
+        "failed": 1,
+        "cancelled": 0,
+        "tokens_after_cancel": 0,
+        "generated_for_cancelled": 0,
+    }
