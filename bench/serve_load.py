@@ -117,7 +117,8 @@ def load(base: str, clients: int, per_client: int, max_tokens: int, model: str |
 
 
 def abandon(base: str, clients: int) -> dict:
-    """`clients` streams of 400 tokens, each closed after 3 events; what the replica generated for them."""
+    """`clients` streams of 400 tokens, each closed by its client after 3 tokens; what the replica generated for
+    them beyond those (tokens in flight or computed after the client left)."""
     import requests
     from ray import serve
 
@@ -126,17 +127,21 @@ def abandon(base: str, clients: int) -> dict:
 
     before = info()
     body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 400, "temperature": 0, "stream": True}
-    streams = [
-        requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) for _ in range(clients)
-    ]
-    read = 0
-    for r in streams:
-        lines = (line for line in r.iter_lines(decode_unicode=True) if line.startswith("data: "))
-        for _ in range(4):  # the role chunk, then 3 with text
-            next(lines)
-        read += 3
-    for r in streams:
-        r.close()
+    opened = threading.Barrier(clients)
+
+    def client() -> None:  # reads as the tokens come, and leaves right after its third one
+        with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+            opened.wait()
+            lines = (line for line in r.iter_lines(decode_unicode=True) if line.startswith("data: "))
+            for _ in range(4):  # the role chunk, then 3 with text
+                next(lines)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    read = 3 * clients
     deadline = time.time() + 60
     while (after := info())["running"] and time.time() < deadline:
         time.sleep(0.05)
