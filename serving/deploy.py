@@ -40,11 +40,13 @@ def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:
 
 
 def undeploy() -> None:
-    """Delete the app and stop Serve on the connected Ray."""
+    """Delete the app (its replicas drain their in-flight requests first, up to serve.drain_timeout_s), and stop
+    Serve on the connected Ray unless other applications still run there (a shared cluster's)."""
     from ray import serve
 
     serve.delete(APP_NAME)
-    serve.shutdown()
+    if not serve.status().applications:
+        serve.shutdown()
 
 
 def wait_ready(base: str, timeout_s: float, probe: str = "/readyz") -> None:

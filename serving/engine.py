@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from rayft.training import storage
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -59,7 +60,8 @@ class _Row:
         self.sent = ""  # text already handed out
         self.done = False
         self.generator = None
-        if req.temperature > 0:
+        # a temperature this close to 0 is greedy decoding (dividing logits by it would overflow to inf)
+        if req.temperature >= MIN_TEMPERATURE:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
 
@@ -72,7 +74,8 @@ class _Row:
         probs = torch.softmax(logits.float() / self.req.temperature, dim=-1)
         if self.req.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < self.req.top_p  # always keeps the top token
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < self.req.top_p
+            keep[0] = True  # the top token always (a top_p below float32's smallest value would keep none)
             sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
             choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self.generator)
             return int(order[choice])

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayft.serving.openai_api import (
     AdapterRegistration,
@@ -128,7 +129,7 @@ def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
-def _openapi(api: FastAPI) -> dict:
+def _openapi(api: FastAPI, max_tokens_limit: int) -> dict:
     """FastAPI's document, made to say what the server really does: bad bodies are 400s in OpenAI's error shape
     (not FastAPI's 422), every response carries x-request-id, 429s carry Retry-After, and completions answer
     text/event-stream when `stream` is true."""
@@ -150,12 +151,21 @@ def _openapi(api: FastAPI) -> dict:
                     response["headers"]["Retry-After"] = retry
             if path in ("/v1/chat/completions", "/v1/completions") and "200" in responses:
                 responses["200"]["content"]["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "Server-sent events when stream is true, ending "
-                               "with `data: [DONE]`; an error after the stream began is its last event."}
-                }  # fmt: skip
+                    "schema": {
+                        "description": "Server-sent events when stream is true: each `data:` is a chunk object "
+                        "(`choices` with the new text, or `usage` last when stream_options.include_usage), or an "
+                        "`error` object when the stream failed after it began; the last is `[DONE]`.",
+                        "anyOf": [{"type": "object"}, {"type": "string", "enum": ["[DONE]"]}],
+                    }
+                }
     schemas = doc.get("components", {}).get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    for body in ("ChatCompletionRequest", "CompletionRequest"):  # this server's serve.max_tokens_limit
+        for field in ("max_tokens", "max_completion_tokens"):
+            for option in schemas.get(body, {}).get("properties", {}).get(field, {}).get("anyOf", []):
+                if option.get("type") == "integer":
+                    option["maximum"] = max_tokens_limit
     api.openapi_schema = doc
     return doc
 
@@ -166,11 +176,16 @@ def _build_api(ing: "Ingress") -> FastAPI:
         title="rayft",
         description="OpenAI-compatible endpoint for models finetuned with rayft.",
     )
-    api.openapi = lambda: _openapi(api)
+    api.openapi = lambda: _openapi(api, ing.cfg.max_tokens_limit)
 
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):  # unknown routes, unparsable bodies
+        e = ApiError(exc.status_code, str(exc.detail), code="invalid_json" if exc.status_code == 400 else None)
+        return JSONResponse(e.body(), status_code=e.status, headers=getattr(exc, "headers", None))
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -339,7 +354,8 @@ class Ingress:
 
     async def completions(self, body: CompletionRequest, request_id: str = "-"):
         ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"] if body.prompt else []
-        return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id)
+        echo = body.prompt if body.echo else ""
+        return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id, echo)
 
     def _request(self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None) -> dict:
         return {
@@ -361,25 +377,24 @@ class Ingress:
                 param="messages",
                 code="context_length_exceeded",
             )
-        asked = body.wanted_tokens()
-        if asked is not None and asked > self.cfg.max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens is {asked}; this server allows at most {self.cfg.max_tokens_limit}",
-                param="max_tokens",
-            )
         room = self.context - n_prompt
-        if asked is not None and asked > room:
-            raise ApiError(
-                400,
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({asked}) exceeds this model's "
-                f"context of {self.context} tokens; lower max_tokens to {room} or less",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return min(asked or self.cfg.default_max_tokens, room)
+        for field, asked in body.token_limits():  # both, when a client sends both
+            if asked > self.cfg.max_tokens_limit:
+                raise ApiError(
+                    400, f"{field} is {asked}; this server allows at most {self.cfg.max_tokens_limit}", param=field
+                )
+            if asked > room:
+                raise ApiError(
+                    400,
+                    f"the prompt ({n_prompt} tokens) plus {field} ({asked}) exceeds this model's "
+                    f"context of {self.context} tokens; lower {field} to {room} or less",
+                    param=field,
+                    code="context_length_exceeded",
+                )
+        return min(body.wanted_tokens() or self.cfg.default_max_tokens, room)
 
-    async def _complete(self, body, ids: list[int], chat: bool, route: str, request_id: str):
+    async def _complete(self, body, ids: list[int], chat: bool, route: str, request_id: str, echo: str = ""):
+        """`echo`: text returned before the completion (the prompt, for `echo: true`)."""
         t0 = time.perf_counter()
         status = 200
         adapter = None
@@ -403,12 +418,12 @@ class Ingress:
                 except BaseException:
                     await deltas.aclose()
                     raise
-                stream = self._stream(deltas, first, deadline, rid, model_id, chat, body.include_usage(), log)
+                stream = self._stream(deltas, first, deadline, rid, model_id, chat, body.include_usage(), log, echo)
                 streaming = True
                 return StreamingResponse(stream, media_type="text/event-stream")
             text, finish, usage, batch = await self._collect(request, deadline)
             log["usage"] = usage
-            body_out = self._final_body(rid, model_id, chat, text, finish, usage)
+            body_out = self._final_body(rid, model_id, chat, echo + text, finish, usage)
             return JSONResponse(body_out, headers={"x-rayft-batch-size": str(batch)})
         except TimeoutError:
             status = 504
@@ -521,7 +536,7 @@ class Ingress:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return "".join(parts), finish, usage, batch
 
-    async def _stream(self, deltas, first, deadline, rid, model_id, chat, include_usage, log):
+    async def _stream(self, deltas, first, deadline, rid, model_id, chat, include_usage, log, echo=""):
         """The SSE body. An error after it began arrives as a last `error` event, then `data: [DONE]`; a client
         that leaves ends it at once (the model replica drops the request at its next step)."""
         status, ttft, t0, usage = 200, None, log["t0"], log["usage"]
@@ -543,6 +558,8 @@ class Ingress:
             try:
                 if chat:
                     yield event(chunk(None, None, role=True))
+                if echo:
+                    yield event(chunk(echo, None))
                 finish = "length"
                 d = first
                 async with asyncio.timeout_at(deadline):

@@ -8,9 +8,11 @@ non-default value (n > 1, logprobs) are rejected with a message saying so.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+
+from rayft.serving.config import ADAPTER_NAME
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -23,6 +25,7 @@ class ApiError(Exception):
         401: "authentication_error",
         404: "not_found_error",
         408: "timeout_error",
+        405: "invalid_request_error",
         413: "invalid_request_error",
         429: "rate_limit_error",
         503: "overloaded_error",
@@ -49,20 +52,49 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+def _json_number(v, integer: bool):
+    """A field takes exactly the JSON values its OpenAPI type allows: no strings or booleans for numbers, and
+    for an integer any number without a fraction (JSON Schema counts 1.0 as an integer)."""
+    if isinstance(v, (str, bool)):
+        raise ValueError(f"Input should be a valid {'integer' if integer else 'number'}")
+    if integer and isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _no_logprobs(v):
+    if v is not None and not isinstance(v, bool):
+        raise ValueError("Input should be a valid boolean")
+    if v:
+        raise ValueError("logprobs are not supported by this server")
+    return v
+
+
+JSON_INT = BeforeValidator(lambda v: _json_number(v, True))
+JSON_FLOAT = BeforeValidator(lambda v: _json_number(v, False))
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Served model id, or '<model>:<adapter>' / an adapter name.")
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
-    stream: bool = False
+    max_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), JSON_FLOAT] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0), JSON_FLOAT] = 1.0
+    n: Annotated[int, Field(ge=1, le=1), JSON_INT] = Field(1, description="Only n=1 is supported.")
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+        | None
+    ) = Field(None, validate_default=True)
+    # within 2^53, where JSON validators that compare in floating point agree with Python's integers
+    seed: Annotated[int, Field(ge=-(2**53) + 1, le=2**53 - 1), JSON_INT] | None = None
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: bool | None = None
+    logprobs: Annotated[Literal[False], BeforeValidator(_no_logprobs)] | None = Field(
+        None, description="Only false: this server returns no logprobs."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -74,15 +106,13 @@ class _Body(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def token_limits(self) -> list[tuple[str, int]]:
+        """Every token limit the request sets, by field."""
+        fields = (("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens))
+        return [(f, v) for f, v in fields if v is not None]
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -110,8 +140,8 @@ class ChatCompletionRequest(_Body):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str]
-    echo: bool = False
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: StrictBool = Field(False, description="Return the prompt before the completion.")
 
     @field_validator("prompt")
     @classmethod
@@ -138,8 +168,10 @@ class ErrorResponse(BaseModel):
 
 class AdapterRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., description="Name clients select the adapter by.")
-    path: str = Field(..., description="A LoRA run dir, its final/ or an adapter dir, under serve.adapter_roots.")
+    name: str = Field(..., pattern=ADAPTER_NAME.pattern, description="Name clients select the adapter by.")
+    path: str = Field(
+        ..., min_length=1, description="A LoRA run dir, its final/ or an adapter dir, under serve.adapter_roots."
+    )
 
 
 def validation_error(exc) -> ApiError:

@@ -412,7 +412,10 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
 
     if not ADAPTER_NAME.match(name or ""):
         raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    p = Path(path).expanduser().resolve()  # resolves '..' and symlinks before the roots check
+    try:
+        p = Path(path).expanduser().resolve()  # resolves '..' and symlinks before the roots check
+    except (RuntimeError, OSError, ValueError) as e:  # '~nobody/x', an unreadable link, a NUL byte
+        raise ValueError(f"{path!r} is not a usable path ({e})") from None
     if roots is not None and not any(p == Path(r) or Path(r) in p.parents for r in roots):
         raise ValueError(f"{path} is outside the directories adapters may come from ({', '.join(roots)})")
     adapter = _adapter_dir(p)

@@ -594,62 +594,6 @@ def test_a_network_bind_needs_a_key_here_and_on_every_replica(tiny_dir, tmp_path
     assert r.returncode == 0 and "they refuse to start" in r.stdout, r.stdout
 
 
-@pytest.mark.slow
-def test_a_deployed_config_with_the_key_in_the_pods_environment_requires_it(ray_local, tiny_dir, tmp_path, serve_port):
-    """The shipped RayService's way: the emitted config binds 0.0.0.0 with no key in it, and the key is in the
-    environment of the pods (here the application's runtime_env), from a Secret. Deployed with `serve deploy`,
-    the app answers only requests with that key; deployed without it, it refuses to start."""
-    import subprocess
-    import sys
-
-    import ray
-    import yaml
-    from ray import serve
-
-    out = tmp_path / "serve.yaml"
-    r = rayft("serve", str(tiny_dir), "--host", "0.0.0.0", "--port", str(serve_port), "--emit-config", str(out))
-    assert r.returncode == 0, r.stderr
-    doc = yaml.safe_load(out.read_text())
-    assert doc["applications"][0]["args"]["key_hashes"] == []
-    doc["http_options"] = {"host": "127.0.0.1", "port": serve_port}  # this suite's Serve proxy
-    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
-    serve_cli = str(Path(sys.executable).parent / "serve")
-
-    def deploy_with(env: dict | None) -> str:
-        app = doc["applications"][0]
-        app.pop("runtime_env", None)
-        if env:
-            app["runtime_env"] = {"env_vars": env}
-        out.write_text(yaml.safe_dump(doc))
-        done = subprocess.run([serve_cli, "deploy", str(out), "-a", dashboard], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            status = serve.status().applications.get(APP)
-            if status is not None and str(status.status).rsplit(".", 1)[-1] in ("RUNNING", "DEPLOY_FAILED"):
-                return (
-                    str(status.status).rsplit(".", 1)[-1]
-                    + " "
-                    + json.dumps({n: d.message for n, d in status.deployments.items()})
-                )
-            time.sleep(1)
-        raise AssertionError("the deployed app neither ran nor failed")
-
-    base = f"http://127.0.0.1:{serve_port}"
-    try:
-        assert deploy_with({"RAYFT_API_KEY": "sk-pod-secret"}).startswith("RUNNING")
-        hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-        assert post(base, "/v1/chat/completions", hi, key=None).status_code == 401
-        assert post(base, "/v1/chat/completions", hi, key="sk-wrong").status_code == 401
-        assert post(base, "/admin/adapters", {"name": "x", "path": "/"}, key=None).status_code == 401
-        assert post(base, "/v1/chat/completions", hi, key="sk-pod-secret").status_code == 200
-        state = deploy_with(None)  # the same config, no key where it runs
-        assert state.startswith("DEPLOY_FAILED") and "exposes the endpoint to the network" in state, state
-    finally:
-        serve.delete(APP)
-        serve.shutdown()
-
-
 def test_a_hub_base_loads_at_the_revision_its_adapters_were_trained_on(tiny_dir, tmp_path):
     import yaml
 
