@@ -139,11 +139,15 @@ def run_app(spec: ServeSpec, address: str | None, detach: bool) -> None:
             with contextlib.suppress(Exception):  # Serve may not have started yet
                 stop_app()
         raise
-    print_usage(base, spec)
     if detach:
+        print_usage(base, spec)
         out.print(f"left running on the cluster; stop it with `serve shutdown -y` or `serve delete {APP_NAME}`")
         return
-    serve_until_interrupted()
+    try:
+        print_usage(base, spec)
+        serve_until_interrupted()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the wait began: the same clean stop
+        stop_app()
 
 
 def start_app(spec: ServeSpec, address: str | None, detach: bool = False) -> str:
@@ -185,7 +189,8 @@ def stop_on_sigterm() -> None:
 
 
 def serve_until_interrupted() -> None:
-    """Serve until Ctrl-C or SIGTERM, then stop the endpoint."""
+    """Serve until Ctrl-C or SIGTERM, then stop the endpoint (in-flight requests finish first, up to
+    serve.drain_timeout_s); a stop asked for this way exits 0."""
     stop_on_sigterm()
     out.print("serving; Ctrl-C stops the endpoint")
     try:

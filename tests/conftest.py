@@ -304,3 +304,13 @@ def completion_greedy(model, tok, prompt: str, n: int) -> str:
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def sse_events(lines) -> list:
+    """The data payloads of server-sent-event lines, parsed ('[DONE]' kept as the string)."""
+    out = []
+    for line in lines:
+        if line and line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

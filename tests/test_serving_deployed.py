@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from conftest import make_serve_model, post_json, rayft_cli
+from conftest import sse_events as events
 
 APP = "rayft"
 
@@ -29,16 +30,6 @@ def rayft(*args):
 
 def post(base, path, body, key=None):
     return post_json(base, path, body, key=key)
-
-
-def events(lines) -> list:
-    """The data payloads of SSE lines ('[DONE]' kept as a string)."""
-    out = []
-    for line in lines:
-        if line and line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def wait_until(check, timeout_s: float, what: str):
@@ -80,7 +71,8 @@ def test_stopping_rayft_serve_lets_in_flight_streams_finish(ray_local, tiny_dir,
             assert got[-1] == "[DONE]" and not any("error" in e for e in got[:-1] if isinstance(e, dict)), got[-3:]
             assert got[-2]["choices"][0]["finish_reason"] == "length"
         out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 130 and "endpoint stopped" in out, out[-2000:]  # 130: stopped by the user
+        # stopped cleanly; joined to a running cluster (--address) it may still exit 130, as for Ctrl-C
+        assert proc.returncode in (0, 130) and "endpoint stopped" in out, out[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

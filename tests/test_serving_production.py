@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from conftest import completion_greedy, make_adapters, make_serve_model, post_json, serve_deploy
+from conftest import sse_events as events
 
 APP = "rayft"
 KEY = "sk-from-the-keys-file"
@@ -57,7 +58,8 @@ def prod(ray_local, model_dir, smol_tokenizer, serve_port, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("secret") / "api-keys"
     cfg = ServeConfig(
         max_batch_size=8,
-        max_ongoing_requests=12,  # 8 in the batch, room for the tests' own calls to the replica
+        # 8 in the batch; room for the tests' own calls to the replica, and for requests a test just abandoned
+        max_ongoing_requests=24,
         max_queued_requests=4,
         batch_wait_timeout_s=0.05,
         adapters={n: str(root / n) for n in merged},
@@ -119,16 +121,6 @@ def open_stream(ep: Endpoint, prompt: str, max_tokens: int, model: str | None = 
     )
     assert r.status_code == 200, r.text
     return r
-
-
-def events(lines) -> list:
-    """The data payloads of SSE lines ('[DONE]' kept as a string)."""
-    out = []
-    for line in lines:
-        if line and line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def test_clients_that_leave_mid_stream_free_their_slots_at_the_next_step(prod):
@@ -291,11 +283,11 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_openai_client_retries
     from openai import OpenAI
 
     def raw(i: int):
-        body = {"prompt": PROMPTS[i % 4], "max_tokens": 100, "temperature": 0, "stream": i % 2 == 0}
+        body = {"prompt": PROMPTS[i % 4], "max_tokens": 30, "temperature": 0, "stream": i % 2 == 0}
         return post(prod, "/v1/completions", body)
 
-    with ThreadPoolExecutor(20) as pool:
-        replies = list(pool.map(raw, range(20)))
+    with ThreadPoolExecutor(40) as pool:  # more than 24 running or waiting on the replica + 4 queued
+        replies = list(pool.map(raw, range(40)))
     statuses = [r.status_code for r in replies]
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) >= 1 and statuses.count(200) >= 8, statuses
@@ -306,7 +298,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_openai_client_retries
     client = OpenAI(base_url=f"{prod.base}/v1", api_key=KEY, max_retries=8, timeout=60)
 
     def with_client(i: int):
-        return client.completions.create(model=prod.name, prompt=PROMPTS[i % 4], max_tokens=60, temperature=0)
+        return client.completions.create(model=prod.name, prompt=PROMPTS[i % 4], max_tokens=20, temperature=0)
 
     with ThreadPoolExecutor(20) as pool:
         done = list(pool.map(with_client, range(20)))
