@@ -61,11 +61,12 @@ class LLMServer:
             self.batch_sizes,
             self.m_cancelled,
         )
-        self.adapter_paths: dict[str, str] = {}  # multiplexed id -> adapter directory
+        self.adapter_paths: dict[str, str | None] = {}  # multiplexed id -> the path its request named
         engine, paths = self.engine, self.adapter_paths
 
-        async def load_adapter(mux_id: str):  # LRU-cached per replica by serve.multiplexed
-            await asyncio.to_thread(engine.load_adapter, engine_name(mux_id), paths[mux_id])
+        async def load_adapter(mux_id: str):  # LRU-cached per replica by serve.multiplexed: checked at each load
+            path = self._checked_adapter(mux_id, paths[mux_id])
+            await asyncio.to_thread(engine.load_adapter, engine_name(mux_id), path)
             return _AdapterSlot(engine, engine_name(mux_id))
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
@@ -81,7 +82,7 @@ class LLMServer:
             self.engine.pin(req.adapter)  # held from now on: an LRU eviction waits until this request ends
         try:
             if mux_id:
-                self.adapter_paths[mux_id] = self._checked_adapter(mux_id, adapter_path)
+                self.adapter_paths[mux_id] = adapter_path
                 await self._load_adapter(mux_id)
             async for delta in self.scheduler.submit(req):
                 yield delta
