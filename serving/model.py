@@ -45,7 +45,7 @@ class LLMServer:
             revision=spec.revision,
         )
         batch = RunningBatch(self.engine)
-        batch.merge = batch.supported()  # else: static batches (admitted into an empty batch only)
+        batch.merge = self.engine.call(batch.supported)  # else: static batches (admitted into an empty batch only)
         self.batch_sizes = metrics.Histogram(
             "rayft_batch_size", description="Requests generated together per step.", boundaries=[1, 2, 4, 8, 16, 32]
         )
@@ -66,7 +66,7 @@ class LLMServer:
 
         async def load_adapter(mux_id: str):  # LRU-cached per replica by serve.multiplexed: checked at each load
             path = self._checked_adapter(mux_id, paths[mux_id])
-            await asyncio.to_thread(engine.load_adapter, engine_name(mux_id), path)
+            await engine.run(engine.load_adapter, engine_name(mux_id), path)
             return _AdapterSlot(engine, engine_name(mux_id))
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
@@ -146,7 +146,8 @@ class _Ticket:
 
 
 class Scheduler:
-    """Admission and the decode loop of one replica (runs on the replica's event loop; steps in a thread)."""
+    """Admission and the decode loop of one replica (runs on the replica's event loop; steps on the engine's
+    thread)."""
 
     def __init__(self, batch: RunningBatch, max_batch: int, wait_s: float, kv_budget: int, kv_per_token: int,
                  batch_sizes=None, cancelled_counter=None):  # fmt: skip
@@ -235,7 +236,8 @@ class Scheduler:
                 self._leave(k)
             admit = self._admissions()
             try:
-                events, failures = await asyncio.to_thread(self.batch.step, [(t.key, t.req) for t in admit], drop)
+                step = self.batch.step
+                events, failures = await self.batch.engine.run(step, [(t.key, t.req) for t in admit], drop)
             except Exception as e:  # noqa: BLE001 - a failed decode step involves every running request
                 log.exception("decode step failed")
                 error = ApiError(503, f"the model replica failed while generating ({type(e).__name__}); retry",
