@@ -5,19 +5,22 @@ here and now:
 
 1. Completion tokens/s with C concurrent clients (default 8), batching on (`max_batch_size` = C)
    versus off (`max_batch_size: 1`), same prompts, same `max_tokens`, greedy. Target >= 3x.
-   Also p50/p99 request latency and p50 time to first token (streamed requests).
+   Also p50/p99 request latency and p50 time to first token (streamed requests). The replica gets
+   every core (`--cpus`, serve.cpus_per_replica = torch threads), as the peer does.
 2. Serve's own overhead: HTTP p50 of a 1-token request minus the p50 of the same 1-token
    generation called directly on the engine in this process (measured on the `max_batch_size: 1`
-   deployment, so no batch wait is counted), compared with the HTTP p50 of a no-op Ray Serve
-   deployment measured in the same run. Target <= 1.5x the no-op's p50.
+   deployment, so no batch wait is counted), compared with the p50 of a no-op Ray Serve deployment
+   answering the same POST (it reads the JSON body), measured in the same run. Target <= 1.5x.
+   Also shown, to place the time: the no-op's GET, the app's /healthz, and the same POST refused by
+   the ingress before any model call.
 3. The peer: the same model, prompts and streaming clients against `transformers serve
    --continuous-batching` (transformers' own server, its defaults on this CPU), at 1 and at C clients:
    rayft's tokens/s and p50 TTFT as ratios of its. Target: >= 1.2x its tokens/s at C clients, TTFT p50
-   no worse.
+   no worse. Also both in bfloat16 at C clients (info).
 4. Cancellation: C streaming clients each read 3 events of a long generation and disconnect; the tokens
    the replica generated for them beyond what they had read, per request (target <= 2).
 
-Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--quick]
+Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--cpus N] [--quick]
        [--no-write] [--results PATH]   (results are appended to bench/RESULTS.md)
 """
 
@@ -153,7 +156,7 @@ def abandon(base: str, clients: int) -> dict:
     }
 
 
-def peer_server(model_path: str, port: int, log: Path):
+def peer_server(model_path: str, port: int, log: Path, dtype: str = "float32"):
     """`transformers serve --continuous-batching` on the model, in a process of its own; returns it once
     /health answers."""
     import subprocess
@@ -161,7 +164,7 @@ def peer_server(model_path: str, port: int, log: Path):
     import requests
 
     exe = Path(sys.executable).parent / "transformers"
-    cmd = [str(exe), "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32"]
+    cmd = [str(exe), "serve", "--continuous-batching", "--device", "cpu", "--dtype", dtype]
     cmd += ["--host", "127.0.0.1", "--port", str(port), model_path]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
@@ -178,24 +181,28 @@ def peer_server(model_path: str, port: int, log: Path):
     raise RuntimeError(f"transformers serve did not answer /health within 300 s; see {log}")
 
 
-def http_p50(url: str, body: dict | None, n: int) -> float:
+def http_p50(url: str, body: dict | None, n: int, ok: bool = True) -> float:
     import requests
 
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         r = requests.post(url, json=body, timeout=120) if body is not None else requests.get(url, timeout=120)
-        r.raise_for_status()
+        if ok:
+            r.raise_for_status()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:] if n > 4 else times)
 
 
-def noop_p50(port: int, n: int) -> float:
+def noop_p50(port: int, n: int, body: dict) -> tuple[float, float]:
+    """p50 of a no-op Serve deployment: (GET, the POST of `body`, which it reads as JSON like any API would)."""
     from ray import serve
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Noop:
         async def __call__(self, request):
+            if request.method == "POST":
+                await request.json()
             return {"ok": True}
 
     serve.run(Noop.bind(), name="noop", route_prefix="/noop", blocking=False)
@@ -206,21 +213,21 @@ def noop_p50(port: int, n: int) -> float:
             break
         except Exception:  # noqa: BLE001 - not routed yet
             time.sleep(0.3)
-    p50 = http_p50(url, None, n)
+    get, post = http_p50(url, None, n), http_p50(url, body, n)
     serve.delete("noop")
-    return p50
+    return get, post
 
 
-def direct_p50(model_path: str, ids: list[int], n: int) -> float:
-    """The same 1-token generation, called on the engine in this process (1 torch thread, like a replica)."""
+def direct_p50(model_path: str, ids: list[int], n: int, threads: int) -> float:
+    """The same 1-token generation, called on the engine in this process (on its thread, like a replica)."""
     from rayft.serving.engine import GenerationRequest, TransformersEngine
 
-    engine = TransformersEngine(model_path, threads=1)
+    engine = TransformersEngine(model_path, threads=threads)
+    req = GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        for _ in engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0)]):
-            pass
+        engine.call(lambda: list(engine.generate([req])))
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:] if n > 4 else times)
 
@@ -231,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument(
+        "--cpus", type=int, default=os.cpu_count() or 1, help="rayft's serve.cpus_per_replica (default: every core)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 clients x 1 request, 16 tokens")
     ap.add_argument("--no-write", action="store_true", help="print the results only")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
@@ -250,15 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     connect(num_cpus=4)
     load_avg = os.getloadavg()[0]
     results, notes = {}, []
-    for label, batch in (("batching", args.clients), ("no batching", 1)):
+    bf16 = f"batching, bfloat16, {args.clients} clients"
+    for label, batch, dtype in (("batching", args.clients, "float32"), (bf16, args.clients, "bfloat16"),
+                                ("no batching", 1, "float32")):  # fmt: skip
         cfg = ServeConfig(
-            max_batch_size=batch, max_ongoing_requests=max(batch, args.clients), batch_wait_timeout_s=0.05
+            max_batch_size=batch,
+            max_ongoing_requests=max(batch, args.clients),
+            batch_wait_timeout_s=0.05,
+            cpus_per_replica=args.cpus,
+            dtype=dtype,
         )
         spec = build_spec("smollm2-135m-instruct", cfg)
         base = deploy(spec, args.port)
         load(base, 2, 1, 4)  # warm-up
         results[label] = load(base, args.clients, args.requests, args.max_tokens)
         print(label, {k: round(v, 3) for k, v in results[label].items()}, flush=True)
+        if label == bf16:
+            serve.delete("rayft")
+            continue
         results[f"{label}, one burst"] = load(base, args.clients, 1, args.max_tokens)  # all clients at once
         if label == "batching":
             results["batching, 1 client"] = load(base, 1, args.requests, args.max_tokens)
@@ -273,10 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             one = {"messages": msgs, "max_tokens": 1, "temperature": 0}
             http_one = http_p50(f"{base}/v1/chat/completions", one, n)
             http_health = http_p50(f"{base}/healthz", None, n)  # the proxy -> ingress hop alone
+            refused = one | {"max_tokens": 0}  # read, parsed and refused (400) by the ingress: no model call
+            http_ingress = http_p50(f"{base}/v1/chat/completions", refused, n, ok=False)
+            direct_beside = direct_p50(spec.model_path, ids, n, args.cpus)  # the idle app's processes run beside it
             model_path = spec.model_path
         serve.delete("rayft")
-    direct_one = direct_p50(model_path, ids, 12 if args.quick else 30)
-    noop = noop_p50(args.port, 30 if args.quick else 100)
+    direct_one = direct_p50(model_path, ids, 12 if args.quick else 30, args.cpus)
+    noop_get, noop = noop_p50(args.port, 30 if args.quick else 100, one)
     serve.shutdown()
     ray.shutdown()
     peer_log = Path(os.environ.get("TMPDIR", "/tmp")) / "serve_load_transformers_serve.log"
@@ -291,26 +313,43 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         peer.terminate()
         peer.wait(timeout=60)
+    peer = peer_server(model_path, args.port + 1, peer_log, "bfloat16")
+    try:
+        load(peer_base, 2, 1, 4, model=model_path)  # warm-up
+        results[f"transformers serve, bfloat16, {args.clients} clients"] = load(
+            peer_base, args.clients, args.requests, args.max_tokens, model_path
+        )
+    finally:
+        peer.terminate()
+        peer.wait(timeout=60)
 
     b, nb = results["batching"], results["no batching"]
     p8, p1 = results[f"transformers serve, {args.clients} clients"], results["transformers serve, 1 client"]
     r1 = results["batching, 1 client"]
     peer_tps, peer_ttft = b["tokens_per_s"] / p8["tokens_per_s"], b["ttft_p50"] / p8["ttft_p50"]
     peer_tps1, peer_ttft1 = r1["tokens_per_s"] / p1["tokens_per_s"], r1["ttft_p50"] / p1["ttft_p50"]
+    pb = results[f"transformers serve, bfloat16, {args.clients} clients"]
+    peer_bf16 = results[bf16]["tokens_per_s"] / pb["tokens_per_s"]
+    peer_bf16_ttft = results[bf16]["ttft_p50"] / pb["ttft_p50"]
     per_abandoned = cancel["after_leaving_per_request"]
     gain = b["tokens_per_s"] / nb["tokens_per_s"]
     burst_gain = results["batching, one burst"]["tokens_per_s"] / results["no batching, one burst"]["tokens_per_s"]
     overhead = max(0.0, http_one - direct_one)
     over_ratio = overhead / noop
     notes += [
-        f"model: SmolLM2-135M-Instruct (float32), transformers engine, 1 replica x 1 CPU; {args.clients} clients x "
+        f"model: SmolLM2-135M-Instruct (float32 unless named), transformers engine, 1 replica x {args.cpus} CPUs "
+        f"(serve.cpus_per_replica, torch threads); {args.clients} clients x "
         f"{args.requests} streamed chat requests back to back, max_tokens {args.max_tokens}, greedy; "
         f"'one burst' = the {args.clients} clients each send one request at the same moment",
         f"1-token request: HTTP p50 {http_one * 1000:.1f} ms, direct engine call p50 {direct_one * 1000:.1f} ms, "
-        f"no-op Serve deployment HTTP p50 {noop * 1000:.1f} ms; the app's own GET /healthz p50 "
-        f"{http_health * 1000:.1f} ms (proxy -> ingress and back, no model call)",
-        "peer: `transformers serve --continuous-batching --device cpu --dtype float32` (its defaults otherwise, "
-        "all cores), the same model directory, prompts and clients, measured after rayft's runs with Ray stopped",
+        f"no-op Serve deployment p50 {noop * 1000:.1f} ms for the same POST (it reads the JSON body), "
+        f"{noop_get * 1000:.1f} ms for a GET; the app's own GET /healthz p50 {http_health * 1000:.1f} ms (proxy -> "
+        f"ingress and back), the same POST refused by the ingress (max_tokens 0, a 400 without a model call) "
+        f"{http_ingress * 1000:.1f} ms; the direct engine call while the (idle) Serve app runs beside it "
+        f"{direct_beside * 1000:.1f} ms (Ray's own processes on the same cores)",
+        "peer: `transformers serve --continuous-batching --device cpu --dtype float32` (and `--dtype bfloat16` "
+        "for the bfloat16 row; its defaults otherwise, all cores), the same model directory, prompts and clients, "
+        "measured after rayft's runs with Ray stopped",
         f"cancellation: {args.clients} clients read 3 events of a 400-token stream and disconnect: "
         f"{cancel['cancelled']} requests cancelled, {per_abandoned:.2f} tokens per request generated beyond what "
         f"its client had read, {cancel['after_cancel_seen']} tokens in steps already running when the replica "
@@ -340,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
          verdict(peer_ttft <= 1.0)),
         ("tokens/s vs transformers serve, 1 client (info)", f"{peer_tps1:.2f}x", "", ""),
         ("TTFT p50 vs transformers serve, 1 client (info)", f"{peer_ttft1:.2f}x", "", ""),
+        (f"tokens/s vs transformers serve, bfloat16 both, {args.clients} clients (info)", f"{peer_bf16:.2f}x", "", ""),
+        (f"TTFT p50 vs transformers serve, bfloat16 both, {args.clients} clients (info)", f"{peer_bf16_ttft:.2f}x",
+         "", ""),
         ("tokens generated per abandoned request", f"{per_abandoned:.2f}", "<= 2", verdict(per_abandoned <= 2)),
     ]  # fmt: skip
     now = datetime.now(UTC)

@@ -295,10 +295,11 @@ class RequestFailed(Exception):
 class RunningBatch:
     """The requests a replica is decoding right now, advanced together one token per `step`.
 
-    Continuous batching (`merge=True`): each step first drops the requests whose clients left, advances the
-    running requests one token, then prefills the newly admitted ones and merges their KV cache into the
-    running one (left-padded to a common length), so a new request never waits for a batch to finish and a
-    finished or abandoned one stops costing compute at once. This works for models whose cache is a plain
+    Continuous batching (`merge=True`): each step first drops the requests whose clients left, then either
+    prefills the newly admitted ones and merges their KV cache into the running one (left-padded to a
+    common length) or, with nobody to admit, advances the running requests one token. A new request never
+    waits for a batch to finish, nor for a decode of the others before its first token; a finished or
+    abandoned one stops costing compute at once. This works for models whose cache is a plain
     DynamicCache (decoder-only models without sliding-window layers); `supported()` says so.
 
     Static batches (`merge=False`, every other model): requests are admitted only into an empty batch, whose
@@ -339,9 +340,10 @@ class RunningBatch:
         return type(past) is DynamicCache and all(type(layer) is DynamicLayer for layer in past.layers)
 
     def step(self, admit: list[tuple], drop: list) -> tuple[list[tuple], list[tuple]]:
-        """Drop the rows of the keys in `drop`, advance the running requests one token and admit `admit`
-        [(key, GenerationRequest)]. Returns ([(key, Delta)] for every request that produced something,
-        [(key, exception)] for admitted requests that failed)."""
+        """Drop the rows of the keys in `drop`, then either admit `admit` [(key, GenerationRequest)] (their
+        prefill gives each its first token) or, with none to admit, advance the running requests one token.
+        Returns ([(key, Delta)] for every request that produced something, [(key, exception)] for admitted
+        requests that failed)."""
         import torch
 
         events: list[tuple] = []
@@ -350,11 +352,10 @@ class RunningBatch:
             self.engine._delete_evicted()
             if drop:
                 self._drop(set(drop))
-            if len(self):
-                events += self._decode()
-            if admit:
-                events_in, failures = self._admit(admit)
-                events += events_in
+            if admit:  # a step that admits only prefills: the new requests' first tokens come out without
+                events, failures = self._admit(admit)  # waiting for a decode of the others, who decode next
+            elif len(self):
+                events = self._decode()
         return events, failures
 
     def fail_all(self) -> list:
