@@ -156,6 +156,68 @@ def abandon(base: str, clients: int) -> dict:
     }
 
 
+def engines_alone(model_path: str, clients: int, per_client: int, max_tokens: int, threads: int) -> dict:
+    """The engines without any server, in this process: rayft's RunningBatch (as a replica drives it, on the
+    engine's thread) against transformers' own continuous-batching manager (the engine of `transformers
+    serve --continuous-batching`), the same closed loop of `clients` x `per_client` greedy requests: a
+    client's next request is added when its last one finished. Completion tokens/s of each."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rayft.serving.engine import GenerationRequest, RunningBatch, TransformersEngine
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_path)
+
+    def ids(i: int) -> list[int]:
+        out = tok.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True
+        )
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    out = {}  # transformers' first: its thread (and its OpenMP threads) end before rayft's begin
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)  # fmt: skip
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    try:
+        manager.add_request(ids(0), max_new_tokens=4)
+        while not ((r := manager.get_result(timeout=60)) and r.is_finished()):
+            pass
+        owner, sent, tokens, live, t0 = {}, dict.fromkeys(range(clients), 1), 0, clients, time.perf_counter()
+        for c in range(clients):
+            owner[manager.add_request(ids(c), max_new_tokens=max_tokens)] = c
+        while live:
+            r = manager.get_result(timeout=60)
+            if r is None or not r.is_finished():
+                continue
+            tokens, live, c = tokens + len(r.generated_tokens), live - 1, owner[r.request_id]
+            if sent[c] < per_client:
+                owner[manager.add_request(ids(c + sent[c]), max_new_tokens=max_tokens)] = c
+                sent[c], live = sent[c] + 1, live + 1
+        out["transformers"] = tokens / (time.perf_counter() - t0)
+    finally:
+        manager.stop(block=True, timeout=30)
+    engine = TransformersEngine(model_path, threads=threads)
+    batch = RunningBatch(engine)
+    engine.call(lambda: list(engine.generate([GenerationRequest(ids(0), 4, temperature=0)])))  # warm-up
+    sent, tokens, t0 = dict.fromkeys(range(clients), 1), 0, time.perf_counter()
+    admit = [(c, GenerationRequest(ids(c), max_tokens, temperature=0)) for c in range(clients)]
+    while admit or len(batch):
+        events, failures = engine.call(batch.step, admit, [])
+        assert not failures, failures
+        admit = []
+        for c, d in events:
+            if d.finish_reason:
+                tokens += d.completion_tokens
+                if sent[c] < per_client:
+                    admit.append((c, GenerationRequest(ids(c + sent[c]), max_tokens, temperature=0)))
+                    sent[c] += 1
+    out["rayft"] = tokens / (time.perf_counter() - t0)
+    return out
+
+
 def peer_server(model_path: str, port: int, log: Path, dtype: str = "float32"):
     """`transformers serve --continuous-batching` on the model, in a process of its own; returns it once
     /health answers."""
@@ -301,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     noop_get, noop = noop_p50(args.port, 30 if args.quick else 100, one)
     serve.shutdown()
     ray.shutdown()
+    alone = engines_alone(model_path, args.clients, args.requests, args.max_tokens, args.cpus)
+    print("engines alone", alone, flush=True)
     peer_log = Path(os.environ.get("TMPDIR", "/tmp")) / "serve_load_transformers_serve.log"
     peer = peer_server(model_path, args.port + 1, peer_log)
     try:
@@ -350,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         "peer: `transformers serve --continuous-batching --device cpu --dtype float32` (and `--dtype bfloat16` "
         "for the bfloat16 row; its defaults otherwise, all cores), the same model directory, prompts and clients, "
         "measured after rayft's runs with Ray stopped",
+        f"engines alone (no server, this process, {args.cpus} torch threads, the same {args.clients} x "
+        f"{args.requests} closed loop): rayft's RunningBatch {alone['rayft']:.1f} tokens/s, transformers' "
+        f"continuous-batching manager {alone['transformers']:.1f} tokens/s",
         f"cancellation: {args.clients} clients read 3 events of a 400-token stream and disconnect: "
         f"{cancel['cancelled']} requests cancelled, {per_abandoned:.2f} tokens per request generated beyond what "
         f"its client had read, {cancel['after_cancel_seen']} tokens in steps already running when the replica "
@@ -382,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"tokens/s vs transformers serve, bfloat16 both, {args.clients} clients (info)", f"{peer_bf16:.2f}x", "", ""),
         (f"TTFT p50 vs transformers serve, bfloat16 both, {args.clients} clients (info)", f"{peer_bf16_ttft:.2f}x",
          "", ""),
+        ("engines alone: rayft / transformers' continuous batching (info)",
+         f"{alone['rayft'] / alone['transformers']:.2f}x", "", ""),
         ("tokens generated per abandoned request", f"{per_abandoned:.2f}", "<= 2", verdict(per_abandoned <= 2)),
     ]  # fmt: skip
     now = datetime.now(UTC)
