@@ -523,9 +523,10 @@ def _growing(cache) -> None:
     """Let every layer of a DynamicCache extend into spare room instead of re-concatenating its keys and
     values at each decode step (a copy of the whole cache per token). Cutting or merging rows replaces a
     layer's tensors; the next step then copies them once into a new, larger buffer."""
+    from transformers.cache_utils import DynamicLayer
+
     global _GROWING
     if _GROWING is None:
-        from transformers.cache_utils import DynamicLayer
 
         class GrowingLayer(DynamicLayer):
             buffers = None  # (keys, values) with room beyond the positions in use
@@ -558,7 +559,7 @@ def _growing(cache) -> None:
 
         _GROWING = GrowingLayer
     for layer in cache.layers:
-        if type(layer).__name__ == "DynamicLayer":
+        if type(layer) is DynamicLayer:
             layer.__class__ = _GROWING
 
 
