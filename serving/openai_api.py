@@ -98,13 +98,10 @@ class _Body(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v):
+    def _stops(cls, v):  # its type already holds it to 4 non-empty strings
         if v is None:
             return []
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4 or any(not s for s in v):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        return v
+        return [v] if isinstance(v, str) else v
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
