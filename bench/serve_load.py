@@ -156,6 +156,12 @@ def abandon(base: str, clients: int) -> dict:
     }
 
 
+def chat_ids(tok, text: str) -> list[int]:
+    """The token ids of one user message in the model's chat template, ready for the assistant's answer."""
+    out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 def engines_alone(model_path: str, clients: int, per_client: int, max_tokens: int, threads: int) -> dict:
     """The engines without any server, in this process: rayft's RunningBatch (as a replica drives it, on the
     engine's thread) against transformers' own continuous-batching manager (the engine of `transformers
@@ -170,10 +176,7 @@ def engines_alone(model_path: str, clients: int, per_client: int, max_tokens: in
     tok = AutoTokenizer.from_pretrained(model_path)
 
     def ids(i: int) -> list[int]:
-        out = tok.apply_chat_template(
-            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True
-        )
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return chat_ids(tok, PROMPTS[i % len(PROMPTS)])
 
     out = {}  # transformers' first: its thread (and its OpenMP threads) end before rayft's begin
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -348,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if label == "no batching":  # a batch of one starts at once: no batch wait in the overhead
             tok = AutoTokenizer.from_pretrained(spec.model_path)
             msgs = [{"role": "user", "content": PROMPTS[4]}]
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = chat_ids(tok, PROMPTS[4])
             n = 12 if args.quick else 30
             one = {"messages": msgs, "max_tokens": 1, "temperature": 0}
             http_one = http_p50(f"{base}/v1/chat/completions", one, n)
