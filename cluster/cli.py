@@ -257,13 +257,37 @@ class TrainProgress:
 
 
 def _print_train_summary(result) -> None:
+    from rayft.training import storage
+    from rayft.training.trainer import read_metrics
+
     m = result.metrics
     out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
     if "eval_loss" in m:
         out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+    # After a restart the steps since the last checkpoint appear twice; the later value is the one kept.
+    losses = [v for _, v in sorted({r["step"]: r["loss"] for r in read_metrics(result.run_dir) if "loss" in r}.items())]
+    if losses:
+        curve = sparkline(losses)
+        plot = storage.join(result.run_dir, "loss.png")
+        out.print(
+            f"  loss      {losses[0]:.3f} {curve} {losses[-1]:.3f}  (plot: {plot})", highlight=False, soft_wrap=True
+        )
     out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
     if result.final_dir:
         out.print(f"  model     {result.final_dir}")
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    """One line of block characters, one per group of consecutive values (their mean), scaled from the
+    lowest group (▁) to the highest (█)."""
+    n = min(width, len(values))
+    groups = [values[i * len(values) // n : (i + 1) * len(values) // n] for i in range(n)]
+    means = [sum(g) / len(g) for g in groups]
+    lo, hi = min(means), max(means)
+    return "".join(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0] for v in means)
 
 
 def eval_cmd(

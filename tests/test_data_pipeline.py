@@ -199,3 +199,39 @@ def test_repeat_upsamples_a_training_file_with_distinct_row_ids(tmp_path):
     assert len(token_rows(data, "eval")) == 4  # evaluation rows are never repeated
     with pytest.raises(DataError, match=r"data.repeat: 'notes.jsonl' names none of the training files"):
         token_rows(DataConfig(train=files, repeat={"notes.jsonl": 2}))
+
+
+def test_every_global_batch_of_packed_rows_holds_each_source_near_its_share(tmp_path):
+    from rayft.training.data import row_id
+
+    # Two sources of very different lengths, as in the quickstart: long tickets and short facts.
+    long_rows = [chat(f"Ticket {i}: my order arrived broken.", " ".join(["detail"] * 90) + f" {i}") for i in range(300)]
+    short_rows = [chat(f"Fact {i}?", f"Answer {i}.") for i in range(900)]
+    paths = [
+        str(write_jsonl(tmp_path / "long.jsonl", long_rows)),
+        str(write_jsonl(tmp_path / "short.jsonl", short_rows)),
+    ]
+    long_ids = {row_id(f"{paths[0]}:{n}") for n in range(1, 301)}
+
+    def packed_rows(seed: int) -> list[dict]:
+        data = DataConfig(train=paths, packing=True, max_seq_len=512, seed=seed)
+        return build_datasets(MODEL, data, rows={"train": 1200})["train"].take_all()
+
+    rows = packed_rows(seed=42)
+    members = [[int(i) for i in r["row_ids"]] for r in rows]
+    trained = [i for m in members for i in m]
+    assert len(trained) == len(set(trained)) == 1200  # every example once
+    assert {i for i in trained if i in long_ids} == long_ids
+
+    share = len(long_ids) / 1200
+    batch_rows = 8  # e.g. micro-batch 2 x 2 workers x accumulation 2
+    worst = 0.0
+    for start in range(0, len(members) - batch_rows + 1, batch_rows):
+        batch = [i for m in members[start : start + batch_rows] for i in m]
+        worst = max(worst, abs(sum(i in long_ids for i in batch) / len(batch) - share))
+    # First-fit-decreasing's own order runs from long-example rows to short-only rows: its batches are one kind.
+    assert worst <= 0.1, f"a global batch of {batch_rows} rows is {worst:.0%} off the long source's {share:.0%} share"
+
+    # Seeded: the same seed gives the same rows in the same order (resume relies on it); another seed another order.
+    assert [[int(i) for i in r["row_ids"]] for r in packed_rows(seed=42)] == members
+    assert [[int(i) for i in r["row_ids"]] for r in packed_rows(seed=7)] != members

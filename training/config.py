@@ -94,7 +94,11 @@ class DataConfig(Section):
         "truncate", description="What to do with examples longer than max_seq_len."
     )
     packing: bool = Field(
-        False, description="Pack several examples into each max_seq_len row (attention never crosses examples)."
+        False,
+        description="Pack several examples into each max_seq_len row (attention never crosses examples). Rows are "
+        "packed within windows of 1,024 examples and leave each window in a seeded order that spreads long- and "
+        "short-example rows evenly, so any run of consecutive rows (a global batch) holds each kind of example "
+        "near its share of the data; the same data and seed give the same rows in the same order.",
     )
     shuffle: bool = Field(True, description="Shuffle training rows (deterministically, from `seed`).")
     seed: int = Field(42, description="Seed for shuffling and the eval_fraction split.")

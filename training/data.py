@@ -484,11 +484,15 @@ def row_id(source: str) -> int:
     return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _pack_batch(batch: dict, max_seq_len: int) -> dict:
+def _pack_batch(batch: dict, max_seq_len: int, seed: int) -> dict:
     from rayft.training.formats import pack_examples
 
-    rows = pack_examples(list(zip(batch["input_ids"], batch["labels"], strict=True)), max_seq_len)
     ids = np.asarray(batch["row_id"], dtype=np.int64)
+    # The order of a window's packed rows is seeded by data.seed and the window's examples: the same data
+    # packs into the same rows in the same order on every pass, which resume relies on.
+    window_seed = [seed, int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")]
+    examples = list(zip(batch["input_ids"], batch["labels"], strict=True))
+    rows = pack_examples(examples, max_seq_len, seed=window_seed)
     out = {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "num_examples")}
     out["row_ids"] = [ids[r["members"]] for r in rows]
     return out
@@ -570,7 +574,7 @@ def build_datasets(
         if data.packing:
             ds = ds.map_batches(
                 _pack_batch,
-                fn_kwargs={"max_seq_len": data.max_seq_len},
+                fn_kwargs={"max_seq_len": data.max_seq_len, "seed": data.seed},
                 batch_size=PACK_WINDOW_ROWS,
                 batch_format="numpy",
                 num_cpus=data.cpus_per_data_task,

@@ -277,11 +277,17 @@ def tokenize_rendered(tokenizer, texts: list[str], spans: list[list[tuple[int, i
 # --------------------------------------------------------------------------- packing and batching
 
 
-def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], max_seq_len: int) -> list[dict]:
+def pack_examples(
+    examples: list[tuple[np.ndarray, np.ndarray]], max_seq_len: int, seed: int | list[int] | None = None
+) -> list[dict]:
     """First-fit-decreasing packing into rows of at most max_seq_len tokens.
 
     position_ids restart at 0 for each example; transformers turns that into a block-diagonal
     causal mask (sdpa/eager with attention_mask=None, flash-attention varlen on GPU).
+
+    First-fit-decreasing opens its rows longest example first, so in its own order the rows run from
+    long-example rows to short-example-only rows: batches cut from that order each hold one kind of example.
+    With a seed the rows come out in spread_order instead, which mixes them evenly at every scale.
     """
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     bins: list[list[int]] = []
@@ -305,7 +311,40 @@ def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], max_seq_len: in
         rows.append(
             {"input_ids": ids, "labels": labels, "position_ids": pos, "num_examples": len(members), "members": members}
         )
-    return rows
+    if seed is None:
+        return rows
+    return [rows[i] for i in spread_order(len(rows), np.random.default_rng(seed))]
+
+
+def spread_order(n: int, rng: np.random.Generator) -> list[int]:
+    """A random order of range(n) that spreads every stretch of the original order evenly over the result.
+
+    The range is halved recursively; each half is ordered the same way, and the two are merged by
+    alternating in proportion to their sizes, the half that leads chosen at random. So any k consecutive
+    places of the result take about k/2 from each half, k/4 from each quarter, and so on down to single
+    items: a batch cut anywhere from the result is a stratified sample of the original order. (A uniform
+    shuffle is fair only on average: a batch of 8 rows from a window of 200 can still be all one kind.)
+    """
+
+    def spread(lo: int, hi: int) -> list[int]:
+        if hi - lo <= 1:
+            return list(range(lo, hi))
+        mid = (lo + hi) // 2
+        a, b = spread(lo, mid), spread(mid, hi)
+        if rng.random() < 0.5:
+            a, b = b, a
+        out, i, j = [], 0, 0
+        while i < len(a) or j < len(b):
+            # take from a while it is not ahead of b in the share of itself already placed
+            if j == len(b) or (i < len(a) and (2 * i + 1) * len(b) <= (2 * j + 1) * len(a)):
+                out.append(a[i])
+                i += 1
+            else:
+                out.append(b[j])
+                j += 1
+        return out
+
+    return spread(0, n)
 
 
 def padded_length(n: int, multiple: int = 8) -> int:

@@ -65,6 +65,8 @@ def train_loop(config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg)
     release_freed_memory()
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    # Host memory holds the training state: hand the heap's freed pages back at every optimizer step too.
+    trim_heap = device.type == "cpu" or cfg.training.offload_optimizer or cfg.training.offload_params
     step, epoch, consumed = 0, 0, set()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -101,7 +103,7 @@ def train_loop(config: dict[str, Any]) -> None:
             wait_s = time.perf_counter() - t_wait
             if not all_ranks_have(len(group) == cfg.grad_accum, device):
                 break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
-            losses, step_tokens = train_step(engine, group, device, pad_id, world, cfg.grad_accum, clock)
+            losses, step_tokens = train_step(engine, group, device, pad_id, world, cfg.grad_accum, clock, trim_heap)
             for rows, row_ids in group:
                 consumed.update(row_ids)
                 acc.add(rows, len(row_ids))
@@ -381,7 +383,7 @@ def trained_tokens(rows: list[dict]) -> int:
 
 
 def train_step(
-    engine, group: list, device, pad_id: int, world: int, grad_accum: int, clock: StepClock
+    engine, group: list, device, pad_id: int, world: int, grad_accum: int, clock: StepClock, trim_heap: bool = False
 ) -> tuple[list[float], int]:
     """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids).
 
@@ -389,7 +391,12 @@ def train_step(
     count is all-reduced before the first forward, and each micro-batch's summed loss is scaled so that
     DeepSpeed's averaging (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / count. A
     micro-batch with 10 trained tokens weighs 10/2,000 of one with 2,000, not as much. Returns each
-    micro-batch's summed loss and the step's trained tokens on all ranks."""
+    micro-batch's summed loss and the step's trained tokens on all ranks.
+
+    trim_heap: return the heap's free pages to the system after the step's last backward and after the
+    optimizer step (release_freed_memory; ~0.1 s on a 0.5B model). The backward's gathered weights and
+    transient gradients, freed by then, would otherwise stay resident under the optimizer's own allocations:
+    on a 0.5B ZeRO-3 model with 2 ranks, 1.4 GiB per rank."""
     import torch
     import torch.distributed as dist
 
@@ -399,13 +406,18 @@ def train_step(
     step_tokens = int(count.item())
     scale = world * grad_accum / max(step_tokens, 1)
     losses = []
-    for rows, _ in group:
+    for i, (rows, _) in enumerate(group):
+        boundary = trim_heap and i == len(group) - 1
         clock.start()
         loss_sum, _ = forward(engine, rows, device, pad_id)
         clock.lap("forward_s")
         engine.backward(loss_sum * scale)  # its gradient reduction is timed apart, as grad_sync_s (time_grad_sync)
+        if boundary:
+            release_freed_memory()
         clock.lap("backward_s")
         engine.step()
+        if boundary:
+            release_freed_memory()
         clock.lap("optimizer_s")
         losses.append(loss_sum.item())
     return losses, step_tokens

@@ -7,14 +7,16 @@ for LoRA, wrapped with the same `apply_lora` the workers use. The rest is the st
 N = parameters (tied embeddings once; LoRA: base + adapters), T = trainable, w = workers, e = 2 (bf16/fp16) or 4 (fp32).
 - weights: e*N. ZeRO-3 partitions them (frozen ones too): e*N/w, plus the weights gathered for compute, which
   DeepSpeed keeps up to stage3_max_live_parameters (1e9 unless training.ds_config sets it: for smaller models,
-  all of them) plus the layer (or embedding) being gathered; offload_params keeps the
-  partition in host RAM.
+  all of them) plus the layer (or embedding) being gathered; on CPU, where rayft turns off prefetching and the
+  reuse window, only the layer being gathered. offload_params keeps the partition in host RAM.
 - gradients: e*T; ZeRO-2/3 partition them (e*T/w), and with offload_optimizer the partition lives in host RAM.
   ZeRO-1/2/3 add their reduce buckets (reduce_bucket_size elements, two with overlap_comm on GPU).
 - optimizer: 12*T mixed precision (fp32 master weights + Adam m and v); fp32 8*T (m, v; the weights are the
   master), but 12*T with ZeRO >= 1, whose optimizer keeps its own fp32 copy of its partition even when the model is
   fp32 (measured on DeepSpeed 0.19). ZeRO >= 1 partitions them (/w); offload_optimizer moves them to host RAM
   with the fp32 gradients the CPU Adam reads and a 16-bit staging copy of the partition: (12 + 4 + e)*T/w.
+  While it updates the partition, the step holds a flat fp32 copy of its gradients: 4*T/w (ZeRO-3: one sub-group
+  at a time, 4*min(T/w, sub_group_size)).
 - activations, per token of micro_batch_size x max_seq_len, per decoder layer (a dense Llama-style decoder with
   PyTorch SDPA, which keeps no seq x seq attention matrix; counted from what autograd saves):
     full: 8h (the two RMSNorm inputs, kept in fp32) + e*(4h + 2q + 2kv + 4i)
@@ -194,6 +196,7 @@ _WORKER_LABELS = {
     "weights": "weights",
     "gradients": "gradients",
     "optimizer": "optimizer states",
+    "step_gradients": "step's gradient copy",
     "activations": "activations",
     "overhead": "runtime overhead",
 }
@@ -335,9 +338,10 @@ def _plan(job: TrainJob, cap: _Capacity) -> MemoryPlan:
         weights = e * n
     else:
         partition = 0 if t.offload_params else e * n // w
-        # DeepSpeed's stage3_max_live_parameters (1e9 unless training.ds_config sets it)
-        user = t.ds_config.get("zero_optimization", {})
-        live = int(user.get("stage3_max_live_parameters", 1e9))
+        if zero.get("stage3_prefetch_bucket_size") == 0 and zero.get("stage3_max_reuse_distance") == 0:
+            live = 0  # every layer is released after use (rayft's CPU default, see ds_config)
+        else:  # DeepSpeed's stage3_max_live_parameters (1e9 unless training.ds_config sets it)
+            live = int(zero.get("stage3_max_live_parameters", 1e9))
         # gathering allocates fresh full-size buffers at any world size, one rank included
         gathered = e * min(n, live + shape.largest_block)
         weights = partition + gathered
@@ -352,6 +356,11 @@ def _plan(job: TrainJob, cap: _Capacity) -> MemoryPlan:
     optimizer_state = 12 * tr if (e == 2 or z >= 1) else 8 * tr
     if z >= 1:
         optimizer_state //= w
+    step_gradients = 0
+    if z >= 1 and not t.offload_optimizer:
+        # The step copies the gradient partition into a flat fp32 buffer while it updates it (ZeRO-3: one
+        # sub-group at a time, sub_group_size elements at most)
+        step_gradients = 4 * (tr // w if z < 3 else min(tr // w, int(zero.get("sub_group_size", 1e9))))
     offloaded_optimizer = 0
     if t.offload_optimizer:
         offloaded_optimizer = (12 + 4 + e) * tr // w
@@ -365,6 +374,7 @@ def _plan(job: TrainJob, cap: _Capacity) -> MemoryPlan:
         "weights": weights,
         "gradients": grads,
         "optimizer": optimizer_state,
+        "step_gradients": step_gradients,
         "activations": activations,
         "overhead": GPU_OVERHEAD_BYTES if use_gpu else CPU_OVERHEAD_BYTES,
     }

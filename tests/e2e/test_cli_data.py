@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,8 @@ def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
     assert tickets["finetuned"]["perplexity"] < tickets["base"]["perplexity"]
     assert tickets["finetuned"]["token_f1"] > tickets["base"]["token_f1"]
     assert (tmp_path / "quickstart" / "final" / "config.json").is_file()
+    # the loss curve at the end of training: first loss, one block per step, last loss, and the plot's path
+    assert re.search(r"loss +\d+\.\d+ [▁▂▃▄▅▆▇█]{3} \d+\.\d+  \(plot: .*quickstart/loss\.png\)", out), out
     assert "report:" in out and "report.md" in out
     # stage 5: the finetuned model answered a real HTTP request, and the printed examples name the endpoint
     assert "asked over HTTP" in out and "reply:" in out
