@@ -77,6 +77,17 @@ def tune_space(space: dict[str, Any], search: str) -> dict[str, Any]:
     return out
 
 
+def trial_count(space: dict[str, Any], search: str, num_samples: int) -> int:
+    """Trials the sweep runs: num_samples times every combination of the grid entries (as Tune expands them)."""
+    combos = 1
+    for spec in space.values():
+        if isinstance(spec, dict):
+            kind, args = next(iter(spec.items()))
+            if kind == "grid" or (kind == "choice" and search == "grid"):
+                combos *= len(args)
+    return num_samples * combos
+
+
 def apply_params(raw: dict, params: dict[str, Any]) -> dict:
     """A copy of the raw job config with each dotted path set to the trial's value."""
     out = copy.deepcopy(raw)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from rayft.training import storage
 from rayft.tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
-from rayft.tuning.space import apply_params, edge_values, space_problems, tune_space
+from rayft.tuning.space import apply_params, edge_values, space_problems, trial_count, tune_space
 
 if TYPE_CHECKING:
     from rayft.training.config import TrainJob
@@ -216,7 +216,8 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
             ),
         )
     say(
-        f"sweep {name}: {sw.num_samples} trial(s), {n_at_once} at a time, {sw.search} search, "
+        f"sweep {name}: {trial_count(sw.space, sw.search, sw.num_samples)} trial(s), {n_at_once} at a time, "
+        f"{sw.search} search, "
         f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}"
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune's own tables stay off the console
