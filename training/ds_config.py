@@ -28,13 +28,14 @@ def build_ds_config(training: TrainingConfig, micro_batch_size: int, grad_accum:
     if training.zero_stage == 3:
         # Exports and evaluations need whole weights; gather them layer by layer on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-        if not use_gpu:
+        if not use_gpu and training.method == "full":
             # Prefetching overlaps the next layers' gathers with compute on a GPU's side stream; on CPU there
             # is nothing to overlap it with, and once the parameter trace is complete (from the second step
             # on) it keeps ~90% of the gathered weights live from the forward into the backward (measured on
             # a 0.5B model, 2 ranks): every rank then holds about a whole copy of the model. Without it, and
             # with no reuse window, each layer's weights are released right after use and gathered again in
-            # the backward, as on the first step.
+            # the backward, as on the first step. (LoRA keeps DeepSpeed's defaults: with them off, a resumed
+            # LoRA run failed DeepSpeed's check that each step fetches parameters in the traced order.)
             zero.update(stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0)
     if training.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
