@@ -7,8 +7,8 @@ for LoRA, wrapped with the same `apply_lora` the workers use. The rest is the st
 N = parameters (tied embeddings once; LoRA: base + adapters), T = trainable, w = workers, e = 2 (bf16/fp16) or 4 (fp32).
 - weights: e*N. ZeRO-3 partitions them (frozen ones too): e*N/w, plus the weights gathered for compute, which
   DeepSpeed keeps up to stage3_max_live_parameters (1e9 unless training.ds_config sets it: for smaller models,
-  all of them) plus the layer (or embedding) being gathered; on CPU, where rayft turns off prefetching and the
-  reuse window, only the layer being gathered. offload_params keeps the partition in host RAM.
+  all of them) plus the layer (or embedding) being gathered; for full finetunes on CPU, where rayft turns off
+  prefetching and the reuse window, only the layer being gathered. offload_params keeps the partition in host RAM.
 - gradients: e*T; ZeRO-2/3 partition them (e*T/w), and with offload_optimizer the partition lives in host RAM.
   ZeRO-1/2/3 add their reduce buckets (reduce_bucket_size elements, two with overlap_comm on GPU).
 - optimizer: 12*T mixed precision (fp32 master weights + Adam m and v); fp32 8*T (m, v; the weights are the
