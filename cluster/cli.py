@@ -258,20 +258,17 @@ class TrainProgress:
 
 def _print_train_summary(result) -> None:
     from rayft.training import storage
-    from rayft.training.trainer import read_metrics
+    from rayft.training.trainer import curve, read_metrics
 
     m = result.metrics
     out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
     if "eval_loss" in m:
         out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
-    # After a restart the steps since the last checkpoint appear twice; the later value is the one kept.
-    losses = [v for _, v in sorted({r["step"]: r["loss"] for r in read_metrics(result.run_dir) if "loss" in r}.items())]
+    losses = [v for _, v in curve(read_metrics(result.run_dir), "loss")]
     if losses:
-        curve = sparkline(losses)
         plot = storage.join(result.run_dir, "loss.png")
-        out.print(
-            f"  loss      {losses[0]:.3f} {curve} {losses[-1]:.3f}  (plot: {plot})", highlight=False, soft_wrap=True
-        )
+        line = f"  loss      {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}  (plot: {plot})"
+        out.print(line, highlight=False, soft_wrap=True)
     out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
     if result.final_dir:
         out.print(f"  model     {result.final_dir}")

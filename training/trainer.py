@@ -280,12 +280,16 @@ def read_metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of a metric in step order. After a restart the steps since the last checkpoint appear
+    twice; the later value is the one kept."""
+    return sorted({r["step"]: r[key] for r in records if key in r}.items())
+
+
 def plot_losses(run_dir: str) -> str | None:
     """<run>/loss.png: train loss per step and eval loss where it was measured."""
     records = read_metrics(run_dir)
-    # After a restart the steps since the last checkpoint appear twice; the later value is the one kept.
-    train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
+    train, evals = curve(records, "loss"), curve(records, "eval_loss")
     if not train:
         return None
     import matplotlib

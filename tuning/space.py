@@ -77,14 +77,12 @@ def tune_space(space: dict[str, Any], search: str) -> dict[str, Any]:
     return out
 
 
-def trial_count(space: dict[str, Any], search: str, num_samples: int) -> int:
-    """Trials the sweep runs: num_samples times every combination of the grid entries (as Tune expands them)."""
+def trial_count(param_space: dict[str, Any], num_samples: int) -> int:
+    """Trials Tune runs for a tune_space: num_samples times every combination of its grid_search entries."""
     combos = 1
-    for spec in space.values():
-        if isinstance(spec, dict):
-            kind, args = next(iter(spec.items()))
-            if kind == "grid" or (kind == "choice" and search == "grid"):
-                combos *= len(args)
+    for value in param_space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            combos *= len(value["grid_search"])
     return num_samples * combos
 
 

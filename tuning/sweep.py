@@ -188,6 +188,7 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
         {"cpu": TRIAL_DRIVER_CPU},
     )
     resumed = tune.Tuner.can_restore(root)
+    param_space = tune_space(sw.space, sw.search)
     if resumed:
         say(f"resuming sweep {name}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(root, trainable=trainable, resume_errored=True)
@@ -197,7 +198,7 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
         ranked_by_tune = sw.metric not in GENERATION_METRICS
         tuner = tune.Tuner(
             trainable,
-            param_space=tune_space(sw.space, sw.search),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=sw.metric if ranked_by_tune else None,
                 mode=sw.metric_mode if ranked_by_tune else None,
@@ -216,7 +217,7 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
             ),
         )
     say(
-        f"sweep {name}: {trial_count(sw.space, sw.search, sw.num_samples)} trial(s), {n_at_once} at a time, "
+        f"sweep {name}: {trial_count(param_space, sw.num_samples)} trial(s), {n_at_once} at a time, "
         f"{sw.search} search, "
         f"{sw.scheduler.type} scheduler, {sw.metric_mode} {sw.metric}"
     )
