@@ -155,6 +155,7 @@ def build_model(cfg: LoopConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rayft.training.cpu_ops import use_fast_dropout, use_packed_attention
     from rayft.training.ds_config import resolve_precision
     from rayft.training.models import resolve_model
 
@@ -169,12 +170,16 @@ def build_model(cfg: LoopConfig):
         revision=cfg.model.revision,
     )
     model.config.use_cache = False
+    if not cfg.use_gpu:  # each packed example's own causal attention instead of sdpa's full masked square
+        use_packed_attention(model)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.training.skip_untrained_logits:
         use_trained_position_logits(model)
     if cfg.training.method == "lora":
         model = apply_lora(model, cfg.training)
+        if not cfg.use_gpu:
+            use_fast_dropout(model)
         if cfg.training.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
