@@ -43,6 +43,7 @@ lint: setup
 # Every CPU benchmark in turn; each prints ratios against a baseline measured in the same run and rewrites its
 # rows of the Summary table in bench/RESULTS.md. QUICK=1: smoke versions, written to bench/out/RESULTS-quick.md.
 bench: setup
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,bench]"
 	$(PY) bench/run_all.py $(if $(QUICK),--quick,)
 
 # The wheels an offline GPU machine (CUDA torch, transformers and peft already there) lacks for bench/gpu_check.sh:

@@ -318,6 +318,375 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
     return Run("rayft train", timed, f"first step waited {first_wait:.1f}s for data"), wall, max(niceness, default=0)
 
 
+# --------------------------------------------------------------------------- the peer: TRL's SFTTrainer
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+PEER_NAME = "trl_peer"
+TARGET_VS_TRL = 2.5
+TARGET_MFU = 0.50
+PEER_PROBE_STEPS = 6  # TRL steps timed first, to size its equal-time run so that its LR schedule ends in time
+PEAK_N = 4096
+
+
+def peak_bf16_matmul(threads: int) -> float:
+    """The CPU's bf16 matrix-product rate in FLOP/s, with `threads` threads: the best of 10 timed pairs of
+    PEAK_N-sized products after 3 warm-ups (a peak is the best rate seen, so a moment of contention on a shared
+    machine does not lower it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(PEAK_N, PEAK_N, dtype=torch.bfloat16)
+    b = torch.randn(PEAK_N, PEAK_N, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ b
+        a @ b
+        best = min(best, (time.perf_counter() - t0) / 2)
+    return 2 * PEAK_N**3 / best
+
+
+@dataclass
+class Shape:
+    """What the FLOP counts need of a decoder-only model's config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_width: int  # key/value heads x head dim
+    vocab: int
+
+    @classmethod
+    def of(cls, model_dir: str) -> Shape:
+        import json
+
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+        return cls(
+            c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], kv_heads * head_dim, c["vocab_size"]
+        )
+
+    @property
+    def layer_weights(self) -> int:
+        """Weights of one layer's matrices: q and o (hidden^2 each), k and v, and the gated MLP's three."""
+        d = self.hidden
+        return 2 * d * d + 2 * d * self.kv_width + 3 * d * self.intermediate
+
+    def lora_weights(self, r: int) -> int:
+        """One layer's LoRA weights over all seven projections: r x (inputs + outputs) each."""
+        d, kv, f = self.hidden, self.kv_width, self.intermediate
+        return r * (2 * (d + d) + 2 * (d + kv) + 2 * (d + f) + (f + d))
+
+
+def lora_step_flops(s: Shape, lora_layers: int, r: int, tokens: float, trained: float, ctx: float) -> float:
+    """The FLOPs a LoRA step on the top `lora_layers` layers has to compute (matrix products and attention):
+
+    - forward: every layer's weights (2 per weight per token), attention within each example (causal: q.k and
+      p.v over ctx/2 keys on average, 2 x hidden x ctx per token and layer), the adapters, and the vocabulary
+      projection at the trained positions only (as rayft computes it);
+    - backward: input gradients through the adapted layers (the lowest one needs them only past its attention
+      and MLP, for o and down), twice the attention's forward there, the adapters' input and weight gradients,
+      and the vocabulary projection's input gradient. Frozen weights get no weight gradient, and nothing below
+      the lowest adapter runs backward.
+    `ctx` is the token-weighted mean example length (sum n^2 / sum n)."""
+    d = s.hidden
+    attention = 2 * d * ctx  # per token and layer, forward
+    head = 2 * d * s.vocab * trained
+    forward = tokens * (2 * s.layer_weights * s.layers + attention * s.layers + 2 * s.lora_weights(r) * lora_layers)
+    backward_weights = 2 * ((lora_layers - 1) * s.layer_weights + d * d + s.intermediate * d)
+    backward = tokens * (backward_weights + 2 * attention * lora_layers + 4 * s.lora_weights(r) * lora_layers)
+    return forward + head + backward + head
+
+
+def model_flops_6n(s: Shape, tokens: float, ctx: float) -> float:
+    """PaLM's model FLOPs of a full training step: 6 x every weight matrix (the embedding lookup left out, the
+    vocabulary projection in) per token, plus 12 x layers x hidden x ctx per token for attention."""
+    weights = s.layer_weights * s.layers + s.hidden * s.vocab
+    return tokens * (6 * weights + 12 * s.layers * s.hidden * ctx)
+
+
+def mix_files(cfg) -> list[tuple[Path, int]]:
+    """The quickstart's training files with the copies per epoch data.repeat gives each."""
+    from rayft.training.data import repeat_counts
+
+    from rayft.training import storage
+
+    paths = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
+    counts = repeat_counts(paths, cfg.data.repeat)  # keyed by absolute path
+    return [(Path(p), counts[storage.absolute(p)]) for p in paths]
+
+
+def run_quickstart(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]:
+    """`rayft train configs/quickstart.yaml` as shipped (the run dir moved); returns its timed steps, its
+    training time (the first step's start to the last step's end, by wall clock) and the job."""
+    import ray
+
+    from rayft.cluster.config import load_config
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import read_metrics, required_cpus, run_training
+
+    cfg = load_config(QUICKSTART, [f"run.storage_path={tmp / 'runs'}", "run.name=bench-quickstart", *overrides])
+    connect(need_cpus=required_cpus(cfg))
+
+    def progress(event: dict) -> None:
+        if "loss" in event and (event["step"] % 10 == 0 or event["step"] <= 3):
+            print(f"  rayft step {event['step']}: {event['step_time_s']:.2f}s, loss {event['loss']:.3f}", flush=True)
+
+    try:
+        run_training(cfg, restart=True, on_event=progress)
+    finally:
+        ray.shutdown()
+    records = [r for r in read_metrics(cfg.run_dir) if "loss" in r and not r.get("final")]
+    train_s = records[-1]["time"] - (records[0]["time"] - records[0]["step_time_s"])
+    timed = [
+        {
+            "nonpad_tokens": r["nonpad_tokens"],
+            "trained_tokens": r["trained_tokens"],
+            "padded_tokens": r["tokens"],
+            "examples": r["examples"],
+            "seconds": r["time"] - prev["time"],  # wall clock between step records, as in the first part
+            "loss": r["loss"],
+        }
+        for prev, r in zip(records, records[1:], strict=False)
+        if r["step"] > WARMUP_STEPS
+    ]
+    return Run("rayft train", timed), train_s, cfg
+
+
+def peer_run(result: dict) -> Run:
+    """TRL's timed steps (the first WARMUP_STEPS left out, as for rayft); with padding-free packing every
+    token of its batches is a real one."""
+    steps = [
+        {
+            "nonpad_tokens": s["tokens"],
+            "trained_tokens": s["trained_tokens"],
+            "padded_tokens": s["tokens"],
+            "examples": 0,
+            "seconds": s["seconds"],
+            "loss": s["loss"],
+        }
+        for s in result["steps"][WARMUP_STEPS:]
+    ]
+    return Run("TRL SFTTrainer", steps)
+
+
+def score_models(cfg, models: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """rayft eval's scores of each model (a run dir or an adapter dir) on the job's evaluation sample: the same
+    rows, generation settings and scoring for every model. {label: {split: metrics}}."""
+    import ray
+
+    from rayft.cluster.runtime import connect
+    from rayft.training import storage
+    from rayft.training.evaluate import by_split, eval_rows, inference_config, predict, score
+    from rayft.training.inference import resolve_inference_model
+
+    connect(need_cpus=cfg.eval.replicas * cfg.eval.cpus_per_replica)
+    out = {}
+    try:
+        rows = eval_rows(cfg, cfg.eval.max_rows)  # read by Ray Data
+        icfg = inference_config(cfg)
+        for label, target in models.items():
+            model = resolve_inference_model(target, base_model=cfg.model.name, revision=cfg.model.revision)
+            t0 = time.perf_counter()
+            preds, _ = predict(model, rows, icfg, storage.join(cfg.run_dir, "eval-peer"), label, reuse=False)
+            out[label] = {split: score(r) for split, r in by_split(preds).items()}
+            print(f"  scored {label} on {len(rows)} rows in {time.perf_counter() - t0:.0f}s", flush=True)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def peer_main(args) -> None:
+    """rayft's quickstart against TRL's SFTTrainer set up the same way: tokens/s, quality after equal training
+    time, and rayft's FLOP/s over the CPU's bf16 matmul peak measured in the same run."""
+    from bench.trl_peer import quickstart_rows, run_trl
+
+    from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
+    from rayft.cluster.config import load_config
+    from rayft.training.models import load_tokenizer, resolve_model
+
+    load_start = load_average()
+    peak_start = peak_bf16_matmul(THREADS)
+    print(
+        f"{PEER_NAME}: {machine()}; load {load_start}; bf16 matmul peak ({THREADS} threads) "
+        f"{peak_start / 1e9:,.0f} GFLOP/s",
+        flush=True,
+    )
+    # --quick: the shipped config cut to a few steps and rows, to check that every part runs.
+    overrides = [f"training.max_steps={args.steps or 4}", "eval.max_rows=4"] if args.quick else []
+    cfg = load_config(QUICKSTART, overrides)
+    t, lora = cfg.training, cfg.training.lora
+    model_dir = resolve_model(cfg.model.name)
+    shape = Shape.of(model_dir)
+    tokenizer = load_tokenizer(cfg.model.name)
+    files = mix_files(cfg)
+    lengths = np.array(
+        [len(ids) for path, copies in files for ids, _ in load_examples(tokenizer, path) * copies], dtype=np.float64
+    )
+    ctx = float((lengths**2).sum() / lengths.sum())  # the mean example length a token sits in
+    lora_layers = lora.last_layers or shape.layers
+
+    with tempfile.TemporaryDirectory(prefix="rayft-peer-") as tmp_s:
+        tmp = Path(tmp_s)
+        print("rayft train configs/quickstart.yaml", flush=True)
+        rayft, rayft_train_s, job = run_quickstart(tmp, overrides)
+        same = dict(
+            rows_per_step=t.global_batch_size,
+            max_seq_len=cfg.data.max_seq_len,
+            lr=t.lr,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            last_layers=lora_layers,
+            warmup_ratio=t.warmup_ratio,
+            lr_schedule=t.lr_schedule,
+            threads=THREADS,
+            seed=t.seed,
+        )
+        rows = quickstart_rows(files)
+        probe_steps = WARMUP_STEPS + (2 if args.quick else PEER_PROBE_STEPS - WARMUP_STEPS)
+        print(f"TRL SFTTrainer: {probe_steps} steps to time a step", flush=True)
+        probe = run_trl(
+            model_dir, rows, tmp / "trl-probe", steps=probe_steps, time_limit_s=None, save_adapter=False, **same
+        )
+        probe_s = float(np.mean([s["seconds"] for s in probe["steps"][WARMUP_STEPS:]]))
+        # Its own schedule (warm-up, decay) over the steps that fit in rayft's training time.
+        trl_steps = max(WARMUP_STEPS + 1, int(rayft_train_s / probe_s))
+        print(f"TRL SFTTrainer: {trl_steps} steps, stopped at {rayft_train_s:.0f}s of steps if not done", flush=True)
+        equal = run_trl(
+            model_dir, rows, tmp / "trl", steps=trl_steps, time_limit_s=rayft_train_s, save_adapter=True, **same
+        )
+        trl = peer_run(equal)
+        trl_train_s = sum(s["seconds"] for s in equal["steps"])
+        print("rayft eval of both models on the same rows", flush=True)
+        scores = score_models(job, {"rayft": job.run_dir, "TRL": equal["adapter_dir"]})
+    peak = max(peak_start, peak_bf16_matmul(THREADS))
+    load_end = load_average()
+
+    vs_trl = rayft.nonpad_tokens_s / trl.nonpad_tokens_s
+    steps_s = rayft.per_step("seconds")
+    done = (
+        lora_step_flops(
+            shape, lora_layers, lora.r, rayft.per_step("nonpad_tokens"), rayft.per_step("trained_tokens"), ctx
+        )
+        / steps_s
+    )
+    model_6n = model_flops_6n(shape, rayft.per_step("nonpad_tokens"), ctx) / steps_s
+    mfu, mfu_6n = done / peak, model_6n / peak
+    splits = sorted(scores["rayft"])
+    # The splits' headline metrics: exact match of the JSON tickets, answer contained for the facts.
+    headline = {
+        sp: ("exact_match" if scores["rayft"][sp].get("json_valid") is not None else "contained") for sp in splits
+    }
+    quality_ok = all(scores["rayft"][sp][headline[sp]] >= scores["TRL"][sp][headline[sp]] for sp in splits)
+
+    def row(r: Run, trained_s: float, steps: int) -> tuple[str, ...]:
+        return (
+            r.name,
+            f"{steps}",
+            f"{len(r.steps)}",
+            f"{r.per_step('nonpad_tokens'):,.0f}",
+            f"{r.per_step('seconds'):.2f}",
+            f"{min(x['seconds'] for x in r.steps):.2f}-{max(x['seconds'] for x in r.steps):.2f}",
+            f"{r.nonpad_tokens_s:,.0f}",
+            f"{trained_s:.0f}",
+            *(f"{scores[label][sp][headline[sp]]:.1%}" for sp in splits for label in [r.name.split()[0]]),
+        )
+
+    head = (
+        "contender",
+        "steps",
+        "timed",
+        "tokens/step",
+        "s/step",
+        "min-max",
+        "tokens/s",
+        "training s",
+        *(f"{sp}: {headline[sp]}" for sp in splits),
+    )
+    table = [
+        row(rayft, rayft_train_s, job.training.max_steps),
+        row(trl, trl_train_s, len(equal["steps"])),
+    ]
+    ratios = [
+        ("rayft / TRL, non-pad tokens/s", f"{vs_trl:.2f}x", f">= {TARGET_VS_TRL}x", verdict(vs_trl >= TARGET_VS_TRL)),
+        (
+            "quality after equal training time",
+            "rayft >= TRL" if quality_ok else "rayft < TRL",
+            "rayft >= TRL",
+            verdict(quality_ok),
+        ),
+        ("rayft FLOP/s done / bf16 peak", f"{mfu:.1%}", f">= {TARGET_MFU:.0%}", verdict(mfu >= TARGET_MFU)),
+        ("rayft 6N model FLOP/s / bf16 peak", f"{mfu_6n:.1%}", "(info)", ""),
+    ]
+    cfgs = equal["config"]
+    notes = [
+        f"model: SmolLM2-135M-Instruct (built-in), bf16; LoRA r{lora.r} alpha {lora.alpha} dropout {lora.dropout} on "
+        f"the top {lora_layers} of {shape.layers} layers, all seven projections; lr {t.lr} ({t.lr_schedule}, warm-up "
+        f"{t.warmup_ratio}); {t.global_batch_size} packed rows of {cfg.data.max_seq_len} tokens per optimizer step",
+        f"data: the quickstart mix ({', '.join(f'{p.name} x{c}' for p, c in files)}), {len(lengths):,} examples, "
+        f"{lengths.mean():.0f} tokens each on average; token-weighted mean example length {ctx:.0f}",
+        f"rayft: `rayft train configs/quickstart.yaml` as shipped ({cfg.scaling.num_workers} workers, ZeRO-"
+        f"{t.zero_stage}, micro-batch {t.micro_batch_size}); steps timed by wall clock between step records",
+        f"TRL {equal['trl_version']}: SFTTrainer in one process with {THREADS} threads, "
+        + ", ".join(f"{k}={v}" for k, v in cfgs.items())
+        + f"; a {len(probe['steps'])}-step probe timed its step at {probe_s:.2f}s, so its run was sized to "
+        f"{trl_steps} steps (its own warm-up and decay) and stopped at rayft's training time",
+        f"quality: each model trained for the same time ({rayft_train_s:.0f}s of rayft steps, {trl_train_s:.0f}s "
+        f"of TRL's), then scored by rayft eval on the same {cfg.eval.max_rows} rows: "
+        + "; ".join(
+            f"{sp} "
+            + ", ".join(
+                f"{label} "
+                + " / ".join(f"{k} {scores[label][sp][k]:.1%}" for k in ("exact_match", "contained", "token_f1"))
+                for label in ("rayft", "TRL")
+            )
+            for sp in splits
+        ),
+        f"FLOPs: bf16 matmul peak {peak / 1e9:,.0f} GFLOP/s ({PEAK_N}^3 products, {THREADS} threads, best of the "
+        f"start and end of the run: {peak_start / 1e9:,.0f} / {peak / 1e9:,.0f}); rayft does {done / 1e9:,.0f} "
+        "GFLOP/s of the work a LoRA step needs (forward through every layer, backward through the adapted ones, "
+        f"the vocabulary projection at trained positions, attention within examples); by PaLM's 6N convention "
+        f"for a full finetune {model_6n / 1e9:,.0f} GFLOP/s",
+        f"median of per-step non-pad tokens/s: rayft {rayft.median_tokens_s:,.0f}, TRL {trl.median_tokens_s:,.0f} "
+        f"({rayft.median_tokens_s / trl.median_tokens_s:.2f}x)",
+        f"load average (1 min) at start / end: {load_start} / {load_end}",
+    ]
+    print()
+    for line in (head, *table):
+        print("  ".join(line))
+    print()
+    for name, value, target, ok in ratios:
+        print(f"{name:40} {value:>12} {target:>12}  {ok}")
+    print()
+    for n in notes:
+        print(n)
+
+    now = datetime.now(UTC)
+    cmd = command()
+    date = f"{now:%Y-%m-%d}"
+    section = results_section(PEER_NAME, now, cmd, notes, head, table, ratios)
+    quality = "; ".join(
+        f"{sp} {headline[sp]} {scores['rayft'][sp][headline[sp]]:.1%} vs {scores['TRL'][sp][headline[sp]]:.1%}"
+        for sp in splits
+    )
+    summary = [
+        f"| {PEER_NAME}: rayft train vs TRL SFTTrainer, quickstart | {rayft.nonpad_tokens_s:,.0f} vs "
+        f"{trl.nonpad_tokens_s:,.0f} non-pad tokens/s | {vs_trl:.2f}x | >= {TARGET_VS_TRL}x, "
+        f"{verdict(vs_trl >= TARGET_VS_TRL)} | {date} | `{cmd}` |",
+        f"| {PEER_NAME}: quality after {rayft_train_s / 60:.1f} min of training each | {quality} | "
+        f"{'rayft >= TRL' if quality_ok else 'rayft < TRL'} | rayft >= TRL, {verdict(quality_ok)} | {date} | `{cmd}` |",
+        f"| {PEER_NAME}: rayft FLOP/s over the bf16 matmul peak | {done / 1e9:,.0f} of {peak / 1e9:,.0f} GFLOP/s "
+        f"(6N convention: {model_6n / 1e9:,.0f}) | {mfu:.1%} | >= {TARGET_MFU:.0%}, {verdict(mfu >= TARGET_MFU)} "
+        f"| {date} | `{cmd}` |",
+    ]
+    write_results(args.results, section, summary, name=PEER_NAME)
+    print(f"\nappended to {args.results}")
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -332,7 +701,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=4, help="packed rows per worker micro-batch (default 4)")
     p.add_argument("--pad-batch", type=int, default=8, help="examples per padded micro-batch in (a) (default 8)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
+    p.add_argument(
+        "--part",
+        choices=("all", "baselines", "peer"),
+        default="all",
+        help="baselines: rayft vs single-process loops on a small model; peer: the quickstart vs TRL's SFTTrainer "
+        "(SmolLM2, about 20 minutes); all: both (default)",
+    )
     args = p.parse_args(argv)
+    if args.part in ("all", "peer"):
+        peer_main(args)
+    if args.part == "peer":
+        return 0
     steps = args.steps or (4 if args.quick else 20)
     if args.quick:
         args.global_batch, args.micro_batch, args.pad_batch = 4, 2, 4
