@@ -410,9 +410,8 @@ def model_flops_6n(s: Shape, tokens: float, ctx: float) -> float:
 
 def mix_files(cfg) -> list[tuple[Path, int]]:
     """The quickstart's training files with the copies per epoch data.repeat gives each."""
-    from rayft.training.data import repeat_counts
-
     from rayft.training import storage
+    from rayft.training.data import repeat_counts
 
     paths = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
     counts = repeat_counts(paths, cfg.data.repeat)  # keyed by absolute path
@@ -502,9 +501,8 @@ def score_models(cfg, models: dict[str, str]) -> dict[str, dict[str, dict]]:
 def peer_main(args) -> None:
     """rayft's quickstart against TRL's SFTTrainer set up the same way: tokens/s, quality after equal training
     time, and rayft's FLOP/s over the CPU's bf16 matmul peak measured in the same run."""
-    from bench.trl_peer import quickstart_rows, run_trl
-
     from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
+    from bench.trl_peer import quickstart_rows, run_trl
     from rayft.cluster.config import load_config
     from rayft.training.models import load_tokenizer, resolve_model
 
