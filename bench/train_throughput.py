@@ -561,7 +561,8 @@ def peer_main(args) -> None:
         trl_train_s = sum(s["seconds"] for s in equal["steps"])
         print("rayft eval of both models on the same rows", flush=True)
         scores = score_models(job, {"rayft": job.run_dir, "TRL": equal["adapter_dir"]})
-    peak = max(peak_start, peak_bf16_matmul(THREADS))
+    peak_end = peak_bf16_matmul(THREADS)
+    peak = max(peak_start, peak_end)
     load_end = load_average()
 
     vs_trl = rayft.nonpad_tokens_s / trl.nonpad_tokens_s
@@ -645,7 +646,7 @@ def peer_main(args) -> None:
             for sp in splits
         ),
         f"FLOPs: bf16 matmul peak {peak / 1e9:,.0f} GFLOP/s ({PEAK_N}^3 products, {THREADS} threads, best of the "
-        f"start and end of the run: {peak_start / 1e9:,.0f} / {peak / 1e9:,.0f}); rayft does {done / 1e9:,.0f} "
+        f"start and end of the run: {peak_start / 1e9:,.0f} / {peak_end / 1e9:,.0f}); rayft does {done / 1e9:,.0f} "
         "GFLOP/s of the work a LoRA step needs (forward through every layer, backward through the adapted ones, "
         f"the vocabulary projection at trained positions, attention within examples); by PaLM's 6N convention "
         f"for a full finetune {model_6n / 1e9:,.0f} GFLOP/s",
