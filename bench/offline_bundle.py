@@ -84,6 +84,7 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("rpds-py", "referencing's compiled core"),
     ("fastapi", "rayft's OpenAI-compatible app (serving.app); Ray Serve's HTTP ingress"),
     ("starlette", "fastapi and Ray Serve's HTTP proxy"),
+    ("python-multipart", "rayft's ingress parses file uploads (POST /v1/files) with it as they stream in"),
     ("uvicorn", "Ray Serve's HTTP proxy server"),
     ("httptools", "uvicorn's fast HTTP parser, as in a normal `ray[serve]` install"),
     ("grpcio-reflection", "Ray Serve imports it at startup (gRPC proxy)"),

@@ -68,7 +68,14 @@ class ConfigError(Exception):
 
 
 # Keys whose relative values are paths relative to the job file (so a job file travels with its data).
-_FILE_RELATIVE_KEYS = ("data.train", "data.eval", "serve.api_keys_file", "serve.adapter_roots")
+_FILE_RELATIVE_KEYS = (
+    "data.train",
+    "data.eval",
+    "serve.api_keys_file",
+    "serve.admin_keys_file",
+    "serve.adapter_roots",
+    "serve.finetune.storage_path",
+)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> JobConfig:
@@ -156,8 +163,10 @@ def load_serve_config(overrides: list[str] | None) -> ServeConfig:
 
 def _resolve_relative(raw: dict, base: Path) -> None:
     for dotted in _FILE_RELATIVE_KEYS:
-        section, key = dotted.split(".")
-        sec = raw.get(section)
+        *sections, key = dotted.split(".")
+        sec = raw
+        for section in sections:
+            sec = sec.get(section) if isinstance(sec, dict) else None
         if not isinstance(sec, dict) or key not in sec:
             continue
         value = sec[key]

@@ -72,6 +72,7 @@ def build_vllm_app(spec: ServeSpec):
     cfg = spec.serve
     here = [f"${cfg.api_key_env}"] if (os.environ.get(cfg.api_key_env) or "").strip() else []
     here += ["serve.api_keys_file"] if cfg.api_keys_file else []
+    here += ["serve.admin_keys_file"] if cfg.admin_keys_file else []
     if here:  # keys the vLLM app would not check: refuse rather than serve openly
         raise RuntimeError(
             f"serve.engine vllm cannot check API keys, but {' and '.join(here)} is set where the app starts: use "

@@ -36,6 +36,20 @@ class AutoscalingConfig(Section):
         return self
 
 
+class FinetuneConfig(Section):
+    storage_path: str = Field(
+        "~/.cache/rayft/service",
+        description="Where the fine-tuning API keeps its state (the uploaded files): a local directory (~ is "
+        "expanded where the ingress runs) or s3:// / gs://; every ingress replica must reach the same place.",
+    )
+    max_file_bytes: int = Field(
+        512 * 1024**2, ge=1, description="Largest file POST /v1/files accepts (413 above); uploads stream to storage."
+    )
+    max_stored_bytes_per_key: int = Field(
+        10 * 1024**3, ge=1, description="Bytes of files one API key may keep stored (429 quota_exceeded above)."
+    )
+
+
 class ServeConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers (CPU or GPU) or vllm (GPU only, through ray.serve.llm)."
@@ -76,6 +90,11 @@ class ServeConfig(Section):
         description="File of accepted API keys, one per line (or sha256:HEX digests), read by every ingress replica "
         "and re-read when it changes (e.g. a mounted Kubernetes Secret).",
     )
+    admin_keys_file: str | None = Field(
+        None,
+        description="File of admin API keys (same format as api_keys_file): accepted like the others, and they see "
+        "and manage every key's files, not only their own.",
+    )
     allow_unauthenticated: bool = Field(
         False, description="Serve on a non-loopback address with no API key (refused unless true)."
     )
@@ -101,6 +120,9 @@ class ServeConfig(Section):
     )
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")
     log_prompts: bool = Field(False, description="Put prompt text in the access log (off: sizes only).")
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig, description="The OpenAI fine-tuning API's files: storage and limits."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

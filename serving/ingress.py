@@ -5,7 +5,8 @@
                         ▼
                      LLMServer × N (rayft.serving.model)
 
-Errors leave in OpenAI's shape (rayft.serving.openai_api.ApiError). Imported by the Serve app only (it
+The files of OpenAI's fine-tuning API (/v1/files) stream to and from the store in rayft.serving.files, under the
+caller's key. Errors leave in OpenAI's shape (rayft.serving.openai_api.ApiError). Imported by the Serve app only (it
 loads ray and fastapi at import).
 """
 
@@ -17,22 +18,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from python_multipart.multipart import parse_options_header
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rayft.serving.files import LOCAL_OWNER, PURPOSES, FileStore, read_chunks, too_large
 from rayft.serving.openai_api import (
     AdapterRegistration,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
+    FileDeleted,
+    FileList,
+    FileObject,
     validation_error,
 )
-from rayft.serving.spec import KeyRing, ServeSpec, check_bind, validate_adapter
+from rayft.serving.spec import KeyRing, ServeSpec, check_bind, hash_key, validate_adapter
 from rayft.training import storage
 
 access_log = logging.getLogger("ray.serve.rayft.access")
@@ -40,12 +47,18 @@ CANCELLED = 499  # the access log's status of a request whose client left or who
 
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Requests whose body the route streams itself, under limits of its own, instead of the guard reading it into
+# memory under serve.max_body_bytes: file uploads (serve.finetune.max_file_bytes).
+STREAMED_BODIES = frozenset({("POST", "/v1/files")})
 
 
 class _Guard:
     """Before any route runs: API keys on /v1 and /admin routes, and the body size limit, counted as the bytes
     arrive (a chunked body has no Content-Length to trust). A plain ASGI middleware: Starlette's decorator-style
-    middleware costs milliseconds per request."""
+    middleware costs milliseconds per request.
+
+    It leaves who called in the request's state for the routes: `owner`, the SHA-256 of the caller's key (or
+    "local" when the endpoint takes no keys), and `admin`, whether it is an admin key."""
 
     def __init__(self, app, keys: KeyRing, limit: int):
         self.app, self.keys, self.limit = app, keys, limit
@@ -56,20 +69,26 @@ class _Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         # Serve's proxy gives every request an id (the client's x-request-id, else a new one), passes it in the
         # request's headers and puts it on the response; the access log records it.
-        scope.setdefault("state", {})["request_id"] = headers.get("x-request-id") or "-"
+        state = scope.setdefault("state", {})
+        state["request_id"] = headers.get("x-request-id") or "-"
+        state["owner"], state["admin"] = None if self.keys.required else LOCAL_OWNER, False
 
         path = scope.get("path", "")
         error = None
         if self.keys.required and (path.startswith("/v1") or path.startswith("/admin")):
             header = headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not self.keys.accepts(token):
+            role = self.keys.role(token)
+            if role is None:
                 reason = "missing API key" if not token else "invalid API key"
                 error = ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            else:
+                state["owner"], state["admin"] = hash_key(token), role == "admin"
+        streamed = (scope.get("method"), path) in STREAMED_BODIES
         size = headers.get("content-length")
-        if error is None and size is not None and size.isdigit() and int(size) > self.limit:
+        if error is None and not streamed and size is not None and size.isdigit() and int(size) > self.limit:
             error = self._too_large(f"{size} bytes")
-        if error is None and scope.get("method") in BODY_METHODS:
+        if error is None and not streamed and scope.get("method") in BODY_METHODS:
             body = await self._read_body(receive)
             if body is None:  # the client left while sending
                 return
@@ -114,8 +133,182 @@ def _replay(body: bytes, receive):
     return replay
 
 
-def _errors(*statuses: int) -> dict:
-    """OpenAPI `responses` for the error statuses a route really answers with."""
+# ---------------------------------------------------------------------------------------------------- file uploads
+
+# How much of a refused upload (over a limit, a bad purpose) is still read and thrown away, so that a client
+# still sending reads the error instead of a reset connection; a body longer than the limit plus this is cut off.
+DRAIN_BYTES = 64 << 20
+FLUSH_BYTES = 1 << 20  # file bytes gathered before each write to storage (in a thread)
+FIELD_BYTES = 4096  # the most a kept form field (purpose) may hold
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "The file (for fine-tune: JSONL)."},
+                    "purpose": {"type": "string", "enum": list(PURPOSES), "description": "What the file is for."},
+                },
+            }
+        }
+    },
+}
+
+
+class _UploadForm:
+    """python-multipart's callbacks for one POST /v1/files body. The `file` part's bytes are queued as they are
+    parsed (the caller stores them and empties the queue); `purpose` is kept; other fields are skipped."""
+
+    KEPT = frozenset({"purpose"})
+
+    def __init__(self):
+        self.fields: dict[str, str] = {}
+        self.filename = "file"
+        self.files = 0
+        self.queued: list[bytes] = []
+        self.queued_bytes = 0
+        self.ended = False
+        self._header, self._value, self._disposition = b"", b"", b""
+        self._name, self._data = "", bytearray()
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def take(self) -> bytes:
+        data = b"".join(self.queued)
+        self.queued.clear()
+        self.queued_bytes = 0
+        return data
+
+    def _part_begin(self) -> None:
+        self._disposition, self._name, self._data = b"", "", bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header.lower() == b"content-disposition":
+            self._disposition = self._value
+        self._header, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise ApiError(400, "a part of the multipart body has no name (Content-Disposition: form-data; name=...)")
+        self._name = options[b"name"].decode("utf-8", "replace")
+        if self._name == "file":
+            self.files += 1
+            if self.files > 1:
+                raise ApiError(400, "send one file per request", param="file")
+            self.filename = options.get(b"filename", b"").decode("utf-8", "replace") or "file"
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name == "file":
+            self.queued.append(data[start:end])
+            self.queued_bytes += end - start
+        elif self._name in self.KEPT:
+            self._data += data[start:end]
+            if len(self._data) > FIELD_BYTES:
+                raise ApiError(400, f"{self._name} is over {FIELD_BYTES} bytes", param=self._name)
+
+    def _part_end(self) -> None:
+        if self._name in self.KEPT:
+            self.fields[self._name] = self._data.decode("utf-8", "replace")
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def problem(self) -> ApiError | None:
+        """What is wrong with the form so far (a purpose that will never do), or, once `done`, what is missing."""
+        purpose = self.fields.get("purpose")
+        if purpose is not None and purpose not in PURPOSES:
+            return ApiError(
+                400,
+                f"purpose {purpose[:100]!r} is not supported: this server keeps files for fine-tuning only "
+                "(purpose=fine-tune)",
+                param="purpose",
+            )
+        return None
+
+    def missing(self) -> ApiError | None:
+        """What a complete request still lacks, once the body has ended."""
+        if not self.ended:
+            return ApiError(400, "the multipart body ended before its closing boundary; send the file again")
+        if not self.files:
+            return ApiError(400, "the request has no `file` field: send the file's bytes as `file`", param="file")
+        if "purpose" not in self.fields:
+            return ApiError(400, "the request has no `purpose` field: send purpose=fine-tune", param="purpose")
+        return None
+
+
+async def _receive_upload(request: Request, store: FileStore, owner: str) -> dict:
+    """POST /v1/files: the multipart body parsed as it arrives and the file's bytes written to storage in
+    FLUSH_BYTES pieces, so no upload is held in memory; a limit broken halfway leaves nothing stored."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser
+    from starlette.requests import ClientDisconnect
+
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise ApiError(400, "send the file as multipart/form-data with the fields `file` and `purpose` (fine-tune)")
+    cap = store.cfg.max_file_bytes + DRAIN_BYTES
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > cap:
+        raise too_large(store.cfg)
+    form = _UploadForm()
+    parser = MultipartParser(params[b"boundary"], form.callbacks())
+    upload, error, received = None, None, 0
+    try:
+        try:
+            upload = await asyncio.to_thread(store.begin, owner)
+        except ApiError as e:  # its quota is already full
+            error = e
+        async for chunk in request.stream():
+            received += len(chunk)
+            if error is not None:  # refused: read on (up to the cap) so the client gets the answer; store nothing
+                if received > cap:
+                    break
+                continue
+            try:
+                parser.write(chunk)
+                error = form.problem()
+                if error is None and form.queued_bytes >= FLUSH_BYTES:
+                    await asyncio.to_thread(upload.write, form.take())
+            except ApiError as e:
+                error = e
+            except FormParserError as e:
+                error = ApiError(400, f"the multipart body is malformed: {e}")
+            if error is not None:
+                await asyncio.to_thread(upload.abort)
+        error = error or form.missing()
+        if error is not None:
+            raise error
+        await asyncio.to_thread(upload.write, form.take())
+        stored = await asyncio.to_thread(upload.commit, form.filename, form.fields["purpose"])
+        return stored.object()
+    except ClientDisconnect:
+        raise ApiError(400, "the client left before the upload ended; nothing was stored") from None
+    finally:
+        if upload is not None:
+            upload.abort()  # nothing, after a commit
+
+
+def _errors(*statuses: int, say: dict[int, str] | None = None) -> dict:
+    """OpenAPI `responses` for the error statuses a route really answers with (`say`: a route's own reasons)."""
     what = {
         400: "Invalid request: the message names the field.",
         401: "Missing or invalid API key (when the server requires keys).",
@@ -125,7 +318,7 @@ def _errors(*statuses: int) -> dict:
         500: "The request failed on the model replica.",
         503: "The model is loading, or its replica failed; retry.",
         504: "Generation took longer than serve.request_timeout_s.",
-    }
+    } | (say or {})
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
@@ -183,14 +376,27 @@ def _build_api(ing: "Ingress") -> FastAPI:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):  # unknown routes, unparsable bodies
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, unparsable bodies
         e = ApiError(exc.status_code, str(exc.detail), code="invalid_json" if exc.status_code == 400 else None)
-        return JSONResponse(e.body(), status_code=e.status, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names the first matching route's methods; a path may have several
+            path = request.url.path
+            methods = {
+                m for r in api.routes if getattr(r, "methods", None) and r.path_regex.match(path) for m in r.methods
+            }
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         e = validation_error(exc)
         return JSONResponse(e.body(), status_code=e.status)
+
+    @api.exception_handler(storage.StorageError)
+    async def _storage_error(_request: Request, exc: storage.StorageError):
+        logging.getLogger("ray.serve.rayft").warning("file storage failed: %s", exc)
+        e = ApiError(500, f"the file storage (serve.finetune.storage_path) failed: {exc}", code="storage_error")
+        return JSONResponse(e.body(), status_code=500)
 
     @api.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
@@ -229,7 +435,69 @@ def _build_api(ing: "Ingress") -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         return await ing.completions(body, request.state.request_id)
 
+    _file_routes(api, ing.files)
     return api
+
+
+def _file_routes(api: FastAPI, files: FileStore) -> None:
+    """OpenAI's files API (the first part of its fine-tuning API): each key sees only the files it uploaded; an
+    admin key (serve.admin_keys_file) sees every key's. The store's blocking calls run in threads (sync routes)."""
+    say = {
+        400: "Invalid request: the message names the field.",
+        404: "No such file for this API key.",
+        413: "The file is over serve.finetune.max_file_bytes.",
+        429: "The key's files would exceed serve.finetune.max_stored_bytes_per_key (code quota_exceeded).",
+        500: "The file storage (serve.finetune.storage_path) failed.",
+    }
+
+    def viewer(request: Request) -> str | None:
+        """Whose files the caller sees: its own, or (None) everyone's for an admin key."""
+        return None if request.state.admin else request.state.owner
+
+    @api.post(
+        "/v1/files",
+        response_model=FileObject,
+        responses=_errors(400, 401, 413, 429, 500, say=say),
+        openapi_extra={"requestBody": UPLOAD_BODY},
+    )
+    async def create_file(request: Request):
+        """Upload a file (multipart/form-data: `file` and `purpose`=fine-tune), streamed to storage."""
+        return await _receive_upload(request, files, request.state.owner)
+
+    @api.get("/v1/files", response_model=FileList, responses=_errors(400, 401, 500, say=say))
+    def list_files(
+        request: Request,
+        purpose: str | None = Query(None, description="Only files with this purpose."),
+        limit: int = Query(10000, ge=1, le=10000, description="The most files to return."),
+        after: str | None = Query(None, description="A file id: return the files after it in this order."),
+        order: Literal["asc", "desc"] = Query("desc", description="desc: newest first; asc: oldest first."),
+    ):
+        found, more = files.list(viewer(request), purpose, after, limit, order)
+        data = [f.object() for f in found]
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
+
+    @api.get("/v1/files/{file_id}", response_model=FileObject, responses=_errors(401, 404, 500, say=say))
+    def retrieve_file(file_id: str, request: Request):
+        return files.get(viewer(request), file_id).object()
+
+    binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    content = {"description": "The file's bytes, as uploaded.", "content": binary}
+
+    @api.get(
+        "/v1/files/{file_id}/content",
+        response_class=StreamingResponse,
+        responses={200: content} | _errors(401, 404, 500, say=say),
+    )
+    def file_content(file_id: str, request: Request):
+        f = files.get(viewer(request), file_id)
+        src = files.open(f)  # opened before the response starts: a failure is still a status
+        headers = {"content-length": str(f.bytes)}
+        return StreamingResponse(read_chunks(src), media_type="application/octet-stream", headers=headers)
+
+    @api.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=_errors(401, 404, 500, say=say))
+    def delete_file(file_id: str, request: Request):
+        return {"id": files.delete(viewer(request), file_id).id, "object": "file", "deleted": True}
 
 
 @serve.deployment(name="ingress")
@@ -262,6 +530,7 @@ class Ingress:
         for name, path in spec.adapters.items():
             self._set_adapter(name, path)
         self.adapter_roots: list[str] = list(spec.adapter_roots)
+        self.files = FileStore(self.cfg.finetune)  # touches storage only when a file route is called
         self.ready = False
         tags = ("route", "status")
         self.m_requests = metrics.Counter(

@@ -171,6 +171,32 @@ class AdapterRegistration(BaseModel):
     )
 
 
+class FileObject(BaseModel):
+    """An uploaded file, as OpenAI's files API describes it."""
+
+    id: str = Field(..., description="The file's id, file-<32 hex digits>.")
+    object: Literal["file"] = "file"
+    bytes: int = Field(..., description="Its size in bytes.")
+    created_at: int = Field(..., description="When it was uploaded (Unix seconds).")
+    filename: str = Field(..., description="The name it was uploaded with.")
+    purpose: Literal["fine-tune"] = Field(..., description="What it is for; this server keeps fine-tune files.")
+    status: Literal["processed"] = Field("processed", description="Always processed: stored and ready to use.")
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject] = Field(..., description="The files, newest first unless order is asc.")
+    first_id: str | None = Field(None, description="The first file's id (null when data is empty).")
+    last_id: str | None = Field(None, description="The last file's id: pass it as `after` for the next page.")
+    has_more: bool = Field(..., description="Whether more files follow the last one.")
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: Literal[True] = True
+
+
 def validation_error(exc) -> ApiError:
     """A pydantic/FastAPI validation error → one 400 that lists every problem with its field."""
     problems, first = [], None

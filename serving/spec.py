@@ -83,11 +83,44 @@ def read_keys_file(path: str | Path) -> list[str]:
     return hashes
 
 
+class _KeysFile:
+    """A keys file on this node, re-read when it changes (checked at most every `recheck_s`); a file that turns
+    unreadable or malformed keeps the last good keys, with a warning."""
+
+    def __init__(self, path: str, setting: str, recheck_s: float):
+        self.path, self.recheck_s = Path(path).expanduser(), recheck_s
+        if not self.path.is_file():
+            raise ServeError(
+                f"{setting} {self.path} does not exist on this node; mount the keys there (one per line) or unset "
+                f"{setting}"
+            )
+        self.hashes: set[str] = set()
+        self._stamp = None
+        self._checked = time.monotonic()
+        self._reload()
+
+    def _reload(self) -> None:
+        st = self.path.stat()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            self.hashes, self._stamp = set(read_keys_file(self.path)), stamp
+
+    def current(self) -> set[str]:
+        if time.monotonic() - self._checked >= self.recheck_s:
+            self._checked = time.monotonic()
+            try:
+                self._reload()
+            except (OSError, ServeError) as e:  # keep the last good keys; the operator sees why
+                logging.getLogger("ray.serve.rayft").warning("keeping the previous API keys of %s: %s", self.path, e)
+        return self.hashes
+
+
 class KeyRing:
     """The API keys an ingress replica accepts: the spec's hashes, plus what the replica reads itself at start
-    (serve.api_key_env in its own environment, serve.api_keys_file on its own node), so keys can come from a
-    Kubernetes Secret that the machine writing the config never saw. The keys file is re-read when it changes
-    (checked at most every `recheck_s`), so rotating a Secret needs no redeploy.
+    (serve.api_key_env in its own environment, serve.api_keys_file and serve.admin_keys_file on its own node), so
+    keys can come from a Kubernetes Secret that the machine writing the config never saw. The keys files are
+    re-read when they change, so rotating a Secret needs no redeploy. Admin keys are accepted like the others and
+    also see every key's files (rayft.serving.files).
 
     Auth is required when any key was found at start or a keys file is configured; once required it stays
     required: a keys file emptied later rejects every request rather than opening the endpoint."""
@@ -99,42 +132,24 @@ class KeyRing:
         env_key = (environ.get(cfg.api_key_env) or "").strip()
         if env_key:
             self.fixed.add(hash_key(env_key))
-        self.file = Path(cfg.api_keys_file).expanduser() if cfg.api_keys_file else None
-        self.recheck_s = recheck_s
-        self.from_file: set[str] = set()
-        self._stamp = None
-        self._checked = time.monotonic()
-        if self.file is not None:
-            if not self.file.is_file():
-                raise ServeError(
-                    f"serve.api_keys_file {self.file} does not exist on this node; mount the keys there (one per "
-                    "line) or unset serve.api_keys_file"
-                )
-            self._reload()
-        self.required = bool(self.fixed or self.from_file or self.file is not None)
+        self.file = _KeysFile(cfg.api_keys_file, "serve.api_keys_file", recheck_s) if cfg.api_keys_file else None
+        self.admin = _KeysFile(cfg.admin_keys_file, "serve.admin_keys_file", recheck_s) if cfg.admin_keys_file else None
+        self.required = bool(self.fixed or self.file or self.admin)
 
-    def _reload(self) -> None:
-        st = self.file.stat()
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            self.from_file, self._stamp = set(read_keys_file(self.file)), stamp
-
-    def hashes(self) -> set[str]:
-        if self.file is not None and time.monotonic() - self._checked >= self.recheck_s:
-            self._checked = time.monotonic()
-            try:
-                self._reload()
-            except (OSError, ServeError) as e:  # keep the last good keys; the operator sees why
-                logging.getLogger("ray.serve.rayft").warning("keeping the previous API keys: %s", e)
-        return self.fixed | self.from_file
-
-    def accepts(self, token: str) -> bool:
+    def role(self, token: str) -> str | None:
+        """'admin' for an admin key, 'user' for another accepted key, None for a missing or unknown one."""
         import hmac
 
         if not token:
-            return False
+            return None
         digest = hash_key(token)
-        return any(hmac.compare_digest(digest, h) for h in self.hashes())
+        if self.admin and any(hmac.compare_digest(digest, h) for h in self.admin.current()):
+            return "admin"
+        users = self.fixed | (self.file.current() if self.file else set())
+        return "user" if any(hmac.compare_digest(digest, h) for h in users) else None
+
+    def accepts(self, token: str) -> bool:
+        return self.role(token) is not None
 
 
 def check_bind(cfg: ServeConfig, has_keys: bool) -> None:
@@ -231,8 +246,8 @@ def vllm_problems(cfg: ServeConfig, key_sources: list[str]) -> list[str]:
         problems.append(
             f"serve.engine vllm does not check API keys, so the endpoint would be open to anyone although keys are "
             f"set ({', '.join(key_sources)}); use serve.engine: transformers, which enforces them, or put the vLLM "
-            "app behind a gateway that checks keys and give rayft none (no --api-key, key variable or "
-            "serve.api_keys_file)"
+            "app behind a gateway that checks keys and give rayft none (no --api-key, key variable, "
+            "serve.api_keys_file or serve.admin_keys_file)"
         )
     if not key_sources and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         problems.append(
@@ -248,7 +263,8 @@ def vllm_problems(cfg: ServeConfig, key_sources: list[str]) -> list[str]:
             "adapters only from cloud storage (s3://, gs://) and has no /admin/adapters; serve a merged model "
             "(export.merge: true) or use serve.engine: transformers"
         )
-    rest = [f for f in ignored if f not in lora and not (key_sources and f in ("api_key_env", "api_keys_file"))]
+    key_settings = ("api_key_env", "api_keys_file", "admin_keys_file")
+    rest = [f for f in ignored if f not in lora and not (key_sources and f in key_settings)]
     if rest:
         names = ", ".join(f"serve.{f}={getattr(cfg, f)!r}" for f in rest)
         problems.append(
@@ -280,7 +296,7 @@ def build_spec(
 
     hashes, key_sources = _api_keys(serve_cfg, api_keys, elsewhere)
     if not elsewhere:
-        check_bind(serve_cfg, bool(hashes))
+        check_bind(serve_cfg, bool(hashes) or "serve.admin_keys_file" in key_sources)
     if serve_cfg.engine == "vllm":
         import importlib.util
 
@@ -357,6 +373,14 @@ def _api_keys(cfg: ServeConfig, given: list[str] | None, elsewhere: bool = False
             raise ServeError(f"serve.api_keys_file {f} does not exist; write one API key per line")
         else:
             sources.append("serve.api_keys_file")
+    if cfg.admin_keys_file:  # checked here and read by the replicas: admin hashes never enter the spec
+        f = Path(cfg.admin_keys_file).expanduser()
+        if f.is_file():
+            sources += ["serve.admin_keys_file"] if read_keys_file(f) else []
+        elif not elsewhere:
+            raise ServeError(f"serve.admin_keys_file {f} does not exist; write one admin API key per line")
+        else:
+            sources.append("serve.admin_keys_file")
     return hashes, sources
 
 

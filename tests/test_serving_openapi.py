@@ -39,6 +39,8 @@ def fuzz_endpoint(ray_local, smol_tokenizer, serve_port, tmp_path_factory):
         max_tokens_limit=64,  # generated requests stay short
         default_max_tokens=16,
         request_timeout_s=30,
+        # generated uploads land in the test's own directory, small
+        finetune={"storage_path": str(tmp_path_factory.mktemp("fuzz-files")), "max_file_bytes": 1_000_000},
     )
     yield serve_deploy(build_spec(str(model), cfg, api_keys=[KEY]), serve_port)
     serve.delete("rayft")

@@ -42,7 +42,7 @@ class Endpoint:
 
 @pytest.fixture(scope="module")
 def model_dir(smol_tokenizer, tmp_path_factory):
-    return make_serve_model(tmp_path_factory.mktemp("prod-model"), smol_tokenizer, vocab_size=VOCAB, context=2048)
+    return make_serve_model(tmp_path_factory.mktemp("prod-model"), smol_tokenizer, vocab_size=VOCAB, context=8192)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def prod(ray_local, model_dir, smol_tokenizer, serve_port, tmp_path_factory):
         adapters={n: str(root / n) for n in merged},
         adapter_roots=[str(root)],
         max_adapters_per_replica=1,
-        max_tokens_limit=2000,
+        max_tokens_limit=8000,
         request_timeout_s=3,
         max_body_bytes=200_000,
         api_keys_file=str(keys_file),
@@ -146,13 +146,14 @@ def test_a_request_past_its_timeout_and_a_cancelled_call_stop_generating(prod):
     from ray import serve
 
     before = replica_info()
-    r = open_stream(prod, "Tell me a story", 2000)
+    # 8000 tokens take the tiny model ~11 s on 2 cores (2000 took 2.7 s, under the 3 s timeout)
+    r = open_stream(prod, "Tell me a story", 8000)
     got = events(r.iter_lines(decode_unicode=True))
     assert got[-1] == "[DONE]"
     assert got[-2]["error"]["code"] == "timeout" and got[-2]["error"]["type"] == "timeout_error"
     assert any(e["choices"][0]["text"] for e in got[:-2] if "choices" in e)  # the stream had begun
-    r = post(prod, "/v1/completions", {"prompt": "Tell me a story", "max_tokens": 2000, "temperature": 0})
-    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    r = post(prod, "/v1/completions", {"prompt": "Tell me a story", "max_tokens": 8000, "temperature": 0})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", (r.elapsed, str(r.json())[-300:])
     wait_until(lambda: replica_info()["running"] == 0, 20, "the timed-out requests to leave")
     # a handle call cancelled by its caller (another deployment, a script)
     ids = prod.tokenizer("Tell me a story")["input_ids"]
@@ -370,7 +371,7 @@ def test_the_openapi_document_declares_what_the_server_answers(prod):
             {"messages": [SYSTEM, {"role": "user", "content": ""}], "max_tokens": 2},
         ),
         ("post", "/v1/completions", None, {"prompt": "", "max_tokens": 2}),
-        ("post", "/v1/completions", None, {"prompt": "hi", "max_tokens": 5000}),
+        ("post", "/v1/completions", None, {"prompt": "hi", "max_tokens": 9000}),
         ("post", "/admin/adapters", None, {"name": "bad name!", "path": "/"}),
         ("get", "/readyz", None, None),
     ]

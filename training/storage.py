@@ -260,6 +260,20 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def open_output(path: str):
+    """A binary file object that writes `path` (a local path or a URI) as data arrives, for files too large to
+    hold in memory; the caller closes it. An object store holds the file only once it is closed; a caller that
+    gives up removes `path` (remove) after closing."""
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, "wb")  # noqa: SIM115 - the caller closes it
+    fs, p = _fs(path)
+    try:
+        return fs.open_output_stream(p)
+    except OSError as e:
+        raise _where(path, "write", e) from None
+
+
 def makedirs(path: str) -> None:
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
