@@ -654,15 +654,7 @@ def peer_main(args) -> None:
         f"({rayft.median_tokens_s / trl.median_tokens_s:.2f}x)",
         f"load average (1 min) at start / end: {load_start} / {load_end}",
     ]
-    print()
-    for line in (head, *table):
-        print("  ".join(line))
-    print()
-    for name, value, target, ok in ratios:
-        print(f"{name:40} {value:>12} {target:>12}  {ok}")
-    print()
-    for n in notes:
-        print(n)
+    print_report(head, table, ratios, notes)
 
     now = datetime.now(UTC)
     cmd = command()
@@ -687,6 +679,22 @@ def peer_main(args) -> None:
 
 
 # --------------------------------------------------------------------------- reporting
+
+
+def print_report(head, table, ratios, notes) -> None:
+    """The run's table (columns aligned), its ratios against their targets, and its notes, on the console."""
+    print()
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
+    for line in (head, *table):
+        print(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        )
+    print()
+    for name, value, target, ok in ratios:
+        print(f"{name:40} {value:>12} {target:>12}  {ok}")
+    print()
+    for n in notes:
+        print(n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -850,18 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average (1 min) at start / end: {load_start} / {load_end}",
     ]
 
-    print()
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
-    for line in (head, *table):
-        print(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        )
-    print()
-    for name, value, target, ok in ratios:
-        print(f"{name:40} {value:>8} {target:>8}  {ok}")
-    print()
-    for n in notes:
-        print(n)
+    print_report(head, table, ratios, notes)
     print()
     print("rayft step split (s/step)")
     for name, sec in split:
