@@ -12,8 +12,10 @@ and gradients, less work.
 
 Each example of up to MATH_MAX_LEN tokens runs as two matrix products and a float32 softmax (as
 transformers' eager attention does) rather than through PyTorch's CPU flash kernel: for the short
-examples of instruction data its backward is ~3x faster (170 tokens, 9 heads: 1.2 vs 3.7 ms); longer
-ones keep the flash kernel, which never holds the (tokens x tokens) scores.
+examples of instruction data its backward is ~3x faster (170 tokens, 9 heads: 1.2 vs 3.7 ms). Where
+gradients flow, it keeps heads x n^2 x 6 bytes per example and layer for the backward (9 heads, 256
+tokens: 3.5 MiB), which the flash kernel does not; so longer examples keep the flash kernel (at 512
+tokens the two are equally fast, and a row of 512-token examples would hold 4x as much).
 
 Installed by `use_packed_attention(model)` as the attention implementation "rayft_packed"; its mask
 function skips building the square mask where packed_sdpa does not need one, and everything else
@@ -34,7 +36,7 @@ NAME = "rayft_packed"
 # attend causally over the whole sequence (a sliding window would need its own mask); each is checked
 # against sdpa by tests/test_packed_attention.py.
 SUPPORTED_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
-MATH_MAX_LEN = 512
+MATH_MAX_LEN = 256
 _CAUSAL: dict[int, object] = {}  # length -> the (n x n) mask of future positions, built once per length
 
 
