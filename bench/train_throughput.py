@@ -252,7 +252,7 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
 
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import read_metrics, run_training
+    from rayft.training.trainer import run_training
 
     job_file = tmp / "job.yaml"
     job = {
@@ -297,25 +297,38 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
     finally:
         wall = time.perf_counter() - t0
         ray.shutdown()
-    records = [r for r in read_metrics(cfg.run_dir) if "loss" in r and not r.get("final")]
+    records = step_records(cfg.run_dir)
     first_wait = records[0]["data_wait_s"] if records else 0.0
-    timed = []
-    for prev, r in zip(records, records[1:], strict=False):
-        if r["step"] > WARMUP_STEPS:
-            timed.append(
-                {
-                    "nonpad_tokens": r["nonpad_tokens"],
-                    "padded_tokens": r["tokens"],
-                    "examples": r["examples"],
-                    # Timed by wall clock between two step records: the step itself plus what happens between
-                    # steps (metrics file, TensorBoard, ray.train.report), so nothing the product does is left out.
-                    "seconds": r["time"] - prev["time"],
-                    "inside_s": r["step_time_s"],
-                    "data_wait_s": r["data_wait_s"],
-                    **{k: r[k] for k in PHASES},
-                }
-            )
+    timed = timed_steps(records)
     return Run("rayft train", timed, f"first step waited {first_wait:.1f}s for data"), wall, max(niceness, default=0)
+
+
+def step_records(run_dir: str) -> list[dict]:
+    """The step records of a run's metrics.jsonl, in order (the final summary left out)."""
+    from rayft.training.trainer import read_metrics
+
+    return [r for r in read_metrics(run_dir) if "loss" in r and not r.get("final")]
+
+
+def timed_steps(records: list[dict]) -> list[dict]:
+    """Per step after the warm-up: its tokens, examples, loss and phases, timed by wall clock between two step
+    records: the step itself plus what happens between steps (metrics file, TensorBoard, ray.train.report), so
+    nothing the product does is left out."""
+    return [
+        {
+            "nonpad_tokens": r["nonpad_tokens"],
+            "trained_tokens": r["trained_tokens"],
+            "padded_tokens": r["tokens"],
+            "examples": r["examples"],
+            "seconds": r["time"] - prev["time"],
+            "inside_s": r["step_time_s"],
+            "data_wait_s": r["data_wait_s"],
+            "loss": r["loss"],
+            **{k: r[k] for k in PHASES},
+        }
+        for prev, r in zip(records, records[1:], strict=False)
+        if r["step"] > WARMUP_STEPS
+    ]
 
 
 # --------------------------------------------------------------------------- the peer: TRL's SFTTrainer
@@ -425,7 +438,7 @@ def run_quickstart(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]
 
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import read_metrics, required_cpus, run_training
+    from rayft.training.trainer import required_cpus, run_training
 
     cfg = load_config(QUICKSTART, [f"run.storage_path={tmp / 'runs'}", "run.name=bench-quickstart", *overrides])
     connect(need_cpus=required_cpus(cfg))
@@ -438,21 +451,9 @@ def run_quickstart(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]
         run_training(cfg, restart=True, on_event=progress)
     finally:
         ray.shutdown()
-    records = [r for r in read_metrics(cfg.run_dir) if "loss" in r and not r.get("final")]
+    records = step_records(cfg.run_dir)
     train_s = records[-1]["time"] - (records[0]["time"] - records[0]["step_time_s"])
-    timed = [
-        {
-            "nonpad_tokens": r["nonpad_tokens"],
-            "trained_tokens": r["trained_tokens"],
-            "padded_tokens": r["tokens"],
-            "examples": r["examples"],
-            "seconds": r["time"] - prev["time"],  # wall clock between step records, as in the first part
-            "loss": r["loss"],
-        }
-        for prev, r in zip(records, records[1:], strict=False)
-        if r["step"] > WARMUP_STEPS
-    ]
-    return Run("rayft train", timed), train_s, cfg
+    return Run("rayft train", timed_steps(records)), train_s, cfg
 
 
 def peer_run(result: dict) -> Run:

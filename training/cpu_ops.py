@@ -21,7 +21,7 @@ Installed by `use_packed_attention(model)` as the attention implementation "rayf
 function skips building the square mask where packed_sdpa does not need one, and everything else
 (padding masks, a KV cache, generation) goes to transformers' own sdpa path unchanged.
 
-## LoRA dropout from 16-bit random lanes
+## LoRA dropout from 15-bit random lanes
 torch's CPU dropout draws one Bernoulli sample per element (3.4 ms for a 1024 x 576 bf16 activation,
 one core); LoRA applies it to the input of every adapted projection, 84 times per micro-batch on the
 quickstart. `Dropout15` fills a quarter as many 64-bit words from the same generator and cuts each into
@@ -34,7 +34,7 @@ from __future__ import annotations
 NAME = "rayft_packed"
 # Model types whose attention hands position_ids through to the attention function and whose layers all
 # attend causally over the whole sequence (a sliding window would need its own mask); each is checked
-# against sdpa by tests/test_packed_attention.py.
+# against sdpa by tests/test_cpu_ops.py.
 SUPPORTED_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 MATH_MAX_LEN = 256
 _CAUSAL: dict[int, object] = {}  # length -> the (n x n) mask of future positions, built once per length
