@@ -155,13 +155,13 @@ def start_app(spec: ServeSpec, address: str | None, detach: bool = False) -> str
     import os
 
     from rayft.cluster.runtime import connect
-    from rayft.serving.deploy import cpus_needed, deploy
+    from rayft.serving.deploy import cpus_needed, deploy, takes_jobs
 
     if detach:
         address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         with err.status("starting Ray", spinner="dots"):
-            connect(address, need_cpus=cpus_needed(spec))
+            connect(address, need_cpus=cpus_needed(spec), dashboard=takes_jobs(spec))
     except ConnectionError as e:
         if detach:
             err.print(

@@ -7,7 +7,7 @@ config reference and `rayft config show --describe` print.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -48,6 +48,91 @@ class FinetuneConfig(Section):
     max_stored_bytes_per_key: int = Field(
         10 * 1024**3, ge=1, description="Bytes of files one API key may keep stored (429 quota_exceeded above)."
     )
+    models: list[str] | None = Field(
+        None,
+        description="Model ids a fine-tuning job may name as `model`, each the served model (its id, directory or "
+        "built-in alias): a job trains a LoRA adapter that this endpoint then serves. Default: the served model's "
+        "id; [] turns fine-tuning jobs off.",
+    )
+    job: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The job-file template every fine-tuning job starts from (training, data options, scaling, "
+        "run.max_failures, export), under rayft's defaults; the service sets the model, the data, the run's name "
+        "and storage, and the request's hyperparameters.",
+    )
+    max_active_jobs_per_key: int = Field(
+        2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
+    )
+    max_epochs: int = Field(20, ge=1, description="The largest n_epochs a job may ask for (400 above).")
+    ray_address: str | None = Field(
+        None,
+        description="The Ray Jobs API (dashboard) that runs the jobs, e.g. http://HEAD:8265; default: the cluster "
+        "the endpoint runs on.",
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks on its running jobs.")
+
+    @model_validator(mode="after")
+    def _check_job(self) -> FinetuneConfig:
+        problems = job_template_problems(self.job)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# What a fine-tuning job's template may not set: the service fills these in for every job.
+SERVICE_SET = {
+    "model": ("name", "revision", "trust_remote_code"),
+    "data": ("train", "eval", "eval_fraction", "repeat", "hub_split"),
+    "run": ("name", "storage_path"),
+}
+TEMPLATE_SECTIONS = ("model", "data", "training", "scaling", "run", "export", "eval")
+
+
+def job_template_problems(job: dict[str, Any]) -> list[str]:
+    """Why serve.finetune.job cannot be every fine-tuning job's template; [] when it can."""
+    from pydantic import ValidationError
+
+    from rayft.training.config import TrainJob
+
+    problems = []
+    for section, value in job.items():
+        if section not in TEMPLATE_SECTIONS:
+            problems.append(
+                f"serve.finetune.job.{section}: not a section a fine-tuning job takes (it takes "
+                f"{', '.join(TEMPLATE_SECTIONS)})"
+            )
+        elif not isinstance(value, dict):
+            problems.append(f"serve.finetune.job.{section} must be a mapping")
+        else:
+            for key in SERVICE_SET.get(section, ()):
+                if key in value:
+                    problems.append(
+                        f"serve.finetune.job.{section}.{key}: the service sets this itself for every job (from the "
+                        "request and serve.finetune.storage_path); remove it"
+                    )
+    method = (job.get("training") or {}).get("method") if isinstance(job.get("training"), dict) else None
+    if method not in (None, "lora"):
+        problems.append(
+            f"serve.finetune.job.training.method is {method!r}: fine-tuning jobs train LoRA adapters, which the "
+            "endpoint serves beside its model; set it to lora or remove it"
+        )
+    merge = (job.get("export") or {}).get("merge") if isinstance(job.get("export"), dict) else None
+    if merge:
+        problems.append(
+            "serve.finetune.job.export.merge is true: the endpoint serves a job's result as a LoRA adapter beside "
+            "its model, so final/ must hold the adapter; remove it"
+        )
+    if problems:
+        return problems
+    sample = {k: dict(v) for k, v in job.items()}
+    sample.setdefault("data", {})["train"] = "train.jsonl"
+    try:
+        TrainJob.model_validate(sample)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"serve.finetune.job.{where}: {err['msg'].removeprefix('Value error, ')}".rstrip(": "))
+    return problems
 
 
 class ServeConfig(Section):
@@ -121,7 +206,8 @@ class ServeConfig(Section):
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")
     log_prompts: bool = Field(False, description="Put prompt text in the access log (off: sizes only).")
     finetune: FinetuneConfig = Field(
-        default_factory=FinetuneConfig, description="The OpenAI fine-tuning API's files: storage and limits."
+        default_factory=FinetuneConfig,
+        description="The OpenAI fine-tuning API (files and jobs): storage, the job template, limits.",
     )
 
     @model_validator(mode="after")

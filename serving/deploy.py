@@ -17,9 +17,25 @@ def endpoint_url(spec: ServeSpec) -> str:
 
 
 def cpus_needed(spec: ServeSpec) -> float:
-    """CPUs of every replica the app may scale to."""
+    """CPUs of every replica the app may scale to, and of one fine-tuning job when the endpoint takes them."""
     s = spec.serve
-    return s.autoscaling.max_replicas * s.cpus_per_replica
+    return s.autoscaling.max_replicas * s.cpus_per_replica + (job_cpus(spec) if takes_jobs(spec) else 0)
+
+
+def takes_jobs(spec: ServeSpec) -> bool:
+    """Whether the endpoint runs fine-tuning jobs (POST /v1/fine_tuning/jobs): they need Ray's Jobs API, so a
+    local Ray for it starts with its dashboard."""
+    return spec.serve.engine == "transformers" and spec.serve.finetune.models != []
+
+
+def job_cpus(spec: ServeSpec) -> float:
+    """The CPUs one fine-tuning job takes: its template's workers and data stages."""
+    from rayft.training.config import TrainJob
+    from rayft.training.trainer import required_cpus
+
+    template = dict(spec.serve.finetune.job)
+    template["data"] = dict(template.get("data") or {}) | {"train": "train.jsonl"}
+    return required_cpus(TrainJob.model_validate(template))
 
 
 def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:

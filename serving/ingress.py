@@ -28,15 +28,21 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayft.serving.files import LOCAL_OWNER, PURPOSES, FileStore, read_chunks, too_large
+from rayft.serving.finetune import FinetuneService, ServedBase
 from rayft.serving.openai_api import (
     AdapterRegistration,
     ApiError,
     ChatCompletionRequest,
+    CheckpointList,
     CompletionRequest,
     ErrorResponse,
+    EventList,
     FileDeleted,
     FileList,
     FileObject,
+    FineTuningJob,
+    FineTuningJobCreate,
+    FineTuningJobList,
     validation_error,
 )
 from rayft.serving.spec import KeyRing, ServeSpec, check_bind, hash_key, validate_adapter
@@ -415,12 +421,12 @@ def _build_api(ing: "Ingress") -> FastAPI:
         return await ing.readyz()
 
     @api.get("/v1/models", responses=_errors(401))
-    async def models():
-        return ing.models()
+    async def models(request: Request):
+        return ing.models(_viewer(request))
 
     @api.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
-    async def model(model_id: str):
-        ing._adapter_for(model_id)
+    async def model(model_id: str, request: Request):
+        await ing._adapter_for(model_id, _viewer(request))
         return ing._model_card(model_id)
 
     @api.post("/admin/adapters", responses=_errors(400, 401, 413))
@@ -429,14 +435,20 @@ def _build_api(ing: "Ingress") -> FastAPI:
 
     @api.post("/v1/chat/completions", responses=generation)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await ing.chat_completions(body, request.state.request_id)
+        return await ing.chat_completions(body, request.state.request_id, _viewer(request))
 
     @api.post("/v1/completions", responses=generation)
     async def completions(body: CompletionRequest, request: Request):
-        return await ing.completions(body, request.state.request_id)
+        return await ing.completions(body, request.state.request_id, _viewer(request))
 
     _file_routes(api, ing.files)
+    _job_routes(api, ing.finetune)
     return api
+
+
+def _viewer(request: Request) -> str | None:
+    """Whose files, jobs and fine-tuned models the caller sees: its own, or (None) everyone's for an admin key."""
+    return None if request.state.admin else request.state.owner
 
 
 def _file_routes(api: FastAPI, files: FileStore) -> None:
@@ -449,10 +461,6 @@ def _file_routes(api: FastAPI, files: FileStore) -> None:
         429: "The key's files would exceed serve.finetune.max_stored_bytes_per_key (code quota_exceeded).",
         500: "The file storage (serve.finetune.storage_path) failed.",
     }
-
-    def viewer(request: Request) -> str | None:
-        """Whose files the caller sees: its own, or (None) everyone's for an admin key."""
-        return None if request.state.admin else request.state.owner
 
     @api.post(
         "/v1/files",
@@ -472,14 +480,14 @@ def _file_routes(api: FastAPI, files: FileStore) -> None:
         after: str | None = Query(None, description="A file id: return the files after it in this order."),
         order: Literal["asc", "desc"] = Query("desc", description="desc: newest first; asc: oldest first."),
     ):
-        found, more = files.list(viewer(request), purpose, after, limit, order)
+        found, more = files.list(_viewer(request), purpose, after, limit, order)
         data = [f.object() for f in found]
         first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more}
 
     @api.get("/v1/files/{file_id}", response_model=FileObject, responses=_errors(401, 404, 500, say=say))
     def retrieve_file(file_id: str, request: Request):
-        return files.get(viewer(request), file_id).object()
+        return files.get(_viewer(request), file_id).object()
 
     binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     content = {"description": "The file's bytes, as uploaded.", "content": binary}
@@ -490,14 +498,77 @@ def _file_routes(api: FastAPI, files: FileStore) -> None:
         responses={200: content} | _errors(401, 404, 500, say=say),
     )
     def file_content(file_id: str, request: Request):
-        f = files.get(viewer(request), file_id)
+        f = files.get(_viewer(request), file_id)
         src = files.open(f)  # opened before the response starts: a failure is still a status
         headers = {"content-length": str(f.bytes)}
         return StreamingResponse(read_chunks(src), media_type="application/octet-stream", headers=headers)
 
     @api.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=_errors(401, 404, 500, say=say))
     def delete_file(file_id: str, request: Request):
-        return {"id": files.delete(viewer(request), file_id).id, "object": "file", "deleted": True}
+        return {"id": files.delete(_viewer(request), file_id).id, "object": "file", "deleted": True}
+
+
+def _job_routes(api: FastAPI, jobs: FinetuneService) -> None:
+    """OpenAI's fine-tuning jobs: each key sees only its own jobs (an admin key every key's). The service's calls
+    block on storage and the Ray Jobs API, so the routes are sync (FastAPI runs them in threads)."""
+    say = {
+        400: "Invalid request: the message names the field.",
+        404: "No such fine-tuning job for this API key.",
+        429: "The key has serve.finetune.max_active_jobs_per_key jobs that have not ended.",
+        500: "The storage or the Ray cluster failed.",
+    }
+    page = {
+        "after": Query(None, description="An id from the previous page: return what comes after it."),
+        "limit": Query(20, ge=1, le=1000, description="The most items to return."),
+    }
+
+    @api.post("/v1/fine_tuning/jobs", response_model=FineTuningJob, responses=_errors(400, 401, 429, 500, say=say))
+    def create_job(body: FineTuningJobCreate, request: Request):
+        """Start a fine-tuning job: a LoRA adapter of the served model, trained on an uploaded file."""
+        return jobs.create(request.state.owner, body)
+
+    @api.get("/v1/fine_tuning/jobs", response_model=FineTuningJobList, responses=_errors(400, 401, 500, say=say))
+    def list_jobs(request: Request, after: str | None = page["after"], limit: int = page["limit"]):
+        return jobs.list(_viewer(request), after, limit)
+
+    @api.get(
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
+        response_model=FineTuningJob,
+        responses=_errors(401, 404, 500, say=say),
+    )
+    def retrieve_job(fine_tuning_job_id: str, request: Request):
+        return jobs.get(_viewer(request), fine_tuning_job_id)
+
+    @api.post(
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
+        response_model=FineTuningJob,
+        responses=_errors(400, 401, 404, 500, say=say),
+    )
+    def cancel_job(fine_tuning_job_id: str, request: Request):
+        """Cancel a job that has not ended; its Ray job is stopped."""
+        return jobs.cancel(_viewer(request), fine_tuning_job_id)
+
+    @api.get(
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+        response_model=EventList,
+        responses=_errors(400, 401, 404, 500, say=say),
+    )
+    def job_events(
+        fine_tuning_job_id: str, request: Request, after: str | None = page["after"], limit: int = page["limit"]
+    ):
+        """The job's events, newest first: status changes, validation, and a line per logged step."""
+        return jobs.events(_viewer(request), fine_tuning_job_id, after, limit)
+
+    @api.get(
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+        response_model=CheckpointList,
+        responses=_errors(400, 401, 404, 500, say=say),
+    )
+    def job_checkpoints(
+        fine_tuning_job_id: str, request: Request, after: str | None = page["after"], limit: int = page["limit"]
+    ):
+        """The checkpoints the job's run keeps, newest first."""
+        return jobs.checkpoints(_viewer(request), fine_tuning_job_id, after, limit)
 
 
 @serve.deployment(name="ingress")
@@ -531,6 +602,13 @@ class Ingress:
             self._set_adapter(name, path)
         self.adapter_roots: list[str] = list(spec.adapter_roots)
         self.files = FileStore(self.cfg.finetune)  # touches storage only when a file route is called
+        # Fine-tuned models: {fine_tuned_model: (owner, its multiplexed adapter name)}, served to their owner only.
+        self.ft_models: dict[str, tuple[str, str]] = {}
+        ft = self.cfg.finetune
+        ids = tuple(ft.models) if ft.models is not None else (self.name,)
+        base = ServedBase(self.name, spec.model_path, spec.revision, ids)
+        self.finetune = FinetuneService(ft, self.files, base, self._serve_fine_tuned)
+        self.finetune.start()  # its thread finds the jobs in storage, then follows the live ones
         self.ready = False
         tags = ("route", "status")
         self.m_requests = metrics.Counter(
@@ -568,25 +646,48 @@ class Ingress:
                 return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
         return {"status": "ready", "model": self.name}
 
-    def models(self):
+    def models(self, viewer: str | None = None):
+        """The served model, its adapters, and the fine-tuned models `viewer` owns (None: every key's)."""
         ids = [self.name] + [f"{self.name}:{a}" for a in sorted(self.adapters)]
-        return {"object": "list", "data": [self._model_card(i) for i in ids]}
+        tuned = sorted(n for n, (owner, _) in self.ft_models.items() if viewer in (None, owner))
+        return {"object": "list", "data": [self._model_card(i) for i in ids + tuned]}
 
     def _model_card(self, model_id: str) -> dict:
-        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "rayft"}
+        owner = self.ft_models.get(model_id, ("rayft",))[0]
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": owner if owner == "rayft" else f"key-{owner[:12]}",
+        }
 
     # ---------------------------------------------------------------- adapters
 
-    def _set_adapter(self, name: str, path: str) -> None:
-        """Serve `name` from `path`. Its multiplexed id names this version: re-registering the name with another
-        run (or the same directory with new files) gives a new id, so no replica keeps serving the old weights
-        it cached under the name."""
+    def _set_adapter(self, name: str, path: str, listed: bool = True) -> None:
+        """Serve `name` from `path` (a local directory, or a cloud one each model replica copies). Its
+        multiplexed id names this version: re-registering the name with another run (or the same directory with
+        new files) gives a new id, so no replica keeps serving the old weights it cached under the name.
+        `listed`: one of /v1/models' adapters (fine-tuned models are listed to their owner only)."""
         stamp = [path]
-        for f in sorted(Path(path).glob("adapter_*")):
-            st = f.stat()
-            stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        if storage.is_remote(path):
+            stamp.append(storage.tree_fingerprint(path))
+        else:
+            for f in sorted(Path(path).glob("adapter_*")):
+                st = f.stat()
+                stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
         version = f"{name}@{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:12]}"
-        self.adapters[name], self.versions[name], self.version_paths[version] = path, version, path
+        self.versions[name], self.version_paths[version] = version, path
+        if listed:
+            self.adapters[name] = path
+
+    def _serve_fine_tuned(self, model: str, owner: str, path: str) -> None:
+        """A succeeded job's adapter, served as `model` to `owner` (called from the fine-tuning thread). The job
+        id names it among the adapters: model replicas load it at its first request, as any adapter."""
+        local = storage.cached(path)  # a run in cloud storage: this node's copy, to check it
+        validate_adapter("adapter", local, None, self.spec.model_path, self.spec.revision)
+        name = model.rsplit(":", 1)[-1]
+        self._set_adapter(name, path, listed=False)
+        self.ft_models[model] = (owner, name)
 
     def add_adapter(self, body: AdapterRegistration):
         name, path = body.name, body.path
@@ -597,10 +698,26 @@ class Ingress:
         self._set_adapter(name, checked)
         return {"name": name, "model": f"{self.name}:{name}", "path": checked}
 
-    def _adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's `model` names: None for the served model itself; 404 if unknown."""
+    async def _adapter_for(self, model: str | None, viewer: str | None = None) -> str | None:
+        """The adapter a request's `model` names: None for the served model itself; 404 if unknown. A fine-tuned
+        model (ft:...) is found only for the key that trained it (`viewer`; None: an admin key)."""
         if model in (None, "", self.name):
             return None
+        if model.startswith("ft:"):
+            found = self.ft_models.get(model)
+            if found is None:  # succeeded where this replica did not see it (another replica, before a restart)
+                hit = await asyncio.to_thread(self.finetune.find_model, viewer, model)
+                if hit is not None:
+                    await asyncio.to_thread(self._serve_fine_tuned, model, *hit)
+                    found = self.ft_models.get(model)
+            if found is not None and viewer in (None, found[0]):
+                return found[1]
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist: no fine-tuning job of this API key has produced it (yet)",
+                param="model",
+                code="model_not_found",
+            )
         name = model[len(self.name) + 1 :] if model.startswith(self.name + ":") else model
         if name in self.adapters:
             return name
@@ -611,7 +728,7 @@ class Ingress:
 
     # ---------------------------------------------------------------- completions
 
-    async def chat_completions(self, body: ChatCompletionRequest, request_id: str = "-"):
+    async def chat_completions(self, body: ChatCompletionRequest, request_id: str = "-", viewer: str | None = None):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -619,12 +736,12 @@ class Ingress:
             raise ApiError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id)
+        return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id, viewer=viewer)
 
-    async def completions(self, body: CompletionRequest, request_id: str = "-"):
+    async def completions(self, body: CompletionRequest, request_id: str = "-", viewer: str | None = None):
         ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"] if body.prompt else []
         echo = body.prompt if body.echo else ""
-        return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id, echo)
+        return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id, echo, viewer)
 
     def _request(self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None) -> dict:
         return {
@@ -662,8 +779,11 @@ class Ingress:
                 )
         return min(body.wanted_tokens() or self.cfg.default_max_tokens, room)
 
-    async def _complete(self, body, ids: list[int], chat: bool, route: str, request_id: str, echo: str = ""):
-        """`echo`: text returned before the completion (the prompt, for `echo: true`)."""
+    async def _complete(
+        self, body, ids: list[int], chat: bool, route: str, request_id: str, echo: str = "", viewer: str | None = None
+    ):
+        """`echo`: text returned before the completion (the prompt, for `echo: true`); `viewer`: whose
+        fine-tuned models the caller may use (None: every key's)."""
         t0 = time.perf_counter()
         status = 200
         adapter = None
@@ -671,7 +791,7 @@ class Ingress:
         log = {"route": route, "t0": t0, "usage": usage, "body": body, "request_id": request_id}
         streaming = False
         try:
-            adapter = self._adapter_for(body.model)
+            adapter = await self._adapter_for(body.model, viewer)
             log["adapter"] = adapter
             request = self._request(ids, self._budget(body, len(ids)), body, adapter)
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -21,8 +21,10 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from rayft.serving.engine import GenerationRequest, RequestFailed, RunningBatch, TransformersEngine
+from rayft.serving.files import storage_root
 from rayft.serving.openai_api import ApiError
 from rayft.serving.spec import ServeSpec, validate_adapter
+from rayft.training import storage
 
 log = logging.getLogger("ray.serve.rayft")
 GIB = 2**30
@@ -106,8 +108,14 @@ class LLMServer:
         name = mux_id.rsplit("@", 1)[0]
         if path is None:
             raise ApiError(404, f"adapter {name!r} has no path", param="model", code="model_not_found")
-        roots = None if self.spec.adapters.get(name) == path else list(self.spec.adapter_roots)
+        # fine-tuning jobs' runs (rayft.serving.finetune) are the service's own, in its storage
+        runs = storage.join(storage_root(self.spec.serve.finetune.storage_path), "runs")
+        roots = None if self.spec.adapters.get(name) == path else [*self.spec.adapter_roots, runs]
         try:
+            if storage.is_remote(path):
+                if not path.startswith(runs.rstrip("/") + "/"):
+                    raise ValueError(f"{path} is not a fine-tuning job's run in serve.finetune.storage_path")
+                path, roots = storage.cached(path), None  # this node's copy
             return validate_adapter(name, path, roots, self.spec.model_path, self.spec.revision)
         except ValueError as e:
             raise ApiError(400, f"adapter {name!r} cannot be loaded: {e}", param="model") from None

@@ -212,3 +212,143 @@ def validation_error(exc) -> ApiError:
         msg = e.get("msg", "invalid").removeprefix("Value error, ")
         problems.append(f"{where}: {msg}")
     return ApiError(400, "Invalid request: " + "; ".join(problems), param=first, code="invalid_request")
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning jobs
+
+SUFFIX = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class Hyperparameters(BaseModel):
+    """A job's hyperparameters; "auto" takes the value of the server's job template (serve.finetune.job)."""
+
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description="Passes over the data.")
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="Training rows per optimizer step."
+    )
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = Field(
+        "auto", description="Times the template's learning rate."
+    )
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = Field(..., description="supervised: finetune on example conversations.")
+    supervised: SupervisedMethod | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs (OpenAI's fields; unknown ones are ignored)."""
+
+    model: str = Field(..., min_length=1, description="The base model: the model this endpoint serves.")
+    training_file: str = Field(..., min_length=1, description="A fine-tune file's id (POST /v1/files).")
+    validation_file: str | None = Field(None, description="A fine-tune file of held-out rows for eval loss.")
+    suffix: str | None = Field(
+        None, pattern=SUFFIX, description="Up to 64 letters, digits, '.', '_' or '-', put in fine_tuned_model."
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed for shuffling, initialisation, dropout.")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 string pairs kept with the job."
+    )
+    hyperparameters: Hyperparameters | None = Field(None, description="The older place for hyperparameters.")
+    method: Method | None = Field(None, description="{type: supervised, supervised: {hyperparameters}}.")
+    integrations: list[Any] | None = Field(None, description="Not supported: must be empty.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _keys(cls, v):
+        if v and any(len(k) > 64 for k in v):
+            raise ValueError("metadata keys are at most 64 characters")
+        return v
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, v):
+        if v:
+            raise ValueError("integrations (e.g. wandb) are not supported by this server; send none")
+        return v
+
+    def hyperparameters_given(self) -> Hyperparameters:
+        if self.method is not None and self.method.supervised is not None:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str = Field(..., description="invalid_file, training_failed, job_lost, ...")
+    message: str = Field(..., description="What went wrong; for a bad file its first bad lines as file:line.")
+    param: str | None = Field(None, description="The request field at fault (training_file, ...), if one is.")
+
+
+class ResolvedHyperparameters(BaseModel):
+    n_epochs: int | float
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningJob(BaseModel):
+    """A fine-tuning job, as OpenAI's API describes it."""
+
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str = Field(..., description="ftjob-<32 hex digits>.")
+    model: str = Field(..., description="The base model.")
+    created_at: int
+    finished_at: int | None = None
+    fine_tuned_model: str | None = Field(None, description="ft:<base>:<suffix>:<job id>, once it succeeded.")
+    organization_id: str = Field(..., description="key-<the first 12 hex digits of the key's SHA-256>.")
+    result_files: list[str] = Field(default_factory=list)
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    validation_file: str | None = None
+    training_file: str
+    hyperparameters: ResolvedHyperparameters
+    method: dict[str, Any]
+    trained_tokens: int | None = Field(None, description="Tokens trained on, once it succeeded.")
+    error: JobError | None = None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[Any] = Field(default_factory=list)
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob] = Field(..., description="Jobs, newest first.")
+    has_more: bool
+
+
+class JobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    type: Literal["message", "metrics"] = Field(..., description="metrics: a logged step (data holds its loss).")
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent] = Field(..., description="Events, newest first.")
+    has_more: bool
+
+
+class JobCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint] = Field(..., description="Checkpoints, newest first.")
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

@@ -342,15 +342,38 @@ def build_spec(
         except ValueError as e:
             raise ServeError(f"serve.adapters.{adapter_name}: {e}") from None
     roots = [str(Path(r).expanduser().resolve()) for r in (serve_cfg.adapter_roots or [storage_path or "runs"])]
+    name = serve_cfg.model_name or _default_name(target, run_dir)
+    others = [m for m in serve_cfg.finetune.models or [] if not _names_model(m, name, target, model.path)]
+    if others:
+        raise ServeError(
+            f"serve.finetune.models: {', '.join(others)} {'is' if len(others) == 1 else 'are'} not the served model "
+            f"({name}, {model.path}): fine-tuning jobs train LoRA adapters that this endpoint serves beside its "
+            "model, so they can only start from it; list its id, or serve the other model on its own endpoint"
+        )
     return ServeSpec(
         model_path=model.path,
-        model_name=serve_cfg.model_name or _default_name(target, run_dir),
+        model_name=name,
         revision=revision,
         serve=serve_cfg,
         adapters=adapters,
         adapter_roots=roots,
         key_hashes=sorted(set(hashes)),
     )
+
+
+def _names_model(model_id: str, name: str, target: str, path: str) -> bool:
+    """Whether `model_id` names the served model: its id, the target it was served from, or its directory."""
+    from rayft.training.models import ModelError, resolve_model
+
+    if model_id in (name, target, path):
+        return True
+    try:
+        resolved = resolve_model(model_id)
+    except (ModelError, OSError, ValueError):
+        return False
+    if storage.is_remote(resolved) or storage.is_remote(path):
+        return resolved == path
+    return Path(resolved).expanduser().resolve() == Path(path).expanduser().resolve()
 
 
 def _api_keys(cfg: ServeConfig, given: list[str] | None, elsewhere: bool = False) -> tuple[list[str], list[str]]:
