@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BUNDLE_DIR    ?= bench/out/bundle
 BUNDLE_PYTHON ?= 3.12
 
-.PHONY: setup demo test test-fast test-bundle lint bench offline-bundle clean
+.PHONY: setup demo demo-api test test-fast test-bundle lint bench offline-bundle clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(VENV)/bin/rayft demo $(CONFIG)
+
+# Finetuning over HTTP: rayft serve with the fine-tuning API, and the official openai client driving a job.
+demo-api: setup
+	VENV=$(VENV) examples/finetune_over_http/demo.sh
 
 # Every test this machine can run, except the offline bundle's build (test-bundle).
 test: setup

@@ -39,8 +39,9 @@ class AutoscalingConfig(Section):
 class FinetuneConfig(Section):
     storage_path: str = Field(
         "~/.cache/rayft/service",
-        description="Where the fine-tuning API keeps its state (the uploaded files): a local directory (~ is "
-        "expanded where the ingress runs) or s3:// / gs://; every ingress replica must reach the same place.",
+        description="Where the fine-tuning API keeps its state (files, jobs and the jobs' runs): a local "
+        "directory (~ is expanded where the ingress runs) or s3:// / gs://; the ingress replicas and the nodes "
+        "that run the jobs must all reach the same place.",
     )
     max_file_bytes: int = Field(
         512 * 1024**2, ge=1, description="Largest file POST /v1/files accepts (413 above); uploads stream to storage."

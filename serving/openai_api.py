@@ -255,7 +255,9 @@ class FineTuningJobCreate(BaseModel):
     )
     hyperparameters: Hyperparameters | None = Field(None, description="The older place for hyperparameters.")
     method: Method | None = Field(None, description="{type: supervised, supervised: {hyperparameters}}.")
-    integrations: list[Any] | None = Field(None, description="Not supported: must be empty.")
+    integrations: list[Any] | None = Field(
+        None, description="Not supported: must be empty.", json_schema_extra={"maxItems": 0}
+    )
 
     @field_validator("metadata")
     @classmethod
