@@ -65,6 +65,12 @@ class FinetuneConfig(Section):
         2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
     )
     max_epochs: int = Field(20, ge=1, description="The largest n_epochs a job may ask for (400 above).")
+    job_restarts: int = Field(
+        1,
+        ge=0,
+        description="Times a job whose Ray job died without an error of rayft's own (a killed driver, a lost "
+        "node) is submitted again; the run resumes from its last checkpoint.",
+    )
     ray_address: str | None = Field(
         None,
         description="The Ray Jobs API (dashboard) that runs the jobs, e.g. http://HEAD:8265; default: the cluster "

@@ -46,6 +46,7 @@ JOB_ID = re.compile(r"^ftjob-[0-9a-f]{32}$")
 ACTIVE = ("validating_files", "queued", "running")
 MAX_BAD_LISTED = 5  # bad lines named in a failed job's error.message
 RAY_JOB_PREFIX = "rayft-finetune-"
+RAYFT_ERROR = re.compile(r"^(config|data|training|plan|storage|cluster|usage) error\b")  # what `rayft train` prints
 
 
 def new_job_id() -> str:
@@ -255,6 +256,7 @@ class FinetuneService:
                 "ray_job_id": None,
                 "run_dir": storage.join(self.runs, job_id),
                 "cancel_requested": False,
+                "attempt": 1,
                 "events": [],
             }
             _event(rec, f"Created fine-tuning job: {job_id}")
@@ -633,9 +635,25 @@ class FinetuneService:
             elif status == "SUCCEEDED":
                 self._succeed(rec)
             elif status == "FAILED":
-                reason = self._failure_reason(c, rec["ray_job_id"], info.message)
-                _event(rec, f"Job failed: {reason}", "error")
-                self._fail(rec, "training_failed", reason, None)
+                reason, own = self._failure_reason(c, rec["ray_job_id"], info.message)
+                attempt = rec.get("attempt", 1)
+                if own or attempt > self.cfg.job_restarts:
+                    _event(rec, f"Job failed: {reason}", "error")
+                    self._fail(rec, "training_failed", reason, None)
+                    return
+                # it died rather than failed (a killed driver, a lost node): run it again, from its checkpoint
+                ray_job = f"{RAY_JOB_PREFIX}{job['id']}-{attempt + 1}"
+                text = storage.read_text(storage.join(self.store.dir(rec["owner"], job["id"]), "job.yaml"))
+                self._submit(ray_job, text, job["id"])
+                _event(
+                    rec,
+                    f"Ray job {rec['ray_job_id']} died ({reason.splitlines()[0][:300]}); submitted again as {ray_job}, "
+                    "resuming from the run's last checkpoint",
+                    "warn",
+                )
+                rec["ray_job_id"], rec["attempt"] = ray_job, attempt + 1
+                job["status"] = "queued"
+                self.store.save(rec)
             elif status == "STOPPED":
                 message = f"its Ray job {rec['ray_job_id']} was stopped outside the fine-tuning API"
                 _event(rec, f"Job failed: {message}", "error")
@@ -666,19 +684,18 @@ class FinetuneService:
         except Exception:  # noqa: BLE001 - requests still find it through the store
             log.exception("fine-tuning job %s: serving its adapter failed", rec["job"]["id"])
 
-    def _failure_reason(self, c, ray_job: str, message: str | None) -> str:
-        """What made the Ray job fail: rayft's own error line from its log when there is one, else Ray's message."""
+    def _failure_reason(self, c, ray_job: str, message: str | None) -> tuple[str, bool]:
+        """What made the Ray job fail, and whether rayft said so itself: the last error `rayft train` printed
+        (`training error ...`, `data error ...`, with the lines that follow it), else Ray's message (an exit
+        code: the driver was killed or lost)."""
         try:
-            lines = [line.strip() for line in c.get_job_logs(ray_job).splitlines() if line.strip()]
+            lines = [line.rstrip() for line in c.get_job_logs(ray_job).splitlines() if line.strip()]
         except Exception:  # noqa: BLE001
             lines = []
-        errors = [i for i, line in enumerate(lines) if re.search(r"\b(error|Error)\b", line)]
-        if errors:
-            first = errors[-1]
-            while first > 0 and first - 1 in errors:
-                first -= 1
-            return "\n".join(lines[first : first + 12])[:2000]
-        return (message or "the Ray job failed")[:2000]
+        own = [i for i, line in enumerate(lines) if RAYFT_ERROR.match(line)]
+        if own:
+            return "\n".join(lines[own[-1] : own[-1] + 12])[:2000], True
+        return (message or "the Ray job failed").strip()[:2000], False
 
     def _end(self, rec: dict, status: str) -> None:
         rec["job"]["status"] = status

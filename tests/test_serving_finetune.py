@@ -26,6 +26,7 @@ TEMPLATE = {
         "epochs": 1,
         "micro_batch_size": 4,
         "global_batch_size": 8,
+        "checkpoint_every_steps": 50,
         "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
     },
     "data": {"max_seq_len": 64, "packing": False},
@@ -253,3 +254,39 @@ def test_cancelling_a_running_job_stops_its_ray_job_and_frees_the_cluster(endpoi
     assert c.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(Exception, match=r"has ended \(cancelled\)"):
         c.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_job_whose_driver_is_killed_is_submitted_again_and_resumes_from_its_checkpoint(endpoint, store, tmp_path):
+    import json
+    import os
+    import signal
+
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    f = upload(endpoint, OTHER, write_jsonl(tmp_path / "long.jsonl", [chat(QUESTION, ANSWER)] * 64))
+    c = client(endpoint, OTHER)
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=supervised(n_epochs=40))  # 320 steps
+    metrics = store / "runs" / job.id / "metrics.jsonl"
+
+    def steps() -> list[int]:
+        text = metrics.read_text() if metrics.exists() else ""
+        return [r["step"] for r in map(json.loads, text.splitlines()) if "loss" in r]
+
+    deadline = time.time() + 300
+    while not any(s > 55 for s in steps()):  # past the checkpoint at step 50
+        assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status in (
+            "validating_files",
+            "queued",
+            "running",
+        )
+        time.sleep(0.2)
+    jobs = JobSubmissionClient(f"http://{ray._private.worker.get_dashboard_url()}")
+    os.kill(int(jobs.get_job_info(f"rayft-finetune-{job.id}").driver_info.pid), signal.SIGKILL)
+    done = wait_for(endpoint, OTHER, job.id, ended)
+    assert done.status == "succeeded", done.error
+    warned = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=1000) if e.level == "warn"]
+    assert len(warned) == 1 and f"submitted again as rayft-finetune-{job.id}-2" in warned[0], warned
+    logged = steps()
+    assert logged.count(1) == 1  # the second attempt did not start over...
+    assert logged.count(51) == 2 and max(logged) == 320  # ...it went on from step 50's checkpoint to the end

@@ -25,7 +25,7 @@ job = client.fine_tuning.jobs.create(
     validation_file=held_out.id,
     suffix="quillfeather",
     seed=1,
-    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 25}}},
+    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 6, "learning_rate_multiplier": 25}}},
 )
 print(f"{job.id}: {job.status}, hyperparameters {job.hyperparameters}")
 
