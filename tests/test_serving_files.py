@@ -266,12 +266,15 @@ def test_without_keys_every_file_belongs_to_one_local_owner(tmp_path):
 
     from rayft.serving.config import ServeConfig
     from rayft.serving.files import FileStore
+    from rayft.serving.finetune import FinetuneService, ServedBase
     from rayft.serving.ingress import _build_api
     from rayft.serving.spec import KeyRing
 
     cfg = ServeConfig(finetune={"storage_path": str(tmp_path / "store"), "max_file_bytes": 10_000})
     keys = KeyRing(SimpleNamespace(serve=cfg, key_hashes=[]), environ={})
-    api = _build_api(SimpleNamespace(cfg=cfg, keys=keys, files=FileStore(cfg.finetune)))
+    files = FileStore(cfg.finetune)
+    jobs = FinetuneService(cfg.finetune, files, ServedBase("m", "m", None, ("m",)), lambda *a: None)
+    api = _build_api(SimpleNamespace(cfg=cfg, keys=keys, files=files, finetune=jobs))
     with TestClient(api) as http:
         r = http.post("/v1/files", files={"file": ("a.jsonl", b'{"x": 1}\n')}, data={"purpose": "fine-tune"})
         assert r.status_code == 200, r.text
@@ -287,6 +290,7 @@ def test_without_keys_every_file_belongs_to_one_local_owner(tmp_path):
         assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
         doc = http.get("/openapi.json").json()
     assert {"/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content"} <= set(doc["paths"])
+    assert "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel" in doc["paths"]
     body = doc["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["purpose"]["enum"] == ["fine-tune"]
     content = doc["paths"]["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"]
