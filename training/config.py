@@ -80,7 +80,7 @@ class DataConfig(Section):
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `train` for evaluation when `eval` is unset."
     )
     hub_split: str = Field("train", description="Split to read when `train` or `eval` is a hub dataset.")
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference"] = Field(
         "auto", description="Row format; auto detects it from each row's keys."
     )
     template: str | None = Field(
@@ -137,9 +137,34 @@ class LoraConfig(Section):
     )
 
 
+class DpoConfig(Section):
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference: the scale of the implicit reward."
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2 on per-token mean "
+        "log-probabilities.",
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an added NLL loss on the chosen answer (0 = pure preference loss)."
+    )
+    reference: str = Field(
+        "base",
+        description="The reference model: base (the starting model; for LoRA the same model with its adapter "
+        "switched off, no second copy), or a model dir or run dir to compare against.",
+    )
+
+
 class TrainingConfig(Section):
     method: Literal["lora", "full"] = Field("lora", description="lora = train adapters only; full = all weights.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft = learn the answers (cross-entropy); dpo = learn which of two answers is better, from "
+        "preference pairs (training.dpo).",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning settings (objective: dpo).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -268,6 +293,12 @@ class TrainJob(Section):
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> TrainJob:
+        if self.training.objective == "dpo" and self.data.packing:
+            raise ValueError(
+                "data.packing does not apply to training.objective dpo: each preference pair (its chosen and "
+                "rejected answers) is one row, padded, so a pair never straddles micro-batches or ranks; set "
+                "data.packing: false"
+            )
         per_step = self.training.micro_batch_size * self.scaling.num_workers
         if self.training.global_batch_size % per_step:
             raise ValueError(

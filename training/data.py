@@ -404,7 +404,7 @@ def _bad_listing(check: RowCheck) -> str:
 class Tokenize:
     """Renders and tokenizes validated rows; each Ray worker process keeps one per setting (see tokenize_batch)."""
 
-    def __init__(self, model: dict, data: dict, keep_dropped: bool = False):
+    def __init__(self, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False):
         from rayft.training.formats import Renderer
         from rayft.training.models import load_tokenizer
 
@@ -413,66 +413,87 @@ class Tokenize:
         self.tokenizer = load_tokenizer(m.name, m.revision)
         self.renderer = Renderer(self.tokenizer, self.data.template, self.data.train_on_inputs)
         self.keep_dropped = keep_dropped
+        self.pairs = pairs  # preference pairs (training.objective dpo): each row is its chosen and rejected answer
 
     def __call__(self, batch: dict) -> dict:
         from rayft.training.formats import tokenize_rendered
 
-        max_len, policy = self.data.max_seq_len, self.data.overlong
         keep = [i for i, e in enumerate(batch["error"]) if not e]
         texts, spans, sources = [], [], []
         for i in keep:
+            src = str(batch["source"][i])
+            doc = json.loads(batch["doc"][i])
+            if self.pairs != (doc["kind"] == "pair"):
+                raise DataError(f"{src}: {PAIR_MISMATCH[self.pairs]}")
             try:
-                text, sp = self.renderer.render(json.loads(batch["doc"][i]))
+                for d in (doc["chosen"], doc["rejected"]) if self.pairs else (doc,):
+                    text, sp = self.renderer.render(d)
+                    texts.append(text)
+                    spans.append(sp)
             except RowError as e:
-                raise DataError(f"{batch['source'][i]}: {e}") from None
+                raise DataError(f"{src}: {e}") from None
             except TemplateError as e:
                 raise DataError(str(e)) from None
-            texts.append(text)
-            spans.append(sp)
-            sources.append(str(batch["source"][i]))
-        out: dict[str, list] = {
-            k: [] for k in ("source", "row_id", "input_ids", "labels", "num_tokens", "num_trained", "status")
-        }
-        for src, (ids, labels) in zip(
-            sources, tokenize_rendered(self.tokenizer, texts, spans) if texts else [], strict=True
-        ):
-            n = len(ids)
-            status = "ok"
-            if n > max_len:
-                if policy == "error":
-                    raise DataError(
-                        f"{src}: {n} tokens, longer than data.max_seq_len ({max_len}); raise max_seq_len or set "
-                        "data.overlong to truncate or drop"
-                    )
-                if policy == "drop":
-                    status = "dropped"
-                else:
-                    ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
-            trained = int((labels != -100).sum())
-            if trained == 0 and status != "dropped":
+            sources.append(src)
+        columns = ["source", "row_id", "input_ids", "labels", "num_tokens", "num_trained", "status"]
+        out: dict[str, list] = {k: [] for k in columns + (["rejected_ids", "rejected_labels"] if self.pairs else [])}
+        encoded = tokenize_rendered(self.tokenizer, texts, spans) if texts else []
+        per_row = 2 if self.pairs else 1
+        for n, src in enumerate(sources):
+            seqs = [self._fit(src, ids, labels) for ids, labels in encoded[n * per_row : (n + 1) * per_row]]
+            statuses = [st for _, _, st in seqs]
+            status = next((st for st in ("dropped", "truncated") if st in statuses), "ok")
+            trained = [int((labels != -100).sum()) for _, labels, _ in seqs]
+            if min(trained) == 0 and status != "dropped":
                 status = "dropped"  # nothing left to learn from (e.g. the reply was truncated away)
             if status == "dropped" and not self.keep_dropped:
                 continue
             out["source"].append(src)
             out["row_id"].append(row_id(src))
+            (ids, labels, _), *rest = seqs
             out["input_ids"].append(ids)
             out["labels"].append(labels)
-            out["num_tokens"].append(n)
-            out["num_trained"].append(trained)
+            if self.pairs:
+                out["rejected_ids"].append(rest[0][0])
+                out["rejected_labels"].append(rest[0][1])
+            out["num_tokens"].append(sum(len(encoded[n * per_row + k][0]) for k in range(per_row)))
+            out["num_trained"].append(sum(trained))
             out["status"].append(status)
         return out
+
+    def _fit(self, src: str, ids, labels):
+        """One sequence held to data.max_seq_len by data.overlong: (ids, labels, status)."""
+        max_len, n = self.data.max_seq_len, len(ids)
+        if n <= max_len:
+            return ids, labels, "ok"
+        if self.data.overlong == "error":
+            raise DataError(
+                f"{src}: {n} tokens, longer than data.max_seq_len ({max_len}); raise max_seq_len or set "
+                "data.overlong to truncate or drop"
+            )
+        if self.data.overlong == "drop":
+            return ids, labels, "dropped"
+        return ids[:max_len], labels[:max_len], "truncated"
+
+
+PAIR_MISMATCH = {
+    True: "not a preference pair, and training.objective dpo learns from pairs only: give each row a prompt, a "
+    "chosen and a rejected answer ({prompt, chosen, rejected} or {input, preferred_output, non_preferred_output})",
+    False: "a preference pair (chosen and rejected answers), and training.objective is sft: set training.objective: "
+    "dpo to learn from pairs, or give rows with one answer",
+}
 
 
 _TOKENIZERS: dict[str, Tokenize] = {}  # this worker process's loaded tokenizers, newest last
 _TOKENIZERS_KEPT = 2
 
 
-def tokenize_batch(batch: dict, model: dict, data: dict, keep_dropped: bool = False) -> dict:
+def tokenize_batch(batch: dict, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False) -> dict:
     """Ray Data task: tokenize a batch. Loading a tokenizer costs seconds, tokenizing a batch milliseconds, so
     each worker process keeps the tokenizers it loaded: later tasks, epochs, eval passes and runs of the same
     job reuse them (an actor pool would load them again for every pass)."""
-    key = json.dumps([model, data, keep_dropped], sort_keys=True, default=str)
-    tok = _TOKENIZERS.pop(key, None) or Tokenize(model, data, keep_dropped)
+    key = json.dumps([model, data, keep_dropped, pairs], sort_keys=True, default=str)
+    tok = _TOKENIZERS.pop(key, None) or Tokenize(model, data, keep_dropped, pairs)
     _TOKENIZERS[key] = tok
     while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
         _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
@@ -525,6 +546,7 @@ def tokenized(
     keep_dropped: bool = False,
     shuffle: bool = True,
     rows: int | None = None,
+    pairs: bool = False,
 ):
     """Token rows {"source", "input_ids", "labels", "num_tokens", "num_trained", "status"} for a split, the
     training split shuffled when data.shuffle is on (`shuffle=False`: file order, for counting). `rows` is
@@ -538,7 +560,12 @@ def tokenized(
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return ds.map_batches(
         tokenize_batch,
-        fn_kwargs={"model": model.model_dump(), "data": data.model_dump(), "keep_dropped": keep_dropped},
+        fn_kwargs={
+            "model": model.model_dump(),
+            "data": data.model_dump(),
+            "keep_dropped": keep_dropped,
+            "pairs": pairs,
+        },
         batch_size=256,
         batch_format="numpy",
         num_cpus=data.cpus_per_data_task,
@@ -555,7 +582,11 @@ def fits_cache(rows: int, data: DataConfig) -> bool:
 
 
 def build_datasets(
-    model: ModelConfig, data: DataConfig, rows: dict[str, int] | None = None, read_again: frozenset[str] = frozenset()
+    model: ModelConfig,
+    data: DataConfig,
+    rows: dict[str, int] | None = None,
+    read_again: frozenset[str] = frozenset(),
+    pairs: bool = False,
 ) -> dict[str, Any]:
     """The training-ready Ray Datasets: {"train": ..., "eval": ...} (eval only when configured).
 
@@ -568,7 +599,7 @@ def build_datasets(
     rows = rows or {}
     out = {}
     for split in ("train", "eval"):
-        ds = tokenized(model, data, split, rows=rows.get(split))
+        ds = tokenized(model, data, split, rows=rows.get(split), pairs=pairs)
         if ds is None:
             continue
         if data.packing:
@@ -580,7 +611,8 @@ def build_datasets(
                 num_cpus=data.cpus_per_data_task,
             )
         else:
-            ds = ds.select_columns(["row_id", "input_ids", "labels"])
+            pair = ["rejected_ids", "rejected_labels"] if pairs else []
+            ds = ds.select_columns(["row_id", "input_ids", "labels", *pair])
         if split in read_again and split in rows and fits_cache(rows[split], data):
             ds = ds.materialize()
         out[split] = ds

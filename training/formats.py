@@ -31,6 +31,8 @@ class TemplateError(ValueError):
 
 
 def detect_format(row: dict) -> str:
+    if ("chosen" in row and "rejected" in row) or ("preferred_output" in row or "non_preferred_output" in row):
+        return "preference"
     if "messages" in row:
         return "messages"
     if "instruction" in row and "output" in row:
@@ -42,7 +44,8 @@ def detect_format(row: dict) -> str:
     keys = ", ".join(sorted(row)) or "none"
     raise RowError(
         f"cannot tell the format from its keys ({keys}); expected messages, instruction+output (alpaca), "
-        "prompt+completion, or text"
+        "prompt+completion, text, or a preference pair (prompt+chosen+rejected, or input+preferred_output+"
+        "non_preferred_output)"
     )
 
 
@@ -83,18 +86,81 @@ def normalize(row: Any, fmt: str = "auto") -> dict:
         return {"kind": "segments", "segments": [[prompt, False], [completion, True]], "eos": True}
     if fmt == "text":
         return {"kind": "segments", "segments": [[_need_str(row, "text"), True]], "eos": True}
+    if fmt == "preference":
+        return _pair(row)
     raise RowError(f"unknown format {fmt!r}")
 
 
+def _pair(row: dict) -> dict:
+    """A preference pair: one prompt and two answers, the first better. TRL's {prompt, chosen, rejected} (strings:
+    plain text; message lists: chat) or OpenAI's {input: {messages}, preferred_output, non_preferred_output}.
+    Its document holds the two conversations, each the shared prompt plus one answer: only the answers carry
+    loss (assistant turns inside the prompt get weight 0)."""
+    if "preferred_output" in row or "non_preferred_output" in row:
+        inp = row.get("input")
+        if not isinstance(inp, dict) or "messages" not in inp:
+            raise RowError("field 'input' must be an object with 'messages' (OpenAI's preference format)")
+        prompt, keys = _prompt_messages(inp["messages"], "input.messages"), ("preferred_output", "non_preferred_output")
+    else:
+        keys = ("chosen", "rejected")
+        if "prompt" not in row:
+            raise RowError("missing field 'prompt': a preference pair needs the prompt both answers reply to")
+        if isinstance(row["prompt"], str):
+            prompt_text = _need_str(row, "prompt", allow_empty=True)
+            chosen, rejected = (_need_str(row, k) for k in keys)
+            if chosen == rejected:
+                raise RowError("chosen and rejected are the same answer; a pair needs two different answers")
+            docs = [
+                {"kind": "segments", "segments": [[prompt_text, False], [a, True]], "eos": True}
+                for a in (chosen, rejected)
+            ]
+            return {"kind": "pair", "chosen": docs[0], "rejected": docs[1]}
+        prompt = _prompt_messages(row["prompt"], "prompt")
+    answers = [_answer_messages(row.get(k), k) for k in keys]
+    if answers[0] == answers[1]:
+        raise RowError(f"{keys[0]} and {keys[1]} are the same answer; a pair needs two different answers")
+    chosen, rejected = ({"kind": "chat", "messages": prompt + a} for a in answers)
+    return {"kind": "pair", "chosen": chosen, "rejected": rejected}
+
+
+def _prompt_messages(messages: Any, field: str) -> list[dict]:
+    out = _message_list(messages, field)
+    if not any(m["role"] == "user" for m in out):
+        raise RowError(f"field {field!r} has no user message to answer")
+    return [m | {"weight": 0} if m["role"] == "assistant" else m for m in out]
+
+
+def _answer_messages(answer: Any, field: str) -> list[dict]:
+    if answer is None:
+        raise RowError(f"missing field {field!r}")
+    if isinstance(answer, str):
+        if not answer.strip():
+            raise RowError(f"field {field!r} is empty")
+        return [{"role": "assistant", "content": answer}]
+    out = _message_list(answer, field)
+    bad = [i for i, m in enumerate(out) if m["role"] != "assistant"]
+    if bad:
+        raise RowError(f"{field}[{bad[0]}].role is {out[bad[0]]['role']!r}; an answer holds assistant messages only")
+    return [{"role": "assistant", "content": m["content"]} for m in out]
+
+
 def _check_messages(row: dict) -> list[dict]:
-    messages = row["messages"]
+    out = _message_list(row["messages"], "messages")
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError("the conversation has no assistant message, so there is nothing to learn from")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        raise RowError("every assistant message has weight 0, so there is nothing to learn from")
+    return out
+
+
+def _message_list(messages: Any, field: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise RowError("field 'messages' must be a non-empty list of {role, content} objects")
+        raise RowError(f"field {field!r} must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
-        where = f"messages[{i}]."
+        where = f"{field}[{i}]."
         if not isinstance(m, dict):
-            raise RowError(f"messages[{i}] must be an object with role and content (got {type(m).__name__})")
+            raise RowError(f"{field}[{i}] must be an object with role and content (got {type(m).__name__})")
         role = m.get("role")
         if role not in ROLES:
             raise RowError(f"{where}role is {role!r}; expected one of {', '.join(ROLES)}")
@@ -107,10 +173,6 @@ def _check_messages(row: dict) -> list[dict]:
                 raise RowError(f"{where}weight must be 0 or 1 (got {m['weight']!r})")
             msg["weight"] = int(m["weight"])
         out.append(msg)
-    if not any(m["role"] == "assistant" for m in out):
-        raise RowError("the conversation has no assistant message, so there is nothing to learn from")
-    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
-        raise RowError("every assistant message has weight 0, so there is nothing to learn from")
     return out
 
 

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from rayft.training.config import DataConfig, ModelConfig, Section, TrainingConfig
 from rayft.training.formats import IGNORE_INDEX as IGNORE
+from rayft.training.preference import build_reference, dpo_step, evaluate_pairs, reduce_sums
 
 STATE_FILE = "trainer_state_rank{rank}.json"
 DS_TAG = "ds"
@@ -64,6 +65,8 @@ def train_loop(config: dict[str, Any]) -> None:
     release_freed_memory()
     engine = build_engine(model, cfg)
     release_freed_memory()
+    dpo = t.objective == "dpo"
+    reference = build_reference(cfg, engine, cfg.use_gpu) if dpo else None  # what DPO's rewards compare against
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     # Host memory holds the training state: hand the heap's freed pages back at every optimizer step too.
     trim_heap = device.type == "cpu" or cfg.training.offload_optimizer or cfg.training.offload_params
@@ -103,11 +106,16 @@ def train_loop(config: dict[str, Any]) -> None:
             wait_s = time.perf_counter() - t_wait
             if not all_ranks_have(len(group) == cfg.grad_accum, device):
                 break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
-            losses, step_tokens = train_step(engine, group, device, pad_id, world, cfg.grad_accum, clock, trim_heap)
+            if dpo:  # the loss is per pair: summed here, divided by the step's pairs on all ranks
+                pair_sums, count = dpo_step(engine, reference, group, device, pad_id, world, cfg.grad_accum, cfg, clock)
+                loss_sum = pair_sums[0]
+            else:
+                losses, count = train_step(engine, group, device, pad_id, world, cfg.grad_accum, clock, trim_heap)
+                loss_sum = sum(losses)
             for rows, row_ids in group:
                 consumed.update(row_ids)
                 acc.add(rows, len(row_ids))
-            acc.finish(sum(losses), step_tokens, wait_s, clock.take())
+            acc.finish(loss_sum, count, wait_s, clock.take())
             step += 1
             steps_this_epoch += 1
             metrics = acc.reduce(device, world, host_start) | {
@@ -116,10 +124,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 "lr": engine.get_lr()[0],
                 "grad_norm": _float(engine.get_global_grad_norm()),
             }
+            if dpo:
+                metrics |= reduce_sums(pair_sums, device)  # reward accuracy, chosen/rejected rewards, margin
             is_last = step >= cfg.total_steps
             evaluated = eval_shard is not None and t.eval_every_steps and step % t.eval_every_steps == 0
             if evaluated and not is_last:
-                last_eval = evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
+                last_eval = run_eval(engine, reference, eval_shard, device, pad_id, cfg)
                 metrics |= last_eval
             log.write(metrics)
             want_ckpt = t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not is_last
@@ -139,12 +149,19 @@ def train_loop(config: dict[str, Any]) -> None:
     # ---- final eval and checkpoint
     final = {"step": step, "epoch": epoch, "final": True}
     if eval_shard is not None and t.eval_at_end:
-        final |= evaluate(engine, eval_shard, t.micro_batch_size, device, pad_id)
+        final |= run_eval(engine, reference, eval_shard, device, pad_id, cfg)
         log.write(final)
     report_with_checkpoint(engine, final, step, epoch, consumed, rank, t.method == "lora")
     log.event({"event": "end", "step": step, **memory_peaks(device, host_start)})  # the final save included
     if dist.is_initialized():
         dist.barrier()
+
+
+def run_eval(engine, reference, shard, device, pad_id: int, cfg: LoopConfig) -> dict:
+    """The eval split's loss (SFT), or its preference loss and reward accuracy (DPO)."""
+    if cfg.training.objective == "dpo":
+        return evaluate_pairs(engine, reference, shard, cfg.training.micro_batch_size, device, pad_id, cfg)
+    return evaluate(engine, shard, cfg.training.micro_batch_size, device, pad_id)
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -546,11 +563,13 @@ class StepAccumulator:
         """A micro-batch's token figures."""
         from rayft.training.formats import padded_length
 
-        lengths = [len(r["input_ids"]) for r in rows]
+        seqs = [(r["input_ids"], r["labels"]) for r in rows]
+        seqs += [(r["rejected_ids"], r["rejected_labels"]) for r in rows if "rejected_ids" in r]  # pairs: both answers
+        lengths = [len(ids) for ids, _ in seqs]
         self.examples += examples
         self.real += sum(lengths)
-        self.tokens += padded_length(max(lengths)) * len(rows)
-        self.trained += sum(int((np.asarray(r["labels"]) != IGNORE).sum()) for r in rows)
+        self.tokens += padded_length(max(lengths)) * len(seqs)
+        self.trained += sum(int((np.asarray(labels) != IGNORE).sum()) for _, labels in seqs)
 
     def finish(self, loss_sum: float, loss_tokens: int, wait_s: float, phases: dict[str, float]) -> None:
         """The step's summed loss on this rank, the trained tokens of the whole step (all ranks), the data

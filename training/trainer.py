@@ -158,7 +158,7 @@ def run_training(
     save_job(job)
     counts = {s: c.rows for s, c in checks.items()}
     again = frozenset(s for s, n in counts.items() if read_again(job, s, n))
-    datasets = build_datasets(job.model, job.data, counts, again)
+    datasets = build_datasets(job.model, job.data, counts, again, pairs=job.training.objective == "dpo")
     train_rows = 0 if job.training.max_steps else datasets["train"].count()
     total_steps = count_steps(job, train_rows)
     if not job.training.max_steps and train_rows < job.training.global_batch_size:

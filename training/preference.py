@@ -1,0 +1,218 @@
+"""Preference tuning (training.objective: dpo): the loss, the reference model, and one optimizer step over
+micro-batches of pairs. The training loop (rayft.training.loop) calls `dpo_step` and `evaluate_pairs` where an
+SFT run calls its own step and eval.
+
+A pair row holds the chosen answer (input_ids, labels) and the rejected one (rejected_ids, rejected_labels), both
+after the same rendered prompt; labels carry loss on the answer tokens only. Each micro-batch runs as one batch of
+2 x pairs sequences (chosen first, then rejected), through the policy and, without gradients, the reference:
+
+    log-ratio of an answer   r = log pi(answer | prompt) - log ref(answer | prompt)   (summed over its tokens)
+    sigmoid (DPO)            loss = -log sigmoid(beta * (r_chosen - r_rejected))
+    ipo                      loss = ((m_chosen - m_rejected) - 1 / (2 beta))^2, m: per-token mean log-ratios
+    + sft_weight x the chosen answer's mean token NLL
+
+The implicit rewards are beta x r; a pair is ranked right when the chosen reward is the larger. For LoRA the
+reference is the same model with its adapter switched off (no second copy); otherwise a frozen copy of the
+reference model, sharded by DeepSpeed like the policy under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from rayft.training.config import DpoConfig
+from rayft.training.formats import IGNORE_INDEX as IGNORE
+
+# What a step or an eval pass sums over pairs and all ranks: its loss, the pairs ranked right, the chosen and
+# rejected rewards, and the pairs themselves.
+SUMS = ("loss", "correct", "chosen", "rejected", "pairs")
+
+
+def pair_batch(rows: list[dict], device, pad_id: int) -> dict:
+    """The micro-batch's 2 x pairs sequences as model inputs: chosen answers first, then rejected ones."""
+    from rayft.training.formats import collate
+
+    seqs = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    seqs += [{"input_ids": r["rejected_ids"], "labels": r["rejected_labels"]} for r in rows]
+    return {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+
+
+def sequence_logps(model, batch: dict):
+    """(summed log-probability of each sequence's trained tokens, their number per sequence), from the model's
+    logits at every position."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    trained = targets != IGNORE
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view_as(targets)
+    return -(nll * trained).sum(-1), trained.sum(-1)
+
+
+def dpo_losses(policy, reference, counts, cfg: DpoConfig):
+    """Per-pair losses and the chosen and rejected rewards, from the summed log-probs of the 2 x pairs
+    sequences (chosen first) under the policy and the reference, and their trained-token counts."""
+    import torch.nn.functional as F
+
+    n = policy.shape[0] // 2
+    ratio = policy - reference
+    if cfg.loss == "ipo":  # per-token means: IPO's target margin is on a length-free scale
+        mean = ratio / counts.clamp(min=1)
+        losses = ((mean[:n] - mean[n:]) - 1 / (2 * cfg.beta)) ** 2
+    else:
+        losses = -F.logsigmoid(cfg.beta * (ratio[:n] - ratio[n:]))
+    if cfg.sft_weight:
+        losses = losses + cfg.sft_weight * (-policy[:n] / counts[:n].clamp(min=1))
+    rewards = cfg.beta * ratio.detach()
+    return losses, rewards[:n], rewards[n:]
+
+
+class Reference:
+    """Log-probs under the reference model: the policy with its LoRA adapter switched off, or a frozen copy."""
+
+    def __init__(self, engine, model=None):
+        self.engine, self.model = engine, model
+
+    def logps(self, batch: dict):
+        import torch
+
+        with torch.no_grad():
+            if self.model is not None:
+                return sequence_logps(self.model, batch)[0]
+            with self.engine.module.disable_adapter():
+                return sequence_logps(self.engine, batch)[0]
+
+
+def build_reference(cfg, engine, use_gpu: bool) -> Reference:
+    """The run's reference model (training.dpo.reference): for LoRA from the base, the policy itself with the
+    adapter off; else a frozen copy of the starting model (or of the model the setting names), loaded like the
+    policy and, under ZeRO-3, partitioned across the ranks by an inference-only DeepSpeed engine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayft.training.ds_config import build_ds_config, resolve_precision
+    from rayft.training.models import resolve_model
+
+    t = cfg.training
+    if t.method == "lora" and t.dpo.reference == "base":
+        return Reference(engine)
+    name = cfg.model.name if t.dpo.reference == "base" else reference_model_dir(t.dpo.reference)
+    precision = resolve_precision(t, use_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    zero3 = t.zero_stage == 3
+    if zero3:  # partitioned while it loads, as the policy was (see rayft.training.loop.sharded_from_the_start)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from rayft.training.loop import _ZERO3
+
+        _ZERO3.append(HfDeepSpeedConfig(build_ds_config(t, t.micro_batch_size, 1, use_gpu)))
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name),
+        dtype=dtype,
+        attn_implementation="sdpa",
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision if t.dpo.reference == "base" else None,
+    )
+    model.requires_grad_(False)
+    model.eval()
+    if zero3:
+        import deepspeed
+
+        ds_config = {k: v for k, v in build_ds_config(t, t.micro_batch_size, 1, use_gpu).items() if k != "optimizer"}
+        ds_config.pop("scheduler", None)
+        model, *_ = deepspeed.initialize(model=model, config=ds_config)
+        model.eval()
+        return Reference(engine, model)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    return Reference(engine, model.to(device))
+
+
+def reference_model_dir(path: str) -> str:
+    """A model to compare against: a model dir, or a run dir's final export (its merged model)."""
+    from rayft.training import storage
+
+    final = storage.join(path, "final")
+    if storage.exists(storage.join(final, "config.json")):
+        return final
+    return path
+
+
+def dpo_forward(engine, reference: Reference, rows: list[dict], device, pad_id: int, cfg: DpoConfig):
+    """A micro-batch of pairs through the policy and the reference: (per-pair losses, chosen rewards,
+    rejected rewards)."""
+    batch = pair_batch(rows, device, pad_id)
+    ref = reference.logps(batch)
+    policy, counts = sequence_logps(engine, batch)
+    return dpo_losses(policy, ref, counts, cfg)
+
+
+def dpo_step(engine, reference: Reference, group: list, device, pad_id: int, world: int, grad_accum: int, cfg, clock):
+    """One optimizer step over this rank's grad_accum micro-batches of pairs. The loss is the mean over every
+    pair of the step on every rank: each micro-batch's summed loss is scaled so that DeepSpeed's averaging
+    (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / pairs. Returns the step's sums (SUMS) on
+    this rank, as a list, and the step's pairs on all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([float(sum(len(rows) for rows, _ in group))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    scale = world * grad_accum / max(count.item(), 1)
+    sums = [0.0] * len(SUMS)
+    for rows, _ in group:
+        clock.start()
+        losses, chosen, rejected = dpo_forward(engine, reference, rows, device, pad_id, cfg.training.dpo)
+        clock.lap("forward_s")
+        engine.backward(losses.sum() * scale)
+        clock.lap("backward_s")
+        engine.step()
+        clock.lap("optimizer_s")
+        _add(sums, losses.detach(), chosen, rejected)
+    return sums, int(count.item())
+
+
+def evaluate_pairs(engine, reference: Reference, shard, size: int, device, pad_id: int, cfg) -> dict:
+    """The preference loss, reward accuracy and rewards over the whole eval split."""
+    import torch
+
+    from rayft.training.loop import all_ranks_have, micro_batches
+
+    engine.eval()
+    sums = [0.0] * len(SUMS)
+    batches = micro_batches(shard, size, skip=set())
+    with torch.no_grad():
+        while True:
+            item = next(batches, None)
+            if not all_ranks_have(item is not None, device):
+                break
+            losses, chosen, rejected = dpo_forward(engine, reference, item[0], device, pad_id, cfg.training.dpo)
+            _add(sums, losses, chosen, rejected)
+    engine.train()
+    return {f"eval_{k}": v for k, v in reduce_sums(sums, device).items()}
+
+
+def _add(sums: list[float], losses, chosen, rejected) -> None:
+    for i, v in enumerate(
+        (losses.sum(), (chosen > rejected).sum(), chosen.sum(), rejected.sum(), float(losses.numel()))
+    ):
+        sums[i] += float(v)
+
+
+def reduce_sums(sums: list[float], device) -> dict:
+    """The means over all ranks' pairs: loss, reward accuracy, chosen and rejected rewards, their margin."""
+    import torch
+    import torch.distributed as dist
+
+    v = torch.tensor(sums, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(v)
+    loss, correct, chosen, rejected, pairs = v.tolist()
+    pairs = max(pairs, 1.0)
+    return {
+        "loss": loss / pairs,
+        "reward_accuracy": correct / pairs,
+        "reward_chosen": chosen / pairs,
+        "reward_rejected": rejected / pairs,
+        "reward_margin": (chosen - rejected) / pairs,
+        "pairs": int(pairs),
+    }
