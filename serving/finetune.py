@@ -213,6 +213,7 @@ class FinetuneService:
         training = self._file(owner, body.training_file, "training_file")
         validation = self._file(owner, body.validation_file, "validation_file") if body.validation_file else None
         hp, job_file = self.resolve(body)
+        method = job_file["training"]["objective"].replace("sft", "supervised")
         with self._lock:
             active = [r for r in self.store.list(owner, limit=10**6)[0] if r["job"]["status"] in ACTIVE]
             if len(active) >= self.cfg.max_active_jobs_per_key:
@@ -239,7 +240,7 @@ class FinetuneService:
                 "validation_file": validation.id if validation else None,
                 "training_file": training.id,
                 "hyperparameters": hp,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+                "method": {"type": method, method: {"hyperparameters": hp}},
                 "trained_tokens": None,
                 "error": None,
                 "seed": job_file["training"]["seed"],
@@ -289,8 +290,11 @@ class FinetuneService:
         from rayft.training.config import TrainJob
 
         given = body.hyperparameters_given()
-        where = "method.supervised.hyperparameters" if body.method and body.method.supervised else "hyperparameters"
+        where = body.hyperparameters_field()
+        dpo = body.method is not None and body.method.type == "dpo"
         job = copy.deepcopy(self.cfg.job)
+        if dpo:  # preference pairs: each pair is one padded row (packing does not apply)
+            job.setdefault("data", {})["packing"] = False
         template = TrainJob.model_validate(job | {"data": dict(job.get("data") or {}) | {"train": "train.jsonl"}})
         t = template.training
         training = job.setdefault("training", {})
@@ -316,6 +320,12 @@ class FinetuneService:
         training.update(
             method="lora", epochs=epochs, lr=t.lr * multiplier, global_batch_size=batch, micro_batch_size=micro
         )
+        if dpo:
+            training["objective"] = "dpo"
+            beta = t.dpo.beta if given.beta == "auto" else float(given.beta)
+            training["dpo"] = dict(training.get("dpo") or {}) | {"beta": beta}
+        else:
+            training["objective"] = "sft"
         if given.n_epochs != "auto":  # asked for epochs: the template's step count no longer applies
             training.pop("max_steps", None)
         if body.seed is not None:
@@ -336,6 +346,8 @@ class FinetuneService:
             "batch_size": batch,
             "learning_rate_multiplier": multiplier,
         }
+        if dpo:
+            hp["beta"] = training["dpo"]["beta"]
         return hp, job
 
     def get(self, viewer: str | None, job_id: str) -> dict:
@@ -400,6 +412,9 @@ class FinetuneService:
             if kind == "s":
                 data = {"step": r["step"], "train_loss": r["loss"], "total_steps": total}
                 message = f"Step {r['step']}{of}: training loss={r['loss']:.4f}"
+                if "reward_accuracy" in r:  # a dpo job
+                    data |= {k: r[k] for k in ("reward_accuracy", "reward_margin")}
+                    message += f", reward accuracy={r['reward_accuracy']:.2f}"
             else:
                 data = {"step": r["step"], "valid_loss": r["eval_loss"], "total_steps": total}
                 message = f"Step {r['step']}{of}: validation loss={r['eval_loss']:.4f}"
@@ -527,7 +542,8 @@ class FinetuneService:
             except ApiError:
                 problems.append((param, f"{param} {ref['id']} was deleted before the job could read it"))
                 continue
-            rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name))
+            pairs = rec["job_file"]["training"].get("objective") == "dpo"
+            rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name), pairs)
             counts[split] = rows
             if bad:
                 listing = "\n".join(bad[:MAX_BAD_LISTED])
@@ -738,6 +754,13 @@ def _yaml(job: dict) -> str:
     return yaml.safe_dump(job, sort_keys=False)
 
 
+WRONG_KIND = {
+    True: "not a preference pair: a dpo job trains on rows {input: {messages}, preferred_output, "
+    "non_preferred_output} (or {prompt, chosen, rejected})",
+    False: "a preference pair: train on pairs with method {type: dpo}, or give supervised rows {messages}",
+}
+
+
 def _lines(chunks) -> Iterator[bytes]:
     """The lines (with their newline) of a stream of byte chunks."""
     rest = b""
@@ -750,9 +773,10 @@ def _lines(chunks) -> Iterator[bytes]:
         yield rest
 
 
-def copy_checked_rows(files: FileStore, f: StoredFile, dest: str) -> tuple[int, list[str]]:
+def copy_checked_rows(files: FileStore, f: StoredFile, dest: str, pairs: bool = False) -> tuple[int, list[str]]:
     """Check each line of an uploaded JSONL file with rayft's row checks (the formats `rayft train` reads) while
-    copying it to `dest`; returns (rows, ["filename:line: problem", ...])."""
+    copying it to `dest`; returns (rows, ["filename:line: problem", ...]). `pairs`: a DPO job's file, whose
+    rows must be preference pairs (and an SFT job's must not be)."""
     from rayft.training.formats import RowError, normalize, parse_json_line
 
     rows, bad = 0, []
@@ -769,7 +793,8 @@ def copy_checked_rows(files: FileStore, f: StoredFile, dest: str) -> tuple[int, 
                 continue
             rows += 1
             try:
-                normalize(parse_json_line(text))
+                if (normalize(parse_json_line(text))["kind"] == "pair") != pairs:
+                    raise RowError(WRONG_KIND[pairs])
             except RowError as e:
                 bad.append(f"{f.filename}:{lineno}: {e}")
     return rows, bad

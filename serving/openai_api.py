@@ -235,9 +235,22 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = Field(
+        "auto", description="How far the model may move from the reference (training.dpo.beta)."
+    )
+
+
+class DpoMethod(BaseModel):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = Field(..., description="supervised: finetune on example conversations.")
+    type: Literal["supervised", "dpo"] = Field(
+        ..., description="supervised: finetune on example conversations; dpo: on preference pairs."
+    )
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class FineTuningJobCreate(BaseModel):
@@ -274,9 +287,17 @@ class FineTuningJobCreate(BaseModel):
         return v
 
     def hyperparameters_given(self) -> Hyperparameters:
+        if self.method is not None and self.method.type == "dpo":
+            return self.method.dpo.hyperparameters if self.method.dpo else DpoHyperparameters()
         if self.method is not None and self.method.supervised is not None:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
+
+    def hyperparameters_field(self) -> str:
+        """Where the request's hyperparameters are, for error messages."""
+        if self.method is not None and self.method.type == "dpo":
+            return "method.dpo.hyperparameters"
+        return "method.supervised.hyperparameters" if self.method and self.method.supervised else "hyperparameters"
 
 
 class JobError(BaseModel):
@@ -289,6 +310,7 @@ class ResolvedHyperparameters(BaseModel):
     n_epochs: int | float
     batch_size: int
     learning_rate_multiplier: float
+    beta: float | None = Field(None, description="DPO jobs: training.dpo.beta.")
 
 
 class FineTuningJob(BaseModel):

@@ -221,7 +221,7 @@ def test_requests_the_server_cannot_take_get_400_and_a_second_live_job_429(endpo
         ({"model": "gpt-4o-mini", "training_file": f.id}, "model"),
         ({"model": "tiny", "training_file": "file-" + "0" * 32}, "training_file"),
         ({"model": "tiny", "training_file": f.id, "method": supervised(n_epochs=51)}, "n_epochs"),
-        ({"model": "tiny", "training_file": f.id, "method": {"type": "dpo"}}, "method"),
+        ({"model": "tiny", "training_file": f.id, "method": {"type": "reinforcement"}}, "method"),
         ({"model": "tiny", "training_file": f.id, "suffix": "no spaces allowed"}, "suffix"),
     ]
     for body, param in bad:
@@ -290,3 +290,31 @@ def test_a_job_whose_driver_is_killed_is_submitted_again_and_resumes_from_its_ch
     logged = steps()
     assert logged.count(1) == 1  # the second attempt did not start over...
     assert logged.count(51) == 2 and max(logged) == 320  # ...it went on from step 50's checkpoint to the end
+
+
+def test_a_dpo_job_trains_on_preference_pairs_and_refuses_supervised_rows(endpoint, tmp_path):
+    prompt = {"messages": [{"role": "user", "content": QUESTION}]}
+    pair = {
+        "input": prompt,
+        "preferred_output": [{"role": "assistant", "content": ANSWER}],
+        "non_preferred_output": [{"role": "assistant", "content": "I cannot tell you that."}],
+    }
+    c = client(endpoint, OTHER)
+    f = upload(endpoint, OTHER, write_jsonl(tmp_path / "pairs.jsonl", [pair] * 16))
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 5}}}
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=dpo)
+    assert job.method.type == "dpo" and job.hyperparameters.beta == 0.2
+    done = wait_for(endpoint, OTHER, job.id, ended)
+    assert done.status == "succeeded", done.error
+    steps = sorted((e for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"),
+                   key=lambda e: e.data["step"])  # fmt: skip
+    assert len(steps) == 10 and steps[-1].data["reward_accuracy"] == 1.0 and steps[-1].data["reward_margin"] > 0
+    assert "reward accuracy=1.00" in steps[-1].message
+    assert c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": QUESTION}])
+
+    sft = upload(endpoint, OTHER, write_jsonl(tmp_path / "sft.jsonl", [chat(QUESTION, ANSWER)] * 16))
+    job = wait_for(endpoint, OTHER, c.fine_tuning.jobs.create(model="tiny", training_file=sft.id, method=dpo).id, ended)
+    assert job.status == "failed" and "sft.jsonl:1: not a preference pair" in job.error.message
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id)  # supervised, on pairs
+    job = wait_for(endpoint, OTHER, job.id, ended)
+    assert job.status == "failed" and "pairs.jsonl:1: a preference pair" in job.error.message
