@@ -68,7 +68,8 @@ def _inspect(cfg, address: str | None, examples: int, quiet: bool) -> dict:
         connect(address)
         if status is not None:
             status.update("reading, validating and tokenizing the data")
-        report = inspect_data(cfg.model, cfg.data, cfg.training.micro_batch_size, examples)
+        pairs = cfg.training.objective == "dpo"
+        report = inspect_data(cfg.model, cfg.data, cfg.training.micro_batch_size, examples, pairs)
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -104,6 +105,14 @@ def print_inspect_report(report: dict) -> None:
     row("padding efficiency", lambda r: f"{r['padding_efficiency']:.1%}")
     row("packed rows", lambda r: f"{r['packed_rows']:,}")
     row("packing efficiency", lambda r: f"{r['packing_efficiency']:.1%}")
+    if "pairs" in report["splits"][splits[0]]:
+
+        def answer(kind: str):
+            return lambda r: "{min} / {mean:.0f} / {max}".format(**r["pairs"][f"{kind}_answer_tokens"])
+
+        row("preference pairs", lambda r: f"{r['pairs']['pairs']:,}")
+        row("  chosen answer min / mean / max", answer("chosen"))
+        row("  rejected answer min / mean / max", answer("rejected"))
     out.print(table)
     first = report["splits"][splits[0]]
     if first["rendered_examples"]:

@@ -195,3 +195,40 @@ def test_two_workers_learn_to_rank_the_chosen_answer_first(ray_local, tmp_path, 
     final = [r for r in records if "eval_reward_accuracy" in r][-1]
     assert final["eval_reward_accuracy"] >= 0.9 and final["eval_pairs"] == 16
     assert final["eval_loss"] < math.log(2)
+
+
+def test_eval_ranks_pairs_by_reward_and_scores_answers_by_the_rows_rule():
+    from rayft.training.evaluate import compare_pairs, passes, score
+
+    rule = {"contains": ["Reset", "ten seconds"], "max_words": 12}
+    assert passes("Hold reset for ten seconds.", rule)
+    assert not passes("Hold the button.", rule)  # misses the content
+    assert not passes("Great question! " * 4 + "Hold reset for ten seconds.", rule)  # too long
+    rows = [("a", 10.0, 20.0, 8.0, 25.0, True, False), ("b", 10.0, 20.0, 12.0, 19.0, True, True),
+            ("c", 10.0, 20.0, 9.0, 20.0, False, True), ("d", 10.0, 20.0, 9.0, 21.0, False, False)]  # fmt: skip
+    base, tuned = [], []
+    for source, b_c, b_r, f_c, f_r, f_ok, b_ok in rows:
+        common = {"split": "s", "source": source, "rule": json.dumps(rule), "reference": "x", "answer": "x"}
+        good, bad = "Hold reset for ten seconds.", "Hold the button."
+        base.append(common | {"ref_nll": b_c, "rej_nll": b_r, "prediction": good if b_ok else bad})
+        tuned.append(common | {"ref_nll": f_c, "rej_nll": f_r, "prediction": good if f_ok else bad})
+    # reward accuracy: (base - tuned) NLL drop of the chosen answer above the rejected one's: a, c, d yes; b no
+    # win rate: a win, b tie, c loss, d tie -> (1 + 0.5 + 0 + 0.5) / 4
+    assert compare_pairs(base, tuned) == {"reward_accuracy": 0.75, "win_rate": 0.5}
+    assert score(tuned)["rule_pass"] == 0.5 and score([r | {"rule": None} for r in tuned])["rule_pass"] is None
+
+
+def test_data_inspect_counts_pairs_and_both_answers(ray_local, tmp_path, tiny_model_dir):
+    from rayft.training.config import DataConfig, ModelConfig
+    from rayft.training.data import inspect_data
+
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": "No, not at all, never, not once."}
+            for i in range(5)]  # fmt: skip
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    report = inspect_data(ModelConfig(name=str(tiny_model_dir)), DataConfig(train=str(path)), pairs=True)
+    split = report["splits"]["train"]
+    assert split["pairs"]["pairs"] == 5 and split["examples"] == 10  # both answers of every pair
+    chosen, rejected = split["pairs"]["chosen_answer_tokens"], split["pairs"]["rejected_answer_tokens"]
+    assert chosen["max"] < rejected["min"]
+    shown = ["".join(s["text"] for s in ex if s["trained"]) for ex in split["rendered_examples"][:2]]
+    assert shown[0].startswith("Yes.") and shown[1].startswith("No, not at all")

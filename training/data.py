@@ -622,8 +622,12 @@ def build_datasets(
 # --------------------------------------------------------------------------- inspection
 
 
-def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4, examples: int = 3) -> dict:
-    """Everything `rayft data inspect` reports, as a JSON-ready dict."""
+def inspect_data(
+    model: ModelConfig, data: DataConfig, micro_batch_size: int = 4, examples: int = 3, pairs: bool = False
+) -> dict:
+    """Everything `rayft data inspect` reports, as a JSON-ready dict. `pairs`: preference pairs (training.objective
+    dpo): the counts cover both answers of each pair, and each split also reports its pairs and the chosen and
+    rejected answers' lengths; examples show the chosen answer, then the rejected one."""
     from rayft.training.formats import IGNORE_INDEX, pack_examples, padded_length
     from rayft.training.models import load_tokenizer
 
@@ -631,16 +635,24 @@ def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4
     tokenizer = load_tokenizer(model.name, model.revision)
     report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
     for split, check in checks.items():
-        ds = tokenized(model, data, split, keep_dropped=True, shuffle=False)  # the counts need no shuffle
+        ds = tokenized(model, data, split, keep_dropped=True, shuffle=False, pairs=pairs)  # counts need no shuffle
         lengths, trained, statuses, shown = [], [], [], []
         kept: list[tuple[np.ndarray, np.ndarray]] = []
+        answers: dict[str, list[int]] = {"chosen": [], "rejected": []}
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             lengths.append(batch["num_tokens"])
             trained.append(batch["num_trained"])
             statuses.append(batch["status"])
-            for ids, labels, status in zip(batch["input_ids"], batch["labels"], batch["status"], strict=True):
-                if status != "dropped":
-                    kept.append((ids, labels))
+            for i, status in enumerate(batch["status"]):
+                if status == "dropped":
+                    continue
+                seqs = [(batch["input_ids"][i], batch["labels"][i])]
+                if pairs:
+                    seqs.append((batch["rejected_ids"][i], batch["rejected_labels"][i]))
+                    for kind, (_, labels) in zip(answers, seqs, strict=True):
+                        answers[kind].append(int((np.asarray(labels) != IGNORE_INDEX).sum()))
+                kept.extend(seqs)
+                for ids, labels in seqs:
                     if len(shown) < examples:
                         shown.append(_segments(tokenizer, ids, labels, IGNORE_INDEX))
         n_tok = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
@@ -677,6 +689,18 @@ def inspect_data(model: ModelConfig, data: DataConfig, micro_batch_size: int = 4
             "packing_efficiency": float(used.sum() / (packed_rows * data.max_seq_len)) if packed_rows else 0.0,
             "rendered_examples": shown,
         }
+        if pairs:
+            report["splits"][split]["pairs"] = {
+                "pairs": len(answers["chosen"]),
+                **{
+                    f"{kind}_answer_tokens": {
+                        "min": min(v, default=0),
+                        "mean": float(np.mean(v)) if v else 0.0,
+                        "max": max(v, default=0),
+                    }
+                    for kind, v in answers.items()
+                },
+            }
     return report
 
 

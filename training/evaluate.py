@@ -29,12 +29,24 @@ from rayft.training.inference import InferenceConfig, InferenceModel, run_infere
 
 EVAL_DIR = "eval"
 LABELS = ("base", "finetuned")
-METRICS = ("exact_match", "contained", "token_f1", "json_valid", "perplexity")
+METRICS = (
+    "exact_match",
+    "contained",
+    "token_f1",
+    "json_valid",
+    "rule_pass",
+    "reward_accuracy",
+    "win_rate",
+    "perplexity",
+)
 METRIC_TITLES = {
     "exact_match": "exact match",
     "contained": "answer contained",
     "token_f1": "token F1",
     "json_valid": "valid JSON",
+    "rule_pass": "answers passing the row's rule",
+    "reward_accuracy": "pairs ranked right (reward accuracy)",
+    "win_rate": "win rate over base, by the rule",
     "perplexity": "reference perplexity",
 }
 MAX_EXAMPLES = 5
@@ -102,14 +114,44 @@ def score(rows: list[dict]) -> dict[str, float | int | None]:
     json_refs = all(parse_json(r["reference"]) is not None for r in rows)
     tokens = sum(int(r.get("ref_tokens", 0)) for r in rows)
     nll = sum(float(r.get("ref_nll", 0.0)) for r in rows)
+    ruled = [r for r in rows if r.get("rule")]
     return {
         "rows": n,
         "exact_match": sum(exact_match(r["prediction"], r["reference"]) for r in rows) / n,
         "contained": sum(contained(r["prediction"], r["answer"]) for r in rows) / n,
         "token_f1": sum(token_f1(r["prediction"], r["reference"]) for r in rows) / n,
         "json_valid": sum(parse_json(r["prediction"]) is not None for r in rows) / n if json_refs else None,
+        "rule_pass": sum(passes(r["prediction"], r["rule"]) for r in ruled) / len(ruled) if ruled else None,
         "perplexity": math.exp(min(nll / tokens, 50.0)) if tokens else None,
     }
+
+
+def passes(prediction: str, rule: dict | str) -> bool:
+    """Whether an answer keeps an evaluation row's rule: {"contains": [text, ...], "max_words": N}, both
+    optional; text is matched case-insensitively, words are whitespace-separated."""
+    rule = json.loads(rule) if isinstance(rule, str) else rule
+    text = prediction.lower()
+    if any(str(c).lower() not in text for c in rule.get("contains") or []):
+        return False
+    return rule.get("max_words") is None or len(prediction.split()) <= int(rule["max_words"])
+
+
+def compare_pairs(base: list[dict], finetuned: list[dict]) -> dict:
+    """What preference rows say about finetuned against base, on the same rows: reward accuracy (the share of
+    pairs where finetuned raised the chosen answer's log-probability over base's by more than the rejected
+    one's: DPO's implicit reward, finetuned against base as the reference) and the rule's win rate
+    (finetuned's answer keeps the row's rule and base's does not; a tie counts half)."""
+    by_source = {r["source"]: r for r in base}
+    pairs = [(by_source[r["source"]], r) for r in finetuned if r["source"] in by_source and "rej_nll" in r]
+    out: dict[str, float | None] = {"reward_accuracy": None, "win_rate": None}
+    if pairs:
+        right = sum((b["ref_nll"] - f["ref_nll"]) > (b["rej_nll"] - f["rej_nll"]) for b, f in pairs)
+        out["reward_accuracy"] = right / len(pairs)
+    ruled = [(b, f) for b, f in pairs if f.get("rule")]
+    if ruled:
+        wins = sum(passes(f["prediction"], f["rule"]) - passes(b["prediction"], b["rule"]) + 1 for b, f in ruled)
+        out["win_rate"] = wins / (2 * len(ruled))
+    return out
 
 
 # --------------------------------------------------------------------------- evaluation rows
@@ -118,6 +160,8 @@ def score(rows: list[dict]) -> dict[str, float | int | None]:
 def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     """The evaluation split as inference rows: split (file name), source (file:line), prompt, reference,
     answer (the row's `answer` field, else the reference), and the reference rendering for perplexity.
+    A preference pair's reference is its chosen answer; its rejected answer is rendered too (scored for
+    reward accuracy), and its `rule` kept (see passes).
 
     Reads with Ray Data like training does; rows that cannot be evaluated are listed in one DataError."""
     import numpy as np
@@ -142,6 +186,8 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             if r["error"]:
                 raise RowError(str(r["error"]))
             doc = json.loads(str(r["doc"]))
+            pair = doc if doc["kind"] == "pair" else None
+            doc = pair["chosen"] if pair else doc
             prompt, reference = renderer.prompt(doc)
             full, spans = renderer.reference(doc)
         except RowError as e:
@@ -149,17 +195,21 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             continue
         value = json.loads(str(r["raw"]))
         answer = value.get("answer") if isinstance(value.get("answer"), str) and value["answer"].strip() else None
-        rows.append(
-            {
-                "split": _split_name(source),
-                "source": source,
-                "prompt": prompt,
-                "reference": reference,
-                "answer": answer or reference,
-                "full": full,
-                "spans": json.dumps(spans),
-            }
-        )
+        row = {
+            "split": _split_name(source),
+            "source": source,
+            "prompt": prompt,
+            "reference": reference,
+            "answer": answer or reference,
+            "full": full,
+            "spans": json.dumps(spans),
+        }
+        if pair:
+            rejected_full, rejected_spans = renderer.reference(pair["rejected"])
+            row |= {"rejected_full": rejected_full, "rejected_spans": json.dumps(rejected_spans)}
+            if isinstance(value.get("rule"), dict):
+                row["rule"] = json.dumps(value["rule"])
+        rows.append(row)
     if bad:
         shown = "\n".join(bad[:20])
         raise DataError(
@@ -243,13 +293,19 @@ def predict(
     t0 = time.perf_counter()
     done = run_inference(rows, model, icfg, on_rows)
     keep = ("split", "source", "prompt", "reference", "answer", "prediction", "ref_nll", "ref_tokens")
-    out = [{k: r[k] for k in keep} for r in done]
+    pairs = ("rej_nll", "rej_tokens", "rule")  # preference rows only
+    out = [{k: _plain(r[k]) for k in keep + pairs if k in r} for r in done]
     header = {"fingerprint": fp, "model": model.describe(), "seconds": round(time.perf_counter() - t0, 1)}
     storage.write_text(predictions_path(eval_dir, label), "".join(json.dumps(r) + "\n" for r in [header, *out]))
     return out, False
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _plain(v):
+    """A value of an inference row as JSON can hold it (numpy scalars from Ray Data)."""
+    return v.item() if hasattr(v, "item") else v
 
 
 def by_split(rows: list[dict]) -> dict[str, list[dict]]:
@@ -266,6 +322,12 @@ def build_report(eval_dir: str, predictions: dict[str, list[dict]], models: dict
     for label in labels:
         for split, rows in by_split(predictions[label]).items():
             splits.setdefault(split, {})[label] = score(rows)
+    if len(labels) == 2:  # preference rows: finetuned measured against base
+        base = by_split(predictions["base"])
+        for split, rows in by_split(predictions["finetuned"]).items():
+            compared = compare_pairs(base.get(split, []), rows)
+            if any(v is not None for v in compared.values()):
+                splits[split]["finetuned"] |= compared
     examples = differing_examples(predictions) if len(labels) == 2 else []
     report = {
         "models": {lb: models[lb] for lb in labels},

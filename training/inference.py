@@ -197,6 +197,13 @@ class Generator:
         if "full" in batch:
             nll, count = self._score([str(f) for f in batch["full"]], [json.loads(str(s)) for s in batch["spans"]])
             result["ref_nll"], result["ref_tokens"] = np.array(nll), np.array(count)
+        if "rejected_full" in batch:  # preference rows: the rejected answer is scored too
+            texts, spans = (
+                [str(f) for f in batch["rejected_full"]],
+                [json.loads(str(s)) for s in batch["rejected_spans"]],
+            )
+            nll, count = self._score(texts, spans)
+            result["rej_nll"], result["rej_tokens"] = np.array(nll), np.array(count)
         return result
 
     def _score(self, texts: list[str], spans: list[list]) -> tuple[list[float], list[int]]:
