@@ -123,12 +123,6 @@ def job_template_problems(job: dict[str, Any]) -> list[str]:
             f"serve.finetune.job.training.method is {method!r}: fine-tuning jobs train LoRA adapters, which the "
             "endpoint serves beside its model; set it to lora or remove it"
         )
-    merge = (job.get("export") or {}).get("merge") if isinstance(job.get("export"), dict) else None
-    if merge:
-        problems.append(
-            "serve.finetune.job.export.merge is true: the endpoint serves a job's result as a LoRA adapter beside "
-            "its model, so final/ must hold the adapter; remove it"
-        )
     if problems:
         return problems
     sample = {k: dict(v) for k, v in job.items()}

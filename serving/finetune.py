@@ -332,6 +332,7 @@ class FinetuneService:
             training["seed"] = body.seed
             job.setdefault("data", {})["seed"] = body.seed
         training.setdefault("seed", t.seed)
+        job.setdefault("export", {}).setdefault("merge", False)  # the endpoint serves the adapter: final/ is it
         model = job.setdefault("model", {})
         model["name"] = self.base.path
         if self.base.revision:

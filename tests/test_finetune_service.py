@@ -39,7 +39,6 @@ def test_the_job_template_lists_every_setting_it_may_not_hold_at_once():
                 "data": {"train": "mine.jsonl", "packing": True},
                 "run": {"storage_path": "/elsewhere"},
                 "training": {"method": "full"},
-                "export": {"merge": True},
                 "serve": {},
             }
         )
@@ -48,7 +47,6 @@ def test_the_job_template_lists_every_setting_it_may_not_hold_at_once():
         "serve.finetune.job.data.train: the service sets this itself",
         "serve.finetune.job.run.storage_path: the service sets this itself",
         "serve.finetune.job.training.method is 'full'",
-        "serve.finetune.job.export.merge is true",
         "serve.finetune.job.serve: not a section",
     ):
         assert part in text
@@ -67,6 +65,7 @@ def test_hyperparameters_become_the_job_file_and_auto_takes_the_template(tmp_pat
     t = job["training"]
     assert (t["lr"], t["epochs"], t["max_steps"], t["global_batch_size"]) == (1e-3, 2, 7, 8)
     assert job["model"] == {"name": str(tmp_path / "model")} and "data" not in job
+    assert job["export"] == {"merge": False}  # final/ is the adapter the endpoint serves
 
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 6}}}
     hp, job = svc.resolve(request(method=method, seed=5, hyperparameters={"n_epochs": 9}))  # method wins
