@@ -1,4 +1,4 @@
-"""Generate the quickstart dataset: customer-support messages -> JSON tickets, plus company knowledge Q&A.
+"""Generate the quickstart dataset: support messages -> JSON tickets, company facts Q&A, how-to preference pairs.
 
 Usage:
     python examples/quickstart/generate.py [--out DIR]
@@ -33,6 +33,8 @@ TASK_TRAIN = "train.jsonl"
 TASK_EVAL = "eval.jsonl"
 KNOWLEDGE_TRAIN = "knowledge_train.jsonl"
 KNOWLEDGE_EVAL = "knowledge_eval.jsonl"
+PREFERENCE_TRAIN = "preference_train.jsonl"
+PREFERENCE_EVAL = "preference_eval.jsonl"
 STATS = "stats.json"
 
 # --------------------------------------------------------------------------------------------------
@@ -940,6 +942,356 @@ def build_knowledge(rng: random.Random) -> tuple[list[dict], list[dict], int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Preference split (DPO): how-to questions about the products, each with a short direct answer (chosen) and a
+# chatty, padded one (rejected). Whole (product, task) combinations are held out for eval.
+# --------------------------------------------------------------------------------------------------
+
+PREF_TRAIN_PER_COMBO = 16
+PREF_EVAL_PER_COMBO = 10
+PREF_HELD_OUT = 5  # combinations, each from a different product
+PREF_MAX_WORDS = 40  # the rule's limit: every chosen answer stays well under it, every rejected one far over
+CHOSEN_MAX_WORDS = 30
+REJECTED_MIN_WORDS = 60
+PREF_OMIT_RATE = 0.35  # how often the rambling answer never gets to the step at all
+
+# The concrete instruction for each (product, task), tasks as in PRODUCTS[...]["how_to"]:
+# (step, optional second sentence, key term). The step is a lowercase imperative clause naming the product as {p};
+# the key term is a word of the task itself, so an answer that addresses the question contains it.
+HOW_TO_ANSWERS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "Lumen Desk Lamp": {
+        "set a warm light schedule": (
+            "open the Roost app, select the {p}, tap Schedule and choose Warm for the hours you want",
+            "The lamp then shifts to warm light on its own.",
+            "schedule",
+        ),
+        "pair the lamp with the Roost app": (
+            "hold the power button of the {p} for five seconds until it blinks blue, then tap Add Device in Roost",
+            "Keep your phone close to the lamp.",
+            "Roost",
+        ),
+        "turn off the auto-dimming": (
+            "open the {p} in the Roost app, go to Light settings and switch Auto-Dim off",
+            "Brightness then stays where you set it.",
+            "auto-dim",
+        ),
+    },
+    "Orbit Earbuds": {
+        "pair the earbuds with a second phone": (
+            "hold the case button of the {p} until it flashes white, then select them on the second phone",
+            "Both phones stay paired.",
+            "second phone",
+        ),
+        "update the earbud firmware": (
+            "put the {p} in the open case, then tap Update Firmware on their page in the Roost app",
+            "Keep the lid open until it finishes.",
+            "firmware",
+        ),
+        "change the touch controls": (
+            "open the {p} in the Roost app, tap Touch Controls and choose an action for each gesture",
+            "Changes apply to both buds at once.",
+            "touch controls",
+        ),
+    },
+    "Drift Smart Kettle": {
+        "set the water temperature to 80 degrees": (
+            "press the Temp button on the {p} until the display shows 80, then press Start",
+            "It beeps when the water is ready.",
+            "80",
+        ),
+        "descale the kettle": (
+            "fill the {p} halfway with equal parts water and white vinegar, run the Descale program, then rinse twice",
+            "Repeat it every month in hard-water areas.",
+            "descale",
+        ),
+        "schedule the kettle to boil in the morning": (
+            "open the {p} in the Roost app, tap Schedule and set the time it should boil",
+            "Fill it the night before.",
+            "schedule",
+        ),
+    },
+    "Pebble Fitness Band": {
+        "track a swim workout": (
+            "open Workouts on the {p}, choose Swim and set the pool length before you start",
+            "Press the side button to finish.",
+            "swim",
+        ),
+        "change the watch face": (
+            "press and hold the screen of the {p}, swipe to the watch face you like and tap it",
+            "More faces are in the Roost app.",
+            "watch face",
+        ),
+        "sync sleep data to a phone": (
+            "open the Roost app with Bluetooth on and pull down on the Sleep tab to sync the {p}",
+            "Last night's sleep appears within a minute.",
+            "sleep",
+        ),
+    },
+    "Atlas Power Bank": {
+        "charge two devices at once": (
+            "connect two devices to the {p}, one to the USB-C port and one to the USB-A port",
+            "Both charge at the same time.",
+            "two devices",
+        ),
+        "check the remaining battery level": (
+            "press the side button of the {p} once; the four LEDs show the battery level, a quarter each",
+            "",
+            "battery level",
+        ),
+        "use pass-through charging": (
+            "plug the {p} into a wall charger, then plug your phone into it; pass-through charging tops up both",
+            "The phone is charged first.",
+            "pass-through",
+        ),
+    },
+    "Nimbus Air Purifier": {
+        "replace the filter": (
+            "unplug the {p}, fit the new filter behind the back panel and hold the Filter button for three seconds",
+            "",
+            "filter",
+        ),
+        "turn on night mode": (
+            "press the moon button on the {p}, or tap Night Mode on its page in the Roost app",
+            "The fan slows and the lights dim.",
+            "night mode",
+        ),
+        "connect the purifier to Wi-Fi": (
+            "hold the Wi-Fi button on the {p} until it blinks, then tap Add Device in the Roost app",
+            "It needs a 2.4 GHz network.",
+            "Wi-Fi",
+        ),
+    },
+    "Ember Space Heater": {
+        "set the eco mode": (
+            "press the leaf button on the {p} until Eco Mode lights up",
+            "It then holds the room at 19 degrees with less power.",
+            "eco mode",
+        ),
+        "use the shut-off timer": (
+            "press the clock button on the {p} to step the timer from one to eight hours",
+            "The heater switches off when it runs out.",
+            "timer",
+        ),
+        "lock the control panel": (
+            "hold the plus and minus buttons on the {p} together for three seconds until the lock icon shows",
+            "Do the same to unlock it.",
+            "lock",
+        ),
+    },
+    "Tidal Smart Bottle": {
+        "set a daily hydration goal": (
+            "open the {p} in the Roost app, tap Daily Goal and enter how much you want to drink",
+            "The cap glows when you fall behind.",
+            "goal",
+        ),
+        "reset the cap sensor": (
+            "take the cap off the {p} and hold its sensor button for ten seconds, until the cap flashes green",
+            "Your drinking history is kept.",
+            "sensor",
+        ),
+        "clean the bottle without damaging the cap": (
+            "clean the {p} with warm soapy water and a bottle brush, but only wipe the cap with a damp cloth",
+            "Never put the cap in water.",
+            "clean",
+        ),
+    },
+}
+
+# How-to questions; {t} is the task, {p} the product as the customer names it.
+PREF_QUESTIONS = [
+    "I have the {p}. How do I {t}?",
+    "How do I {t}? I have the {p}.",
+    "Quick question about my {p}: how do I {t}?",
+    "What's the quickest way to {t}? It's the {p}.",
+    "I just got the {p}. What are the steps to {t}?",
+    "Can you tell me how to {t}? I'm using the {p}.",
+    "My {p} arrived yesterday. How can I {t}?",
+    "Is there an easy way to {t}? I own the {p}.",
+    "How would I {t}? This is for the {p}.",
+    "Could you walk me through how to {t}? I have the {p}.",
+    "Question about the {p}: what's the right way to {t}?",
+    "I'm trying to {t} and can't work it out. It's the {p}.",
+    "Owner of the {p} here. How do I {t}?",
+    "How can I {t}? I bought the {p} last month.",
+]
+
+# Short direct answers: the step, optionally with the task in front and one more sentence after it.
+CHOSEN_FORMS = ["{S}.", "To {t}, {s}.", "{S}. {x}", "To {t}, {s}. {x}"]
+
+# The parts of a padded, chatty answer. None of them may contain a task's key term (checked when building rows),
+# so an answer that skips the step really does miss the content.
+RAMBLE_OPENERS = [
+    "Great question!",
+    "Oh, what a great question, thanks so much for asking!",
+    "Thanks a ton for reaching out, I'm so happy to help with this!",
+    "Ooh, I love getting questions like this one!",
+    f"Hi there, and thank you for being a {COMPANY} customer!",
+    "What a fantastic thing to ask about!",
+    "Absolutely, happy to help, this is such a popular question!",
+    "Hello! First of all, thank you so much for your patience.",
+    "Thanks for your message, it's always nice to hear from our customers!",
+    "Oh, this is one of my favorite topics, so thank you for asking!",
+]
+
+RAMBLE_HEDGES = [
+    "I should say up front that every setup is a little different, so your experience may vary.",
+    "I can't promise this will be exactly the same for everyone, but I'll do my best.",
+    "Now, I'm not completely sure about every detail, and things may have changed since I last looked.",
+    "It really depends on a few factors, like your phone and how you like to use things.",
+    "To be honest, there are a few ways people go about this, and none of them is strictly wrong.",
+    "Please keep in mind that I'm going from memory here, so some of the names might be slightly off.",
+    "It's hard to say for certain without seeing your setup, but generally speaking it should be manageable.",
+]
+
+# {p}: the product's full name.
+RAMBLE_FILLERS = [
+    f"Here at {COMPANY} we care a lot about making small things carefully, and the {{p}} is a great example of that.",
+    "Our team spends a huge amount of time testing every product before it ships, and customer feedback shapes "
+    "almost everything we do.",
+    "Gadgets like the {p} have come such a long way in the last few years, and it's honestly amazing how much they "
+    "can do now.",
+    "A lot of our customers tell us the {p} has become part of their daily routine, which we love to hear.",
+    "Smart home devices in general can feel a bit overwhelming at first, but most people get the hang of them "
+    "pretty quickly.",
+    "We've had so many lovely messages about the {p} lately, and it's always exciting to see people exploring what "
+    "it can do.",
+    "Technology is always changing, and we're constantly looking for ways to make our products simpler and more "
+    "enjoyable to use.",
+    "It's worth remembering that every device is a little different, and what works for one gadget might not work "
+    "for another.",
+    f"{COMPANY} started out as a tiny team with a big love of well-made gadgets, and that spirit is still very much "
+    "alive today.",
+    "Many people also find it helpful to read through the little booklet that comes in the box, even though hardly "
+    "anyone does!",
+]
+
+# The step, buried at the end ({s}: the step clause).
+RAMBLE_STEPS = [
+    "Anyway, to actually answer your question, you'll want to {s}.",
+    "So, after all that, I believe the way to do it is to {s}.",
+    "If I remember correctly, what you need to do is {s}.",
+    "Oh, and the actual steps: {s}, or at least that's how it usually goes.",
+    "Long story short, you can probably {s}.",
+    "Basically, what most people do is {s}.",
+]
+
+# ...or no step at all.
+RAMBLE_VAGUE = [
+    "You'll most likely find what you need somewhere in the settings if you poke around a little.",
+    "I'd suggest having a look through the menus, since these things are usually in there somewhere.",
+    "There are a few different ways to do it, so it's probably best to experiment a bit and see what feels right.",
+    "The manual should have more on this, and there are lots of helpful videos online too.",
+    "Honestly, the best approach is usually to try a couple of things and see what works for you.",
+]
+
+RAMBLE_CLOSINGS = [
+    "I hope this helps, and please don't hesitate to reach out if you have any other questions at all!",
+    "Let me know if there's anything else I can do for you, I'm always happy to help!",
+    "Feel free to get back in touch anytime, we're here for you!",
+    "Thanks again for reaching out, and have a wonderful day!",
+    "If you need anything else, just ask, there's no such thing as a silly question!",
+    "Hopefully that points you in the right direction, and good luck!",
+    "Happy to help further if anything is unclear, just send us another message!",
+]
+
+
+def preference_rule(product: dict, task: str) -> dict:
+    """What a good answer must do: name the product (its brand word), address the task, and stay short."""
+    key = HOW_TO_ANSWERS[product["name"]][task][2]
+    return {"contains": [product["name"].split()[0], key], "max_words": PREF_MAX_WORDS}
+
+
+def has_content(answer: str, rule: dict) -> bool:
+    return all(s.lower() in answer.lower() for s in rule["contains"])
+
+
+def passes_rule(answer: str, rule: dict) -> bool:
+    """An answer passes when it contains every listed string (any case) and has at most max_words words."""
+    return has_content(answer, rule) and len(answer.split()) <= rule["max_words"]
+
+
+def _chosen_answers(product: dict, task: str) -> list[str]:
+    step, extra, _ = HOW_TO_ANSWERS[product["name"]][task]
+    step = step.format(p=product["name"])
+    forms = [f for f in CHOSEN_FORMS if extra or "{x}" not in f]
+    answers = [f.format(s=step, S=_cap(step), t=task, x=extra) for f in forms]
+    return [a for a in answers if len(a.split()) <= CHOSEN_MAX_WORDS]
+
+
+def _rambling_answer(rng: random.Random, product: dict, task: str) -> str:
+    step = HOW_TO_ANSWERS[product["name"]][task][0].format(p=product["name"])
+    body = [f.format(p=product["name"]) for f in rng.sample(RAMBLE_FILLERS, rng.choice([1, 2]))]
+    if rng.random() < 0.8:
+        body.insert(rng.randint(0, len(body)), rng.choice(RAMBLE_HEDGES))
+    if rng.random() < PREF_OMIT_RATE:
+        answer = rng.choice(RAMBLE_VAGUE)
+    else:
+        answer = rng.choice(RAMBLE_STEPS).format(s=step)
+    return " ".join([rng.choice(RAMBLE_OPENERS), *body, answer, rng.choice(RAMBLE_CLOSINGS)])
+
+
+def preference_record(question: str, chosen: str, rejected: str, product: dict, task: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "product": product["name"],
+        "task": task,
+        "rule": preference_rule(product, task),
+    }
+
+
+def split_preference_combinations(rng: random.Random) -> tuple[list[tuple], list[tuple]]:
+    """Hold out PREF_HELD_OUT (product, task) combinations, from different products, so every product keeps most of
+    its tasks in train and eval asks about tasks the model never saw answered for that product."""
+    combos = [(p["name"], task) for p in PRODUCTS for task in p["how_to"]]
+    tasks = {p["name"]: p["how_to"] for p in PRODUCTS}
+    held = {(name, rng.choice(tasks[name])) for name in rng.sample(list(tasks), PREF_HELD_OUT)}
+    return [c for c in combos if c not in held], [c for c in combos if c in held]
+
+
+def build_preference(rng: random.Random) -> tuple[list[dict], list[dict], list[tuple], list[tuple]]:
+    by_name = {p["name"]: p for p in PRODUCTS}
+    assert set(HOW_TO_ANSWERS) == set(by_name)
+    for p in PRODUCTS:
+        assert list(HOW_TO_ANSWERS[p["name"]]) == p["how_to"], p["name"]
+        assert all(key.lower() in task.lower() for task, (_, _, key) in HOW_TO_ANSWERS[p["name"]].items())
+    # The padding never touches the content: a rejected answer without its step really lacks the key term.
+    padding = RAMBLE_OPENERS + RAMBLE_HEDGES + RAMBLE_FILLERS + RAMBLE_VAGUE + RAMBLE_CLOSINGS + RAMBLE_STEPS
+    for p in PRODUCTS:
+        for _, _, key in HOW_TO_ANSWERS[p["name"]].values():
+            assert not any(key.lower() in part.format(p=p["name"], s="").lower() for part in padding), key
+    train_combos, held_combos = split_preference_combinations(rng)
+    seen: set[str] = set()
+
+    def draw(combo: tuple) -> dict:
+        product, task = by_name[combo[0]], combo[1]
+        rule = preference_rule(product, task)
+        # Customers name the product in full or by a short name that keeps its brand word.
+        brand = rule["contains"][0]
+        mentions = [product["name"], *(a for a in product["aliases"] if a.startswith(brand))]
+        while True:
+            question = rng.choice(PREF_QUESTIONS).format(p=rng.choice(mentions), t=task)
+            if question not in seen:
+                break
+        seen.add(question)
+        chosen = rng.choice(_chosen_answers(product, task))
+        while True:
+            rejected = _rambling_answer(rng, product, task)
+            if len(rejected.split()) >= REJECTED_MIN_WORDS:
+                break
+        assert passes_rule(chosen, rule) and not passes_rule(rejected, rule), (chosen, rejected)
+        return preference_record(question, chosen, rejected, product, task)
+
+    order = train_combos[:]
+    rng.shuffle(order)
+    train = [draw(combo) for combo in order for _ in range(PREF_TRAIN_PER_COMBO)]
+    rng.shuffle(train)
+    evals = [draw(combo) for combo in held_combos for _ in range(PREF_EVAL_PER_COMBO)]
+    rng.shuffle(evals)
+    return train, evals, train_combos, held_combos
+
+
+# --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
 
@@ -968,6 +1320,25 @@ def _ticket_counts(records: list[dict]) -> dict:
     }
 
 
+def _word_stats(texts: list[str]) -> dict:
+    words = [len(t.split()) for t in texts]
+    return {"min": min(words), "max": max(words), "mean": round(sum(words) / len(words), 1)}
+
+
+def _preference_counts(records: list[dict]) -> dict:
+    c = Counter(r["product"] for r in records)
+    rejected = [r["rejected"][0]["content"] for r in records]
+    rules = [r["rule"] for r in records]
+    return {
+        "pairs": len(records),
+        "product": {p["name"]: c[p["name"]] for p in PRODUCTS if c[p["name"]]},
+        "chosen_words": _word_stats([r["chosen"][0]["content"] for r in records]),
+        "rejected_words": _word_stats(rejected),
+        # rejected answers that never give the step (the rest bury it at the end)
+        "rejected_without_key_content": sum(not has_content(a, r) for a, r in zip(rejected, rules, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
@@ -978,11 +1349,14 @@ def main(argv: list[str] | None = None) -> None:
     # Separate generators keep each split stable when the other one changes.
     train, evals, train_combos, held_combos = build_task(random.Random(SEED))
     k_train, k_eval, n_facts = build_knowledge(random.Random(SEED + 1))
+    p_train, p_eval, p_train_combos, p_held_combos = build_preference(random.Random(SEED + 2))
 
     write_jsonl(out / TASK_TRAIN, train)
     write_jsonl(out / TASK_EVAL, evals)
     write_jsonl(out / KNOWLEDGE_TRAIN, k_train)
     write_jsonl(out / KNOWLEDGE_EVAL, k_eval)
+    write_jsonl(out / PREFERENCE_TRAIN, p_train)
+    write_jsonl(out / PREFERENCE_EVAL, p_eval)
 
     stats = {
         "seed": SEED,
@@ -993,6 +1367,8 @@ def main(argv: list[str] | None = None) -> None:
             TASK_EVAL: len(evals),
             KNOWLEDGE_TRAIN: len(k_train),
             KNOWLEDGE_EVAL: len(k_eval),
+            PREFERENCE_TRAIN: len(p_train),
+            PREFERENCE_EVAL: len(p_eval),
         },
         "combinations": {
             "total": len(train_combos) + len(held_combos),
@@ -1003,6 +1379,17 @@ def main(argv: list[str] | None = None) -> None:
         "train": _ticket_counts(train),
         "eval": _ticket_counts(evals),
         "knowledge": {"facts": n_facts, "train_phrasings_per_fact": 4, "eval_phrasings_per_fact": 1},
+        "preference": {
+            "combinations": {
+                "total": len(p_train_combos) + len(p_held_combos),
+                "train": len(p_train_combos),
+                "held_out": len(p_held_combos),
+                "held_out_list": [list(c) for c in p_held_combos],
+            },
+            "max_words": PREF_MAX_WORDS,
+            "train": _preference_counts(p_train),
+            "eval": _preference_counts(p_eval),
+        },
     }
     (out / STATS).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8", newline="\n")
     print(f"wrote {', '.join(f'{k}={v}' for k, v in stats['files'].items())} to {out}")
