@@ -232,3 +232,20 @@ def test_data_inspect_counts_pairs_and_both_answers(ray_local, tmp_path, tiny_mo
     assert chosen["max"] < rejected["min"]
     shown = ["".join(s["text"] for s in ex if s["trained"]) for ex in split["rendered_examples"][:2]]
     assert shown[0].startswith("Yes.") and shown[1].startswith("No, not at all")
+
+
+def test_a_sweep_can_search_beta_and_rank_trials_by_reward_accuracy(tmp_path):
+    from rayft.cluster.config import load_config
+    from rayft.tuning.sweep import check_sweep
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}])
+    (tmp_path / "sweep.yaml").write_text(
+        "data: {train: pairs.jsonl, eval: pairs.jsonl, packing: false}\n"
+        "training: {objective: dpo, max_steps: 6, eval_every_steps: 2}\n"
+        "sweep:\n  search: grid\n  space: {training.dpo.beta: {grid: [0.05, 0.1, 0.5]}}\n"
+        "  metric: eval_reward_accuracy\n"
+    )
+    job = load_config(tmp_path / "sweep.yaml")
+    assert check_sweep(job) == [] and job.sweep.metric_mode == "max"
+    sft = load_config(tmp_path / "sweep.yaml", ["training.objective=sft", "data.train=x.jsonl", "data.eval=x.jsonl"])
+    assert "never report 'eval_reward_accuracy'" in check_sweep(sft)[0]

@@ -16,6 +16,9 @@ from rayft.training.config import Section, TrainJob
 # Metrics the training loop reports with every logged step, and the ones its eval pass adds.
 STEP_METRICS = ("loss", "tokens_per_s", "nonpad_tokens_per_s", "step_time_s", "grad_norm")
 EVAL_METRICS = ("eval_loss", "eval_perplexity")
+# What DPO runs (training.objective: dpo) report besides: per step, and from their eval pass.
+PREFERENCE_STEP_METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
+PREFERENCE_EVAL_METRICS = tuple(f"eval_{m}" for m in PREFERENCE_STEP_METRICS)
 # Scores of the generation eval (`rayft eval`), run on each trial's exported model once it has trained.
 GENERATION_METRICS = ("exact_match", "contained", "token_f1", "json_valid")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")

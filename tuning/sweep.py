@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rayft.training import storage
-from rayft.tuning.config import EVAL_METRICS, GENERATION_METRICS, STEP_METRICS, shape_problems
+from rayft.tuning.config import (
+    EVAL_METRICS,
+    GENERATION_METRICS,
+    PREFERENCE_EVAL_METRICS,
+    PREFERENCE_STEP_METRICS,
+    STEP_METRICS,
+    shape_problems,
+)
 from rayft.tuning.space import apply_params, edge_values, space_problems, trial_count, tune_space
 
 if TYPE_CHECKING:
@@ -82,20 +89,23 @@ def check_sweep(job: SweepJob) -> list[str]:
     problems += space_problems(job)
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
     t = job.training
-    known = list(STEP_METRICS) + (list(EVAL_METRICS + GENERATION_METRICS) if has_eval else [])
+    dpo = t.objective == "dpo"
+    step_metrics = STEP_METRICS + (PREFERENCE_STEP_METRICS if dpo else ())
+    eval_metrics = EVAL_METRICS + (PREFERENCE_EVAL_METRICS if dpo else ())
+    known = list(step_metrics) + (list(eval_metrics + GENERATION_METRICS) if has_eval else [])
     progress = sw.progress_metric
-    if sw.metric not in STEP_METRICS + EVAL_METRICS + GENERATION_METRICS:
+    if sw.metric not in step_metrics + eval_metrics + GENERATION_METRICS:
         problems.append(f"sweep.metric: the trials never report {sw.metric!r}; choose one of {', '.join(known)}")
     elif sw.metric in GENERATION_METRICS and sw.search == "optuna":
         problems.append(
             f"sweep.metric: {sw.metric} is scored once a trial ends, and optuna wants the metric in "
             "every report; use search: random or grid, or metric: eval_loss"
         )
-    elif progress in EVAL_METRICS:
+    elif progress in eval_metrics:
         if not has_eval:
             problems.append(
                 f"sweep.metric: {sw.metric} needs evaluation data: set data.eval or data.eval_fraction, "
-                f"or pick a training metric ({', '.join(STEP_METRICS)})"
+                f"or pick a training metric ({', '.join(step_metrics)})"
             )
         elif sw.scheduler.type == "asha" and not t.eval_every_steps:
             problems.append(
@@ -103,7 +113,7 @@ def check_sweep(job: SweepJob) -> list[str]:
                 "at the end (training.eval_every_steps is 0); set training.eval_every_steps, or "
                 "sweep.scheduler.type: fifo"
             )
-        elif sw.metric in EVAL_METRICS and not t.eval_every_steps and not t.eval_at_end:
+        elif sw.metric in eval_metrics and not t.eval_every_steps and not t.eval_at_end:
             problems.append(
                 f"sweep.metric: {sw.metric} is never measured (training.eval_every_steps is 0 and "
                 "training.eval_at_end is false)"
