@@ -259,10 +259,16 @@ class TrainProgress:
     def _line(self, r: dict) -> None:
         step = r.get("step")
         if "eval_loss" in r:
-            self.progress.console.print(f"step {step}/{self.total}  eval loss {r['eval_loss']:.4f}", highlight=False)
+            pairs = f"  eval reward accuracy {r['eval_reward_accuracy']:.2f}" if "eval_reward_accuracy" in r else ""
+            self.progress.console.print(
+                f"step {step}/{self.total}  eval loss {r['eval_loss']:.4f}{pairs}", highlight=False
+            )
         elif "loss" in r and step and (step % self.log_every == 0 or step == self.total):
             tps = f"{r['nonpad_tokens_per_s']:,.0f}"
-            self.progress.console.print(f"step {step}/{self.total}  loss {r['loss']:.4f}  {tps} tok/s", highlight=False)
+            pairs = f"  reward accuracy {r['reward_accuracy']:.2f}" if "reward_accuracy" in r else ""  # DPO
+            self.progress.console.print(
+                f"step {step}/{self.total}  loss {r['loss']:.4f}{pairs}  {tps} tok/s", highlight=False
+            )
 
 
 def _print_train_summary(result) -> None:
@@ -271,7 +277,13 @@ def _print_train_summary(result) -> None:
 
     m = result.metrics
     out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
-    if "eval_loss" in m:
+    if "eval_reward_accuracy" in m:  # DPO: the held-out pairs
+        out.print(
+            f"  eval loss {m['eval_loss']:.4f}  reward accuracy {m['eval_reward_accuracy']:.1%}  "
+            f"margin {m['eval_reward_margin']:.2f}",
+            highlight=False,
+        )
+    elif "eval_loss" in m:
         out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
     losses = [v for _, v in curve(read_metrics(result.run_dir), "loss")]
     if losses:

@@ -113,6 +113,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     # Storage is relative to where the command runs (like any output path on a command line).
     if "://" not in cfg.run.storage_path:
         cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    # So is a model directory named by a relative path (e.g. an earlier run's runs/NAME/final): the workers, which
+    # run elsewhere, get its absolute path. Anything else (an alias, a hub id, a URI) stays as written.
+    model_dir = Path(cfg.model.name).expanduser()
+    if "://" not in cfg.model.name and not model_dir.is_absolute() and model_dir.is_dir():
+        cfg.model.name = str(model_dir.resolve())
     return cfg
 
 

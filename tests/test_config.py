@@ -106,6 +106,15 @@ def test_data_paths_are_relative_to_the_job_file_and_storage_to_the_cwd(tmp_path
     assert cfg.run_dir == str(tmp_path / "out" / "rayft-run")
 
 
+def test_a_model_dir_given_relative_to_the_cwd_reaches_the_workers_absolute(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "sft" / "final").mkdir(parents=True)
+    job = write(tmp_path, "model: {name: runs/sft/final}\ndata: {train: t.jsonl}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(job).model.name == str(tmp_path / "runs" / "sft" / "final")
+    for name in ("smollm2-135m-instruct", "org/model", "s3://bucket/model"):  # aliases, hub ids, URIs as written
+        assert load_config(job, [f"model.name={name}"]).model.name == name
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     (problem,) = problems_of(write(tmp_path, "data:\n  train: [a\n  b: c\n"))
     assert "not valid YAML" in problem and "job.yaml:" in problem
