@@ -603,6 +603,17 @@ class StepAccumulator:
         }
 
 
+def eval_micro_batches(shard, size: int, device):
+    """The eval split's micro-batches (their rows) for as long as every rank still has one, so that ranks whose
+    shards differ in length stop together and their collectives stay matched."""
+    batches = micro_batches(shard, size, skip=set())
+    while True:
+        item = next(batches, None)
+        if not all_ranks_have(item is not None, device):
+            return
+        yield item[0]
+
+
 def evaluate(engine, shard, size: int, device, pad_id: int) -> dict:
     """Token-weighted mean loss over the whole eval split, and its perplexity."""
     import torch
@@ -610,13 +621,8 @@ def evaluate(engine, shard, size: int, device, pad_id: int) -> dict:
 
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = micro_batches(shard, size, skip=set())
     with torch.no_grad():
-        while True:
-            item = next(batches, None)
-            if not all_ranks_have(item is not None, device):
-                break
-            rows, _ = item
+        for rows in eval_micro_batches(shard, size, device):
             loss_sum, n = forward(engine, rows, device, pad_id)
             total += torch.tensor([loss_sum.item(), n], dtype=torch.float64, device=device)
     if dist.is_initialized():

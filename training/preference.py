@@ -175,17 +175,13 @@ def evaluate_pairs(engine, reference: Reference, shard, size: int, device, pad_i
     """The preference loss, reward accuracy and rewards over the whole eval split."""
     import torch
 
-    from rayft.training.loop import all_ranks_have, micro_batches
+    from rayft.training.loop import eval_micro_batches
 
     engine.eval()
     sums = [0.0] * len(SUMS)
-    batches = micro_batches(shard, size, skip=set())
     with torch.no_grad():
-        while True:
-            item = next(batches, None)
-            if not all_ranks_have(item is not None, device):
-                break
-            losses, chosen, rejected = dpo_forward(engine, reference, item[0], device, pad_id, cfg.training.dpo)
+        for rows in eval_micro_batches(shard, size, device):
+            losses, chosen, rejected = dpo_forward(engine, reference, rows, device, pad_id, cfg.training.dpo)
             _add(sums, losses, chosen, rejected)
     engine.train()
     return {f"eval_{k}": v for k, v in reduce_sums(sums, device).items()}
