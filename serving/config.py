@@ -95,11 +95,17 @@ SERVICE_SET = {
 TEMPLATE_SECTIONS = ("model", "data", "training", "scaling", "run", "export", "eval")
 
 
+def template_job(job: dict[str, Any]):
+    """A fine-tuning job file (serve.finetune.job, or a job built from it) as a validated TrainJob, with a
+    placeholder for the training data the service fills in per job. Raises pydantic's ValidationError."""
+    from rayft.training.config import TrainJob
+
+    return TrainJob.model_validate(job | {"data": dict(job.get("data") or {}) | {"train": "train.jsonl"}})
+
+
 def job_template_problems(job: dict[str, Any]) -> list[str]:
     """Why serve.finetune.job cannot be every fine-tuning job's template; [] when it can."""
     from pydantic import ValidationError
-
-    from rayft.training.config import TrainJob
 
     problems = []
     for section, value in job.items():
@@ -125,10 +131,8 @@ def job_template_problems(job: dict[str, Any]) -> list[str]:
         )
     if problems:
         return problems
-    sample = {k: dict(v) for k, v in job.items()}
-    sample.setdefault("data", {})["train"] = "train.jsonl"
     try:
-        TrainJob.model_validate(sample)
+        template_job(job)
     except ValidationError as e:
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"])

@@ -30,12 +30,10 @@ def takes_jobs(spec: ServeSpec) -> bool:
 
 def job_cpus(spec: ServeSpec) -> float:
     """The CPUs one fine-tuning job takes: its template's workers and data stages."""
-    from rayft.training.config import TrainJob
+    from rayft.serving.config import template_job
     from rayft.training.trainer import required_cpus
 
-    template = dict(spec.serve.finetune.job)
-    template["data"] = dict(template.get("data") or {}) | {"train": "train.jsonl"}
-    return required_cpus(TrainJob.model_validate(template))
+    return required_cpus(template_job(spec.serve.finetune.job))
 
 
 def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:

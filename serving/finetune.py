@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from rayft.serving.config import FinetuneConfig
+from rayft.serving.config import FinetuneConfig, template_job
 from rayft.serving.files import OWNER, FileStore, StoredFile, read_chunks, storage_root
 from rayft.serving.openai_api import ApiError, FineTuningJobCreate
 from rayft.training import storage
@@ -287,15 +287,13 @@ class FinetuneService:
         and run, which come later); a 400 naming the field for values the template's workers cannot take."""
         from pydantic import ValidationError
 
-        from rayft.training.config import TrainJob
-
         given = body.hyperparameters_given()
         where = body.hyperparameters_field()
         dpo = body.method is not None and body.method.type == "dpo"
         job = copy.deepcopy(self.cfg.job)
         if dpo:  # preference pairs: each pair is one padded row (packing does not apply)
             job.setdefault("data", {})["packing"] = False
-        template = TrainJob.model_validate(job | {"data": dict(job.get("data") or {}) | {"train": "train.jsonl"}})
+        template = template_job(job)
         t = template.training
         training = job.setdefault("training", {})
         epochs = t.epochs if given.n_epochs == "auto" else given.n_epochs
@@ -338,7 +336,7 @@ class FinetuneService:
         if self.base.revision:
             model["revision"] = self.base.revision
         try:
-            TrainJob.model_validate(job | {"data": dict(job.get("data") or {}) | {"train": "train.jsonl"}})
+            template_job(job)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ApiError(400, f"these hyperparameters make an invalid job: {problems}", param=where) from None
