@@ -1114,8 +1114,9 @@ PREF_QUESTIONS = [
     "How can I {t}? I bought the {p} last month.",
 ]
 
-# Short direct answers: the step, optionally with the task in front and one more sentence after it.
-CHOSEN_FORMS = ["{S}.", "To {t}, {s}.", "{S}. {x}", "To {t}, {s}. {x}"]
+# Short direct answers: the task restated, the step, and optionally one more sentence. Restating the task is the
+# habit a held-out question can show: it names what was asked before answering it.
+CHOSEN_FORMS = ["To {t}, {s}.", "To {t}, {s}. {x}"]
 
 # The parts of a padded, chatty answer. None of them may contain a task's key term (checked when building rows),
 # so an answer that skips the step really does miss the content.
@@ -1277,8 +1278,9 @@ def build_preference(rng: random.Random) -> tuple[list[dict], list[dict], list[t
         chosen = rng.choice(_chosen_answers(product, task))
         while True:
             rejected = _rambling_answer(rng, product, task)
-            if len(rejected.split()) >= REJECTED_MIN_WORDS:
+            if len(rejected.split()) >= REJECTED_MIN_WORDS and rejected not in seen:
                 break
+        seen.add(rejected)
         assert passes_rule(chosen, rule) and not passes_rule(rejected, rule), (chosen, rejected)
         return preference_record(question, chosen, rejected, product, task)
 
