@@ -3,6 +3,8 @@
     python bench/train_throughput.py                  # 20 optimizer steps per contender (several minutes on 2 cores)
     python bench/train_throughput.py --quick          # 4 steps of 4 rows, to check that everything runs
     python bench/train_throughput.py --model smollm2 --steps 6   # the built-in SmolLM2-135M (much slower)
+    python bench/train_throughput.py --part peer       # the SFT quickstart against TRL's SFTTrainer
+    python bench/train_throughput.py --part dpo        # the DPO quickstart against TRL's DPOTrainer (pairs/s)
 
 One run trains the same model on the same data for the same number of optimizer steps four times
 (`rayft train` first, then (c), (b), (a)):
@@ -27,6 +29,11 @@ that other work on a shared machine slows every contender alike. Targets on 2 co
 (a), rayft >= 0.85x (b), and rayft workers waiting for data < 5% of step time. The figures are
 printed and appended to bench/RESULTS.md; missing a target is reported, not failed: the exit
 status is 0.
+
+The DPO part trains configs/quickstart-dpo.yaml from the built-in SmolLM2 (LoRA, the adapter switched off as the
+reference) for --steps optimizer steps of 8 pairs, and TRL's DPOTrainer on the same pairs, model, LoRA, loss
+(sigmoid + 0.2 x chosen NLL) and hyperparameters in one process with as many threads; target: rayft >= 1.5x
+TRL's pairs/s.
 
 The default model is a 4-layer Llama with SmolLM2's tokenizer, built with random weights, so a
 step takes seconds rather than a minute; throughput ratios do not depend on the weights' values.
@@ -679,6 +686,179 @@ def peer_main(args) -> None:
     print(f"\nappended to {args.results}")
 
 
+# --------------------------------------------------------------------------- DPO: rayft against TRL's DPOTrainer
+
+QUICKSTART_DPO = ROOT / "configs" / "quickstart-dpo.yaml"
+DPO_NAME = "dpo_peer"
+TARGET_DPO_VS_TRL = 1.5
+
+
+def run_rayft_dpo(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]:
+    """`rayft train configs/quickstart-dpo.yaml` from the built-in model (the shipped config starts from the SFT
+    quickstart's run, which has the same shape), for a fixed number of steps; returns its timed steps, its wall
+    time and the job."""
+    import ray
+
+    from rayft.cluster.config import load_config
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import required_cpus, run_training
+
+    cfg = load_config(
+        QUICKSTART_DPO,
+        [
+            f"model.name={BUILTIN}",
+            f"run.storage_path={tmp / 'runs'}",
+            "run.name=bench-dpo",
+            "training.eval_at_end=false",
+            "export.merge=false",
+            *overrides,
+        ],
+    )
+    connect(need_cpus=required_cpus(cfg))
+
+    def progress(event: dict) -> None:
+        if "loss" in event:
+            print(
+                f"  rayft step {event['step']}: {event['step_time_s']:.2f}s, loss {event['loss']:.3f}, "
+                f"reward accuracy {event.get('reward_accuracy', float('nan')):.2f}",
+                flush=True,
+            )
+
+    t0 = time.perf_counter()
+    try:
+        run_training(cfg, restart=True, on_event=progress)
+    finally:
+        wall = time.perf_counter() - t0
+        ray.shutdown()
+    records = step_records(cfg.run_dir)
+    run = Run("rayft train (DPO)", timed_steps(records))
+    for step, record in zip(run.steps, [r for r in records if r["step"] > WARMUP_STEPS], strict=True):
+        step["reward_accuracy"] = record.get("reward_accuracy")
+    return run, wall, cfg
+
+
+def dpo_main(args) -> None:
+    """rayft's DPO quickstart against TRL's DPOTrainer on the same model, pairs, LoRA and hyperparameters, in the
+    same run: pairs/s over the timed steps."""
+    from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
+    from bench.trl_peer import preference_rows, run_trl_dpo
+    from rayft.cluster.config import load_config
+    from rayft.training.models import load_tokenizer, resolve_model
+
+    steps = args.steps or (4 if args.quick else 20)
+    overrides = [f"training.max_steps={steps}"]
+    load_start = load_average()
+    print(f"{DPO_NAME}: {steps} steps per contender; {machine()}; load {load_start}", flush=True)
+    load_tokenizer(BUILTIN)  # converts the built-in model into the cache once, outside all timings
+    cfg = load_config(QUICKSTART_DPO, [f"model.name={BUILTIN}", *overrides])
+    t, lora, dpo = cfg.training, cfg.training.lora, cfg.training.dpo
+    rows = preference_rows(Path(cfg.data.train))
+    with tempfile.TemporaryDirectory(prefix="rayft-dpo-") as tmp_s:
+        tmp = Path(tmp_s)
+        print("rayft train configs/quickstart-dpo.yaml", flush=True)
+        rayft, rayft_wall, _ = run_rayft_dpo(tmp, overrides)
+        print("TRL DPOTrainer", flush=True)
+
+        def show(s: dict) -> None:
+            acc = s["reward_accuracy"]
+            print(
+                f"  TRL step {s['step']}: {s['seconds']:.2f}s, loss {s['loss']:.3f}, reward accuracy "
+                f"{acc if acc is None else round(acc, 2)}",
+                flush=True,
+            )
+
+        trl_result = run_trl_dpo(
+            resolve_model(BUILTIN),
+            rows,
+            tmp / "trl",
+            steps=steps,
+            pairs_per_micro_batch=t.micro_batch_size,
+            pairs_per_step=t.global_batch_size,
+            max_seq_len=cfg.data.max_seq_len,
+            lr=t.lr,
+            beta=dpo.beta,
+            sft_weight=dpo.sft_weight,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            last_layers=lora.last_layers,
+            warmup_ratio=t.warmup_ratio,
+            lr_schedule=t.lr_schedule,
+            threads=THREADS,
+            seed=t.seed,
+            on_step=show,
+        )
+    load_end = load_average()
+    trl = Run(
+        "TRL DPOTrainer",
+        [
+            {
+                "nonpad_tokens": s["tokens"],
+                "padded_tokens": s["batch_tokens"],
+                "examples": s["pairs"],
+                "seconds": s["seconds"],
+                "loss": s["loss"],
+                "reward_accuracy": s["reward_accuracy"],
+            }
+            for s in trl_result["steps"][WARMUP_STEPS:]
+        ],
+    )
+
+    def pairs_s(r: Run) -> float:
+        return r.total("examples") / r.total("seconds")
+
+    def last_accuracy(r: Run) -> str:
+        accs = [s["reward_accuracy"] for s in r.steps[-5:] if s.get("reward_accuracy") is not None]
+        return f"{sum(accs) / len(accs):.2f}" if accs else "n/a"
+
+    vs_trl = pairs_s(rayft) / pairs_s(trl)
+    ok = vs_trl >= TARGET_DPO_VS_TRL
+    head = ("contender", "timed steps", "pairs/step", "s/step", "min-max", "non-pad share", "pairs/s", "reward acc.")
+    table = [
+        (
+            r.name,
+            f"{len(r.steps)}",
+            f"{r.per_step('examples'):.1f}",
+            f"{r.per_step('seconds'):.2f}",
+            f"{min(x['seconds'] for x in r.steps):.2f}-{max(x['seconds'] for x in r.steps):.2f}",
+            f"{r.total('nonpad_tokens') / r.total('padded_tokens'):.0%}",
+            f"{pairs_s(r):.2f}",
+            last_accuracy(r),
+        )
+        for r in (rayft, trl)
+    ]
+    ratios = [("rayft / TRL DPOTrainer, pairs/s", f"{vs_trl:.2f}x", f">= {TARGET_DPO_VS_TRL}x", verdict(ok))]
+    tc = trl_result["config"]
+    notes = [
+        f"model: {BUILTIN} (built-in), bf16 weights; LoRA r{lora.r} alpha {lora.alpha} on the top "
+        f"{lora.last_layers} layers; reference: the model with the adapter off (both)",
+        f"data: {Path(cfg.data.train).relative_to(ROOT)}, {len(rows)} pairs, max_seq_len {cfg.data.max_seq_len}; "
+        f"{t.global_batch_size} pairs per optimizer step, micro-batches of {t.micro_batch_size} pairs",
+        f"loss: sigmoid, beta {dpo.beta}, + {dpo.sft_weight} x chosen NLL; lr {t.lr} ({t.lr_schedule}, warm-up "
+        f"{t.warmup_ratio}); {steps} steps each, the first {WARMUP_STEPS} untimed",
+        f"rayft: configs/quickstart-dpo.yaml, {cfg.scaling.num_workers} Ray Train workers, DeepSpeed ZeRO-"
+        f"{t.zero_stage}, timed by wall clock between step records; wall time {rayft_wall:.0f}s (Ray start, data, "
+        "workers, export included)",
+        f"TRL {trl_result['trl_version']}: DPOTrainer in one process with {THREADS} threads, per-device batch "
+        f"{tc['per_device_train_batch_size']} x {tc['gradient_accumulation_steps']} accumulation, loss_type "
+        f"{tc['loss_type']} weights {tc['loss_weights']}, padding_free {tc['padding_free']}; wall time "
+        f"{trl_result['wall_s']:.0f}s (setup {trl_result['setup_s']:.0f}s)",
+        "reward acc.: mean training reward accuracy of the last 5 timed steps (both start from the same model)",
+        f"load average (1 min) at start / end: {load_start} / {load_end}",
+    ]
+    print_report(head, table, ratios, notes)
+    now = datetime.now(UTC)
+    cmd = command()
+    section = results_section(DPO_NAME, now, cmd, notes, head, table, ratios)
+    summary = [
+        f"| {DPO_NAME}: rayft DPO vs TRL DPOTrainer, quickstart pairs | {pairs_s(rayft):.2f} vs "
+        f"{pairs_s(trl):.2f} pairs/s | {vs_trl:.2f}x | >= {TARGET_DPO_VS_TRL}x, {verdict(ok)} | {now:%Y-%m-%d} "
+        f"| `{cmd}` |"
+    ]
+    write_results(args.results, section, summary, name=DPO_NAME)
+    print(f"\nappended to {args.results}")
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -711,12 +891,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
     p.add_argument(
         "--part",
-        choices=("all", "baselines", "peer"),
+        choices=("all", "baselines", "peer", "dpo"),
         default="all",
         help="baselines: rayft vs single-process loops on a small model; peer: the quickstart vs TRL's SFTTrainer "
-        "(SmolLM2, about 20 minutes); all: both (default)",
+        "(SmolLM2, about 20 minutes); dpo: DPO on the quickstart pairs vs TRL's DPOTrainer (SmolLM2, about 10 "
+        "minutes); all: every part (default)",
     )
     args = p.parse_args(argv)
+    if args.part in ("all", "dpo"):
+        dpo_main(args)
+    if args.part == "dpo":
+        return 0
     if args.part in ("all", "peer"):
         peer_main(args)
     if args.part == "peer":

@@ -384,6 +384,206 @@ def run_trl(
     }
 
 
+def preference_rows(path: Path) -> list[dict]:
+    """TRL conversational preference rows ({"prompt", "chosen", "rejected"}, message lists) from a JSONL file in
+    that format, such as examples/quickstart/preference_train.jsonl; other keys of a row (the quickstart's
+    product, task and rule) are dropped, as they would reach the chat template."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{path}:{n}: expected prompt, chosen and rejected as message lists")
+        rows.append(
+            {
+                k: [{"role": m["role"], "content": m["content"]} for m in row[k]]
+                for k in ("prompt", "chosen", "rejected")
+            }
+        )
+    return rows
+
+
+def run_trl_dpo(
+    model_dir: str,
+    rows: list[dict],
+    out_dir: Path,
+    *,
+    steps: int,
+    pairs_per_micro_batch: int,
+    pairs_per_step: int,
+    max_seq_len: int,
+    lr: float,
+    beta: float,
+    sft_weight: float,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    last_layers: int,
+    warmup_ratio: float,
+    lr_schedule: str,
+    threads: int = 2,
+    seed: int = 42,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train a LoRA adapter with TRL's DPOTrainer on preference `rows` (preference_rows) for `steps` optimizer
+    steps of `pairs_per_step` pairs (micro-batches of `pairs_per_micro_batch`, accumulated), timing each step.
+
+    Set up like a rayft DPO run: the reference is the model with the adapter switched off (TRL's default for a
+    PEFT model without ref_model), the sigmoid loss plus `sft_weight` x the chosen answer's NLL (TRL's
+    loss_type ["sigmoid", "sft"]), the same LoRA, optimizer, clipping, schedule and bf16 weights.
+
+    Returns {"steps": [{step, seconds, tokens, batch_tokens, pairs, loss, reward_accuracy}], "setup_s",
+    "train_s", "wall_s", "trl_version", "config"}: `tokens` are the real (non-pad) tokens of the step's
+    sequences, `batch_tokens` the padded ones the model ran.
+    """
+    t_start = time.perf_counter()
+    import datasets
+    import huggingface_hub.constants
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if pairs_per_step % pairs_per_micro_batch:
+        raise ValueError("pairs_per_step must be a multiple of pairs_per_micro_batch")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    targets, layers = lora_targets(model, last_layers)
+    lora = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    scheduler, scheduler_kwargs = hf_lr_schedule(lr_schedule, lr)
+    losses = ["sigmoid", "sft"] if sft_weight else ["sigmoid"]
+    args = DPOConfig(
+        output_dir=str(out_dir / "trainer"),
+        max_length=max_seq_len,
+        beta=beta,
+        loss_type=losses,
+        loss_weights=[1.0, sft_weight] if sft_weight else None,
+        # rayft keeps LoRA's dropout on in DPO as in SFT; TRL would switch every dropout off by default.
+        disable_dropout=False,
+        bf16=True,
+        use_cpu=True,
+        per_device_train_batch_size=pairs_per_micro_batch,
+        gradient_accumulation_steps=pairs_per_step // pairs_per_micro_batch,
+        learning_rate=lr,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=int(round(steps * warmup_ratio)),
+        max_steps=steps,
+        optim="adamw_torch_fused",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        seed=seed,
+        data_seed=seed,
+    )
+
+    counts: deque[dict] = deque()
+
+    class TimedDPOTrainer(DPOTrainer):
+        """DPOTrainer that counts the sequences and tokens of every micro-batch it trains."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            counts.append({"tokens": int(mask.sum()), "batch_tokens": int(mask.numel()), "pairs": mask.shape[0] // 2})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    records: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        """Wall time of every optimizer step, the token counts of its micro-batches, its loss and reward accuracy."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds = time.perf_counter() - self.t0
+            micro = [counts.popleft() for _ in range(len(counts))]
+            step = {
+                "step": state.global_step,
+                "seconds": seconds,
+                **{k: sum(m[k] for m in micro) for k in ("tokens", "batch_tokens", "pairs")},
+                "loss": None,
+                "reward_accuracy": None,
+            }
+            records.append(step)
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and records and records[-1]["step"] == state.global_step:
+                records[-1]["loss"] = float(logs["loss"])
+                if "rewards/accuracies" in logs:
+                    records[-1]["reward_accuracy"] = float(logs["rewards/accuracies"])
+                if on_step:
+                    on_step(records[-1])
+
+    telemetry_off = huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
+    t_setup = time.perf_counter()
+    try:
+        trainer = TimedDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[StepTimer()],
+        )
+    finally:
+        huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = telemetry_off
+    setup_s = time.perf_counter() - t_setup
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    t_train = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t_train
+    a = trainer.args
+    config = {
+        "max_length": a.max_length,
+        "beta": a.beta,
+        "loss_type": list(a.loss_type),
+        "loss_weights": a.loss_weights,
+        "precompute_ref_log_probs": a.precompute_ref_log_probs,
+        "padding_free": trainer.padding_free,
+        "per_device_train_batch_size": a.per_device_train_batch_size,
+        "gradient_accumulation_steps": a.gradient_accumulation_steps,
+        "learning_rate": a.learning_rate,
+        "max_steps": a.max_steps,
+        "threads": threads,
+    }
+    return {
+        "steps": records,
+        "setup_s": setup_s,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - t_start,
+        "trl_version": trl.__version__,
+        "config": config,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Smoke run: TRL on the quickstart's rows for a few steps, one line per step."""
     from rayft.training.config import LoraConfig, TrainingConfig

@@ -291,7 +291,7 @@ class FinetuneService:
         where = body.hyperparameters_field()
         dpo = body.method is not None and body.method.type == "dpo"
         job = copy.deepcopy(self.cfg.job)
-        if dpo:  # preference pairs: each pair is one padded row (packing does not apply)
+        if dpo:  # preference pairs: each pair is one row of its own (packing does not apply)
             job.setdefault("data", {})["packing"] = False
         template = template_job(job)
         t = template.training

@@ -76,6 +76,45 @@ def test_with_its_adapter_switched_off_the_policy_is_the_reference(tiny_model_di
     assert losses.tolist() == pytest.approx([math.log(2)])
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["stock-forward", "rayft-cpu-forward"])
+def test_each_answer_of_a_pair_row_scores_as_if_alone(tiny_model_dir, smol_tokenizer, fast):
+    """A pair runs as one row (chosen, then rejected, positions restarting): each answer's log-probability is
+    the one it has alone, with the stock forward and with rayft's packed attention + trained-position logits."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from rayft.training.cpu_ops import use_packed_attention
+    from rayft.training.loop import use_trained_position_logits
+    from rayft.training.preference import pair_batch, sequence_logps
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    rows = [
+        tokenized_pair(smol_tokenizer, "Is the sky blue?", "Yes.", "No, it is green, and the grass is blue too."),
+        tokenized_pair(smol_tokenizer, "Name a prime number larger than ten, please.", "Eleven.", "Nine."),
+    ]
+
+    def alone(ids, labels) -> tuple[float, int]:
+        ids, labels = torch.tensor([list(ids)]), torch.tensor(list(labels))
+        with torch.no_grad():
+            logps = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        trained = labels[1:] != -100
+        return float(logps[trained].gather(1, labels[1:][trained][:, None]).sum()), int(trained.sum())
+
+    expected = [alone(r["input_ids"], r["labels"]) for r in rows]
+    expected += [alone(r["rejected_ids"], r["rejected_labels"]) for r in rows]
+    if fast:
+        assert use_packed_attention(model) and use_trained_position_logits(model)
+    batch = pair_batch(rows, torch.device("cpu"), smol_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2  # one row per pair
+    with torch.no_grad():
+        sums, counts = sequence_logps(model, batch)
+    assert counts.tolist() == [n for _, n in expected]
+    assert sums.tolist() == pytest.approx([v for v, _ in expected], abs=1e-3)
+
+
 def tokenized_pair(tokenizer, question: str, chosen: str, rejected: str) -> dict:
     from rayft.training.formats import Renderer, normalize, tokenize_rendered
 
@@ -195,6 +234,44 @@ def test_two_workers_learn_to_rank_the_chosen_answer_first(ray_local, tmp_path, 
     final = [r for r in records if "eval_reward_accuracy" in r][-1]
     assert final["eval_reward_accuracy"] >= 0.9 and final["eval_pairs"] == 16
     assert final["eval_loss"] < math.log(2)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_still_learns(
+    ray_local, tmp_path, tiny_model_dir
+):
+    """LoRA under ZeRO-2, a worker SIGKILLed after the step-8 checkpoint: the run resumes there (adapter,
+    optimizer, data position), trains to the planned 24 steps, and its pairs still end ranked right."""
+    import os
+    import signal
+    import threading
+
+    from test_train_distributed import checkpoint_steps, step_reached, wait_for
+
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    t = dict(epochs=12, zero_stage=2, method="lora", lr=5e-3, checkpoint_every_steps=8)
+    job = load_config(pairs_job(tmp_path, tiny_model_dir, **t))
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
+    thread.start()
+    wait_for(lambda: 8 in checkpoint_steps(job.run_dir), 600, "the step-8 checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, 9), 600, "step 9")
+    os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in box, "training did not finish after a worker was killed"
+    assert box["result"].steps == 24
+    records = read_metrics(job.run_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 8
+    resumed = [r for r in records[records.index(starts[1]) :] if "reward_accuracy" in r and not r.get("final")]
+    assert [r["step"] for r in resumed if "step" in r and "loss" in r][:1] == [9]
+    steps = {r["step"]: r for r in records if "reward_accuracy" in r and "loss" in r and not r.get("final")}
+    assert sorted(steps) == list(range(1, 25))
+    assert steps[24]["reward_accuracy"] >= 0.9 and steps[24]["reward_margin"] > 0
+    final = [r for r in records if "eval_reward_accuracy" in r][-1]
+    assert final["eval_reward_accuracy"] >= 0.9
 
 
 def test_eval_ranks_pairs_by_reward_and_scores_answers_by_the_rows_rule():

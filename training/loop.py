@@ -240,7 +240,20 @@ def use_trained_position_logits(model) -> bool:
     return True
 
 
-def _trained_positions_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+def has_trained_position_logits(model) -> bool:
+    """Whether `model` (or the model inside its DeepSpeed engine and PEFT wrapper) has the trained-position
+    forward, which also answers `return_token_logps=True`."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model.forward, "__func__", None) is _trained_positions_forward
+
+
+def _trained_positions_forward(
+    self, input_ids=None, attention_mask=None, position_ids=None, labels=None, return_token_logps=False, **kwargs
+):
+    """With labels: the mean cross-entropy over trained positions as `loss`; with return_token_logps, instead
+    {"token_logps": the log-probability of each trained target token}, in row-major order of the positions."""
     import torch
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -254,6 +267,8 @@ def _trained_positions_forward(self, input_ids=None, attention_mask=None, positi
     targets = labels[:, 1:]
     trained = targets != -100
     logits = next_token_logits_at(self, trained, input_ids, attention_mask, position_ids, **kwargs)
+    if return_token_logps:
+        return {"token_logps": -F.cross_entropy(logits.float(), targets[trained].to(torch.long), reduction="none")}
     if not bool(trained.any()):
         return CausalLMOutputWithPast(loss=logits.sum() * 0.0)
     loss = F.cross_entropy(logits.float(), targets[trained].to(torch.long))

@@ -27,26 +27,57 @@ SUMS = ("loss", "correct", "chosen", "rejected", "pairs")
 
 
 def pair_batch(rows: list[dict], device, pad_id: int) -> dict:
-    """The micro-batch's 2 x pairs sequences as model inputs: chosen answers first, then rejected ones."""
+    """The micro-batch as model inputs, one row per pair: its chosen sequence, then its rejected one, positions
+    restarting at 0 for the second, so neither attends to the other (rayft's packed attention on CPU, a
+    block-diagonal causal mask elsewhere) and no padding sits between them; rows are padded to the longest pair.
+    `chosen_len` keeps where each row's rejected sequence starts. The first token of a sequence is never a
+    target (as in a batch of separate sequences), so no loss crosses from one answer into the other."""
+    import numpy as np
+    import torch
+
     from rayft.training.formats import collate
 
-    seqs = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    seqs += [{"input_ids": r["rejected_ids"], "labels": r["rejected_labels"]} for r in rows]
-    return {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+    seqs, chosen_len = [], []
+    for r in rows:
+        c_ids, r_ids = np.asarray(r["input_ids"]), np.asarray(r["rejected_ids"])
+        r_labels = np.array(r["rejected_labels"], dtype=np.int64)
+        r_labels[0] = IGNORE
+        seqs.append(
+            {
+                "input_ids": np.concatenate([c_ids, r_ids]),
+                "labels": np.concatenate([np.asarray(r["labels"], dtype=np.int64), r_labels]),
+                "position_ids": np.concatenate([np.arange(len(c_ids)), np.arange(len(r_ids))]),
+            }
+        )
+        chosen_len.append(len(c_ids))
+    batch = collate(seqs, pad_id)
+    batch["chosen_len"] = torch.tensor(chosen_len, dtype=torch.long)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def sequence_logps(model, batch: dict):
-    """(summed log-probability of each sequence's trained tokens, their number per sequence), from the model's
-    logits at every position."""
+    """(summed log-probability of each answer's trained tokens, their number per answer), for the 2 x pairs
+    answers of a pair_batch, chosen ones first. Models with rayft's trained-position forward project to the
+    vocabulary only at the answers' tokens; others compute logits at every position."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["labels"][:, 1:]
+    from rayft.training.loop import has_trained_position_logits
+
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    targets = labels[:, 1:]
     trained = targets != IGNORE
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view_as(targets)
-    return -(nll * trained).sum(-1), trained.sum(-1)
+    if has_trained_position_logits(model):
+        logps = model(**inputs, labels=labels, return_token_logps=True)["token_logps"]
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][trained]
+        logps = -F.cross_entropy(logits.float(), targets[trained], reduction="none")
+    row, col = trained.nonzero(as_tuple=True)  # row-major, the order of logps
+    n = labels.shape[0]
+    answer = row + n * (col + 1 >= batch["chosen_len"][row])  # the target token col + 1 is in the rejected part
+    sums = torch.zeros(2 * n, dtype=torch.float32, device=labels.device).index_add(0, answer, logps.float())
+    return sums, torch.bincount(answer, minlength=2 * n)
 
 
 def dpo_losses(policy, reference, counts, cfg: DpoConfig):
@@ -90,7 +121,9 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rayft.training.cpu_ops import use_packed_attention
     from rayft.training.ds_config import build_ds_config, resolve_precision
+    from rayft.training.loop import use_trained_position_logits
     from rayft.training.models import resolve_model
 
     t = cfg.training
@@ -115,6 +148,12 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
     )
     model.requires_grad_(False)
     model.eval()
+    # The policy's own CPU attention and trained-position logits (rayft.training.loop.build_model), so the two
+    # forwards of a micro-batch do the same work.
+    if not use_gpu:
+        use_packed_attention(model)
+    if t.skip_untrained_logits:
+        use_trained_position_logits(model)
     if zero3:
         import deepspeed
 
