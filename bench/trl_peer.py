@@ -465,6 +465,8 @@ def run_trl_dpo(
         task_type="CAUSAL_LM",
     )
     scheduler, scheduler_kwargs = hf_lr_schedule(lr_schedule, lr)
+    fields = DPOConfig.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     losses = ["sigmoid", "sft"] if sft_weight else ["sigmoid"]
     args = DPOConfig(
         output_dir=str(out_dir / "trainer"),
@@ -474,6 +476,8 @@ def run_trl_dpo(
         loss_weights=[1.0, sft_weight] if sft_weight else None,
         # rayft keeps LoRA's dropout on in DPO as in SFT; TRL would switch every dropout off by default.
         disable_dropout=False,
+        # TRL turns checkpointing on by default; rayft does not recompute activations.
+        **{checkpointing: False},
         bf16=True,
         use_cpu=True,
         per_device_train_batch_size=pairs_per_micro_batch,
@@ -568,6 +572,7 @@ def run_trl_dpo(
         "loss_weights": a.loss_weights,
         "precompute_ref_log_probs": a.precompute_ref_log_probs,
         "padding_free": trainer.padding_free,
+        "activation_checkpointing": getattr(a, checkpointing),
         "per_device_train_batch_size": a.per_device_train_batch_size,
         "gradient_accumulation_steps": a.gradient_accumulation_steps,
         "learning_rate": a.learning_rate,

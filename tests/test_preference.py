@@ -76,10 +76,12 @@ def test_with_its_adapter_switched_off_the_policy_is_the_reference(tiny_model_di
     assert losses.tolist() == pytest.approx([math.log(2)])
 
 
+@pytest.mark.parametrize("one_row", [False, True], ids=["row-per-pair", "one-row"])
 @pytest.mark.parametrize("fast", [False, True], ids=["stock-forward", "rayft-cpu-forward"])
-def test_each_answer_of_a_pair_row_scores_as_if_alone(tiny_model_dir, smol_tokenizer, fast):
-    """A pair runs as one row (chosen, then rejected, positions restarting): each answer's log-probability is
-    the one it has alone, with the stock forward and with rayft's packed attention + trained-position logits."""
+def test_each_answer_of_a_pair_row_scores_as_if_alone(tiny_model_dir, smol_tokenizer, fast, one_row):
+    """A pair runs as one row (chosen, then rejected, positions restarting), or all pairs of a micro-batch as
+    one row: each answer's log-probability is the one it has alone, with the stock forward and with rayft's
+    packed attention + trained-position logits."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -107,8 +109,8 @@ def test_each_answer_of_a_pair_row_scores_as_if_alone(tiny_model_dir, smol_token
     expected += [alone(r["rejected_ids"], r["rejected_labels"]) for r in rows]
     if fast:
         assert use_packed_attention(model) and use_trained_position_logits(model)
-    batch = pair_batch(rows, torch.device("cpu"), smol_tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 2  # one row per pair
+    batch = pair_batch(rows, torch.device("cpu"), smol_tokenizer.pad_token_id, one_row=one_row)
+    assert batch["input_ids"].shape[0] == (1 if one_row else 2)
     with torch.no_grad():
         sums, counts = sequence_logps(model, batch)
     assert counts.tolist() == [n for _, n in expected]

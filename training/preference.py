@@ -26,32 +26,38 @@ from rayft.training.formats import IGNORE_INDEX as IGNORE
 SUMS = ("loss", "correct", "chosen", "rejected", "pairs")
 
 
-def pair_batch(rows: list[dict], device, pad_id: int) -> dict:
-    """The micro-batch as model inputs, one row per pair: its chosen sequence, then its rejected one, positions
-    restarting at 0 for the second, so neither attends to the other (rayft's packed attention on CPU, a
-    block-diagonal causal mask elsewhere) and no padding sits between them; rows are padded to the longest pair.
-    `chosen_len` keeps where each row's rejected sequence starts. The first token of a sequence is never a
-    target (as in a batch of separate sequences), so no loss crosses from one answer into the other."""
+def pair_batch(rows: list[dict], device, pad_id: int, one_row: bool = False) -> dict:
+    """The micro-batch's 2 x pairs answers as model inputs, each pair as its chosen sequence then its rejected
+    one, positions restarting at 0 at each sequence so none attends to another (rayft's packed attention on CPU,
+    a block-diagonal causal mask elsewhere). One row per pair, rows padded to the longest pair; or, with
+    `one_row` (for packed attention, which runs each sequence alone), every pair in a single row: no padding.
+    `answer` gives each position's answer, 0..pairs-1 the chosen ones, pairs..2 x pairs-1 the rejected, -1 the
+    padding. A sequence's first token is never a target (as in a batch of separate sequences), so no loss
+    crosses from one sequence into the next."""
     import numpy as np
     import torch
 
     from rayft.training.formats import collate
 
-    seqs, chosen_len = [], []
-    for r in rows:
-        c_ids, r_ids = np.asarray(r["input_ids"]), np.asarray(r["rejected_ids"])
-        r_labels = np.array(r["rejected_labels"], dtype=np.int64)
-        r_labels[0] = IGNORE
-        seqs.append(
-            {
-                "input_ids": np.concatenate([c_ids, r_ids]),
-                "labels": np.concatenate([np.asarray(r["labels"], dtype=np.int64), r_labels]),
-                "position_ids": np.concatenate([np.arange(len(c_ids)), np.arange(len(r_ids))]),
-            }
-        )
-        chosen_len.append(len(c_ids))
-    batch = collate(seqs, pad_id)
-    batch["chosen_len"] = torch.tensor(chosen_len, dtype=torch.long)
+    n, seqs = len(rows), []
+    for i, r in enumerate(rows):
+        parts = [(r["input_ids"], r["labels"], i), (r["rejected_ids"], r["rejected_labels"], n + i)]
+        ids, labels, positions, answer = [], [], [], []
+        for part_ids, part_labels, k in parts:
+            part_labels = np.array(part_labels, dtype=np.int64)
+            part_labels[0] = IGNORE
+            ids.append(np.asarray(part_ids, dtype=np.int64))
+            labels.append(part_labels)
+            positions.append(np.arange(len(part_ids)))
+            answer.append(np.full(len(part_ids), k))
+        seqs.append({"input_ids": ids, "labels": labels, "position_ids": positions, "answer": answer})
+    groups = [seqs] if one_row else [[s] for s in seqs]
+    merged = [{k: np.concatenate([a for s in g for a in s[k]]) for k in seqs[0]} for g in groups]
+    batch = collate(merged, pad_id)
+    answer = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    for i, m in enumerate(merged):
+        answer[i, : len(m["answer"])] = torch.from_numpy(m["answer"])
+    batch["answer"] = answer
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -73,11 +79,10 @@ def sequence_logps(model, batch: dict):
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1][trained]
         logps = -F.cross_entropy(logits.float(), targets[trained], reduction="none")
-    row, col = trained.nonzero(as_tuple=True)  # row-major, the order of logps
-    n = labels.shape[0]
-    answer = row + n * (col + 1 >= batch["chosen_len"][row])  # the target token col + 1 is in the rejected part
-    sums = torch.zeros(2 * n, dtype=torch.float32, device=labels.device).index_add(0, answer, logps.float())
-    return sums, torch.bincount(answer, minlength=2 * n)
+    answer = batch["answer"][:, 1:][trained]  # the answer of each trained target token, row-major as logps
+    n = int(batch["answer"].max()) + 1
+    sums = torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, answer, logps.float())
+    return sums, torch.bincount(answer, minlength=n)
 
 
 def dpo_losses(policy, reference, counts, cfg: DpoConfig):
@@ -179,10 +184,18 @@ def reference_model_dir(path: str) -> str:
 def dpo_forward(engine, reference: Reference, rows: list[dict], device, pad_id: int, cfg: DpoConfig):
     """A micro-batch of pairs through the policy and the reference: (per-pair losses, chosen rewards,
     rejected rewards)."""
-    batch = pair_batch(rows, device, pad_id)
+    batch = pair_batch(rows, device, pad_id, one_row=uses_packed_attention(engine))
     ref = reference.logps(batch)
     policy, counts = sequence_logps(engine, batch)
     return dpo_losses(policy, ref, counts, cfg)
+
+
+def uses_packed_attention(model) -> bool:
+    """Whether the model (inside its DeepSpeed engine and PEFT wrapper) runs rayft's packed CPU attention."""
+    from rayft.training.cpu_ops import NAME
+
+    model = getattr(model, "module", model)
+    return getattr(model.config, "_attn_implementation", None) == NAME
 
 
 def dpo_step(engine, reference: Reference, group: list, device, pad_id: int, world: int, grad_accum: int, cfg, clock):
