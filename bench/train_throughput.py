@@ -832,7 +832,8 @@ def dpo_main(args) -> None:
     notes = [
         f"model: {BUILTIN} (built-in), bf16 weights; LoRA r{lora.r} alpha {lora.alpha} on the top "
         f"{lora.last_layers} layers; reference: the model with the adapter off (both)",
-        f"data: {Path(cfg.data.train).relative_to(ROOT)}, {len(rows)} pairs, max_seq_len {cfg.data.max_seq_len}; "
+        f"data: {Path(cfg.data.train).resolve().relative_to(ROOT)}, {len(rows)} pairs, max_seq_len "
+        f"{cfg.data.max_seq_len}; "
         f"{t.global_batch_size} pairs per optimizer step, micro-batches of {t.micro_batch_size} pairs",
         f"loss: sigmoid, beta {dpo.beta}, + {dpo.sft_weight} x chosen NLL; lr {t.lr} ({t.lr_schedule}, warm-up "
         f"{t.warmup_ratio}); {steps} steps each, the first {WARMUP_STEPS} untimed",

@@ -258,6 +258,73 @@ class ScalingConfig(Section):
     )
 
 
+MLFLOW_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+class MlflowTracking(Section):
+    uri: str = Field(
+        "./mlruns",
+        description="Tracking store: a local directory (relative to where the run's driver starts; rayft keeps an "
+        "MLflow SQLite store in it: DIR/mlflow.db, artifacts in DIR/artifacts), http(s)://HOST:PORT of a tracking "
+        "server, sqlite:///FILE.db, a database URI, or databricks.",
+    )
+    experiment: str = Field("rayft", description="MLflow experiment the runs go into (created when missing).")
+
+    @model_validator(mode="after")
+    def _check_uri(self) -> MlflowTracking:
+        uri = self.uri.strip()
+        scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+        scheme = scheme.split("+", 1)[0]  # postgresql+psycopg2://...
+        if not uri:
+            raise ValueError("uri is empty: give a directory (./mlruns) or a tracking server http://HOST:PORT")
+        if scheme and scheme not in MLFLOW_SCHEMES and not re.match(r"^[A-Za-z]:[\\/]", uri):
+            raise ValueError(
+                f"uri {self.uri!r}: MLflow has no {scheme!r} store; use a directory (./mlruns), "
+                "sqlite:///mlflow.db, http(s)://HOST:PORT of a tracking server, or databricks"
+            )
+        if scheme in ("http", "https") and not re.match(r"^https?://[^/:\s]+", uri):
+            raise ValueError(f"uri {self.uri!r} names no host: use http://HOST:PORT")
+        return self
+
+
+class WandbTracking(Section):
+    project: str = Field("rayft", description="W&B project the runs go into.")
+    entity: str | None = Field(None, description="W&B team or user (default: your W&B default).")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online = send to W&B; offline = write to the run dir only (wandb sync later)."
+    )
+    dir: str | None = Field(None, description="Where W&B keeps its files (default: the run dir when it is local).")
+
+
+class TrackingConfig(Section):
+    mlflow: MlflowTracking | None = Field(
+        None, description="Track runs in MLflow: {} or true for ./mlruns, or {uri, experiment}. Off when unset."
+    )
+    wandb: WandbTracking | None = Field(
+        None, description="Track runs in Weights & Biases: {project, mode, ...}. Off when unset."
+    )
+    log_model: bool = Field(
+        False, description="Also upload the final model as an artifact (default: log its location as a tag)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches(cls, data: Any) -> Any:
+        """`mlflow: true` (or `--set run.tracking.mlflow=true`) turns a backend on with its defaults."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("mlflow", "wandb"):
+                if data.get(key) is True:
+                    data[key] = {}
+                elif data.get(key) is False:
+                    data[key] = None
+        return data
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.wandb is not None
+
+
 class RunConfig(Section):
     name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
     storage_path: str = Field(
@@ -269,6 +336,9 @@ class RunConfig(Section):
         2, ge=-1, description="Restart the worker group from the latest checkpoint this many times (-1 = forever)."
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins).")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking (MLflow, W&B): one tracked run per run."
+    )
 
     @model_validator(mode="after")
     def _check_name(self) -> RunConfig:
@@ -296,8 +366,8 @@ class TrainJob(Section):
         if self.training.objective == "dpo" and self.data.packing:
             raise ValueError(
                 "data.packing does not apply to training.objective dpo: each preference pair (its chosen and "
-                "rejected answers) is one row, padded, so a pair never straddles micro-batches or ranks; set "
-                "data.packing: false"
+                "rejected answers) runs as one sequence pair of its own, so a pair never straddles micro-batches "
+                "or ranks; set data.packing: false"
             )
         per_step = self.training.micro_batch_size * self.scaling.num_workers
         if self.training.global_batch_size % per_step:

@@ -521,4 +521,8 @@ def run_eval(
         timings[label] = {"seconds": round(time.perf_counter() - t0, 1), "reused": reused}
     report = build_report(eval_dir, predictions, {lb: m.describe() for lb, m in models.items()})
     report["timings"] = timings
+    if job.run.tracking.enabled:
+        from rayft.training.tracking import log_eval
+
+        log_eval(job, report)
     return report

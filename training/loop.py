@@ -23,7 +23,7 @@ from pydantic import Field
 
 from rayft.training.config import DataConfig, ModelConfig, Section, TrainingConfig
 from rayft.training.formats import IGNORE_INDEX as IGNORE
-from rayft.training.preference import build_reference, dpo_step, evaluate_pairs, reduce_sums
+from rayft.training.preference import build_reference, dpo_step, evaluate_pairs, reduce_sums, uses_packed_attention
 
 STATE_FILE = "trainer_state_rank{rank}.json"
 DS_TAG = "ds"
@@ -67,6 +67,7 @@ def train_loop(config: dict[str, Any]) -> None:
     release_freed_memory()
     dpo = t.objective == "dpo"
     reference = build_reference(cfg, engine, cfg.use_gpu) if dpo else None  # what DPO's rewards compare against
+    pairs_in_one_row = dpo and uses_packed_attention(engine)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     # Host memory holds the training state: hand the heap's freed pages back at every optimizer step too.
     trim_heap = device.type == "cpu" or cfg.training.offload_optimizer or cfg.training.offload_params
@@ -114,7 +115,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 loss_sum = sum(losses)
             for rows, row_ids in group:
                 consumed.update(row_ids)
-                acc.add(rows, len(row_ids))
+                acc.add(rows, len(row_ids), one_row=pairs_in_one_row)
             acc.finish(loss_sum, count, wait_s, clock.take())
             step += 1
             steps_this_epoch += 1
@@ -574,8 +575,9 @@ class StepAccumulator:
         self.phases = dict.fromkeys(PHASES, 0.0)
         self.t0 = time.perf_counter()
 
-    def add(self, rows: list[dict], examples: int) -> None:
-        """A micro-batch's token figures."""
+    def add(self, rows: list[dict], examples: int, one_row: bool = False) -> None:
+        """A micro-batch's token figures. Pairs (DPO) run as a row per pair (chosen and rejected end to end),
+        padded to the longest pair, or with `one_row` all in a single row (preference.pair_batch)."""
         from rayft.training.formats import padded_length
 
         seqs = [(r["input_ids"], r["labels"]) for r in rows]
@@ -583,7 +585,11 @@ class StepAccumulator:
         lengths = [len(ids) for ids, _ in seqs]
         self.examples += examples
         self.real += sum(lengths)
-        self.tokens += padded_length(max(lengths)) * len(seqs)
+        if len(seqs) > len(rows):  # pairs
+            pairs = [a + b for a, b in zip(lengths[: len(rows)], lengths[len(rows) :], strict=True)]
+            self.tokens += padded_length(sum(pairs)) if one_row else padded_length(max(pairs)) * len(pairs)
+        else:
+            self.tokens += padded_length(max(lengths)) * len(seqs)
         self.trained += sum(int((np.asarray(labels) != IGNORE).sum()) for _, labels in seqs)
 
     def finish(self, loss_sum: float, loss_tokens: int, wait_s: float, phases: dict[str, float]) -> None:

@@ -138,10 +138,44 @@ def run_training(
     on_event: Callable[[dict], None] | None = None,
     callbacks: list | None = None,
     cluster_can_grow: bool = False,
+    tracking_parent: str | None = None,
+    tracking_params: dict | None = None,
 ) -> TrainResult:
     """Run one finetune to the end (or resume it) and export <run>/final/. Ray must be connected.
     `callbacks` are Ray Train callbacks (a sweep's trial passes the one that reports to Tune).
-    `cluster_can_grow`: a cluster joined by address may autoscale, so a resource shortfall waits."""
+    `cluster_can_grow`: a cluster joined by address may autoscale, so a resource shortfall waits.
+    With run.tracking set, the run is tracked (rayft.training.tracking); a sweep's trial passes its sweep's
+    directory as `tracking_parent` and its searched values as `tracking_params`."""
+    try:
+        return _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params)
+    except BaseException as e:
+        tracker = _TRACKERS.pop(job.run_dir, None)
+        if tracker:
+            tracker.set_tags({"rayft.error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+_TRACKERS: dict = {}  # run dir -> the Tracker of a run_training in progress in this process
+
+
+def open_tracker(job: TrainJob, parent: str | None = None, params: dict | None = None, resuming: bool = False):
+    """The run's Tracker (None when run.tracking tracks nothing): the tracked run started or resumed, the job
+    and `params` logged as params, and on a resume the steps logged that no earlier driver logged."""
+    from rayft.training.tracking import Tracker
+
+    tracking = job.run.tracking
+    if not tracking.enabled:
+        return None
+    tags = {"rayft.objective": job.training.objective, "rayft.method": job.training.method}
+    everything = job.model_dump(mode="json") | {"trial": params} if params else job.model_dump(mode="json")
+    tracker = Tracker.open(tracking, job.run_dir, job.run.name, everything, parent_dir=parent, tags=tags)
+    if tracker and resuming:
+        tracker.catch_up(read_metrics(job.run_dir))
+    return tracker
+
+
+def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -156,6 +190,9 @@ def run_training(
     resuming = prepare_run_dir(job, restart)
     checks = check_rows(job.data)
     save_job(job)
+    tracker = open_tracker(job, tracking_parent, tracking_params, resuming)
+    if tracker:
+        _TRACKERS[job.run_dir] = tracker
     counts = {s: c.rows for s, c in checks.items()}
     again = frozenset(s for s, n in counts.items() if read_again(job, s, n))
     datasets = build_datasets(job.model, job.data, counts, again, pairs=job.training.objective == "dpo")
@@ -203,7 +240,14 @@ def run_training(
     )
     if on_event:
         on_event({"event": "planned", "total_steps": total_steps, "train_rows": train_rows, "resuming": resuming})
-    tail = MetricsTail(storage.join(job.run_dir, "metrics.jsonl"), on_event) if on_event else None
+
+    def on_record(record: dict) -> None:
+        if tracker:
+            tracker.log_record(record)
+        if on_event:
+            on_event(record)
+
+    tail = MetricsTail(storage.join(job.run_dir, "metrics.jsonl"), on_record) if on_event or tracker else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the worker's message
@@ -220,6 +264,15 @@ def run_training(
     if ckpt_path is not None:
         export_checkpoint(ckpt_path, job, final_dir)
     plot_losses(job.run_dir)
+    if tracker:
+        _TRACKERS.pop(job.run_dir, None)
+        tracker.log_artifact(storage.join(job.run_dir, "loss.png"))
+        tracker.log_artifact(storage.join(job.run_dir, "job.yaml"))
+        if ckpt is not None:
+            tracker.set_tags({"rayft.final_dir": final_dir})
+            if job.run.tracking.log_model:
+                tracker.log_artifact(final_dir, "model")
+        tracker.finish("FINISHED")
     return TrainResult(
         job.run_dir, int(metrics.get("step", total_steps)), final_dir if ckpt else None, metrics, ckpt_path
     )

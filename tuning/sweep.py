@@ -193,6 +193,15 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
     _mark_version(root)
 
     base = _train_job(job)
+    tracking = job.run.tracking
+    if tracking.mlflow:  # a trial runs in its own working directory: give it the store's absolute location
+        from rayft.training.tracking import mlflow_uri
+
+        base["run"]["tracking"]["mlflow"]["uri"] = mlflow_uri(tracking.mlflow.uri)
+    if tracking.enabled:  # the sweep's parent run, before any trial starts its child run
+        from rayft.training.tracking import Tracker
+
+        Tracker.open(tracking, root, name, job.model_dump(mode="json"), tags={"rayft.sweep": name})
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric, progress=sw.progress_metric),
         {"cpu": TRIAL_DRIVER_CPU},
@@ -237,6 +246,11 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
     result = SweepResult(root, sw.metric, sw.metric_mode, rows, resumed=resumed)
     result.interrupted = any(r.status == "unfinished" for r in rows)
     write_results(result, job)
+    if tracking.enabled:
+        from rayft.training.tracking import close_sweep
+
+        files = [storage.join(root, f) for f in ("results.md", "results.csv", "results.png", "best.yaml")]
+        close_sweep(tracking, root, result.rows, sw.metric, sw.metric_mode, files)
     return result
 
 
@@ -320,7 +334,7 @@ def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) 
     raw["run"] |= {"name": trial_id, "storage_path": storage.join(root, RUNS_DIR)}
     job = TrainJob.model_validate(raw)
     quiet_ray_data()  # the trial's own process: its console is the sweep's log
-    result = run_training(job, callbacks=[_tune_report(progress)])
+    result = run_training(job, callbacks=[_tune_report(progress)], tracking_parent=root, tracking_params=config)
     # The final figures go to Tune only now, after export: a scheduler that stops the trial on them
     # then stops a finished trial, not one still writing its model.
     final = dict(result.metrics)

@@ -1,0 +1,205 @@
+"""Experiment tracking in a real local MLflow store, read back through MlflowClient: the job as params, every
+step's metrics, one tracked run across a killed worker and a killed driver, `rayft eval` logging into it, a
+sweep as a parent run with a child run per trial, and a store that fails mid-run never stopping anything."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from rayft.cluster.config import ConfigError, load_config
+
+
+def client(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+
+
+def runs_of(store: Path, experiment: str = "rayft") -> list:
+    c = client(store)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id]) if exp else []
+
+
+def tracked_job(tmp_path: Path, model_dir, store: Path, n_rows: int = 16, **training) -> Path:
+    from test_train_distributed import job_file
+
+    path = job_file(tmp_path, model_dir, n_rows=n_rows, **training)
+    text = path.read_text().replace(
+        "max_failures: 2}", f"max_failures: 2, tracking: {{mlflow: {{uri: {store}, experiment: tests}}}}}}"
+    )
+    path.write_text(text + "eval: {max_new_tokens: 8, max_rows: 4}\n")
+    return path
+
+
+def test_tracking_settings_are_checked_before_launch(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("data: {train: t.jsonl}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            job,
+            [
+                "run.tracking.mlflow.uri=htp://tracker:5000",
+                "run.tracking.wandb.mode=loud",
+            ],
+        )
+    text = str(e.value)
+    assert "run.tracking.mlflow" in text and "'htp'" in text and "http(s)://HOST:PORT" in text
+    assert "run.tracking.wandb.mode" in text
+    with pytest.raises(ConfigError, match="names no host"):
+        load_config(job, ["run.tracking.mlflow.uri=http://"])
+    on = load_config(job, ["run.tracking.mlflow=true"]).run.tracking
+    assert on.enabled and on.mlflow.uri == "./mlruns" and on.mlflow.experiment == "rayft" and on.wandb is None
+    assert not load_config(job).run.tracking.enabled
+    ok = ["./mlruns", "/abs/mlruns", "file:///tmp/mlruns", "sqlite:///mlflow.db", "https://mlflow.example.com"]
+    for uri in ok:
+        assert load_config(job, [f"run.tracking.mlflow.uri={uri}"]).run.tracking.mlflow.uri == uri
+
+
+def test_a_store_that_fails_warns_once_and_stops_nothing(tmp_path, caplog):
+    """A store that cannot be created is skipped at the start; one that breaks mid-run is dropped at its first
+    failure, with one warning each, and every later call is a no-op."""
+    import shutil
+
+    from rayft.training.config import TrackingConfig
+    from rayft.training.tracking import Tracker
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    caplog.set_level(logging.WARNING, logger="rayft.tracking")
+    broken = TrackingConfig.model_validate({"mlflow": {"uri": str(blocker / "mlruns")}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert Tracker.open(broken, str(run_dir), "run", {"training": {"lr": 1}}) is None
+    assert [r.message for r in caplog.records if "could not start the run" in r.message]
+
+    caplog.clear()
+    store = tmp_path / "mlruns"
+    tracker = Tracker.open(TrackingConfig.model_validate({"mlflow": {"uri": str(store)}}), str(run_dir), "run")
+    tracker.log_record({"step": 1, "loss": 2.0})
+    shutil.rmtree(store)
+    store.write_text("the store is gone")  # every later write fails
+    for step in range(2, 6):
+        tracker.log_record({"step": step, "loss": 1.0})
+    tracker.finish()
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "mlflow tracking could not log metrics" in warnings[0], warnings
+    assert "training goes on without it" in warnings[0]
+    assert tracker.backends == []
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    from test_train_distributed import wait_for as wait
+
+    return wait(predicate, timeout_s, what)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_one_tracked_run_across_a_killed_worker_a_killed_driver_and_rayft_eval(tmp_path, tiny_model_dir):
+    import ray
+    from test_train_distributed import checkpoint_steps, step_reached
+
+    from rayft.training.trainer import read_metrics
+
+    store = tmp_path / "mlruns"
+    # 48 rows, 8 per step, 2 epochs: 12 steps; a checkpoint every 3
+    path = tracked_job(tmp_path, tiny_model_dir, store, n_rows=48, epochs=2, checkpoint_every_steps=3)
+    job = load_config(path)
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "rayft", "train", str(path), "--address", address]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: 3 in checkpoint_steps(job.run_dir), 600, "the step-3 checkpoint")
+        records = wait_for(lambda: step_reached(job.run_dir, 4), 600, "step 4")
+        os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)  # a worker
+        wait_for(lambda: len([r for r in read_metrics(job.run_dir) if r.get("event") == "start"]) == 2, 600, "restart")
+        wait_for(lambda: 6 in checkpoint_steps(job.run_dir), 600, "the step-6 checkpoint")
+        wait_for(lambda: step_reached(job.run_dir, 7), 600, "step 7")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver
+        first.wait()
+    run_id = json.loads((Path(job.run_dir) / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert client(store).get_run(run_id).info.status == "RUNNING"  # the killed driver never ended it
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "rayft", "eval", str(path), "--address", address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+
+    runs = runs_of(store, "tests")
+    assert [r.info.run_id for r in runs] == [run_id]  # one tracked run for the whole story
+    c = client(store)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    params = run.data.params
+    assert params["training.lr"] == "0.005" and params["scaling.num_workers"] == "2"
+    assert params["run.tracking.mlflow.experiment"] == "tests"
+    assert {m.step for m in c.get_metric_history(run_id, "loss")} == set(range(1, 13))
+    assert {m.step for m in c.get_metric_history(run_id, "eval_loss")} >= {12}
+    assert run.data.tags["rayft.final_dir"] == os.path.join(job.run_dir, "final")
+    assert "eval/eval/finetuned/token_f1" in run.data.metrics and "eval/eval/base/token_f1" in run.data.metrics
+    artifacts = {a.path for a in c.list_artifacts(run_id)} | {a.path for a in c.list_artifacts(run_id, "eval")}
+    assert {"loss.png", "job.yaml", "eval/report.md", "eval/report.json"} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(tmp_path, tiny_model_dir):
+    import yaml
+    from test_sweep import job_file
+
+    from rayft.tuning.sweep import run_sweep
+
+    store = tmp_path / "mlruns"
+    sweep = {
+        "name": "lr",
+        "space": {"training.lr": {"grid": [5e-3, 1e-3]}},
+        "num_samples": 1,
+        "scheduler": {"type": "fifo"},
+    }
+    path = job_file(tmp_path, tiny_model_dir, sweep, max_steps=4)
+    doc = yaml.safe_load(path.read_text())
+    doc["run"]["tracking"] = {"mlflow": {"uri": "mlruns"}}  # relative: where the sweep starts, not the trials
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = run_sweep(load_config(path))
+    finally:
+        os.chdir(cwd)
+    assert [r.status for r in result.rows] == ["completed", "completed"]
+
+    runs = runs_of(store)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.run_name == "lr" and parent.info.status == "FINISHED"
+    assert parent.data.tags["rayft.trials"] == "2" and "best_eval_loss" in parent.data.metrics
+    assert parent.data.params["sweep.space.training.lr.grid"] == "[0.005, 0.001]"
+    assert {a.path for a in client(store).list_artifacts(parent.info.run_id)} >= {"results.md", "results.csv"}
+    by_trial = {r.info.run_name: r for r in children}
+    assert set(by_trial) == {r.trial for r in result.rows}
+    for row in result.rows:
+        child = by_trial[row.trial]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["rayft.trial_status"] == "completed"
+        assert float(child.data.params["trial.training.lr"]) == row.params["training.lr"]
+        assert float(child.data.params["training.lr"]) == row.params["training.lr"]
+        assert {m.step for m in client(store).get_metric_history(child.info.run_id, "loss")} == {1, 2, 3, 4}
