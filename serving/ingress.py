@@ -443,7 +443,62 @@ def _build_api(ing: "Ingress") -> FastAPI:
 
     _file_routes(api, ing.files)
     _job_routes(api, ing.finetune)
+    _playground_routes(api, ing)
     return api
+
+
+def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
+    """The playground page (rayft.serving.playground) at / and /playground, open like /healthz (it holds no
+    data), and under /v1 (behind the keys) the run each served model came from: its eval report and loss curve."""
+    from fastapi.responses import HTMLResponse, Response
+
+    from rayft.serving import playground
+
+    @api.get("/", include_in_schema=False)
+    @api.get("/playground", include_in_schema=False)
+    async def page():
+        return HTMLResponse(playground.PAGE, headers=playground.HEADERS)
+
+    async def run_for(model: str, viewer: str | None) -> str | None:
+        source = ing.model_source(await ing._adapter_for(model, viewer))
+        return await asyncio.to_thread(playground.run_of, source)
+
+    say = {404: "No such model for this key, or no rayft run (or no such file in it) behind it."}
+
+    @api.get("/v1/playground/runs", responses=_errors(401))
+    async def runs(request: Request):
+        viewer, out = _viewer(request), []
+        for card in ing.models(viewer)["data"]:
+            run = await run_for(card["id"], viewer)
+            if run:
+                out.append(await asyncio.to_thread(playground.run_card, card["id"], run))
+        return {"object": "list", "data": out}
+
+    async def the_run(model: str, request: Request) -> str:
+        run = await run_for(model, _viewer(request))
+        if run is None:
+            raise ApiError(404, f"model {model!r} was not trained by a rayft run this endpoint can read", param="model")
+        return run
+
+    @api.get("/v1/playground/runs/report", responses=_errors(401, 404, say=say))
+    async def run_report(request: Request, model: str = Query(..., description="A served model id.")):
+        run = await the_run(model, request)
+        report = await asyncio.to_thread(playground.read_report, run)
+        if report is None:
+            raise ApiError(404, f"run {storage.basename(run)} has no eval report yet: rayft eval writes it")
+        return report
+
+    @api.get(
+        "/v1/playground/runs/loss.png",
+        responses=_errors(401, 404, say=say) | {200: {"content": {"image/png": {}}}},
+        response_class=Response,
+    )
+    async def run_loss(request: Request, model: str = Query(..., description="A served model id.")):
+        run = await the_run(model, request)
+        image = await asyncio.to_thread(playground.read_loss_curve, run)
+        if image is None:
+            raise ApiError(404, f"run {storage.basename(run)} has no loss.png")
+        return Response(image, media_type="image/png")
 
 
 def _viewer(request: Request) -> str | None:
@@ -651,6 +706,13 @@ class Ingress:
         ids = [self.name] + [f"{self.name}:{a}" for a in sorted(self.adapters)]
         tuned = sorted(n for n, (owner, _) in self.ft_models.items() if viewer in (None, owner))
         return {"object": "list", "data": [self._model_card(i) for i in ids + tuned]}
+
+    def model_source(self, adapter: str | None) -> str | None:
+        """Where a served model's weights come from: the model's directory (adapter None), else the adapter's."""
+        if adapter is None:
+            return self.spec.model_path
+        version = self.versions.get(adapter)
+        return self.version_paths.get(version) if version else None
 
     def _model_card(self, model_id: str) -> dict:
         owner = self.ft_models.get(model_id, ("rayft",))[0]
