@@ -203,3 +203,32 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(tmp_path, tiny_model
         assert float(child.data.params["trial.training.lr"]) == row.params["training.lr"]
         assert float(child.data.params["training.lr"]) == row.params["training.lr"]
         assert {m.step for m in client(store).get_metric_history(child.info.run_id, "loss")} == {1, 2, 3, 4}
+
+
+def test_wandb_offline_keeps_one_run_id_across_a_resume_and_saves_the_artifacts(tmp_path):
+    """W&B in offline mode (no network): the run lives under the run dir, a second driver reopens the same run
+    id from tracking.json, and artifacts are saved with the run."""
+    from rayft.training.config import TrackingConfig
+    from rayft.training.tracking import Tracker
+
+    tracking = TrackingConfig.model_validate({"wandb": {"project": "tests", "mode": "offline"}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    first = Tracker.open(tracking, str(run_dir), "run", {"training": {"lr": 0.001}})
+    assert [b.kind for b in first.backends] == ["wandb"]
+    for step in (1, 2, 3):
+        first.log_record({"step": step, "loss": 1.0 / step, "time": 1.0})
+    first.log_artifact(str(run_dir / "loss.png"))
+    first.finish()
+    run_id = json.loads((run_dir / "tracking.json").read_text())["wandb"]["run_id"]
+
+    second = Tracker.open(tracking, str(run_dir), "run")
+    second.log_record({"step": 4, "loss": 0.2})
+    second.finish()
+    assert json.loads((run_dir / "tracking.json").read_text())["wandb"]["run_id"] == run_id
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    # one folder per driver, named by the second it started (two drivers within a second share one)
+    assert 1 <= len(runs) <= 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
+    assert (runs[0] / "files" / "loss.png").read_bytes().startswith(b"\x89PNG")

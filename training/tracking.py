@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 from rayft.training import storage
@@ -288,7 +289,7 @@ class WandbRun:
 
         self.dir = cfg.dir or (run_dir if not storage.is_remote(run_dir) else tempfile.mkdtemp(prefix="rayft-wandb-"))
         os.makedirs(self.dir, exist_ok=True)
-        self.run_id = state.get("run_id") or wandb.util.generate_id()
+        self.run_id = state.get("run_id") or uuid.uuid4().hex[:12]
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
