@@ -110,6 +110,73 @@ def lora_targets(model, last_layers: int | None) -> tuple[list[str], list[int] |
     return targets, list(range(n - last_layers, n))
 
 
+def load_lora_model(model_dir: str, lora_r: int, lora_alpha: int, lora_dropout: float, last_layers: int | None):
+    """(model in bf16 with sdpa attention, tokenizer with a pad token, PEFT LoraConfig, target module names,
+    layer indexes) for LoRA as rayft's apply_lora sets it up."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:  # as rayft's load_tokenizer; padding-free batches never pad anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    targets, layers = lora_targets(model, last_layers)
+    lora = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    return model, tokenizer, lora, targets, layers
+
+
+def same_as_rayft(seed: int) -> dict[str, Any]:
+    """The trainer settings both peers share with rayft's runs: torch's fused AdamW as rayft's DeepSpeed config
+    asks for it (no weight decay, gradients clipped at 1.0), a log line per step, nothing saved, evaluated,
+    reported or uploaded, and the data prepared in this process (the machine's cores belong to the timed run)."""
+    return {
+        "optim": "adamw_torch_fused",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": [],
+        "push_to_hub": False,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": None,
+        "seed": seed,
+        "data_seed": seed,
+    }
+
+
+def build_trainer(trainer_cls, **kwargs):
+    """(a TRL trainer built with no network call, the seconds its constructor took): TRL pings the Hub with
+    usage telemetry when a trainer is built, unless told not to; huggingface_hub reads its switch from this
+    constant (set from the environment at import time), so it is flipped for the build. transformers' console
+    printers are removed (the per-step lines are the caller's)."""
+    import huggingface_hub.constants
+    from transformers import PrinterCallback, ProgressCallback
+
+    telemetry_off = huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
+    t_setup = time.perf_counter()
+    try:
+        trainer = trainer_cls(**kwargs)
+    finally:
+        huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = telemetry_off
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    return trainer, time.perf_counter() - t_setup
+
+
 def run_trl(
     model_dir: str,
     rows: list[dict],
@@ -146,13 +213,11 @@ def run_trl(
     """
     t_start = time.perf_counter()
     import datasets
-    import huggingface_hub.constants
     import peft
     import torch
     import transformers
     import trl
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(threads)
@@ -162,19 +227,7 @@ def run_trl(
     if Path(model_dir).is_dir():
         model_dir = str(Path(model_dir).resolve())
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:  # as rayft's load_tokenizer; padding-free batches never pad anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    targets, layers = lora_targets(model, last_layers)
-    lora = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        task_type="CAUSAL_LM",
-    )
+    model, tokenizer, lora, targets, layers = load_lora_model(model_dir, lora_r, lora_alpha, lora_dropout, last_layers)
     scheduler, scheduler_kwargs = hf_lr_schedule(lr_schedule, lr)
     # rayft warms up for round(total x ratio) steps; transformers would take the ceiling of a ratio, so give it
     # the count when the total is known.
@@ -202,22 +255,7 @@ def run_trl(
         warmup_steps=warmup,
         max_steps=steps if steps else -1,
         num_train_epochs=1,
-        optim="adamw_torch_fused",  # rayft's DeepSpeed config asks for torch's fused AdamW too
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        push_to_hub=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,  # tokenize in this process: the machine's cores belong to the timed run
-        seed=seed,
-        data_seed=seed,
+        **same_as_rayft(seed),
     )
 
     prepared: dict[str, float] = {}
@@ -292,28 +330,17 @@ def run_trl(
                 if on_step:
                     on_step(records[-1])
 
-    # TRL pings the Hub with usage telemetry when a trainer is built, unless told not to; huggingface_hub reads
-    # its switch from this constant (set from the environment at import time), so it is flipped for the build.
-    telemetry_off = huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY
-    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
-    t_setup = time.perf_counter()
-    try:
-        trainer = TimedSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[StepTimer()],
-        )
-    finally:
-        huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = telemetry_off
-    setup_s = time.perf_counter() - t_setup
+    trainer, setup_s = build_trainer(
+        TimedSFTTrainer,
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[StepTimer()],
+    )
     # SFTTrainer refuses a custom collator with padding-free batches, so the counting one wraps its own.
     trainer.data_collator = CountingCollator(trainer.data_collator)
-    # The per-step lines are ours (on_step); transformers' printer would add a dict per step.
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
 
     t_train = time.perf_counter()
     trainer.train()
@@ -439,11 +466,9 @@ def run_trl_dpo(
     """
     t_start = time.perf_counter()
     import datasets
-    import huggingface_hub.constants
     import torch
     import trl
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(threads)
@@ -451,19 +476,7 @@ def run_trl_dpo(
     out_dir.mkdir(parents=True, exist_ok=True)
     if pairs_per_step % pairs_per_micro_batch:
         raise ValueError("pairs_per_step must be a multiple of pairs_per_micro_batch")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    targets, layers = lora_targets(model, last_layers)
-    lora = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        task_type="CAUSAL_LM",
-    )
+    model, tokenizer, lora, _, _ = load_lora_model(model_dir, lora_r, lora_alpha, lora_dropout, last_layers)
     scheduler, scheduler_kwargs = hf_lr_schedule(lr_schedule, lr)
     fields = DPOConfig.__dataclass_fields__
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -487,22 +500,7 @@ def run_trl_dpo(
         lr_scheduler_kwargs=scheduler_kwargs,
         warmup_steps=int(round(steps * warmup_ratio)),
         max_steps=steps,
-        optim="adamw_torch_fused",
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        push_to_hub=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-        seed=seed,
-        data_seed=seed,
+        **same_as_rayft(seed),
     )
 
     counts: deque[dict] = deque()
@@ -544,23 +542,15 @@ def run_trl_dpo(
                 if on_step:
                     on_step(records[-1])
 
-    telemetry_off = huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY
-    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
-    t_setup = time.perf_counter()
-    try:
-        trainer = TimedDPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=lora,
-            callbacks=[StepTimer()],
-        )
-    finally:
-        huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = telemetry_off
-    setup_s = time.perf_counter() - t_setup
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
+    trainer, setup_s = build_trainer(
+        TimedDPOTrainer,
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[StepTimer()],
+    )
     t_train = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t_train

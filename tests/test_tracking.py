@@ -35,7 +35,8 @@ def tracked_job(tmp_path: Path, model_dir, store: Path, n_rows: int = 16, **trai
 
     path = job_file(tmp_path, model_dir, n_rows=n_rows, **training)
     text = path.read_text().replace(
-        "max_failures: 2}", f"max_failures: 2, tracking: {{mlflow: {{uri: {store}, experiment: tests}}}}}}"
+        "max_failures: 2}",
+        f"max_failures: 2, tracking: {{mlflow: {{uri: {store}, experiment: tests}}, log_model: true}}}}",
     )
     path.write_text(text + "eval: {max_new_tokens: 8, max_rows: 4}\n")
     return path
@@ -156,6 +157,8 @@ def test_one_tracked_run_across_a_killed_worker_a_killed_driver_and_rayft_eval(t
     assert "eval/eval/finetuned/token_f1" in run.data.metrics and "eval/eval/base/token_f1" in run.data.metrics
     artifacts = {a.path for a in c.list_artifacts(run_id)} | {a.path for a in c.list_artifacts(run_id, "eval")}
     assert {"loss.png", "job.yaml", "eval/report.md", "eval/report.json"} <= artifacts
+    model = {a.path for a in c.list_artifacts(run_id, "model")}  # run.tracking.log_model: the final model itself
+    assert {"model/config.json", "model/model.safetensors", "model/adapter"} <= model, model
 
 
 @pytest.mark.slow
