@@ -293,6 +293,15 @@ def _print_train_summary(result) -> None:
     out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
     if result.final_dir:
         out.print(f"  model     {result.final_dir}")
+    from rayft.training.tracking import read_state
+
+    tracked = read_state(result.run_dir)
+    if "mlflow" in tracked:
+        out.print(f"  mlflow    run {tracked['mlflow']['run_id']} in {tracked['mlflow']['uri']}", highlight=False)
+    if "wandb" in tracked:
+        out.print(
+            f"  wandb     run {tracked['wandb']['run_id']} ({tracked['wandb'].get('dir') or ''})", highlight=False
+        )
 
 
 SPARK = "▁▂▃▄▅▆▇█"
