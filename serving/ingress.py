@@ -480,7 +480,7 @@ def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
             raise ApiError(404, f"model {model!r} was not trained by a rayft run this endpoint can read", param="model")
         return run
 
-    @api.get("/v1/playground/runs/report", responses=_errors(401, 404, say=say))
+    @api.get("/v1/playground/runs/report", responses=_errors(400, 401, 404, say=say))
     async def run_report(request: Request, model: str = Query(..., description="A served model id.")):
         run = await the_run(model, request)
         report = await asyncio.to_thread(playground.read_report, run)
@@ -490,7 +490,7 @@ def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
 
     @api.get(
         "/v1/playground/runs/loss.png",
-        responses=_errors(401, 404, say=say) | {200: {"content": {"image/png": {}}}},
+        responses=_errors(400, 401, 404, say=say) | {200: {"content": {"image/png": {}}}},
         response_class=Response,
     )
     async def run_loss(request: Request, model: str = Query(..., description="A served model id.")):
