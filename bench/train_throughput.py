@@ -254,12 +254,10 @@ def run_single_process(name: str, cfg, batches: list[list[list[dict]]]) -> Run:
 def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: int) -> tuple[Run, float, int]:
     """`rayft train` on a local Ray; returns its timed steps (from metrics.jsonl), its whole wall time and the
     workers' niceness."""
-    import ray
     import yaml
 
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import run_training
 
     job_file = tmp / "job.yaml"
     job = {
@@ -298,16 +296,27 @@ def run_rayft(model_name: str, tmp: Path, steps: int, global_batch: int, micro: 
                 flush=True,
             )
 
+    wall = train_then_shut_down(cfg, progress)
+    records = step_records(cfg.run_dir)
+    first_wait = records[0]["data_wait_s"] if records else 0.0
+    timed = timed_steps(records)
+    return Run("rayft train", timed, f"first step waited {first_wait:.1f}s for data"), wall, max(niceness, default=0)
+
+
+def train_then_shut_down(cfg, progress) -> float:
+    """`rayft train` of the job on the connected Ray (its run dir started afresh), then Ray shut down so that
+    nothing of it shares the cores with what runs next; the wall time of the training."""
+    import ray
+
+    from rayft.training.trainer import run_training
+
     t0 = time.perf_counter()
     try:
         run_training(cfg, restart=True, on_event=progress)
     finally:
         wall = time.perf_counter() - t0
         ray.shutdown()
-    records = step_records(cfg.run_dir)
-    first_wait = records[0]["data_wait_s"] if records else 0.0
-    timed = timed_steps(records)
-    return Run("rayft train", timed, f"first step waited {first_wait:.1f}s for data"), wall, max(niceness, default=0)
+    return wall
 
 
 def step_records(run_dir: str) -> list[dict]:
@@ -441,11 +450,9 @@ def mix_files(cfg) -> list[tuple[Path, int]]:
 def run_quickstart(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]:
     """`rayft train configs/quickstart.yaml` as shipped (the run dir moved); returns its timed steps, its
     training time (the first step's start to the last step's end, by wall clock) and the job."""
-    import ray
-
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import required_cpus, run_training
+    from rayft.training.trainer import required_cpus
 
     cfg = load_config(QUICKSTART, [f"run.storage_path={tmp / 'runs'}", "run.name=bench-quickstart", *overrides])
     connect(need_cpus=required_cpus(cfg))
@@ -454,10 +461,7 @@ def run_quickstart(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]
         if "loss" in event and (event["step"] % 10 == 0 or event["step"] <= 3):
             print(f"  rayft step {event['step']}: {event['step_time_s']:.2f}s, loss {event['loss']:.3f}", flush=True)
 
-    try:
-        run_training(cfg, restart=True, on_event=progress)
-    finally:
-        ray.shutdown()
+    train_then_shut_down(cfg, progress)
     records = step_records(cfg.run_dir)
     train_s = records[-1]["time"] - (records[0]["time"] - records[0]["step_time_s"])
     return Run("rayft train", timed_steps(records)), train_s, cfg
@@ -697,11 +701,10 @@ def run_rayft_dpo(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]:
     """`rayft train configs/quickstart-dpo.yaml` from the built-in model (the shipped config starts from the SFT
     quickstart's run, which has the same shape), for a fixed number of steps; returns its timed steps, its wall
     time and the job."""
-    import ray
 
     from rayft.cluster.config import load_config
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import required_cpus, run_training
+    from rayft.training.trainer import required_cpus
 
     cfg = load_config(
         QUICKSTART_DPO,
@@ -724,12 +727,7 @@ def run_rayft_dpo(tmp: Path, overrides: list[str]) -> tuple[Run, float, object]:
                 flush=True,
             )
 
-    t0 = time.perf_counter()
-    try:
-        run_training(cfg, restart=True, on_event=progress)
-    finally:
-        wall = time.perf_counter() - t0
-        ray.shutdown()
+    wall = train_then_shut_down(cfg, progress)
     records = step_records(cfg.run_dir)
     run = Run("rayft train (DPO)", timed_steps(records))
     for step, record in zip(run.steps, [r for r in records if r["step"] > WARMUP_STEPS], strict=True):

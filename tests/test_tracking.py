@@ -235,3 +235,47 @@ def test_wandb_offline_keeps_one_run_id_across_a_resume_and_saves_the_artifacts(
     assert 1 <= len(runs) <= 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
     assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
     assert (runs[0] / "files" / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_dir_in_a_bucket_keeps_its_tracked_run_and_its_files_reach_the_store(s3_bucket, tmp_path):
+    """A run dir in S3 (moto's server on 127.0.0.1): tracking.json lives in the bucket, a second driver finds the
+    same run there, and an artifact in the bucket is copied into the store."""
+    from rayft.training import storage
+    from rayft.training.config import TrackingConfig
+    from rayft.training.tracking import Tracker
+
+    store = tmp_path / "mlruns"
+    tracking = TrackingConfig.model_validate({"mlflow": {"uri": str(store)}})
+    run_dir = f"{s3_bucket}/runs/cloud"
+    storage.write_bytes(storage.join(run_dir, "loss.png"), b"\x89PNG\r\n\x1a\na curve")
+    first = Tracker.open(tracking, run_dir, "cloud", {"training": {"lr": 0.002}})
+    first.log_record({"step": 1, "loss": 1.5})
+    first.log_artifact(storage.join(run_dir, "loss.png"))
+    first.finish()
+    state = json.loads(storage.read_text(storage.join(run_dir, "tracking.json")))
+    second = Tracker.open(tracking, run_dir, "cloud")
+    second.log_record({"step": 2, "loss": 1.0})
+    second.finish()
+
+    c = client(store)
+    [run] = runs_of(store)
+    assert run.info.run_id == state["mlflow"]["run_id"] and run.data.tags["rayft.run_dir"] == run_dir
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert run.data.params["training.lr"] == "0.002"
+    local = c.download_artifacts(run.info.run_id, "loss.png", str(tmp_path))
+    assert Path(local).read_bytes() == b"\x89PNG\r\n\x1a\na curve"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_a_run_that_fails_ends_its_tracked_run_failed_with_the_reason(tmp_path, tiny_model_dir):
+    from rayft.training.data import DataError
+    from rayft.training.trainer import run_training
+
+    store = tmp_path / "mlruns"
+    job = load_config(tracked_job(tmp_path, tiny_model_dir, store, n_rows=4))  # 4 rows, 8 per step
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        run_training(job)
+    [run] = runs_of(store, "tests")
+    assert run.info.status == "FAILED"
+    assert "fewer than one global batch" in run.data.tags["rayft.error"]

@@ -147,6 +147,12 @@ class Tracker:
         """End the tracked run: FINISHED, FAILED or KILLED."""
         self._each("could not end the run", lambda b: b.finish(status))
 
+    def fail(self, error: BaseException) -> None:
+        """End the tracked run on the error that stopped it: KILLED for Ctrl-C, else FAILED with the reason."""
+        text = str(error).splitlines()[0][:500] if str(error) else type(error).__name__
+        self.set_tags({"rayft.error": text})
+        self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
 
 class local_copy:
     """A local path for `path`: itself, or a temporary download of a cloud path."""

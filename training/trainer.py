@@ -146,17 +146,15 @@ def run_training(
     `cluster_can_grow`: a cluster joined by address may autoscale, so a resource shortfall waits.
     With run.tracking set, the run is tracked (rayft.training.tracking); a sweep's trial passes its sweep's
     directory as `tracking_parent` and its searched values as `tracking_params`."""
+    tracked: list = []  # the run's Tracker once open, until the run ends
     try:
-        return _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params)
+        return _run_training(
+            job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked
+        )
     except BaseException as e:
-        tracker = _TRACKERS.pop(job.run_dir, None)
-        if tracker:
-            tracker.set_tags({"rayft.error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
-            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        for tracker in tracked:
+            tracker.fail(e)
         raise
-
-
-_TRACKERS: dict = {}  # run dir -> the Tracker of a run_training in progress in this process
 
 
 def open_tracker(job: TrainJob, parent: str | None = None, params: dict | None = None, resuming: bool = False):
@@ -175,7 +173,7 @@ def open_tracker(job: TrainJob, parent: str | None = None, params: dict | None =
     return tracker
 
 
-def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params):
+def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -192,7 +190,7 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
     save_job(job)
     tracker = open_tracker(job, tracking_parent, tracking_params, resuming)
     if tracker:
-        _TRACKERS[job.run_dir] = tracker
+        tracked.append(tracker)
     counts = {s: c.rows for s, c in checks.items()}
     again = frozenset(s for s, n in counts.items() if read_again(job, s, n))
     datasets = build_datasets(job.model, job.data, counts, again, pairs=job.training.objective == "dpo")
@@ -265,7 +263,7 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
         export_checkpoint(ckpt_path, job, final_dir)
     plot_losses(job.run_dir)
     if tracker:
-        _TRACKERS.pop(job.run_dir, None)
+        tracked.clear()
         tracker.log_artifact(storage.join(job.run_dir, "loss.png"))
         tracker.log_artifact(storage.join(job.run_dir, "job.yaml"))
         if ckpt is not None:
