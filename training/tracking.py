@@ -137,7 +137,7 @@ class Tracker:
         """A file or directory (local or in cloud storage) as an artifact under `folder`."""
         if not self.backends or not storage.exists(path):
             return
-        with local_copy(path) as local:
+        with storage.local_copy(path) as local:
             self._each(f"could not log {storage.basename(path)}", lambda b: b.log_artifact(local, folder))
 
     def set_tags(self, tags: dict) -> None:
@@ -152,27 +152,6 @@ class Tracker:
         text = str(error).splitlines()[0][:500] if str(error) else type(error).__name__
         self.set_tags({"rayft.error": text})
         self.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-
-
-class local_copy:
-    """A local path for `path`: itself, or a temporary download of a cloud path."""
-
-    def __init__(self, path: str):
-        self.path, self.tmp = path, None
-
-    def __enter__(self) -> str:
-        if not storage.is_remote(self.path):
-            return self.path
-        self.tmp = tempfile.mkdtemp(prefix="rayft-artifact-")
-        local = os.path.join(self.tmp, storage.basename(self.path))
-        storage.download(self.path, local)
-        return local
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp:
-            import shutil
-
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def read_state(run_dir: str | None) -> dict:
