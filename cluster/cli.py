@@ -26,8 +26,10 @@ def config_show(
     set_: SetOpt = None,
     describe: Annotated[bool, typer.Option("--describe", help="List every key with its default and meaning.")] = False,
 ) -> None:
-    """Validate a job file and print the resolved config (defaults < YAML < --set)."""
+    """Validate a job file and print the resolved config (defaults < YAML < --set), credentials shown as ***."""
     import yaml
+
+    from rayft.training.redact import redacted
 
     if describe:
         from rayft.cluster.config import config_reference
@@ -39,7 +41,8 @@ def config_show(
         return
     with _user_errors():
         cfg = _load(config, set_)
-    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False, highlight=False)
+    shown = redacted(cfg.model_dump(mode="json"))
+    out.print(yaml.safe_dump(shown, sort_keys=False), end="", markup=False, highlight=False, soft_wrap=True)
 
 
 def data_inspect(

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from rayft.serving.config import ServeConfig
 from rayft.training.config import RunConfig, ScalingConfig, Section, TrainJob, set_dotted  # noqa: F401
+from rayft.training.redact import redacted
 from rayft.tuning.config import SweepJob
 
 
@@ -31,7 +32,10 @@ class SubmitConfig(Section):
         None, description="Container image the job runs in (Ray's image_uri; the nodes need podman)."
     )
     env_vars: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables of the job's driver and workers."
+        default_factory=dict,
+        description="Environment variables of the job's driver and workers, and the place for its credentials "
+        "(HF_TOKEN, AWS keys, WANDB_API_KEY): their values go into the job's environment only, shown as *** "
+        "everywhere else.",
     )
     max_upload_mb: float = Field(
         100.0,
@@ -131,7 +135,8 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> tuple[list[str], 
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. training.lr=1e-4")
+            shown = f"{key}={redacted(value, key)}" if sep else item
+            problems.append(f"--set {shown!r}: expected KEY=VALUE with a dotted key, e.g. training.lr=1e-4")
             continue
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
@@ -236,7 +241,7 @@ def _describe(err: ValidationError, raw: dict, lines: dict[str, int], source: st
             for pat, rep in _MSG_REWRITES:
                 msg = pat.sub(rep, msg)
             if e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
+                msg += f" (got {redacted(e['input'], dotted)!r})"  # a credential's value shows as ***
         where = ""
         if dotted in set_keys:
             where = " [from --set]"

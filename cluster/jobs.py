@@ -118,6 +118,7 @@ class Package:
     staging: str | None = None
     shipped: list[tuple[str, str, int]] = field(default_factory=list)  # (config key, local path, bytes)
     code: str | None = None  # the folder holding the staged `rayft` package (runtime_env py_modules)
+    job_text: str = ""  # the job file as the cluster gets it (credentials shown as ***)
 
     def cleanup(self) -> None:
         for path in (self.staging, self.code):
@@ -140,14 +141,15 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
         if problems:
             raise ConfigError(str(config), problems)
     storage = _raw_storage_path(config, overrides)
-    if "://" not in storage and not os.path.isabs(os.path.expanduser(storage)):
-        raise JobsError(
-            f"run.storage_path is {storage!r}, a path relative to this machine: the cluster's nodes would each "
-            "write their part of the run to their own disk. Point it at storage every node shares, e.g. "
-            "--set run.storage_path=s3://BUCKET/runs, gs://BUCKET/runs, or an NFS mount such as /mnt/shared/runs"
-        )
     job = cfg.model_dump(mode="json", exclude_unset=True)
     job.setdefault("run", {})["storage_path"] = storage
+    problems = _cluster_problems(cfg, job, storage)
+    if problems:
+        raise JobsError(
+            problems[0]
+            if len(problems) == 1
+            else "the job cannot run on a cluster as it is:\n  - " + "\n  - ".join(problems)
+        )
     sub = cfg.submit
     run_name = (cfg.sweep.name or f"{cfg.run.name}-sweep") if command == "sweep" else cfg.run.name
 
@@ -176,16 +178,18 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
     env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
     run_dir = run_dir_of(metadata)
     if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
-        text = base64.b64encode(_job_yaml(job, config).encode()).decode()
-        entrypoint = f"echo {text} | base64 -d > rayft-{JOB_FILE} && rayft {command} rayft-{JOB_FILE}"
+        text = _job_yaml(job, config)
+        encoded = base64.b64encode(text.encode()).decode()
+        entrypoint = f"echo {encoded} | base64 -d > rayft-{JOB_FILE} && rayft {command} rayft-{JOB_FILE}"
         runtime_env = {"image_uri": sub.image_uri, "env_vars": env_vars}
-        return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata)
+        return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, job_text=text)
 
     staging = tempfile.mkdtemp(prefix="rayft-submit-")
     code = tempfile.mkdtemp(prefix="rayft-code-")
     try:
         _stage(job, files, Path(staging))
-        (Path(staging) / JOB_FILE).write_text(_job_yaml(job, config))
+        text = _job_yaml(job, config)
+        (Path(staging) / JOB_FILE).write_text(text)
         shipped_code = stage_rayft(Path(code))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -200,7 +204,7 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
     if sub.pip:
         runtime_env["pip"] = list(sub.pip)
     entrypoint = f"python -m rayft {command} {JOB_FILE}"
-    return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files, code)
+    return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files, code, text)
 
 
 def run_dir_of(metadata: dict) -> str | None:
@@ -307,8 +311,72 @@ def _glob_root(pattern: str) -> str:
 
 
 def _job_yaml(job: dict, config: Path) -> str:
-    head = f"# {Path(config).name} as submitted by `rayft submit` (overrides applied, local files alongside).\n"
-    return head + yaml.safe_dump(job, sort_keys=False)
+    """The job file the cluster gets: the Ray job's working dir (or entrypoint) is stored on the cluster and shown
+    with the job, so every credential in it shows as *** (the job's environment alone holds submit.env_vars)."""
+    from rayft.training.redact import redacted
+
+    head = (
+        f"# {Path(config).name} as submitted by `rayft submit` (overrides applied, local files alongside, "
+        "credentials hidden: submit.env_vars reaches the job as its environment).\n"
+    )
+    return head + yaml.safe_dump(redacted(job), sort_keys=False)
+
+
+def _cluster_problems(cfg, job: dict, storage: str) -> list[str]:
+    """What a valid job file cannot do on a cluster: keep results or tracked runs on one node's disk or in Ray's
+    per-job copy of the working dir, or read a credential from the job file (which reaches the cluster with
+    every credential hidden)."""
+    from rayft.cluster.config import TrainJob
+    from rayft.training.redact import redacted
+
+    problems = []
+    if "://" not in storage and not os.path.isabs(os.path.expanduser(storage)):
+        problems.append(
+            f"run.storage_path is {storage!r}, a path relative to this machine: the cluster's nodes would each "
+            "write their part of the run to their own disk. Point it at storage every node shares, e.g. "
+            "--set run.storage_path=s3://BUCKET/runs, gs://BUCKET/runs, or an NFS mount such as /mnt/shared/runs"
+        )
+    mlflow = cfg.run.tracking.mlflow
+    if mlflow is not None and _relative_store(mlflow.uri):
+        problems.append(
+            f"run.tracking.mlflow.uri is {mlflow.uri!r}, a tracking store relative to where the job's driver "
+            "starts: on the cluster that is Ray's copy of the job's working dir, which Ray removes once no job uses "
+            "it, and the tracked runs would go with it. Point it at a tracking server, e.g. --set "
+            "run.tracking.mlflow.uri=http://HOST:5000 (or https://..., databricks, a database URI), or at an "
+            "absolute path the cluster keeps, such as an NFS mount: /mnt/shared/mlruns"
+        )
+    found: list[str] = []
+    redacted(job, found=found)
+    read_there = set(TrainJob.model_fields) | {"sweep"}  # serve and submit are not read by the job itself
+    used = [path for path in found if path.split(".")[0] in read_there]
+    if used:
+        problems.append(
+            f"{', '.join(used)} {'holds' if len(used) == 1 else 'hold'} a credential (the user or password of a URI, "
+            "or a key named like a token, secret or password), and the job file reaches the cluster with every "
+            "credential hidden as ***, where the job could not use it. Give credentials through submit.env_vars, "
+            "which only the job's environment holds: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://, "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for an MLflow server, "
+            "HF_TOKEN for the hub"
+        )
+    return problems
+
+
+def _relative_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a local store at a relative path (./mlruns, file:mlruns,
+    sqlite:///mlflow.db): one that lands wherever the process using it starts."""
+    uri = uri.strip()
+    if uri.startswith("databricks"):  # `databricks` or databricks://PROFILE
+        return False
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+    elif uri.startswith("file:"):
+        path = uri[len("file:") :]
+        path = path[len("//") :] if path.startswith("//") else path
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+        return False  # a tracking server, a database or databricks: the same from every machine
+    else:
+        path = uri
+    return not os.path.isabs(os.path.expanduser(path))
 
 
 def stage_rayft(dest: Path) -> Path:

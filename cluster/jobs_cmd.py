@@ -38,6 +38,10 @@ def submit(
         bool,
         typer.Option("--follow", help="Stream the job's logs until it ends; exit 0 succeeded, 1 failed, 3 stopped."),  # noqa: E501
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check and package the job, print what would be sent, submit nothing."),
+    ] = False,
 ) -> None:
     """Run a finetune (or a sweep) on a Ray cluster: the job file is checked here, shipped with its small local
     data files and rayft's code, and submitted through Ray's Jobs API. The laptop can then walk away."""
@@ -46,6 +50,12 @@ def submit(
     command = "sweep" if sweep else "train"
     with _user_errors():
         pkg = jobs.package(config, set_ or [], command, name)
+        if dry_run:
+            try:
+                _print_plan(pkg)
+            finally:
+                pkg.cleanup()
+            return
         try:
             with err.status("submitting", spinner="dots"):
                 job_id, dashboard = jobs.submit(address, pkg)
@@ -60,6 +70,30 @@ def submit(
     out.print(f"  follow     rayft jobs logs {job_id} --follow" + _addr_hint(address))
     if follow_:
         _follow(address, job_id)
+
+
+def _print_plan(pkg) -> None:
+    """What `rayft submit` would send: the entrypoint, the environment, the local files and the job file as the
+    cluster gets it, every credential shown as *** (the job's environment alone would hold them)."""
+    from rayft.cluster import jobs
+    from rayft.training.redact import redacted
+
+    env = redacted(pkg.runtime_env)
+    say = lambda text: out.print(text, markup=False, highlight=False)  # noqa: E731 - paths and values as they are
+    out.print("[bold]dry run[/]: nothing submitted; the cluster would get")
+    say(f"  run         {pkg.run_dir}")
+    if env.get("image_uri"):
+        say(f"  image       {env['image_uri']}")
+        say(f"  entrypoint  rayft {pkg.command} rayft-{jobs.JOB_FILE} (the job file below travels inside it)")
+    else:
+        say(f"  entrypoint  {pkg.entrypoint}")
+    say("  env_vars    " + ", ".join(f"{k}={v}" for k, v in env.get("env_vars", {}).items()))
+    if env.get("pip"):
+        say("  pip         " + " ".join(env["pip"]))
+    for key, path, size in pkg.shipped:
+        say(f"  ships       {key}: {path} ({jobs.fmt_size(size)})")
+    say(f"  job file    {jobs.JOB_FILE}:")
+    say(pkg.job_text.rstrip("\n"))
 
 
 def _addr_hint(address: str | None) -> str:

@@ -180,3 +180,39 @@ def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
     assert missing == [], f"add these keys to the README's config reference: {missing}"
+
+
+def test_redacted_hides_credentials_and_keeps_everything_else():
+    from rayft.training.redact import REDACTED, redacted
+
+    data = {
+        "submit": {"env_vars": {"HF_TOKEN": "hf_x", "LOG_LEVEL": "debug"}, "pip": ["git+https://u:pw@host/r", "torch"]},
+        "serve": {"api_key_env": "RAYFT_API_KEY", "api_keys_file": "/keys.txt", "max_tokens_limit": 1024},
+        "training": {"ds_config": {"wandb": {"apiKey": "k1", "team": "t"}, "credentials": {"user": "u"}}},
+        "run": {"storage_path": "s3://AKIA:abc@bucket/runs", "tracking": {"mlflow": {"uri": "https://mlflow:5000"}}},
+        "data": {"train": ["a.jsonl"], "max_seq_len": 128, "client_secret": None},
+    }
+    found: list[str] = []
+    out = redacted(data, found=found)
+    assert out["submit"]["env_vars"] == {"HF_TOKEN": REDACTED, "LOG_LEVEL": REDACTED}  # every value: all may be keys
+    assert out["submit"]["pip"] == ["git+https://***@host/r", "torch"]
+    assert out["serve"] == data["serve"]  # names of where keys are, not keys; token counts
+    assert out["training"]["ds_config"] == {
+        "wandb": {"apiKey": REDACTED, "team": "t"},
+        "credentials": {"user": REDACTED},
+    }
+    assert out["run"] == {
+        "storage_path": "s3://***@bucket/runs",
+        "tracking": {"mlflow": {"uri": "https://mlflow:5000"}},
+    }
+    assert out["data"] == data["data"]
+    assert data["submit"]["env_vars"]["HF_TOKEN"] == "hf_x"  # a copy: the job itself keeps its values
+    assert sorted(found) == [
+        "run.storage_path",
+        "submit.env_vars.HF_TOKEN",
+        "submit.env_vars.LOG_LEVEL",
+        "submit.pip",
+        "training.ds_config.credentials.user",
+        "training.ds_config.wandb.apiKey",
+    ]
+    assert redacted(out) == out  # idempotent

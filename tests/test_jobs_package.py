@@ -3,12 +3,15 @@ rewritten to find them, what is refused and why, and that no token ends up in wh
 
 from __future__ import annotations
 
+import base64
+import re
+import secrets
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import chat, write_jsonl
+from conftest import chat, rayft_cli, write_jsonl
 from rayft.cluster.jobs import SUBPACKAGES, JobsError, dashboard_address, find_token, package
 
 
@@ -112,3 +115,83 @@ def test_addresses_and_token_sources(monkeypatch, tmp_path):
     assert find_token() == (None, "RAY_AUTH_TOKEN_PATH")
     (tmp_path / "token").write_text("abc\n")
     assert find_token() == ("abc", f"RAY_AUTH_TOKEN_PATH ({tmp_path / 'token'})")
+
+
+SECRET = "hf_" + secrets.token_hex(16)  # a credential the job gives its cluster environment
+
+
+def test_credentials_reach_the_jobs_environment_and_nothing_else(job_dir):
+    """submit.env_vars is how a job gets HF_TOKEN or WANDB_API_KEY: their values go into the job's runtime_env,
+    and show as *** in the job file the cluster stores, the entrypoint, `rayft submit --dry-run`,
+    `rayft config show` and a config error."""
+    job = job_dir / "job.yaml"
+    with job.open("a") as f:
+        f.write(
+            f"submit: {{env_vars: {{HF_TOKEN: {SECRET}, WANDB_API_KEY: wb-{SECRET}}}, "
+            f"pip: ['git+https://{SECRET}@github.com/org/tool']}}\n"
+        )
+    pkg = package(job, [], "train", None)
+    try:
+        env = pkg.runtime_env["env_vars"]
+        assert env == {"PYTHONUNBUFFERED": "1", "HF_TOKEN": SECRET, "WANDB_API_KEY": f"wb-{SECRET}"}
+        assert pkg.runtime_env["pip"] == [f"git+https://{SECRET}@github.com/org/tool"]  # what pip needs to fetch it
+        shipped = (Path(pkg.staging) / "job.yaml").read_text()
+        assert SECRET not in shipped + pkg.entrypoint + repr(pkg.metadata)
+        sub = yaml.safe_load(shipped)["submit"]
+        assert sub == {
+            "env_vars": {"HF_TOKEN": "***", "WANDB_API_KEY": "***"},
+            "pip": ["git+https://***@github.com/org/tool"],
+        }
+    finally:
+        pkg.cleanup()
+
+    image = package(job, ["data.train=s3://bucket/train.jsonl", "submit.image_uri=reg/rayft:1"], "train", None)
+    assert image.runtime_env["env_vars"]["HF_TOKEN"] == SECRET
+    carried = base64.b64decode(image.entrypoint.split()[1]).decode()  # the job file inside the entrypoint
+    assert "HF_TOKEN: '***'" in carried and SECRET not in carried
+
+    dry = rayft_cli("submit", str(job), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "nothing submitted" in dry.stdout and "HF_TOKEN=***" in dry.stdout and "data.train" in dry.stdout
+    assert SECRET not in dry.stdout + dry.stderr
+
+    shown = rayft_cli("config", "show", str(job))
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["submit"]["env_vars"] == {"HF_TOKEN": "***", "WANDB_API_KEY": "***"}
+    assert SECRET not in shown.stdout + shown.stderr
+
+    bad = rayft_cli("config", "show", str(job), "--set", f"submit.env_vars.HF_TOKEN=[{SECRET}]")  # not a string
+    assert bad.returncode == 2 and "submit.env_vars.HF_TOKEN: must be a valid string (got ['***'])" in bad.stderr
+    assert SECRET not in bad.stdout + bad.stderr
+
+
+def test_a_credential_inside_a_uri_the_cluster_reads_is_refused(job_dir):
+    """The job file is stored on the cluster with its credentials hidden, so a password written into a URI the
+    job reads would reach the job as ***: refused, naming the key and where credentials go instead."""
+    with pytest.raises(JobsError) as e:
+        package(job_dir / "job.yaml", [f"run.storage_path=s3://AKIA:{SECRET}@bucket/runs"], "train", None)
+    assert re.search(r"run.storage_path holds a credential .*submit.env_vars", str(e.value))
+    assert SECRET not in str(e.value)
+
+
+def test_a_local_mlflow_store_is_refused_for_a_cluster(job_dir):
+    """A store relative to the driver's directory would land in Ray's per-job copy of the working dir on the
+    cluster; a tracking server, databricks, a database or an absolute (shared) path is taken."""
+    job = job_dir / "job.yaml"
+    for uri in ("./mlruns", "mlruns", "file:mlruns", "sqlite:///mlflow.db"):
+        with pytest.raises(JobsError, match=rf"run.tracking.mlflow.uri is '{re.escape(uri)}', .*working dir.*http"):
+            package(job, [f"run.tracking.mlflow.uri={uri}"], "train", None)
+    with pytest.raises(JobsError) as e:  # `mlflow: true` is ./mlruns; found with every other problem at once
+        package(job, ["run.tracking.mlflow=true", "run.storage_path=runs"], "train", None)
+    assert "run.tracking.mlflow.uri is './mlruns'" in str(e.value) and "run.storage_path is 'runs'" in str(e.value)
+
+    refused = rayft_cli("submit", str(job), "--set", "run.tracking.mlflow=true", "--dry-run")
+    assert refused.returncode == 2 and "cluster error" in refused.stderr
+    assert "run.tracking.mlflow.uri" in refused.stderr and "Traceback" not in refused.stderr
+
+    for uri in ("https://mlflow.example.com", "databricks", "postgresql://db.internal/mlflow", "/mnt/shared/mlruns"):
+        pkg = package(job, [f"run.tracking.mlflow.uri={uri}"], "train", None)
+        try:
+            assert staged(pkg)["run"]["tracking"]["mlflow"]["uri"] == uri
+        finally:
+            pkg.cleanup()

@@ -1,12 +1,15 @@
 """Experiment tracking in a real local MLflow store, read back through MlflowClient: the job as params, every
 step's metrics, one tracked run across a killed worker and a killed driver, `rayft eval` logging into it, a
-sweep as a parent run with a child run per trial, and a store that fails mid-run never stopping anything."""
+sweep as a parent run with a child run per trial, and a store that fails mid-run never stopping anything.
+Every job here carries a credential in submit.env_vars, which must show in no param, tag, artifact, run-dir file
+or line the CLI prints."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +19,40 @@ import pytest
 
 from conftest import ROOT
 from rayft.cluster.config import ConfigError, load_config
+
+# A credential the jobs give their cluster environment (submit.env_vars): the runs must not keep or log it.
+HF_TOKEN = "hf_" + secrets.token_hex(16)
+
+
+def assert_secret_nowhere(root: Path, *outputs: str, skip: tuple[Path, ...] = ()) -> None:
+    """HF_TOKEN in no file under `root` (MLflow's database and artifacts, run dirs; read as bytes) but `skip`
+    (the job file itself), and in none of `outputs` (what the CLI printed)."""
+    secret = HF_TOKEN.encode()
+    leaked = [
+        str(f)
+        for f in root.rglob("*")
+        if f.is_file() and not f.is_symlink() and f not in skip and secret in f.read_bytes()
+    ]
+    assert leaked == [], f"the credential in submit.env_vars leaked into {leaked}"
+    assert not [o for o in outputs if HF_TOKEN in o], "the credential in submit.env_vars was printed"
+
+
+def assert_no_secret_tracked(store: Path, run_id: str) -> None:
+    """Neither the run's params and tags nor any of its artifacts' files hold HF_TOKEN (read through MLflow)."""
+    c = client(store)
+    run = c.get_run(run_id)
+    assert not [k for k in run.data.params if k.startswith(("submit.", "serve."))], run.data.params
+    shown = {**run.data.params, **run.data.tags}
+    assert [k for k, v in shown.items() if HF_TOKEN in k + v] == []
+
+    def files(folder: str | None = None) -> list[str]:
+        return [p for a in c.list_artifacts(run_id, folder) for p in (files(a.path) if a.is_dir else [a.path])]
+
+    logged = files()
+    assert logged, "the run logged no artifacts"
+    for path in logged:
+        local = Path(c.download_artifacts(run_id, path, str(store.parent / "downloaded")))
+        assert HF_TOKEN.encode() not in local.read_bytes(), f"artifact {path} holds the credential"
 
 
 def client(store: Path):
@@ -38,7 +75,9 @@ def tracked_job(tmp_path: Path, model_dir, store: Path, n_rows: int = 16, **trai
         "max_failures: 2}",
         f"max_failures: 2, tracking: {{mlflow: {{uri: {store}, experiment: tests}}, log_model: true}}}}",
     )
-    path.write_text(text + "eval: {max_new_tokens: 8, max_rows: 4}\n")
+    path.write_text(
+        text + "eval: {max_new_tokens: 8, max_rows: 4}\n" + f"submit: {{env_vars: {{HF_TOKEN: {HF_TOKEN}}}}}\n"
+    )
     return path
 
 
@@ -108,6 +147,7 @@ def wait_for(predicate, timeout_s: float, what: str):
 @pytest.mark.usefixtures("ray_local")
 def test_one_tracked_run_across_a_killed_worker_a_killed_driver_and_rayft_eval(tmp_path, tiny_model_dir):
     import ray
+    import yaml
     from test_train_distributed import checkpoint_steps, step_reached
 
     from rayft.training.trainer import read_metrics
@@ -129,6 +169,7 @@ def test_one_tracked_run_across_a_killed_worker_a_killed_driver_and_rayft_eval(t
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver
         first.wait()
+    first_output = first.stdout.read().decode(errors="replace")
     run_id = json.loads((Path(job.run_dir) / "tracking.json").read_text())["mlflow"]["run_id"]
     assert client(store).get_run(run_id).info.status == "RUNNING"  # the killed driver never ended it
 
@@ -160,6 +201,14 @@ def test_one_tracked_run_across_a_killed_worker_a_killed_driver_and_rayft_eval(t
     model = {a.path for a in c.list_artifacts(run_id, "model")}  # run.tracking.log_model: the final model itself
     assert {"model/config.json", "model/model.safetensors", "model/adapter"} <= model, model
 
+    # The job's own sections are kept and logged; submit.env_vars (the job's credentials) nowhere.
+    saved = yaml.safe_load((Path(job.run_dir) / "job.yaml").read_text())
+    assert set(saved) == {"model", "data", "training", "scaling", "run", "export", "eval"}
+    assert_no_secret_tracked(store, run_id)
+    outputs = (first_output, second.stdout, second.stderr, evaluated.stdout, evaluated.stderr)
+    assert "done" in second.stdout and "report" in evaluated.stdout  # the outputs searched are the real ones
+    assert_secret_nowhere(tmp_path, *outputs, skip=(path,))
+
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
@@ -179,6 +228,7 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(tmp_path, tiny_model
     path = job_file(tmp_path, tiny_model_dir, sweep, max_steps=4)
     doc = yaml.safe_load(path.read_text())
     doc["run"]["tracking"] = {"mlflow": {"uri": "mlruns"}}  # relative: where the sweep starts, not the trials
+    doc["submit"] = {"env_vars": {"HF_TOKEN": HF_TOKEN}}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -206,6 +256,9 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(tmp_path, tiny_model
         assert float(child.data.params["trial.training.lr"]) == row.params["training.lr"]
         assert float(child.data.params["training.lr"]) == row.params["training.lr"]
         assert {m.step for m in client(store).get_metric_history(child.info.run_id, "loss")} == {1, 2, 3, 4}
+    for run in runs:
+        assert_no_secret_tracked(store, run.info.run_id)
+    assert_secret_nowhere(tmp_path, skip=(path,))
 
 
 def test_wandb_offline_keeps_one_run_id_across_a_resume_and_saves_the_artifacts(tmp_path):
@@ -279,3 +332,6 @@ def test_a_run_that_fails_ends_its_tracked_run_failed_with_the_reason(tmp_path, 
     [run] = runs_of(store, "tests")
     assert run.info.status == "FAILED"
     assert "fewer than one global batch" in run.data.tags["rayft.error"]
+    assert run.data.params["training.lr"] == "0.005" and not [k for k in run.data.params if k.startswith("submit.")]
+    assert HF_TOKEN not in json.dumps({**run.data.params, **run.data.tags})
+    assert_secret_nowhere(tmp_path, skip=(tmp_path / "job.yaml",))

@@ -108,7 +108,10 @@ class Tracker:
                 self.backends.remove(b)
 
     def log_params(self, params: dict) -> None:
-        flat = flatten(params)
+        """Nested params as dotted ones, any credential among them shown as *** (rayft.training.redact)."""
+        from rayft.training.redact import redacted
+
+        flat = flatten(redacted(params))
         self._each("could not log params", lambda b: b.log_params(flat))
 
     def log_record(self, record: dict) -> None:

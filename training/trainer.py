@@ -103,11 +103,21 @@ def prepare_run_dir(job: TrainJob, restart: bool) -> bool:
 JOB_FILE = "job.yaml"
 
 
+def job_record(job: TrainJob) -> dict:
+    """What a run keeps and logs of its job: the training job's own sections (model, data, training, scaling, run,
+    export, eval), never the sections of the job file that other commands read (sweep, serve, submit with its
+    env_vars), with every credential shown as *** (rayft.training.redact)."""
+    from rayft.training.config import TrainJob
+    from rayft.training.redact import redacted
+
+    return redacted(job.model_dump(mode="json", include=set(TrainJob.model_fields)))
+
+
 def save_job(job: TrainJob) -> None:
-    """The resolved job file, kept with the run: `rayft export` and a later resume read it."""
+    """The resolved job file (job_record), kept with the run: `rayft export` and a later resume read it."""
     import yaml
 
-    text = yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    text = yaml.safe_dump(job_record(job), sort_keys=False)
     storage.write_text(
         storage.join(job.run_dir, JOB_FILE), "# The resolved job file of this run (written by rayft train).\n" + text
     )
@@ -159,14 +169,14 @@ def run_training(
 
 def open_tracker(job: TrainJob, parent: str | None = None, params: dict | None = None, resuming: bool = False):
     """The run's Tracker (None when run.tracking tracks nothing): the tracked run started or resumed, the job
-    and `params` logged as params, and on a resume the steps logged that no earlier driver logged."""
+    (job_record) and `params` logged as params, and on a resume the steps logged that no earlier driver logged."""
     from rayft.training.tracking import Tracker
 
     tracking = job.run.tracking
     if not tracking.enabled:
         return None
     tags = {"rayft.objective": job.training.objective, "rayft.method": job.training.method}
-    everything = job.model_dump(mode="json") | {"trial": params} if params else job.model_dump(mode="json")
+    everything = job_record(job) | ({"trial": params} if params else {})
     tracker = Tracker.open(tracking, job.run_dir, job.run.name, everything, parent_dir=parent, tags=tags)
     if tracker and resuming:
         tracker.catch_up(read_metrics(job.run_dir))
@@ -265,7 +275,7 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
     if tracker:
         tracked.clear()
         tracker.log_artifact(storage.join(job.run_dir, "loss.png"))
-        tracker.log_artifact(storage.join(job.run_dir, "job.yaml"))
+        tracker.log_artifact(storage.join(job.run_dir, JOB_FILE))  # save_job's, credentials hidden
         if ckpt is not None:
             tracker.set_tags({"rayft.final_dir": final_dir})
             if job.run.tracking.log_model:

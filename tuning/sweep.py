@@ -199,9 +199,13 @@ def run_sweep(job: SweepJob, restart: bool = False) -> SweepResult:
 
         base["run"]["tracking"]["mlflow"]["uri"] = mlflow_uri(tracking.mlflow.uri)
     if tracking.enabled:  # the sweep's parent run, before any trial starts its child run
+        from rayft.training.redact import redacted
         from rayft.training.tracking import Tracker
+        from rayft.tuning.config import SweepJob
 
-        Tracker.open(tracking, root, name, job.model_dump(mode="json"), tags={"rayft.sweep": name})
+        # the sweep job's own sections (the training job and `sweep`), never serve or submit (its env_vars)
+        params = redacted(job.model_dump(mode="json", include=set(SweepJob.model_fields)))
+        Tracker.open(tracking, root, name, params, tags={"rayft.sweep": name})
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, root=root, metric=sw.metric, progress=sw.progress_metric),
         {"cpu": TRIAL_DRIVER_CPU},
