@@ -89,6 +89,13 @@ class DataConfig(Section):
         "chat template string.",
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt/user tokens (default: assistant only).")
+    special_tokens_in_content: Literal["escape", "refuse", "allow"] = Field(
+        "escape",
+        description="Special-token text inside a message (a user typing the template's turn markers): escape = train "
+        "on it as plain text, so only the template writes turn markers (as serve.special_tokens_in_content does); "
+        "refuse = the row is an error; allow = it becomes the special token. Raw-text rows (text, "
+        "prompt_completion) are never changed.",
+    )
     max_seq_len: int = Field(1024, gt=8, description="Maximum tokens per training row.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with examples longer than max_seq_len."

@@ -411,7 +411,9 @@ class Tokenize:
         self.data = DataConfig.model_validate(data)
         m = ModelConfig.model_validate(model)
         self.tokenizer = load_tokenizer(m.name, m.revision)
-        self.renderer = Renderer(self.tokenizer, self.data.template, self.data.train_on_inputs)
+        self.renderer = Renderer(
+            self.tokenizer, self.data.template, self.data.train_on_inputs, self.data.special_tokens_in_content
+        )
         self.keep_dropped = keep_dropped
         self.pairs = pairs  # preference pairs (training.objective dpo): each row is its chosen and rejected answer
 

@@ -178,7 +178,12 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             "data.train"
         )
     checked = ds.take_all()
-    renderer = Renderer(load_tokenizer(job.model.name, job.model.revision), data.template, train_on_inputs=False)
+    renderer = Renderer(
+        load_tokenizer(job.model.name, job.model.revision),
+        data.template,
+        train_on_inputs=False,
+        specials=data.special_tokens_in_content,
+    )
     rows, bad = [], []
     for r in checked:
         source = str(r["source"])

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rayft.training.specials import SpecialsMode
 
 IGNORE_INDEX = -100
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
@@ -178,17 +181,38 @@ def _message_list(messages: Any, field: str) -> list[dict]:
 
 # --------------------------------------------------------------------------- rendering
 
+
+def _extend(text: str, suffix: str) -> str:
+    """`text + suffix`, keeping a specials.Rendered's escaped ranges."""
+    from rayft.training.specials import Rendered
+
+    return Rendered(text + suffix, text.literal) if isinstance(text, Rendered) else text + suffix
+
+
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 
 
 class Renderer:
-    """Turns documents into (text, trained character spans) for one tokenizer and template."""
+    """Turns documents into (text, trained character spans) for one tokenizer and template. `specials` is what
+    special-token text in message content becomes (data.special_tokens_in_content; None: its default; see
+    training/specials.py). Escaped texts come back as specials.Rendered, which tokenize_rendered reads right."""
 
-    def __init__(self, tokenizer, template: str | None, train_on_inputs: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        template: str | None,
+        train_on_inputs: bool = False,
+        specials: SpecialsMode | None = None,
+    ):
+        from rayft.training.config import DataConfig
+        from rayft.training.specials import special_tokens
+
         self.tok = tokenizer
         self.train_on_inputs = train_on_inputs
+        self.specials_mode = specials or DataConfig.model_fields["special_tokens_in_content"].default
+        self.content_specials = special_tokens(tokenizer)
         self.eos = tokenizer.eos_token or ""
         # Longest first, so "<|im_end|>" wins over any shorter special token it starts with.
         self.specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
@@ -223,7 +247,7 @@ class Renderer:
             raise RowError("the last assistant reply has no user message before it to answer")
         if self.mode == "alpaca":
             text, _ = self._render_alpaca(context)
-            return text + "### Response:\n", messages[last]["content"]
+            return _extend(text, "### Response:\n"), messages[last]["content"]
         return self._apply(context, add_generation_prompt=True), messages[last]["content"]
 
     def reference(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
@@ -249,21 +273,34 @@ class Renderer:
         return text, spans
 
     def _render_alpaca(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        system = " ".join(m["content"] for m in messages if m["role"] == "system") or ALPACA_PREAMBLE
-        text, spans = system + "\n\n", []
+        from rayft.training.specials import Rendered, find_special, literal_ranges
+
+        if self.specials_mode == "refuse" and (found := find_special(messages, self.content_specials)):
+            raise RowError(self._refusal(found))
+        escape = self.specials_mode == "escape"
+        literal: list[tuple[int, int]] = []
+
+        def content(text: str, c: str) -> str:  # content `c` appended to `text`, its specials marked when escaping
+            if escape:
+                literal.extend(literal_ranges(c, self.content_specials, at=len(text)))
+            return text + c
+
+        system = " ".join(m["content"] for m in messages if m["role"] == "system")
+        text = content("", system) if system else ALPACA_PREAMBLE
+        text, spans = text + "\n\n", []
         for m in messages:
             if m["role"] in ("user", "tool"):
-                text += f"### Instruction:\n{m['content']}\n\n"
+                text = content(text + "### Instruction:\n", m["content"]) + "\n\n"
             elif m["role"] == "assistant":
                 text += "### Response:\n"
                 start = len(text)
-                text += m["content"] + self.eos
+                text = content(text, m["content"]) + self.eos
                 if m.get("weight", 1):
                     spans.append((start, len(text)))
                 text += "\n\n"
         if self.train_on_inputs:
             spans = [(0, len(text))]
-        return text, spans
+        return (Rendered(text, literal) if literal else text), spans
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self.jinja is None and not getattr(self.tok, "chat_template", None):
@@ -271,9 +308,25 @@ class Renderer:
                 "the model's tokenizer has no chat template, so chat rows (messages/alpaca) cannot be rendered; "
                 "set data.template to 'alpaca' or to a Jinja chat template string"
             )
+        from rayft.training.specials import SpecialTokenInContent, render_chat
+
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self.tok.apply_chat_template(
-            plain, chat_template=self.jinja, tokenize=False, add_generation_prompt=add_generation_prompt
+        try:
+            return render_chat(
+                self.tok,
+                plain,
+                self.specials_mode,
+                chat_template=self.jinja,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except SpecialTokenInContent as e:
+            raise RowError(self._refusal(e)) from None
+
+    @staticmethod
+    def _refusal(e) -> str:
+        return (
+            f"{e}; remove it, or set data.special_tokens_in_content to escape (train on it as plain text) or "
+            "allow (keep it a special token)"
         )
 
     def _render_chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -314,10 +367,13 @@ class Renderer:
 
 
 def tokenize_rendered(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list, list]]:
-    """Token ids and labels for rendered texts; tokens overlapping a trained span carry loss."""
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids and labels for rendered texts; tokens overlapping a trained span carry loss. The special-token
+    text that a Renderer escaped (specials.Rendered) is tokenized as plain text."""
+    from rayft.training.specials import encode
+
+    all_ids, all_offsets = encode(tokenizer, texts)
     out = []
-    for ids, offsets, text_spans, text in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, strict=True):
+    for ids, offsets, text_spans, text in zip(all_ids, all_offsets, spans, texts, strict=True):
         trained = np.zeros(len(text) + 1, dtype=np.int32)
         for s, e in text_spans:
             trained[s:e] = 1
