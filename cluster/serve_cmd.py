@@ -119,7 +119,7 @@ def serve_config_yaml(spec: ServeSpec) -> str:
 
     app = {
         "name": APP_NAME,
-        "route_prefix": "/",
+        "route_prefix": spec.serve.route_prefix,
         "import_path": "rayft.serving.app:app_builder",
         "args": spec.model_dump(mode="json"),
     }

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from rayft.training.config import Section
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ROUTE_PREFIX = re.compile(r"^/$|^(/[A-Za-z0-9._-]+)+$")
 
 
 class AutoscalingConfig(Section):
@@ -64,6 +65,18 @@ class FinetuneConfig(Section):
     max_active_jobs_per_key: int = Field(
         2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
     )
+    max_active_jobs: int = Field(
+        8,
+        ge=1,
+        description="Jobs of every key together that may be validating, queued or running at once (429 above): the "
+        "cluster's share for fine-tuning, whatever the number of keys.",
+    )
+    driver_cpus: float = Field(
+        0.1,
+        ge=0,
+        description="CPUs each job's driver (`rayft train`) asks Ray for, so Ray places drivers where there is room "
+        "and queues them when there is none, instead of starting every one on the head node.",
+    )
     max_epochs: int = Field(20, ge=1, description="The largest n_epochs a job may ask for (400 above).")
     job_restarts: int = Field(
         1,
@@ -77,6 +90,18 @@ class FinetuneConfig(Section):
         "the endpoint runs on.",
     )
     poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks on its running jobs.")
+    namespace: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The endpoint's own jobs in storage_path: endpoints that share a storage path (and its files) "
+        "each need their own namespace; one live endpoint (cluster) follows a namespace's jobs at a time.",
+    )
+    max_line_bytes: int = Field(
+        8 * 1024**2,
+        ge=1024,
+        description="Longest line (one row) of a training or validation file; a longer one fails the job's "
+        "validation as file:line without being read whole.",
+    )
 
     @model_validator(mode="after")
     def _check_job(self) -> FinetuneConfig:
@@ -149,6 +174,11 @@ class ServeConfig(Section):
     )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to; 0.0.0.0 exposes it to the network.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field(
+        "/",
+        description="Path the app answers under, e.g. /llm (a second app on the same Serve instance, a gateway's "
+        "path): clients then call http://HOST:PORT/llm/v1/...; keys are checked the same under any prefix.",
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replicas.")
     max_ongoing_requests: int = Field(
         16,
@@ -214,6 +244,13 @@ class ServeConfig(Section):
         default_factory=FinetuneConfig,
         description="The OpenAI fine-tuning API (files and jobs): storage, the job template, limits.",
     )
+    special_tokens_in_content: Literal["escape", "refuse", "allow"] = Field(
+        "escape",
+        description="Special-token text inside a chat message (a user typing the template's turn markers): escape = "
+        "the model reads it as plain text, so only the template writes turn markers (as data.special_tokens_in_content "
+        "trains); refuse = a 400 naming the message; allow = it becomes the special token. /v1/completions prompts "
+        "are raw text the caller writes whole, markers included, and are never changed.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -227,6 +264,11 @@ class ServeConfig(Section):
             problems.append(
                 f"serve.default_max_tokens ({self.default_max_tokens}) is above serve.max_tokens_limit "
                 f"({self.max_tokens_limit})"
+            )
+        if not ROUTE_PREFIX.match(self.route_prefix):
+            problems.append(
+                f"serve.route_prefix {self.route_prefix!r} must be / or a path like /llm (letters, digits, '.', '_', "
+                "'-' between slashes, no trailing slash)"
             )
         for name in self.adapters:
             if not ADAPTER_NAME.match(name):

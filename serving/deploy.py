@@ -13,7 +13,8 @@ APP_NAME = "rayft"
 def endpoint_url(spec: ServeSpec) -> str:
     """The base URL a client on this machine reaches the endpoint at."""
     s = spec.serve
-    return f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
+    prefix = "" if s.route_prefix == "/" else s.route_prefix
+    return f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}{prefix}"
 
 
 def cpus_needed(spec: ServeSpec) -> float:
@@ -33,7 +34,7 @@ def job_cpus(spec: ServeSpec) -> float:
     from rayft.serving.config import template_job
     from rayft.training.trainer import required_cpus
 
-    return required_cpus(template_job(spec.serve.finetune.job))
+    return required_cpus(template_job(spec.serve.finetune.job)) + spec.serve.finetune.driver_cpus
 
 
 def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:
@@ -45,7 +46,7 @@ def deploy(spec: ServeSpec, timeout_s: float = 600) -> str:
 
     s = spec.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(spec), name=APP_NAME, route_prefix=s.route_prefix, blocking=False)
     base = endpoint_url(spec)
     # rayft's ingress answers /readyz once a replica generated; Ray Serve LLM's app has no such probe, and
     # serve.run has already waited for its replicas, so its model list answering is enough.

@@ -6,7 +6,8 @@
 
 The owner is the SHA-256 of the API key that uploaded the file (rayft.serving.spec.hash_key; the key itself is
 never stored), or "local" when the endpoint takes no keys. A key sees only its own files; an admin key asks with
-owner None and sees every key's. Everything lives in storage, nothing in a replica's memory, so files outlive a
+owner EVERY_OWNER and sees every key's; no owner (None) is refused, never widened to everyone's view.
+Everything lives in storage, nothing in a replica's memory, so files outlive a
 restart and every ingress replica sees the same ones. Plain blocking calls on a local disk or an object store
 (rayft.training.storage), without FastAPI: the ingress runs them in threads, and fine-tuning jobs can use them.
 """
@@ -27,6 +28,7 @@ from rayft.serving.openai_api import ApiError
 from rayft.training import storage
 
 LOCAL_OWNER = "local"  # every file's owner when the endpoint takes no API keys
+EVERY_OWNER = "*"  # the explicit view of an admin key: every owner's files and jobs (never a real owner's name)
 PURPOSES = ("fine-tune",)
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 OWNER = re.compile(r"^(local|[0-9a-f]{64})$")
@@ -42,6 +44,59 @@ def new_file_id(time_ns: int) -> str:
 def storage_root(path: str) -> str:
     """serve.finetune.storage_path as this machine reaches it: ~ expanded and made absolute (a URI as it is)."""
     return path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def namespace_root(root: str, namespace: str) -> str:
+    """Where serve.finetune.namespace's jobs and runs live under the storage root (the default one's where they
+    always did)."""
+    return root if namespace == "default" else storage.join(root, "namespaces", namespace)
+
+
+def unshared_nodes(root: str, timeout_s: float = 60.0) -> list[str]:
+    """The alive nodes of the connected Ray cluster that do not see the local directory `root` as this node does
+    (a pod's own disk rather than a shared volume): a marker written here, looked for by a zero-CPU task pinned to
+    each other node. [] for cloud storage, a one-node cluster, or a volume every node mounts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if storage.is_remote(root) or not ray.is_initialized():
+        return []
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return []
+    marker = os.path.join(root, f".node-check-{secrets.token_hex(8)}")
+    os.makedirs(root, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(here)
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str, text: str) -> bool:
+        try:
+            with open(path) as f:
+                return f.read() == text
+        except OSError:
+            return False
+
+    try:
+        refs = {n: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(marker, here)
+                for n in others}  # fmt: skip
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        seen = {n for n, ref in refs.items() if ref in ready and ray.get(ref)}
+        return [n for n in others if n not in seen]
+    finally:
+        os.remove(marker)
+
+
+def owners_seen(owner: str | None, listdir) -> list[str]:
+    """The owners whose files or jobs `owner` may see: itself, or every owner for EVERY_OWNER (`listdir()` lists
+    them). No owner, or a malformed one, is refused (401): a missing key never means "everyone's"."""
+    if owner == EVERY_OWNER:
+        return [o for o in listdir() if OWNER.match(o)]
+    if owner is None or not OWNER.match(owner):
+        raise ApiError(401, "this request carries no API key's identity: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")  # fmt: skip
+    return [owner]
 
 
 def not_found(file_id: str) -> ApiError:
@@ -94,21 +149,20 @@ class StoredFile:
 
 
 class FileStore:
-    """The files under serve.finetune.storage_path, with its limits. `owner` None means every owner (admin)."""
+    """The files under serve.finetune.storage_path, with its limits. `owner` EVERY_OWNER: every owner's (admin)."""
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.root = storage.join(storage_root(cfg.storage_path), "files")
         self._lock = threading.Lock()
         self._uploading: dict[str, int] = {}  # owner -> bytes of its uploads under way in this process
+        self.refused: str | None = None  # why new files and jobs are refused here (storage other nodes lack)
 
     def path(self, f: StoredFile, name: str = "content") -> str:
         return storage.join(self.root, f.owner, f.id, name)
 
     def _owners(self, owner: str | None) -> list[str]:
-        if owner is not None:
-            return [owner]
-        return [o for o in storage.listdir(self.root) if OWNER.match(o)]
+        return owners_seen(owner, lambda: storage.listdir(self.root))
 
     def _read(self, owner: str, file_id: str) -> StoredFile | None:
         try:
@@ -165,13 +219,43 @@ class FileStore:
         f = self.get(owner, file_id)
         storage.remove(self.path(f, "meta.json"))  # out of every listing first, then the bytes
         storage.remove(storage.join(self.root, f.owner, f.id))
+        self.charge(f.owner, f.id, None)
         return f
 
+    # A key's usage is a record, <storage_path>/usage/<owner>.json: {item id: bytes} for its files and for each of
+    # its fine-tuning jobs (the run it keeps), updated as they change, so a quota check reads one object instead of
+    # every file's metadata. Items are set, not added to, so a write repeated after a crash counts once.
+
+    def _usage_path(self, owner: str) -> str:
+        return storage.join(storage_root(self.cfg.storage_path), "usage", f"{owner}.json")
+
+    def usage(self, owner: str) -> dict[str, int]:
+        """{file or job id: bytes} that count against `owner`'s quota; built from its files the first time."""
+        try:
+            return json.loads(storage.read_text(self._usage_path(owner)))["items"]
+        except FileNotFoundError:
+            items = {f.id: f.bytes for f in self.list(owner)[0]}
+            storage.write_text(self._usage_path(owner), json.dumps({"items": items}))
+            return items
+
+    def charge(self, owner: str, item: str, nbytes: int | None) -> None:
+        """Record that `item` (a file or a job id) holds `nbytes` of `owner`'s quota (None: nothing any more)."""
+        with self._lock:
+            items = self.usage(owner)
+            if nbytes is None:
+                items.pop(item, None)
+            else:
+                items[item] = int(nbytes)
+            storage.write_text(self._usage_path(owner), json.dumps({"items": items}))
+
     def stored_bytes(self, owner: str) -> int:
-        return sum(f.bytes for f in self.list(owner)[0])
+        return sum(self.usage(owner).values())
 
     def begin(self, owner: str) -> Upload:
-        """A new upload of `owner`'s; a 429 ApiError if its quota is already full."""
+        """A new upload of `owner`'s; a 429 ApiError if its quota is already full, a 503 if the store is refused
+        (`refused`: a local storage path other nodes of the cluster do not see)."""
+        if self.refused:
+            raise ApiError(503, self.refused, code="storage_not_shared")
         if not OWNER.match(owner):
             raise ValueError(f"owner {owner!r} must be 'local' or a key's SHA-256 hex digest")
         return Upload(self, owner)
@@ -212,9 +296,10 @@ class Upload:
             held = f" (and {others} bytes in uploads under way)" if others else ""
             raise ApiError(
                 429,
-                f"storage quota exceeded: this API key stores {self.stored} bytes of files{held}, and this upload "
-                f"({self.bytes + n}+ bytes) would take it over its quota of {cfg.max_stored_bytes_per_key} bytes "
-                "(serve.finetune.max_stored_bytes_per_key); delete files it no longer needs (DELETE /v1/files/ID)",
+                f"storage quota exceeded: this API key stores {self.stored} bytes of files and fine-tuned models"
+                f"{held}, and this upload ({self.bytes + n}+ bytes) would take it over its quota of "
+                f"{cfg.max_stored_bytes_per_key} bytes (serve.finetune.max_stored_bytes_per_key); delete files "
+                "(DELETE /v1/files/ID) or fine-tuned models (DELETE /v1/models/ID) it no longer needs",
                 code="quota_exceeded",
                 headers=NO_RETRY,
             )
@@ -237,6 +322,7 @@ class Upload:
             self._out = storage.open_output(storage.join(self.dir, "content"))
         self._close()
         f = StoredFile(self.id, self.owner, self.bytes, self.created_ns // 10**9, filename, purpose)
+        self.store.charge(self.owner, self.id, self.bytes)  # counted before it is listed: never stored uncounted
         storage.write_text(storage.join(self.dir, "meta.json"), json.dumps(asdict(f)))
         self._release()
         return f

@@ -8,16 +8,22 @@ it, and then calls the adapter it trained by name on the same endpoint.
                               ─▶ running ─▶ succeeded: the run's final/ adapter is served as fine_tuned_model
                                         └─▶ failed (the reason) / cancelled (the Ray job stopped)
 
-Everything lives in serve.finetune.storage_path, beside the files:
+Everything lives in serve.finetune.storage_path, beside the files (JOBS is `jobs` for the namespace "default",
+`namespaces/<namespace>/jobs` for another serve.finetune.namespace; RUNS likewise):
 
-    <storage_path>/jobs/<owner>/<job id>/job.json    the job, its events and how it runs (rewritten whole)
-    <storage_path>/jobs/<owner>/<job id>/job.yaml    the job file the Ray job runs
-    <storage_path>/jobs/<owner>/<job id>/train.jsonl the validated training rows (validation.jsonl: held-out rows)
-    <storage_path>/runs/<job id>/                    the run dir: metrics.jsonl, checkpoints, final/ (the adapter)
+    JOBS/<owner>/<job id>/job.json    the job, its events and how it runs (rewritten whole)
+    JOBS/<owner>/<job id>/cancel      a cancel, a marker of its own that wins over any later job.json write
+    JOBS/<owner>/<job id>/job.yaml    the job file the Ray job runs
+    JOBS/<owner>/<job id>/train.jsonl the validated training rows (validation.jsonl: held-out rows)
+    JOBS/lease.json                   which endpoint replica moves the namespace's jobs along, until when
+    RUNS/<job id>/                    the run dir: metrics.jsonl, checkpoints, final/ (the adapter)
 
-so an endpoint that restarts finds every job again and picks up the Ray jobs where they are. Steps are not
-written as events: /events reads them from the run's metrics.jsonl. Plain blocking calls (storage and the Ray
-Jobs API over HTTP): the ingress runs them in threads and polls running jobs in a thread of its own.
+so an endpoint that restarts finds every job again and picks up the Ray jobs where they are. Only the replica
+holding the namespace's lease polls: during a redeploy the old replica keeps it until it stops (or the lease runs
+out), then the new one takes over; an endpoint on another Ray cluster finding a live lease is refused new jobs
+(they would run on a cluster the owner cannot follow). Steps are not written as events: /events reads them from
+the run's metrics.jsonl. Plain blocking calls (storage and the Ray Jobs API over HTTP): the ingress runs them in
+threads and polls running jobs in a thread of its own.
 """
 
 from __future__ import annotations
@@ -36,15 +42,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rayft.serving.config import FinetuneConfig, template_job
-from rayft.serving.files import OWNER, FileStore, StoredFile, read_chunks, storage_root
+from rayft.serving.files import (
+    EVERY_OWNER,
+    FileStore,
+    StoredFile,
+    namespace_root,
+    owners_seen,
+    read_chunks,
+    storage_root,
+)
 from rayft.serving.openai_api import ApiError, FineTuningJobCreate
 from rayft.training import storage
 
 log = logging.getLogger("ray.serve.rayft")
 
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{32}$")
+CHECKPOINT_MODEL = re.compile(r"^(?P<model>ft:.+:ftjob-[0-9a-f]{32}):ckpt-step-(?P<step>[0-9]{1,12})$")
 ACTIVE = ("validating_files", "queued", "running")
 MAX_BAD_LISTED = 5  # bad lines named in a failed job's error.message
+COPIES = ("train.jsonl", "validation.jsonl")  # a job's copies of its files, kept while it trains
+VALIDATION_TRIES = 3  # polls that may fail to validate a job's files (storage trouble) before the job fails
 RAY_JOB_PREFIX = "rayft-finetune-"
 RAYFT_ERROR = re.compile(r"^(config|data|training|plan|storage|cluster|usage) error\b")  # what `rayft train` prints
 
@@ -78,7 +95,8 @@ class ServedBase:
 
 
 class JobStore:
-    """job.json of every job under <storage_path>/jobs; `owner` None means every owner (an admin key)."""
+    """job.json of every job under JOBS; `owner` EVERY_OWNER means every owner (an admin key). A job's cancel
+    marker is applied to every record read, so no write of a reader that missed the cancel can undo it."""
 
     def __init__(self, root: str):
         self.root = storage.join(root, "jobs")
@@ -89,16 +107,23 @@ class JobStore:
     def save(self, rec: dict) -> None:
         storage.write_text(storage.join(self.dir(rec["owner"], rec["job"]["id"]), "job.json"), json.dumps(rec))
 
+    def mark_cancelled(self, owner: str, job_id: str) -> None:
+        storage.write_text(storage.join(self.dir(owner, job_id), "cancel"), str(int(time.time())))
+
     def _read(self, owner: str, job_id: str) -> dict | None:
+        folder = self.dir(owner, job_id)
         try:
-            return json.loads(storage.read_text(storage.join(self.dir(owner, job_id), "job.json")))
+            rec = json.loads(storage.read_text(storage.join(folder, "job.json")))
         except FileNotFoundError:
             return None
+        if rec["job"]["status"] != "cancelled" and storage.exists(storage.join(folder, "cancel")):
+            rec["cancel_requested"] = True  # cancelled while another writer held an older copy: the cancel wins
+            rec["job"]["status"] = "cancelled"
+            rec["job"]["finished_at"] = rec["job"].get("finished_at") or int(time.time())
+        return rec
 
     def owners(self, owner: str | None) -> list[str]:
-        if owner is not None:
-            return [owner]
-        return [o for o in storage.listdir(self.root) if OWNER.match(o)]
+        return owners_seen(owner, lambda: storage.listdir(self.root))
 
     def ids(self, owner: str | None) -> list[tuple[str, str]]:
         """(job id, owner) of every job `owner` may see, newest first."""
@@ -136,12 +161,19 @@ class JobStore:
 
 class FinetuneService:
     """The fine-tuning jobs of one endpoint: created by requests, moved along by `poll` (the ingress's thread).
-    `on_model(fine_tuned_model, owner, adapter_path)` is called for every succeeded job, at start for the
-    ones already done."""
+    `on_model(fine_tuned_model, owner, adapter_path)` is called for every job that succeeds while this replica
+    follows it; models of jobs that ended before are found by `find_model` at their first request."""
 
-    def __init__(self, cfg: FinetuneConfig, files: FileStore, base: ServedBase, on_model: Callable[..., None]):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        files: FileStore,
+        base: ServedBase,
+        on_model: Callable[..., None],
+        cluster: str | None = None,
+    ):
         self.cfg, self.files, self.base, self.on_model = cfg, files, base, on_model
-        self.root = storage_root(cfg.storage_path)
+        self.root = namespace_root(storage_root(cfg.storage_path), cfg.namespace)
         self.store = JobStore(self.root)
         self.runs = storage.join(self.root, "runs")
         self._lock = threading.RLock()  # a job's read-modify-write: requests (cancel) and the poller
@@ -149,6 +181,22 @@ class FinetuneService:
         self._active: set[tuple[str, str]] = set()  # (owner, job id) of the jobs not yet ended
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lease = Lease(storage.join(self.store.root, "lease.json"), cluster or self._cluster_id(), cfg)
+        self._scanned = 0.0  # when the store was last searched for live jobs
+
+    @staticmethod
+    def _cluster_id() -> str:
+        """The Ray cluster this endpoint runs on (its GCS cluster id), or this process when Ray is not up."""
+        import os
+
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return ray._private.worker.global_worker.gcs_client.cluster_id.hex()
+        except Exception:  # noqa: BLE001
+            pass
+        return f"process-{os.getpid()}"
 
     # ---------------------------------------------------------------- start and the poller
 
@@ -159,20 +207,55 @@ class FinetuneService:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling and hand the lease back (the replica is shutting down), so a new replica takes over now."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(10.0, 2 * self.cfg.poll_interval_s))
+        self.lease.release()
 
     def _load(self) -> None:
-        for job_id, owner in self.store.ids(None):
+        for job_id, owner in self.store.ids(EVERY_OWNER):
             rec = self.store._read(owner, job_id)
             if rec is None:
                 continue
             status = rec["job"]["status"]
             if status in ACTIVE or (rec["cancel_requested"] and rec["ray_job_id"]):
                 self._active.add((owner, job_id))
-            elif status == "succeeded" and rec["job"].get("fine_tuned_model"):
-                self._register(rec)
+            # a model of a job that ended before is registered at its first request (Ingress._adapter_for), not
+            # here: an endpoint with thousands of old jobs starts without checking (or copying) each adapter
+
+    def _scan(self) -> None:
+        """The store's live jobs added to the ones this replica follows: jobs another replica of this endpoint
+        created (the ingress before a redeploy, or beside this one) are moved along too."""
+        for job_id, owner in self.store.ids(EVERY_OWNER):
+            if (owner, job_id) in self._active:
+                continue
+            rec = self.store._read(owner, job_id)
+            if rec is not None and (rec["job"]["status"] in ACTIVE or (rec["cancel_requested"] and rec["ray_job_id"])):
+                self._active.add((owner, job_id))
+        self._scanned = time.monotonic()
+
+    def _check_shared(self) -> None:
+        """A local storage path on a cluster of several nodes must be a volume they all mount: the ingress may run
+        on any of them and a job's driver on another. If one does not see it, new files and jobs are refused."""
+        from rayft.serving.files import unshared_nodes
+
+        try:
+            missing = unshared_nodes(storage_root(self.cfg.storage_path))
+        except Exception:  # noqa: BLE001 - the check itself failed: say so, refuse nothing
+            log.exception("fine-tuning jobs: checking that every node sees %s failed", self.cfg.storage_path)
+            return
+        if missing:
+            self.files.refused = (
+                f"serve.finetune.storage_path {self.cfg.storage_path} is a local directory that {len(missing)} other "
+                f"node(s) of this Ray cluster do not see (e.g. {missing[0][:16]}): uploads and jobs kept there would "
+                "vanish with this node and a job's driver elsewhere could not read them. The operator points it at "
+                "s3://, gs:// or a volume every node mounts"
+            )
+            log.error("fine-tuning jobs: %s", self.files.refused)
 
     def _run(self) -> None:
+        self._check_shared()
         while not self._stop.is_set():
             try:
                 self._load()
@@ -181,7 +264,15 @@ class FinetuneService:
                 log.exception("fine-tuning jobs: reading %s failed; retrying", self.store.root)
                 self._stop.wait(max(self.cfg.poll_interval_s, 5))
         while not self._stop.is_set():
-            self.poll()
+            try:
+                held = self.lease.hold()
+            except Exception:  # noqa: BLE001 - storage trouble: try again at the next poll
+                log.exception("fine-tuning jobs: renewing the lease in %s failed", self.store.root)
+                held = False
+            if held:
+                if time.monotonic() - self._scanned > max(10.0, 5 * self.cfg.poll_interval_s):
+                    self._scan()
+                self.poll()
             self._stop.wait(self.cfg.poll_interval_s)
 
     def poll(self) -> None:
@@ -210,12 +301,43 @@ class FinetuneService:
                 param="model",
                 code="model_not_available",
             )
+        if self.files.refused:
+            raise ApiError(503, self.files.refused, code="storage_not_shared")
+        other = self.lease.foreign_holder()
+        if other is not None:
+            raise ApiError(
+                503,
+                f"serve.finetune.storage_path's namespace {self.cfg.namespace!r} is in use by another live endpoint "
+                f"(Ray cluster {other[:16]}): its jobs run on that cluster, so this one takes none. The operator "
+                "gives each endpoint sharing a storage path its own serve.finetune.namespace",
+                code="namespace_in_use",
+            )
         training = self._file(owner, body.training_file, "training_file")
         validation = self._file(owner, body.validation_file, "validation_file") if body.validation_file else None
+        copies = training.bytes + (validation.bytes if validation else 0)  # what the job copies next to itself
+        stored, quota = self.files.stored_bytes(owner), self.files.cfg.max_stored_bytes_per_key
+        if stored + copies > quota:
+            raise ApiError(
+                429,
+                f"storage quota exceeded: this API key stores {stored} bytes of files and fine-tuned models, and "
+                f"the job's copy of its files ({copies} bytes) would take it over its quota of {quota} bytes "
+                "(serve.finetune.max_stored_bytes_per_key); delete files or fine-tuned models it no longer needs",
+                code="quota_exceeded",
+                headers={"x-should-retry": "false"},
+            )
         hp, job_file = self.resolve(body)
         method = job_file["training"]["objective"].replace("sft", "supervised")
         with self._lock:
-            active = [r for r in self.store.list(owner, limit=10**6)[0] if r["job"]["status"] in ACTIVE]
+            everyone = [r for r in self.store.list(EVERY_OWNER, limit=10**6)[0] if r["job"]["status"] in ACTIVE]
+            if len(everyone) >= self.cfg.max_active_jobs:
+                raise ApiError(
+                    429,
+                    f"this server already has {len(everyone)} fine-tuning jobs validating, queued or running "
+                    f"(serve.finetune.max_active_jobs = {self.cfg.max_active_jobs}); retry when one has ended",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": "60"},
+                )
+            active = [r for r in everyone if r["owner"] == owner]
             if len(active) >= self.cfg.max_active_jobs_per_key:
                 raise ApiError(
                     429,
@@ -367,6 +489,7 @@ class FinetuneService:
                     param="fine_tuning_job_id",
                     code="job_not_cancellable",
                 )
+            self.store.mark_cancelled(rec["owner"], job_id)  # first: no other writer's copy can undo it
             rec["cancel_requested"] = True
             self._end(rec, "cancelled")
             _event(rec, "Fine-tuning job cancelled" + (": its Ray job is being stopped" if rec["ray_job_id"] else ""))
@@ -471,15 +594,79 @@ class FinetuneService:
         return f"ft:{rec['job']['model']}:{rec['job']['user_provided_suffix'] or ''}:{rec['job']['id']}"
 
     def find_model(self, viewer: str | None, name: str) -> tuple[str, str] | None:
-        """(owner, adapter dir) of a succeeded job's fine_tuned_model `name` that `viewer` may use; None if not."""
+        """(owner, adapter dir) of a succeeded job's fine_tuned_model `name`, or of one of its checkpoints
+        (`<model>:ckpt-step-N`, as /checkpoints lists them), that `viewer` may use; None if not."""
+        checkpoint = CHECKPOINT_MODEL.match(name)
+        if checkpoint:
+            return self._checkpoint_model(viewer, checkpoint["model"], int(checkpoint["step"]))
         job_id = name.rsplit(":", 1)[-1]
         try:
             rec = self.store.get(viewer, job_id)
         except ApiError:
             return None
-        if rec["job"]["status"] != "succeeded" or rec["job"]["fine_tuned_model"] != name:
+        if rec["job"]["status"] != "succeeded" or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
             return None
         return rec["owner"], adapter_dir(rec["run_dir"])
+
+    def _checkpoint_model(self, viewer: str | None, model: str, step: int) -> tuple[str, str] | None:
+        """A succeeded job's checkpoint at `step` as an adapter: exported once, at its first request, into
+        RUNS/<job id>/checkpoint-models/step-N by a Ray task of one CPU (the ingress holds none)."""
+        import ray
+        import yaml
+
+        from rayft.training.config import TrainJob
+        from rayft.training.export import export_checkpoint, list_checkpoints
+
+        found = self.find_model(viewer, model)
+        if found is None:
+            return None
+        owner, _ = found
+        run = self.store.get(viewer, model.rsplit(":", 1)[-1])["run_dir"]
+        out = storage.join(run, "checkpoint-models", f"step-{step}")
+        if not storage.exists(storage.join(out, "adapter_config.json")):
+            kept = dict(list_checkpoints(run))
+            if step not in kept:
+                return None
+            job = TrainJob.model_validate(yaml.safe_load(storage.read_text(storage.join(run, "job.yaml"))))
+            job = job.model_copy(update={"export": job.export.model_copy(update={"merge": False})})
+            ray.get(ray.remote(num_cpus=1)(export_checkpoint).remote(kept[step], job, out))
+        return owner, out
+
+    def models(self, viewer: str | None) -> list[tuple[str, str]]:
+        """(fine_tuned_model, owner) of every succeeded job `viewer` may use whose model was not deleted, by name."""
+        out = []
+        for job_id, owner in self.store.ids(viewer):
+            rec = self.store._read(owner, job_id)
+            if rec and rec["job"]["status"] == "succeeded" and rec["job"]["fine_tuned_model"]:
+                if not rec.get("model_deleted"):
+                    out.append((rec["job"]["fine_tuned_model"], owner))
+        return sorted(out)
+
+    def delete_model(self, viewer: str | None, name: str) -> dict:
+        """DELETE /v1/models/{fine_tuned_model}: the model's run (adapter, checkpoints) and the job's copies of its
+        files are removed; the job stays listed, as OpenAI's does. A 404 for anyone but its owner (or an admin)."""
+        job_id = name.rsplit(":", 1)[-1]
+        with self._lock:
+            try:
+                rec = self.store.get(viewer, job_id)
+            except ApiError:
+                rec = None
+            if rec is None or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
+                raise ApiError(
+                    404,
+                    f"model {name!r} does not exist: no fine-tuning job of this API key has produced it",
+                    param="model",
+                    code="model_not_found",
+                )
+            rec["model_deleted"] = True
+            _event(rec, f"Fine-tuned model deleted: {name}")
+            self.store.save(rec)
+        storage.remove(rec["run_dir"])
+        folder = self.store.dir(rec["owner"], job_id)
+        for copy_name in COPIES:
+            storage.remove(storage.join(folder, copy_name))
+        self.files.charge(rec["owner"], job_id, None)
+        return {"id": name, "object": "model", "deleted": True}
 
     # ---------------------------------------------------------------- moving a job along
 
@@ -511,9 +698,28 @@ class FinetuneService:
             self._active.discard((owner, job_id))
             return
         if rec["job"]["status"] == "validating_files":
-            self._validate_and_submit(rec)
+            try:
+                self._validate_and_submit(rec)
+            except Exception as e:  # noqa: BLE001 - not the data's fault (storage, the cluster): a few more tries
+                self._validation_trouble(owner, job_id, e)
         else:
             self._follow(rec)
+
+    def _validation_trouble(self, owner: str, job_id: str, e: Exception) -> None:
+        """Validating a job's files failed for a reason that is not its rows' (storage, a copy cut off): tried
+        again at the next polls, VALIDATION_TRIES times in all, then the job fails with the reason."""
+        log.warning("fine-tuning job %s: validating its files failed: %r", job_id, e)
+        with self._lock:
+            rec = self.store._read(owner, job_id)
+            if rec is None or rec["job"]["status"] != "validating_files":
+                return
+            rec["validation_tries"] = rec.get("validation_tries", 0) + 1
+            if rec["validation_tries"] < VALIDATION_TRIES:
+                self.store.save(rec)
+                return
+            message = f"validating the files failed {VALIDATION_TRIES} times, not for their rows: {e}"[:2000]
+            _event(rec, f"Job failed: {message}", "error")
+            self._fail(rec, "validation_failed", message, None)
 
     def _make_sure_stopped(self, rec: dict) -> None:
         """A cancelled job's Ray job, stopped for sure (a stop request can be lost with a restarting endpoint)."""
@@ -542,7 +748,7 @@ class FinetuneService:
                 problems.append((param, f"{param} {ref['id']} was deleted before the job could read it"))
                 continue
             pairs = rec["job_file"]["training"].get("objective") == "dpo"
-            rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name), pairs)
+            rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name), pairs, self.cfg.max_line_bytes)
             counts[split] = rows
             if bad:
                 listing = "\n".join(bad[:MAX_BAD_LISTED])
@@ -571,6 +777,9 @@ class FinetuneService:
                 _event(rec, f"Validation failed: {message}", "error")
                 self._fail(rec, "invalid_file", message, param)
                 return
+            copies = [storage.join(folder, n) for n in COPIES]
+            copied = sum(storage.size(c) for c in copies if storage.exists(c))
+            self.files.charge(rec["owner"], job_id, copied)
             summary = ", ".join(f"{n} {'training' if s == 'train' else 'validation'} rows" for s, n in counts.items())
             _event(rec, f"Files validated: {summary}")
             job = rec["job_file"]
@@ -615,6 +824,7 @@ class FinetuneService:
                 submission_id=ray_job,
                 metadata=metadata,
                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                entrypoint_num_cpus=self.cfg.driver_cpus,  # Ray queues a driver until a node has room for it
             )
         except RuntimeError as e:
             if "already exists" not in str(e):
@@ -715,12 +925,95 @@ class FinetuneService:
     def _end(self, rec: dict, status: str) -> None:
         rec["job"]["status"] = status
         rec["job"]["finished_at"] = int(time.time())
+        try:
+            self._settle_storage(rec, status)
+        except Exception:  # noqa: BLE001 - the job's end stands; its usage is settled again at the next end
+            log.exception("fine-tuning job %s: settling what it stores failed", rec["job"]["id"])
+
+    def _settle_storage(self, rec: dict, status: str) -> None:
+        """What an ended job keeps, counted against its key's quota: the job's copies of its files go (training is
+        over); a job that did not succeed also drops its checkpoints (nothing can resume it), keeping its
+        metrics; what is left of the run (a succeeded job's adapter and checkpoints) is charged until the model is
+        deleted."""
+        folder = self.store.dir(rec["owner"], rec["job"]["id"])
+        for name in COPIES:
+            storage.remove(storage.join(folder, name))
+        run = rec["run_dir"]
+        if status != "succeeded":
+            for checkpoint in storage.glob(run, "checkpoint_*"):
+                storage.remove(checkpoint)
+        kept = sum(storage.size(f) for f in storage.find_files(run)) if storage.exists(run) else 0
+        self.files.charge(rec["owner"], rec["job"]["id"], kept or None)
 
     def _fail(self, rec: dict, code: str, message: str, param: str | None) -> None:
         rec["job"]["error"] = {"code": code, "message": message, "param": param}
         self._end(rec, "failed")
         self.store.save(rec)
         self._active.discard((rec["owner"], rec["job"]["id"]))
+
+
+class Lease:
+    """One holder at a time for a namespace's jobs: {holder, cluster, expires} in storage, renewed at every poll
+    and handed back when the replica stops. Storage offers no compare-and-swap, so a take is written, then read
+    back after a moment: of two replicas taking a free lease at once, the last writer holds it and the other sees
+    that. A lease is taken over once it expires (its holder died without handing it back)."""
+
+    def __init__(self, path: str, cluster: str, cfg: FinetuneConfig):
+        self.path, self.cluster = path, cluster
+        self.holder = f"{cluster[:16]}-{secrets.token_hex(6)}"
+        self.ttl_s = max(15.0, 6 * cfg.poll_interval_s)
+        self.settle_s = min(1.0, cfg.poll_interval_s)
+        self.held = False
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(storage.read_text(self.path))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write(self) -> None:
+        storage.write_text(
+            self.path, json.dumps({"holder": self.holder, "cluster": self.cluster, "expires": time.time() + self.ttl_s})
+        )
+
+    def hold(self) -> bool:
+        """Renew the lease if this replica holds it, take it if it is free or expired; whether it is held now."""
+        now = self._read()
+        if now is not None and now.get("holder") == self.holder:
+            self._write()
+            self.held = True
+            return True
+        if now is not None and now.get("expires", 0) > time.time():
+            if self.held:
+                log.warning("fine-tuning jobs: the lease went to %s; this replica stops polling", now.get("holder"))
+            self.held = False
+            return False
+        self._write()
+        time.sleep(self.settle_s)
+        after = self._read()
+        self.held = after is not None and after.get("holder") == self.holder
+        if self.held:
+            log.info("fine-tuning jobs: this replica (%s) now follows the namespace's jobs", self.holder)
+        return self.held
+
+    def foreign_holder(self) -> str | None:
+        """The cluster of a live holder on another Ray cluster, if there is one (not this endpoint's replicas)."""
+        now = self._read()
+        if now is None or now.get("expires", 0) <= time.time() or now.get("cluster") == self.cluster:
+            return None
+        return str(now.get("cluster"))
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            now = self._read()
+            if now is not None and now.get("holder") == self.holder:
+                storage.remove(self.path)
+        except Exception:  # noqa: BLE001 - it runs out on its own
+            log.warning("fine-tuning jobs: handing back the lease in %s failed; it expires in %.0f s", self.path,
+                        self.ttl_s)  # fmt: skip
 
 
 def adapter_dir(run_dir: str) -> str | None:
@@ -760,27 +1053,54 @@ WRONG_KIND = {
 }
 
 
-def _lines(chunks) -> Iterator[bytes]:
-    """The lines (with their newline) of a stream of byte chunks."""
-    rest = b""
+def _lines(chunks, max_bytes: int) -> Iterator[bytes | None]:
+    """The lines (with their newline) of a stream of byte chunks, in time linear in its length; None in place of
+    a line longer than `max_bytes`, whose bytes are skipped as they arrive rather than held."""
+    rest, skipping = bytearray(), False
     for chunk in chunks:
-        rest += chunk
-        *lines, rest = rest.split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if rest:
-        yield rest
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                if not skipping:
+                    rest += chunk[start:]
+                    if len(rest) > max_bytes:
+                        rest.clear()
+                        skipping = True
+                break
+            if skipping:
+                yield None
+                skipping = False
+            else:
+                rest += chunk[start : end + 1]
+                yield bytes(rest) if len(rest) <= max_bytes + 1 else None
+                rest.clear()
+            start = end + 1
+    if skipping:
+        yield None
+    elif rest:
+        yield bytes(rest)
 
 
-def copy_checked_rows(files: FileStore, f: StoredFile, dest: str, pairs: bool = False) -> tuple[int, list[str]]:
+def copy_checked_rows(
+    files: FileStore, f: StoredFile, dest: str, pairs: bool = False, max_line_bytes: int = 8 << 20
+) -> tuple[int, list[str]]:
     """Check each line of an uploaded JSONL file with rayft's row checks (the formats `rayft train` reads) while
     copying it to `dest`; returns (rows, ["filename:line: problem", ...]). `pairs`: a DPO job's file, whose
-    rows must be preference pairs (and an SFT job's must not be)."""
+    rows must be preference pairs (and an SFT job's must not be). A line over `max_line_bytes` is a bad row, never
+    read whole."""
     from rayft.training.formats import RowError, normalize, parse_json_line
 
     rows, bad = 0, []
     with storage.open_output(dest) as out:
-        for lineno, line in enumerate(_lines(read_chunks(files.open(f))), 1):
+        for lineno, line in enumerate(_lines(read_chunks(files.open(f)), max_line_bytes), 1):
+            if line is None:
+                rows += 1
+                bad.append(
+                    f"{f.filename}:{lineno}: the line is longer than {max_line_bytes} bytes "
+                    "(serve.finetune.max_line_bytes); split the row or shorten it"
+                )
+                continue
             out.write(line)
             try:
                 text = line.decode("utf-8")

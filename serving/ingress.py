@@ -27,7 +27,7 @@ from python_multipart.multipart import parse_options_header
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayft.serving.files import LOCAL_OWNER, PURPOSES, FileStore, read_chunks, too_large
+from rayft.serving.files import EVERY_OWNER, LOCAL_OWNER, PURPOSES, FileStore, read_chunks, too_large
 from rayft.serving.finetune import FinetuneService, ServedBase
 from rayft.serving.openai_api import (
     AdapterRegistration,
@@ -43,9 +43,10 @@ from rayft.serving.openai_api import (
     FineTuningJob,
     FineTuningJobCreate,
     FineTuningJobList,
+    ModelDeleted,
     validation_error,
 )
-from rayft.serving.spec import KeyRing, ServeSpec, check_bind, hash_key, validate_adapter
+from rayft.serving.spec import KeyRing, NoAdapter, OutsideRoots, ServeSpec, check_bind, hash_key, validate_adapter
 from rayft.training import storage
 
 access_log = logging.getLogger("ray.serve.rayft.access")
@@ -56,15 +57,29 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Requests whose body the route streams itself, under limits of its own, instead of the guard reading it into
 # memory under serve.max_body_bytes: file uploads (serve.finetune.max_file_bytes).
 STREAMED_BODIES = frozenset({("POST", "/v1/files")})
+# The only routes that answer without a key when the endpoint requires keys: the playground page (it holds no data;
+# the key is typed into it) and the health probes. Everything else, /docs and /openapi.json included, needs a key.
+OPEN_ROUTES = frozenset({"/", "/playground", "/healthz", "/readyz"})
+
+
+def route_path(scope) -> str:
+    """The path as the app's routes see it: Serve's proxy keeps the application's route prefix (`root_path`, e.g.
+    /llm) in `path`, so /llm/v1/files is the route /v1/files. A path outside the prefix is returned whole (no route
+    matches it)."""
+    path, root = scope.get("path", ""), (scope.get("root_path") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 class _Guard:
-    """Before any route runs: API keys on /v1 and /admin routes, and the body size limit, counted as the bytes
-    arrive (a chunked body has no Content-Length to trust). A plain ASGI middleware: Starlette's decorator-style
-    middleware costs milliseconds per request.
+    """Before any route runs: API keys on every route but OPEN_ROUTES, the admin role on /admin routes, and the
+    body size limit, counted as the bytes arrive (a chunked body has no Content-Length to trust). A plain ASGI
+    middleware: Starlette's decorator-style middleware costs milliseconds per request.
 
     It leaves who called in the request's state for the routes: `owner`, the SHA-256 of the caller's key (or
-    "local" when the endpoint takes no keys), and `admin`, whether it is an admin key."""
+    "local" when the endpoint takes no keys; None on an open route called without a key, which no store accepts),
+    and `admin`, whether it is an admin key. Only `admin` widens what a caller sees, never a missing owner."""
 
     def __init__(self, app, keys: KeyRing, limit: int):
         self.app, self.keys, self.limit = app, keys, limit
@@ -79,9 +94,9 @@ class _Guard:
         state["request_id"] = headers.get("x-request-id") or "-"
         state["owner"], state["admin"] = None if self.keys.required else LOCAL_OWNER, False
 
-        path = scope.get("path", "")
+        path = route_path(scope)
         error = None
-        if self.keys.required and (path.startswith("/v1") or path.startswith("/admin")):
+        if self.keys.required and path not in OPEN_ROUTES:
             header = headers.get("authorization", "")
             token = header[7:].strip() if header.lower().startswith("bearer ") else ""
             role = self.keys.role(token)
@@ -90,6 +105,13 @@ class _Guard:
                 error = ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
             else:
                 state["owner"], state["admin"] = hash_key(token), role == "admin"
+                if (path == "/admin" or path.startswith("/admin/")) and role != "admin":
+                    error = ApiError(
+                        403,
+                        "this route changes what every client is served: it takes an admin key "
+                        "(serve.admin_keys_file), not a tenant's key",
+                        code="admin_key_required",
+                    )
         streamed = (scope.get("method"), path) in STREAMED_BODIES
         size = headers.get("content-length")
         if error is None and not streamed and size is not None and size.isdigit() and int(size) > self.limit:
@@ -318,6 +340,7 @@ def _errors(*statuses: int, say: dict[int, str] | None = None) -> dict:
     what = {
         400: "Invalid request: the message names the field.",
         401: "Missing or invalid API key (when the server requires keys).",
+        403: "The route takes an admin key (serve.admin_keys_file), or the path lies outside serve.adapter_roots.",
         404: "Unknown model or adapter.",
         413: "Request body over serve.max_body_bytes.",
         429: "Every queue is full; retry after Retry-After seconds.",
@@ -328,7 +351,7 @@ def _errors(*statuses: int, say: dict[int, str] | None = None) -> dict:
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
-def _openapi(api: FastAPI, max_tokens_limit: int) -> dict:
+def _openapi(api: FastAPI, max_tokens_limit: int, job_models: tuple[str, ...] = ()) -> dict:
     """FastAPI's document, made to say what the server really does: bad bodies are 400s in OpenAI's error shape
     (not FastAPI's 422), every response carries x-request-id, 429s carry Retry-After, and completions answer
     text/event-stream when `stream` is true."""
@@ -365,6 +388,8 @@ def _openapi(api: FastAPI, max_tokens_limit: int) -> dict:
             for option in schemas.get(body, {}).get("properties", {}).get(field, {}).get("anyOf", []):
                 if option.get("type") == "integer":
                     option["maximum"] = max_tokens_limit
+    if job_models:  # the models this server fine-tunes: the only `model` a job may name
+        schemas.get("FineTuningJobCreate", {}).get("properties", {}).get("model", {})["enum"] = list(job_models)
     api.openapi_schema = doc
     return doc
 
@@ -375,7 +400,7 @@ def _build_api(ing: "Ingress") -> FastAPI:
         title="rayft",
         description="OpenAI-compatible endpoint for models finetuned with rayft.",
     )
-    api.openapi = lambda: _openapi(api, ing.cfg.max_tokens_limit)
+    api.openapi = lambda: _openapi(api, ing.cfg.max_tokens_limit, ing.finetune.base.ids)
 
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -422,14 +447,33 @@ def _build_api(ing: "Ingress") -> FastAPI:
 
     @api.get("/v1/models", responses=_errors(401))
     async def models(request: Request):
-        return ing.models(_viewer(request))
+        return await asyncio.to_thread(ing.models, _viewer(request))
 
     @api.get("/v1/models/{model_id:path}", responses=_errors(401, 404))
     async def model(model_id: str, request: Request):
         await ing._adapter_for(model_id, _viewer(request))
         return ing._model_card(model_id)
 
-    @api.post("/admin/adapters", responses=_errors(400, 401, 413))
+    @api.delete(
+        "/v1/models/{model_id:path}",
+        response_model=ModelDeleted,
+        responses=_errors(401, 404, 500, say={404: "No fine-tuned model of this API key by that id."}),
+    )
+    def delete_model(model_id: str, request: Request):
+        """Delete a fine-tuned model (its adapter and run); the job that made it stays listed."""
+        if not model_id.startswith("ft:"):
+            raise ApiError(
+                404, f"model {model_id!r} is not a fine-tuned model of this API key", param="model",
+                code="model_not_found",
+            )  # fmt: skip
+        deleted = ing.finetune.delete_model(_viewer(request), model_id)
+        ing.forget_fine_tuned(model_id)
+        return deleted
+
+    @api.post(
+        "/admin/adapters",
+        responses=_errors(400, 401, 403, 404, 413, say={404: "The path holds no LoRA adapter."}),
+    )
     async def add_adapter(body: AdapterRegistration):
         return ing.add_adapter(body)
 
@@ -468,7 +512,7 @@ def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
     @api.get("/v1/playground/runs", responses=_errors(401))
     async def runs(request: Request):
         viewer, out = _viewer(request), []
-        for card in ing.models(viewer)["data"]:
+        for card in (await asyncio.to_thread(ing.models, viewer))["data"]:
             run = await run_for(card["id"], viewer)
             if run:
                 out.append(await asyncio.to_thread(playground.run_card, card["id"], run))
@@ -502,8 +546,9 @@ def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
 
 
 def _viewer(request: Request) -> str | None:
-    """Whose files, jobs and fine-tuned models the caller sees: its own, or (None) everyone's for an admin key."""
-    return None if request.state.admin else request.state.owner
+    """Whose files, jobs and fine-tuned models the caller sees: its own, or EVERY_OWNER's for an admin key (None,
+    no key's owner, sees nothing)."""
+    return EVERY_OWNER if request.state.admin else request.state.owner
 
 
 def _file_routes(api: FastAPI, files: FileStore) -> None:
@@ -515,12 +560,13 @@ def _file_routes(api: FastAPI, files: FileStore) -> None:
         413: "The file is over serve.finetune.max_file_bytes.",
         429: "The key's files would exceed serve.finetune.max_stored_bytes_per_key (code quota_exceeded).",
         500: "The file storage (serve.finetune.storage_path) failed.",
+        503: "serve.finetune.storage_path is a local directory other nodes do not see (code storage_not_shared).",
     }
 
     @api.post(
         "/v1/files",
         response_model=FileObject,
-        responses=_errors(400, 401, 413, 429, 500, say=say),
+        responses=_errors(400, 401, 413, 429, 500, 503, say=say),
         openapi_extra={"requestBody": UPLOAD_BODY},
     )
     async def create_file(request: Request):
@@ -571,13 +617,15 @@ def _job_routes(api: FastAPI, jobs: FinetuneService) -> None:
         404: "No such fine-tuning job for this API key.",
         429: "The key has serve.finetune.max_active_jobs_per_key jobs that have not ended.",
         500: "The storage or the Ray cluster failed.",
+        503: "Jobs cannot start here: another cluster's endpoint holds the namespace (namespace_in_use), or the "
+        "storage is a local directory other nodes do not see (storage_not_shared).",
     }
     page = {
         "after": Query(None, description="An id from the previous page: return what comes after it."),
         "limit": Query(20, ge=1, le=1000, description="The most items to return."),
     }
 
-    @api.post("/v1/fine_tuning/jobs", response_model=FineTuningJob, responses=_errors(400, 401, 429, 500, say=say))
+    @api.post("/v1/fine_tuning/jobs", response_model=FineTuningJob, responses=_errors(400, 401, 429, 500, 503, say=say))
     def create_job(body: FineTuningJobCreate, request: Request):
         """Start a fine-tuning job: a LoRA adapter of the served model, trained on an uploaded file."""
         return jobs.create(request.state.owner, body)
@@ -657,7 +705,8 @@ class Ingress:
             self._set_adapter(name, path)
         self.adapter_roots: list[str] = list(spec.adapter_roots)
         self.files = FileStore(self.cfg.finetune)  # touches storage only when a file route is called
-        # Fine-tuned models: {fine_tuned_model: (owner, its multiplexed adapter name)}, served to their owner only.
+        # Fine-tuned models, a registry of their own that /admin/adapters cannot reach: {fine_tuned_model: (owner,
+        # its multiplexed id)}, served to their owner only. Their ids start with "ft:", which no adapter name can.
         self.ft_models: dict[str, tuple[str, str]] = {}
         ft = self.cfg.finetune
         ids = tuple(ft.models) if ft.models is not None else (self.name,)
@@ -687,6 +736,13 @@ class Ingress:
         )
         self.m_tokens = metrics.Counter("rayft_generated_tokens", description="Completion tokens generated.")
 
+    def __del__(self):
+        """Serve's replica shutdown (a redeploy, scale-down, Ctrl-C): the fine-tuning poller stops and hands its
+        lease to the next replica, instead of polling beside it."""
+        finetune = getattr(self, "finetune", None)
+        if finetune is not None:
+            finetune.stop()
+
     def __serve_build_asgi_app__(self):
         return _build_api(self)
 
@@ -701,21 +757,22 @@ class Ingress:
                 return JSONResponse({"status": "loading", "detail": type(e).__name__}, status_code=503)
         return {"status": "ready", "model": self.name}
 
-    def models(self, viewer: str | None = None):
-        """The served model, its adapters, and the fine-tuned models `viewer` owns (None: every key's)."""
+    def models(self, viewer: str | None):
+        """The served model, its adapters, and the fine-tuned models `viewer` owns (EVERY_OWNER: every key's)."""
         ids = [self.name] + [f"{self.name}:{a}" for a in sorted(self.adapters)]
-        tuned = sorted(n for n, (owner, _) in self.ft_models.items() if viewer in (None, owner))
-        return {"object": "list", "data": [self._model_card(i) for i in ids + tuned]}
+        cards = [self._model_card(i) for i in ids]
+        if self.finetune.base.ids:  # read from the jobs: a model is registered for serving at its first request
+            cards += [self._model_card(m, owner) for m, owner in self.finetune.models(viewer)]
+        return {"object": "list", "data": cards}
 
-    def model_source(self, adapter: str | None) -> str | None:
-        """Where a served model's weights come from: the model's directory (adapter None), else the adapter's."""
-        if adapter is None:
+    def model_source(self, version: str | None) -> str | None:
+        """Where a served model's weights come from: the model's directory (version None), else the adapter's."""
+        if version is None:
             return self.spec.model_path
-        version = self.versions.get(adapter)
-        return self.version_paths.get(version) if version else None
+        return self.version_paths.get(version)
 
-    def _model_card(self, model_id: str) -> dict:
-        owner = self.ft_models.get(model_id, ("rayft",))[0]
+    def _model_card(self, model_id: str, owner: str | None = None) -> dict:
+        owner = owner or self.ft_models.get(model_id, ("rayft",))[0]
         return {
             "id": model_id,
             "object": "model",
@@ -725,11 +782,10 @@ class Ingress:
 
     # ---------------------------------------------------------------- adapters
 
-    def _set_adapter(self, name: str, path: str, listed: bool = True) -> None:
-        """Serve `name` from `path` (a local directory, or a cloud one each model replica copies). Its
-        multiplexed id names this version: re-registering the name with another run (or the same directory with
-        new files) gives a new id, so no replica keeps serving the old weights it cached under the name.
-        `listed`: one of /v1/models' adapters (fine-tuned models are listed to their owner only)."""
+    def _version(self, name: str, path: str) -> str:
+        """The multiplexed id of `name` served from `path` (a local directory, or a cloud one each model replica
+        copies): re-registering the name with another run (or the same directory with new files) gives a new id,
+        so no replica keeps serving the old weights it cached under the name."""
         stamp = [path]
         if storage.is_remote(path):
             stamp.append(storage.tree_fingerprint(path))
@@ -738,31 +794,46 @@ class Ingress:
                 st = f.stat()
                 stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
         version = f"{name}@{hashlib.sha256(chr(0).join(stamp).encode()).hexdigest()[:12]}"
-        self.versions[name], self.version_paths[version] = version, path
-        if listed:
-            self.adapters[name] = path
+        self.version_paths[version] = path
+        return version
+
+    def _set_adapter(self, name: str, path: str) -> None:
+        """Serve the shared adapter `name` (listed in /v1/models for every key) from `path`."""
+        self.versions[name] = self._version(name, path)
+        self.adapters[name] = path
 
     def _serve_fine_tuned(self, model: str, owner: str, path: str) -> None:
-        """A succeeded job's adapter, served as `model` to `owner` (called from the fine-tuning thread). The job
-        id names it among the adapters: model replicas load it at its first request, as any adapter."""
+        """A succeeded job's adapter, served as `model` to `owner` only (called from the fine-tuning thread). Its
+        multiplexed id is ft:<owner>:<job id>@digest, apart from every shared adapter's: model replicas load it
+        at its first request, as any adapter."""
         local = storage.cached(path)  # a run in cloud storage: this node's copy, to check it
         validate_adapter("adapter", local, None, self.spec.model_path, self.spec.revision)
-        name = model.rsplit(":", 1)[-1]
-        self._set_adapter(name, path, listed=False)
-        self.ft_models[model] = (owner, name)
+        job_id = model.rsplit(":", 1)[-1]
+        self.ft_models[model] = (owner, self._version(f"ft:{owner[:16]}:{job_id}", path))
+
+    def forget_fine_tuned(self, model: str) -> None:
+        """Stop serving a deleted fine-tuned model (a replica that loaded it evicts it as any adapter, by LRU)."""
+        found = self.ft_models.pop(model, None)
+        if found is not None:
+            self.version_paths.pop(found[1], None)
 
     def add_adapter(self, body: AdapterRegistration):
         name, path = body.name, body.path
         try:
             checked = validate_adapter(name, path, self.adapter_roots, self.spec.model_path, self.spec.revision)
+        except OutsideRoots as e:
+            raise ApiError(403, str(e), param="path", code="path_not_allowed") from None
+        except NoAdapter as e:
+            raise ApiError(404, str(e), param="path", code="adapter_not_found") from None
         except ValueError as e:
             raise ApiError(400, str(e), param="path") from None
         self._set_adapter(name, checked)
         return {"name": name, "model": f"{self.name}:{name}", "path": checked}
 
-    async def _adapter_for(self, model: str | None, viewer: str | None = None) -> str | None:
-        """The adapter a request's `model` names: None for the served model itself; 404 if unknown. A fine-tuned
-        model (ft:...) is found only for the key that trained it (`viewer`; None: an admin key)."""
+    async def _adapter_for(self, model: str | None, viewer: str | None) -> str | None:
+        """The multiplexed id of the adapter a request's `model` names: None for the served model itself; 404 if
+        unknown. A fine-tuned model (ft:...) is found only for the key that trained it (`viewer`; EVERY_OWNER: an
+        admin key)."""
         if model in (None, "", self.name):
             return None
         if model.startswith("ft:"):
@@ -772,7 +843,7 @@ class Ingress:
                 if hit is not None:
                     await asyncio.to_thread(self._serve_fine_tuned, model, *hit)
                     found = self.ft_models.get(model)
-            if found is not None and viewer in (None, found[0]):
+            if found is not None and viewer in (EVERY_OWNER, found[0]):
                 return found[1]
             raise ApiError(
                 404,
@@ -782,7 +853,7 @@ class Ingress:
             )
         name = model[len(self.name) + 1 :] if model.startswith(self.name + ":") else model
         if name in self.adapters:
-            return name
+            return self.versions[name]
         known = ", ".join([self.name] + [f"{self.name}:{a}" for a in sorted(self.adapters)])
         raise ApiError(
             404, f"model {model!r} does not exist; this server has: {known}", param="model", code="model_not_found"
@@ -791,13 +862,19 @@ class Ingress:
     # ---------------------------------------------------------------- completions
 
     async def chat_completions(self, body: ChatCompletionRequest, request_id: str = "-", viewer: str | None = None):
+        from rayft.training.specials import SpecialTokenInContent, encode_chat
+
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # The renderer training uses: special-token text in content is escaped, refused or allowed as configured,
+            # so the prompt is the tokens the model was trained on.
+            ids = encode_chat(self.tokenizer, messages, self.cfg.special_tokens_in_content)
+        except SpecialTokenInContent as e:
+            raise ApiError(
+                400, f"{e}; remove it from the message", param="messages", code="special_token_in_content"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a template that rejects this conversation
             raise ApiError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
         return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id, viewer=viewer)
 
     async def completions(self, body: CompletionRequest, request_id: str = "-", viewer: str | None = None):
@@ -813,7 +890,7 @@ class Ingress:
             "top_p": body.top_p if body else 1.0,
             "stop": list(body.stop or []) if body else [],
             "seed": body.seed if body else None,
-            "adapter": self.versions[adapter] if adapter else None,
+            "adapter": adapter,
         }
 
     def _budget(self, body, n_prompt: int) -> int:
@@ -845,7 +922,7 @@ class Ingress:
         self, body, ids: list[int], chat: bool, route: str, request_id: str, echo: str = "", viewer: str | None = None
     ):
         """`echo`: text returned before the completion (the prompt, for `echo: true`); `viewer`: whose
-        fine-tuned models the caller may use (None: every key's)."""
+        fine-tuned models the caller may use (EVERY_OWNER: every key's; None: no key's)."""
         t0 = time.perf_counter()
         status = 200
         adapter = None

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from rayft.serving.engine import GenerationRequest, RequestFailed, RunningBatch, TransformersEngine
-from rayft.serving.files import storage_root
+from rayft.serving.files import namespace_root, storage_root
 from rayft.serving.openai_api import ApiError
 from rayft.serving.spec import ServeSpec, validate_adapter
 from rayft.training import storage
@@ -109,14 +109,17 @@ class LLMServer:
         if path is None:
             raise ApiError(404, f"adapter {name!r} has no path", param="model", code="model_not_found")
         # fine-tuning jobs' runs (rayft.serving.finetune) are the service's own, in its storage
-        runs = storage.join(storage_root(self.spec.serve.finetune.storage_path), "runs")
+        ft = self.spec.serve.finetune
+        runs = storage.join(namespace_root(storage_root(ft.storage_path), ft.namespace), "runs")
         roots = None if self.spec.adapters.get(name) == path else [*self.spec.adapter_roots, runs]
         try:
             if storage.is_remote(path):
                 if not path.startswith(runs.rstrip("/") + "/"):
                     raise ValueError(f"{path} is not a fine-tuning job's run in serve.finetune.storage_path")
                 path, roots = storage.cached(path), None  # this node's copy
-            return validate_adapter(name, path, roots, self.spec.model_path, self.spec.revision)
+            # a fine-tuned model's id is ft:<owner>:<job id>: the job id is its adapter's name
+            label = name.rsplit(":", 1)[-1] if name.startswith("ft:") else name
+            return validate_adapter(label, path, roots, self.spec.model_path, self.spec.revision)
         except ValueError as e:
             raise ApiError(400, f"adapter {name!r} cannot be loaded: {e}", param="model") from None
 

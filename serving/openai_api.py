@@ -191,6 +191,12 @@ class FileList(BaseModel):
     has_more: bool = Field(..., description="Whether more files follow the last one.")
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: Literal[True] = True
+
+
 class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"

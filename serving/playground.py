@@ -66,17 +66,6 @@ def read_loss_curve(run: str) -> bytes | None:
         return None
 
 
-# The page's own headers: nothing but this origin may run or embed it, and no page it links to learns its URL.
-HEADERS = {
-    "Cache-Control": "no-store",
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-        "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
-
 PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -126,6 +115,7 @@ PAGE = """<!doctype html>
   section.run th:first-child, section.run td:first-child { text-align: left; }
   section.run img { max-width: 560px; width: 100%; border: 1px solid var(--line); border-radius: 6px; }
   @media (max-width: 800px) { .panes { grid-template-columns: minmax(0, 1fr); } }
+.buttons { display: flex; flex-direction: column; gap: 6px; }
 </style>
 </head>
 <body>
@@ -154,7 +144,7 @@ PAGE = """<!doctype html>
   </div>
   <form class="ask" id="ask">
     <textarea id="message" placeholder="A message for both models (Enter sends, Shift+Enter adds a line)"></textarea>
-    <div style="display:flex;flex-direction:column;gap:6px">
+    <div class="buttons">
       <button id="send" type="submit">Send</button>
       <button id="stop" class="secondary" type="button" disabled>Stop</button>
       <button id="clear" class="secondary" type="button">Clear</button>
@@ -173,6 +163,8 @@ const $ = (s, el = document) => el.querySelector(s);
 const panes = [...document.querySelectorAll(".pane")].map(el => ({
   el, select: $("select", el), log: $(".log", el), stats: $(".stats", el), history: [] }));
 let key = "";            // kept in this page's memory only
+// The app's own path (its serve.route_prefix): the page is at PREFIX/ or PREFIX/playground.
+const BASE = location.pathname.replace(/\\/(playground)?$/, "");
 let running = [];
 
 function headers(json) {
@@ -196,7 +188,7 @@ async function errorText(resp) {
 }
 
 async function api(path) {
-  const resp = await fetch(path, {headers: headers(false)});
+  const resp = await fetch(BASE + path, {headers: headers(false)});
   if (!resp.ok) {
     const text = await errorText(resp);
     throw new Error(resp.status === 401 ? "401 Unauthorized: " + text + " (check the API key)" : text);
@@ -248,7 +240,7 @@ async function stream(pane, controller) {
     stream_options: {include_usage: true},
   };
   try {
-    const resp = await fetch("/v1/chat/completions", {
+    const resp = await fetch(BASE + "/v1/chat/completions", {
       method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal});
     if (!resp.ok) {
       const text = await errorText(resp);
@@ -379,3 +371,26 @@ loadModels();
 </body>
 </html>
 """
+
+
+def _csp_hash(tag: str) -> str:
+    """The CSP source of the page's one inline <tag> block: its SHA-256, so that no other script or style, not
+    even one injected into the page, runs."""
+    import base64
+    import hashlib
+
+    body = PAGE.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
+# The page's own headers: only its own script and style run (by hash, no 'unsafe-inline'), nothing but this origin
+# may embed it, and no page it links to learns its URL.
+HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {_csp_hash('script')}; style-src {_csp_hash('style')}; connect-src 'self'; "
+        "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}

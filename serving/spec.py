@@ -50,6 +50,14 @@ class ServeError(Exception):
     """A serve target or setting that cannot be used; the message says what to do."""
 
 
+class OutsideRoots(ValueError):
+    """An adapter path that resolves outside the directories adapters may come from (a 403, not a bad request)."""
+
+
+class NoAdapter(ValueError):
+    """An adapter path that holds no LoRA adapter (a 404: nothing is there to register)."""
+
+
 def hash_key(key: str) -> str:
     """How an API key is kept: its SHA-256 hex digest."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -455,7 +463,7 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
     """An adapter's directory, checked: a valid name, a real adapter trained on `base_path` (at `revision`, for
     a hub model), inside `roots` when given. Accepts a run directory, a final/ export, or an adapter dir."""
     from rayft.training.inference import adapter_base
-    from rayft.training.models import resolve_model
+    from rayft.training.models import ModelError, resolve_model
 
     if not ADAPTER_NAME.match(name or ""):
         raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -464,14 +472,16 @@ def validate_adapter(name: str, path: str, roots: list[str] | None, base_path: s
     except (RuntimeError, OSError, ValueError) as e:  # '~nobody/x', an unreadable link, a NUL byte
         raise ValueError(f"{path!r} is not a usable path ({e})") from None
     if roots is not None and not any(p == Path(r) or Path(r) in p.parents for r in roots):
-        raise ValueError(f"{path} is outside the directories adapters may come from ({', '.join(roots)})")
+        raise OutsideRoots(f"{path} is outside the directories adapters may come from ({', '.join(roots)})")
     adapter = _adapter_dir(p)
     if adapter is None:
-        raise ValueError(
-            f"{path} holds no LoRA adapter (adapter_config.json); give a LoRA run dir or its final/adapter"
-        )
-    base = adapter_base(adapter)[0]
-    if base and Path(resolve_model(base)).resolve() != Path(base_path).resolve():
+        raise NoAdapter(f"{path} holds no LoRA adapter (adapter_config.json); give a LoRA run dir or its final/adapter")
+    try:
+        base = adapter_base(adapter)[0]
+        base_dir = Path(resolve_model(base)).resolve() if base else None
+    except (ModelError, OSError, ValueError) as e:  # an unreadable adapter_config.json, a base that cannot load
+        raise ValueError(f"{path} cannot be loaded: its adapter's base model is unusable ({e})") from None
+    if base_dir is not None and base_dir != Path(base_path).resolve():
         raise ValueError(
             f"{path} was trained on {base}, not on the served model ({base_path}); serve that base model "
             "to switch between its adapters (rayft serve BASE --adapter NAME=RUN_DIR)"

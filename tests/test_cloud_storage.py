@@ -44,6 +44,26 @@ def test_files_and_trees_round_trip_through_the_bucket(s3_bucket, tmp_path):
     assert not storage.exists(root) and storage.listdir(root + ".prev") == ["checkpoint_1", "job.yaml"]
 
 
+def test_the_nodes_copies_of_cloud_models_stay_within_their_limit_least_recently_used_first(
+    s3_bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RAYFT_REMOTE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAYFT_REMOTE_CACHE_GIB", str(2.5 * 4096 / 1024**3))  # room for two 4 KiB copies
+    for name in ("a", "b", "c"):
+        local = tmp_path / name
+        local.mkdir()
+        (local / "adapter_model.safetensors").write_bytes(name.encode() * 4096)
+        storage.upload(str(local), f"{s3_bucket}/adapters/{name}")
+    a = storage.cached(f"{s3_bucket}/adapters/a")
+    b = storage.cached(f"{s3_bucket}/adapters/b")
+    os.utime(b, (1, 1))  # b was used long ago, a just now...
+    assert storage.cached(f"{s3_bucket}/adapters/a") == a
+    c = storage.cached(f"{s3_bucket}/adapters/c")  # ...so c's download pushes b out
+    assert Path(a).is_dir() and Path(c).is_dir() and not Path(b).exists()
+    assert storage.cached(f"{s3_bucket}/adapters/b") == b  # downloaded again at its next use
+    assert Path(b, "adapter_model.safetensors").read_bytes()[:1] == b"b"
+
+
 def test_a_missing_bucket_is_a_clear_error(s3_server):
     with pytest.raises(storage.StorageError, match=r"cannot write s3://no-such-bucket-here/x: .*bucket.*credentials"):
         storage.write_text("s3://no-such-bucket-here/x", "x")

@@ -145,6 +145,15 @@ def test_rayservice_serve_config_is_a_valid_rayft_app():
     with pytest.raises(ServeError, match="no API key"):
         check_bind(spec.serve, KeyRing(spec, environ={}).required)
     check_bind(spec.serve, KeyRing(spec, environ={"RAYFT_API_KEY": "from-the-secret"}).required)
+    # Uploads and jobs live on a volume every pod mounts from one ReadWriteMany claim (the ingress may run on any
+    # pod, a job's driver on another, and both outlive a restart), not on whichever pod hosts the ingress.
+    store = Path(spec.serve.finetune.storage_path)
+    for pod in pods:
+        spec_ = pod["template"]["spec"]
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec_["volumes"]}
+        mounts = spec_["containers"][0]["volumeMounts"]
+        on = [m for m in mounts if store.is_relative_to(m["mountPath"]) and claims.get(m["name"]) == "rayft-runs"]
+        assert on, (store, pod["template"]["spec"]["containers"][0]["name"])
 
 
 def test_rayjob_entrypoint_is_a_valid_rayft_train_command():

@@ -70,7 +70,9 @@ def served_run(ray_local, smol_tokenizer, tmp_path_factory, serve_port):
         spec = build_spec(str(run / "final"), cfg, api_keys=[KEY])
         tuned = f"{spec.model_name}:polite"
         system, message = "", "Where is the hardware lab?"
-    base = deploy(spec.with_serve(port=serve_port))
+    # under a route prefix, as a second app on a shared Serve instance has it: the page calls the API below it
+    base = deploy(spec.with_serve(port=serve_port, route_prefix="/playground-app"))
+    assert base.endswith("/playground-app")
     # the run the page shows: the served model's own (tiny), or the adapter's (a real run)
     shown = tuned if real else spec.model_name
     yield Served(base, spec.model_name, tuned, run.name, shown, system, message, tiny=not real)
@@ -192,7 +194,8 @@ def test_the_page_needs_no_key_but_everything_it_shows_does(served_run):
     base, name, shown, tuned = served_run.base, served_run.name, served_run.run_model, served_run.tuned
     r = requests.get(f"{base}/", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    csp = r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp  # its own script and style, by hash
     assert r.headers["cache-control"] == "no-store"
     for path in ("/v1/playground/runs", f"/v1/playground/runs/report?model={shown}"):
         assert requests.get(base + path, timeout=30).status_code == 401

@@ -231,7 +231,7 @@ def test_files_outlive_a_redeploy(endpoint, uploaded, files_spec, serve_port):
 
 def test_the_store_on_s3_streams_checks_owners_and_leaves_nothing_behind(s3_bucket):
     from rayft.serving.config import FinetuneConfig
-    from rayft.serving.files import FileStore, read_chunks
+    from rayft.serving.files import EVERY_OWNER, FileStore, read_chunks
     from rayft.serving.openai_api import ApiError
     from rayft.training import storage
 
@@ -243,7 +243,9 @@ def test_the_store_on_s3_streams_checks_owners_and_leaves_nothing_behind(s3_buck
     f = up.commit("train.jsonl", "fine-tune")
     assert f.bytes == 3 << 20 and store.path(f).startswith(f"{s3_bucket}/svc/files/{a}/")
     assert b"".join(read_chunks(store.open(store.get(a, f.id)))) == b"".join(bytes([i]) * (1 << 20) for i in range(3))
-    assert [x.id for x in store.list(None)[0]] == [f.id]  # an admin's view
+    assert [x.id for x in store.list(EVERY_OWNER)[0]] == [f.id]  # an admin's view
+    with pytest.raises(ApiError):  # no owner is nobody's view, never everyone's
+        store.list(None)
     with pytest.raises(ApiError) as e:
         store.get(b, f.id)
     assert e.value.status == 404
@@ -255,7 +257,10 @@ def test_the_store_on_s3_streams_checks_owners_and_leaves_nothing_behind(s3_buck
     up.abort()
     assert store.list(b) == ([], False)
     store.delete(a, f.id)
-    assert storage.find_files(f"{s3_bucket}/svc") == []
+    # nothing but the keys' usage records, which hold nothing any more
+    left = storage.find_files(f"{s3_bucket}/svc")
+    assert sorted(left) == sorted(f"{s3_bucket}/svc/usage/{o}.json" for o in (a, b))
+    assert store.usage(a) == {} and store.usage(b) == {}
 
 
 def test_without_keys_every_file_belongs_to_one_local_owner(tmp_path):

@@ -13,13 +13,13 @@ import pytest
 
 from conftest import make_adapters, make_serve_model, serve_deploy
 
-KEY = "sk-fuzz"
-# A schema-valid registration may still name a directory that holds no adapter, or lies outside
-# serve.adapter_roots: a 400 the document declares for it, which no schema can rule out beforehand.
+KEY = "sk-fuzz-admin"  # an admin key (serve.admin_keys_file): /admin routes take one, the others take it too
+# A schema-valid registration may still name a directory outside serve.adapter_roots (403) or one that holds no
+# adapter (404), which no schema can rule out beforehand; never a 400.
 CONFIG = """
 [[operations]]
 include-name = "POST /admin/adapters"
-checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401"]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "403", "404"]
 
 # A well-formed job is still a 400 (as OpenAI's) when its model is not the served one or its file is not the key's.
 [[operations]]
@@ -38,7 +38,10 @@ def fuzz_endpoint(ray_local, smol_tokenizer, serve_port, tmp_path_factory):
     model = make_serve_model(tmp_path_factory.mktemp("fuzz-model"), smol_tokenizer)
     root = tmp_path_factory.mktemp("fuzz-adapters")
     make_adapters(model, root, ["a1"])
+    admins = tmp_path_factory.mktemp("fuzz-keys") / "admin-keys"
+    admins.write_text(f"{KEY}\n")
     cfg = ServeConfig(
+        admin_keys_file=str(admins),
         adapters={"a1": str(root / "a1")},
         adapter_roots=[str(root)],
         max_tokens_limit=64,  # generated requests stay short
@@ -47,7 +50,7 @@ def fuzz_endpoint(ray_local, smol_tokenizer, serve_port, tmp_path_factory):
         # generated uploads land in the test's own directory, small
         finetune={"storage_path": str(tmp_path_factory.mktemp("fuzz-files")), "max_file_bytes": 1_000_000},
     )
-    yield serve_deploy(build_spec(str(model), cfg, api_keys=[KEY]), serve_port)
+    yield serve_deploy(build_spec(str(model), cfg), serve_port)
     serve.delete("rayft")
 
 
@@ -56,8 +59,13 @@ def fuzz_endpoint(ray_local, smol_tokenizer, serve_port, tmp_path_factory):
 def test_a_schema_driven_fuzzer_finds_no_mismatch_with_the_openapi_document(fuzz_endpoint, tmp_path, seed):
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
+    import requests
+
     st = Path(sys.executable).parent / "st"
-    cmd = [str(st), "--config-file", str(config), "run", f"{fuzz_endpoint}/openapi.json"]
+    schema = tmp_path / "openapi.json"  # the document, like every route but the probes, takes a key
+    got = requests.get(f"{fuzz_endpoint}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    schema.write_bytes(got.content)
+    cmd = [str(st), "--config-file", str(config), "run", str(schema), "--url", fuzz_endpoint]
     cmd += ["-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--max-examples", "40", "--seed", str(seed)]
     cmd += ["--request-timeout", "60", "--no-color"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays there

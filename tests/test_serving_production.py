@@ -24,6 +24,7 @@ from conftest import sse_events as events
 
 APP = "rayft"
 KEY = "sk-from-the-keys-file"
+ADMIN = "sk-prod-admin"  # serve.admin_keys_file: /admin routes take it
 VOCAB = 32768  # the tokenizer has 49152 tokens
 PROMPTS = ["Tell me a story", "hi", "The capital of France is", "Write a poem about the sea"]
 
@@ -56,6 +57,7 @@ def prod(ray_local, model_dir, smol_tokenizer, serve_port, tmp_path_factory):
     root = tmp_path_factory.mktemp("prod-adapters")
     merged = make_adapters(model_dir, root, ["a1", "a2", "a3"])
     keys_file = tmp_path_factory.mktemp("secret") / "api-keys"
+    (keys_file.parent / "admin-keys").write_text(f"{ADMIN}\n")
     cfg = ServeConfig(
         max_batch_size=8,
         # 8 in the batch; room for the tests' own calls to the replica, and for requests a test just abandoned
@@ -69,6 +71,7 @@ def prod(ray_local, model_dir, smol_tokenizer, serve_port, tmp_path_factory):
         request_timeout_s=3,
         max_body_bytes=200_000,
         api_keys_file=str(keys_file),
+        admin_keys_file=str(keys_file.parent / "admin-keys"),
     )
     # As for a config deployed elsewhere: the keys file exists only where the replicas run, so no key is in the
     # spec; the replicas must read it themselves.
@@ -223,11 +226,11 @@ def test_a_re_registered_adapter_serves_its_new_weights(prod):
         return r.json()["choices"][0]["text"]
 
     for name in ("a1", "a2", "a1"):
-        r = post(prod, "/admin/adapters", {"name": "fresh", "path": str(prod.root / name)})
+        r = post(prod, "/admin/adapters", {"name": "fresh", "path": str(prod.root / name)}, key=ADMIN)
         assert r.status_code == 200, r.text
         assert answer() == completion_greedy(prod.merged[name], tok, "hi", 10), name
-    r = post(prod, "/admin/adapters", {"name": "nothing", "path": str(prod.root)})
-    assert r.status_code == 400 and "no LoRA adapter" in r.json()["error"]["message"]
+    r = post(prod, "/admin/adapters", {"name": "nothing", "path": str(prod.root)}, key=ADMIN)
+    assert r.status_code == 404 and "no LoRA adapter" in r.json()["error"]["message"]
 
 
 def test_an_adapter_dir_swapped_for_a_link_outside_the_roots_is_refused_at_load(prod, tmp_path):
@@ -235,7 +238,7 @@ def test_an_adapter_dir_swapped_for_a_link_outside_the_roots_is_refused_at_load(
 
     inside = prod.root / "swappable"
     shutil.copytree(prod.root / "a3", inside)
-    r = post(prod, "/admin/adapters", {"name": "swappable", "path": str(inside)})
+    r = post(prod, "/admin/adapters", {"name": "swappable", "path": str(inside)}, key=ADMIN)
     assert r.status_code == 200, r.text
     outside = tmp_path / "elsewhere"
     shutil.copytree(prod.root / "a2", outside)
@@ -353,7 +356,8 @@ def test_every_response_carries_a_request_id_and_the_access_log_records_it(prod)
 
 
 def test_the_openapi_document_declares_what_the_server_answers(prod):
-    doc = requests.get(f"{prod.base}/openapi.json", timeout=30).json()
+    assert requests.get(f"{prod.base}/openapi.json", timeout=30).status_code == 401  # the document takes a key too
+    doc = requests.get(f"{prod.base}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
     # (a system message of its own: the template's default one holds tokens past this model's vocabulary)
     SYSTEM = {"role": "system", "content": "hi"}  # noqa: N806
     assert "422" not in json.dumps(doc["paths"])

@@ -425,6 +425,38 @@ def cache_dir() -> str:
     return os.environ.get("RAYFT_REMOTE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rayft", "remote")
 
 
+def cache_limit_bytes() -> int:
+    """How much the node's copies of cloud models and adapters may hold (RAYFT_REMOTE_CACHE_GIB, default 50 GiB):
+    past it, the copies used longest ago are removed."""
+    return int(float(os.environ.get("RAYFT_REMOTE_CACHE_GIB", "50")) * 1024**3)
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def _evict(keep: str) -> list[str]:
+    """Remove the least recently used copies until the cache fits its limit (never `keep`, the one in use now);
+    the copies removed. A copy removed under a replica that still names it is downloaded again at its next use."""
+    import fcntl
+
+    root, limit = cache_dir(), cache_limit_bytes()
+    with open(os.path.join(root, ".evict.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = [os.path.join(root, n) for n in os.listdir(root) if not n.startswith(".") and not n.endswith(".lock")]
+        sizes = {e: _tree_bytes(e) for e in entries if os.path.isdir(e)}
+        total, removed = sum(sizes.values()), []
+        for entry in sorted(sizes, key=lambda e: os.stat(e).st_mtime):  # least recently used first
+            if total <= limit:
+                break
+            if entry == keep:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= sizes[entry]
+            removed.append(entry)
+        return removed
+
+
 def cached(path: str) -> str:
     """A local copy of the model or adapter directory at `path`, downloaded once per machine: every replica
     and evaluation actor on a node shares it (a lock file keeps concurrent first uses to one download). A
@@ -437,6 +469,7 @@ def cached(path: str) -> str:
     key = hashlib.sha256(path.encode()).hexdigest()[:12]
     target = os.path.join(cache_dir(), f"{basename(path)}-{key}-{tree_fingerprint(path)}")
     if os.path.isdir(target):
+        os.utime(target)  # used now: the last to go when the cache is over its limit
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     with open(target + ".lock", "w") as lock:
@@ -449,4 +482,5 @@ def cached(path: str) -> str:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            _evict(keep=target)
     return target
