@@ -36,6 +36,7 @@ VLLM_USES = frozenset(
         "model_name",
         "host",
         "port",
+        "route_prefix",
         "autoscaling",
         "max_ongoing_requests",
         "gpus_per_replica",
