@@ -34,25 +34,39 @@ def summary_table(path: Path) -> str:
 
 
 README = ROOT / "README.md"
+BENCHMARKS_PAGE = ROOT / "docs" / "benchmarks.md"
 README_BEGIN = "<!-- the Summary of bench/RESULTS.md, copied by bench/run_all.py: edit RESULTS.md, not this -->"
 README_END = "<!-- end of the Summary -->"
+# The rows the README shows as its headline figures (docs/benchmarks.md shows every row): the start of each
+# one's benchmark cell.
+HEADLINES = (
+    "trl_peer: rayft train vs TRL SFTTrainer",
+    "trl_peer: quality after",
+    "dpo_peer: rayft DPO vs TRL DPOTrainer",
+    "train_throughput: rayft train vs padded single process",
+    "memory_scaling: ZeRO-3 worker memory",
+    "serve_load: batching vs no batching",
+    "serve_load: tokens/s vs transformers serve",
+)
 
 
-def readme_table(results: Path) -> str:
-    """The Summary of a results file as the README shows it: every column but the command."""
+def readme_table(results: Path, only: tuple[str, ...] | None = None) -> str:
+    """The Summary of a results file as the docs show it: every column but the command; with `only`, the
+    header and the rows whose benchmark starts with one of those strings."""
     lines = []
     for row in summary_table(results).splitlines():
         if row.startswith("|"):
             cells = [c.strip() for c in row.strip().strip("|").split("|")]
-            lines.append("| " + " | ".join(cells[:-1]) + " |")
+            if only is None or len(lines) < 2 or cells[0].startswith(only):
+                lines.append("| " + " | ".join(cells[:-1]) + " |")
     return "\n".join(lines)
 
 
-def update_readme(results: Path, readme: Path = README) -> None:
-    """Replace the README's copy of the Summary with the current one."""
+def update_readme(results: Path, readme: Path = README, only: tuple[str, ...] | None = None) -> None:
+    """Replace a page's copy of the Summary (the README's headline rows, or every row) with the current one."""
     text = readme.read_text(encoding="utf-8")
     start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + readme_table(results) + "\n" + text[end:], encoding="utf-8")
+    readme.write_text(text[:start] + "\n" + readme_table(results, only) + "\n" + text[end:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
 
     if results.resolve() == (ROOT / "bench" / "RESULTS.md").resolve():
-        update_readme(results)  # the README shows the figures RESULTS.md holds, never others
+        # The README and docs/benchmarks.md show the figures RESULTS.md holds, never others.
+        update_readme(results, README, HEADLINES)
+        update_readme(results, BENCHMARKS_PAGE, None)
     print(f"\n==== Summary of {results}\n")
     print(summary_table(results))
     print()

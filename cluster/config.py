@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -262,8 +262,32 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _optional_section(ann: Any) -> type[BaseModel] | None:
+    """The section of an optional one (`MlflowTracking | None`: off when unset), else None."""
+    args = getattr(ann, "__args__", ())
+    sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return sections[0] if len(args) == 2 and type(None) in args and len(sections) == 1 else None
+
+
+def _choices(ann: Any) -> list:
+    """The values a Literal annotation allows, also inside `X | None` or `list[str] | Literal[...]`."""
+    if get_origin(ann) is Literal:
+        return list(get_args(ann))
+    return [v for a in get_args(ann) if get_origin(a) is Literal for v in get_args(a)]
+
+
+def _described(field: Any) -> str:
+    """A field's description, with the values it allows when the description does not name them all."""
+    desc = field.description or ""
+    values = _choices(field.annotation)
+    if values and not all(re.search(rf"(?<![\w-]){re.escape(str(v))}(?![\w-])", desc) for v in values):
+        desc = f"{desc} One of: {', '.join(str(v) for v in values)}."
+    return desc
+
+
 def config_reference() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field, for docs and `rayft config show --describe`."""
+    """(dotted key, default, description) for every field, for `rayft config show --describe` and docs/config.md
+    (rayft.cluster.docs). An optional section (off when unset) has a row of its own, then its keys' rows."""
     rows: list[tuple[str, str, str]] = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -274,7 +298,9 @@ def config_reference() -> list[tuple[str, str, str]]:
                 walk(ann, path + ".")
                 continue
             default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append((path, default, field.description or ""))
+            rows.append((path, default, _described(field)))
+            if (section := _optional_section(ann)) is not None:
+                walk(section, path + ".")
 
     walk(JobConfig, "")
     return rows

@@ -1,7 +1,7 @@
 """The job file's `serve:` section: how `rayft serve` runs the endpoint.
 
-Defaults live here and only here; every field carries the one-line description that the README's
-config reference and `rayft config show --describe` print.
+Defaults live here and only here; every field carries the one-line description that the
+config reference (docs/config.md, `make docs`) and `rayft config show --describe` print.
 """
 
 from __future__ import annotations

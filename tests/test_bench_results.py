@@ -10,7 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from data_pipeline import write_results  # noqa: E402
-from run_all import README_BEGIN, README_END, readme_table, summary_table, update_readme  # noqa: E402
+from run_all import (  # noqa: E402
+    BENCHMARKS_PAGE,
+    HEADLINES,
+    README,
+    README_BEGIN,
+    README_END,
+    readme_table,
+    summary_table,
+    update_readme,
+)
 
 OLD = """# Benchmark results
 
@@ -58,16 +67,29 @@ def test_a_run_replaces_its_rows_keeps_the_rest_and_records_the_machine(tmp_path
     assert rows[1].count("|") == 8 and "cores, " in rows[1]
 
 
-def test_the_readme_shows_the_figures_results_md_holds(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    shown = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)].strip()
-    assert shown == readme_table(ROOT / "bench" / "RESULTS.md"), "README figures differ from RESULTS.md"
-    assert shown.count("\n") >= 3 and "| date |" in shown.splitlines()[0]
+def shown_table(page: Path) -> str:
+    text = page.read_text()
+    return text[text.index(README_BEGIN) + len(README_BEGIN) : text.index(README_END)].strip()
 
-    # make bench refreshes that copy from the results file it wrote
+
+def test_the_readme_and_the_benchmarks_page_show_the_figures_results_md_holds(tmp_path):
+    results = ROOT / "bench" / "RESULTS.md"
+    shown = shown_table(BENCHMARKS_PAGE)
+    assert shown == readme_table(results), "docs/benchmarks.md figures differ from RESULTS.md"
+    assert shown.count("\n") >= 3 and "| date |" in shown.splitlines()[0]
+    headlines = shown_table(README)
+    assert headlines == readme_table(results, HEADLINES), "README figures differ from RESULTS.md"
+    rows = headlines.splitlines()[2:]
+    assert all(any(r.startswith(f"| {h}") for r in rows) for h in HEADLINES), "a headline matches no Summary row"
+
+    # make bench refreshes both copies from the results file it wrote: every row, or the headline rows
     (tmp_path / "RESULTS.md").write_text(OLD)
     (tmp_path / "README.md").write_text(f"# x\n\n{README_BEGIN}\nstale\n{README_END}\n\nmore\n")
     update_readme(tmp_path / "RESULTS.md", tmp_path / "README.md")
     text = (tmp_path / "README.md").read_text()
     assert "stale" not in text and "| alpha: speed | 10 vs 5 tokens/s | 2.00x | >= 1.5x, MET | 2026-11-01 |" in text
+    assert "| beta: latency |" in text
     assert "python bench/alpha.py" not in text and text.endswith("more\n")
+    update_readme(tmp_path / "RESULTS.md", tmp_path / "README.md", ("beta:",))
+    text = (tmp_path / "README.md").read_text()
+    assert "| beta: latency |" in text and "alpha" not in text and "| benchmark | figure |" in text

@@ -176,10 +176,28 @@ def test_cli_import_does_not_load_torch_or_ray():
     assert r.stdout.strip() == "[]"
 
 
-def test_readme_documents_every_config_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _, _ in config_reference() if f"`{key}`" not in readme]
-    assert missing == [], f"add these keys to the README's config reference: {missing}"
+def test_the_config_reference_documents_every_key_and_is_up_to_date():
+    from rayft.cluster.docs import CONFIG_MD, config_markdown, main
+
+    page = CONFIG_MD.read_text(encoding="utf-8")
+    missing = [key for key, _, _ in config_reference() if f"| `{key}` |" not in page]
+    assert missing == [], f"docs/config.md lacks these keys: {missing}; run `make docs`"
+    assert page == config_markdown(), "docs/config.md is stale: run `make docs` (python -m rayft.cluster.docs)"
+    assert main(["--check"]) == 0
+
+
+def test_the_config_reference_lists_optional_sections_and_allowed_values(tmp_path):
+    from rayft.cluster.docs import main
+
+    rows = {key: (default, desc) for key, default, desc in config_reference()}
+    assert rows["run.tracking.mlflow"][0] == "None" and rows["run.tracking.mlflow.uri"][0] == "'./mlruns'"
+    assert rows["run.tracking.wandb.mode"][0] == "'online'"
+    assert rows["training.zero_stage"][1].endswith("One of: 0, 1, 2, 3.")
+    assert "One of" not in rows["training.method"][1]  # its description already names lora and full
+    stale = tmp_path / "config.md"
+    stale.write_text("# Config reference\n")
+    assert main(["--out", str(stale), "--check"]) == 1
+    assert main(["--out", str(stale)]) == 0 and main(["--out", str(stale), "--check"]) == 0
 
 
 def test_redacted_hides_credentials_and_keeps_everything_else():

@@ -1,7 +1,7 @@
 """The fine-tuning service's parts that need no cluster: the job template's checks, how a request's
 hyperparameters become the job file, the row checks of an uploaded file (file:line), which models may be
-finetuned, and the README's example being the example the demo runs. The jobs themselves run in
-test_serving_finetune.py."""
+finetuned, and the example in docs/fine-tuning-api.md being the example the demo runs. The jobs themselves
+run in test_serving_finetune.py."""
 
 from __future__ import annotations
 
@@ -117,9 +117,9 @@ def test_only_the_served_model_can_be_named_for_fine_tuning(smol_tokenizer, tmp_
         build_spec(str(model), ServeConfig(model_name="tiny", finetune={"models": ["tiny", "gpt-4o-mini"]}))
 
 
-def test_the_readme_example_is_the_one_make_demo_api_runs():
+def test_the_documented_example_is_the_one_make_demo_api_runs():
     example = (ROOT / "examples" / "finetune_over_http" / "finetune.py").read_text()
     body = example[example.index("import os") :]
-    readme = (ROOT / "README.md").read_text()
-    assert f"```python\n{body}```" in readme
+    page = (ROOT / "docs" / "fine-tuning-api.md").read_text()
+    assert f"```python\n{body}```" in page
     assert "examples/finetune_over_http/demo.sh" in (ROOT / "Makefile").read_text()

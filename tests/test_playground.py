@@ -2,7 +2,7 @@
 the real Serve app with a tiny model and an adapter, enters the API key, types one message, and sees tokens
 stream into both panes (base vs adapter, each answer the endpoint's own greedy answer); the served run's eval
 table and loss curve show; a wrong key shows the 401 on the page. A screenshot is saved as a test artifact
-(tests/artifacts/playground.png; the README's picture)."""
+(tests/artifacts/playground.png; the picture in docs/tracking-and-playground.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 and the training job that composes them.
 
 Defaults live here and only here. Every field carries a one-line description, which
-`rayft config show --describe` and the README's config reference are built from.
+`rayft config show --describe` and docs/config.md (`make docs`) are built from.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The sweep job: the training job plus its `sweep:` section, what `rayft sweep` searches over and how it
 schedules trials.
 
-Defaults live here and only here; every field carries the one-line description that the README's
-config reference and `rayft config show --describe` print.
+Defaults live here and only here; every field carries the one-line description that the
+config reference (docs/config.md, `make docs`) and `rayft config show --describe` print.
 """
 
 from __future__ import annotations
