@@ -26,7 +26,8 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            "--api-key", help="Require this bearer key on every route but the page and the probes (repeatable; also RAYFT_API_KEY)."
+            "--api-key",
+            help="Require this bearer key on every route but the page and the probes (repeatable; also RAYFT_API_KEY).",
         ),
     ] = None,
     adapter: Annotated[
