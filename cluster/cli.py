@@ -196,17 +196,14 @@ def _dry_run(cfg, address: str | None, gpu_memory: float | None, host_memory: fl
 def _train(cfg, address: str | None, restart: bool):
 
     from rayft.cluster.runtime import connect
-    from rayft.training.trainer import TrainError, required_cpus, run_training
+    from rayft.training.trainer import required_cpus, run_training
 
     with err.status("starting Ray", spinner="dots"):
         joined = connect(address, need_cpus=required_cpus(cfg))
-    progress = TrainProgress(cfg.training.log_every_steps)
-    try:
-        with progress:
-            return run_training(cfg, restart=restart, on_event=progress.on_event, cluster_can_grow=joined)
-    except TrainError as e:
-        err.print(f"[bold red]training error[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
+    # run_training records how the run ended in its status.json; its errors (TrainError's "training error",
+    # data, model, storage) are printed by _user_errors
+    with TrainProgress(cfg.training.log_every_steps) as progress:
+        return run_training(cfg, restart=restart, on_event=progress.on_event, cluster_can_grow=joined)
 
 
 class TrainProgress:
@@ -275,9 +272,9 @@ class TrainProgress:
 
 
 def _print_train_summary(result) -> None:
-    from rayft.training import storage
-    from rayft.training.trainer import curve, read_metrics
+    from rayft.training.run_dir import RunDir
 
+    run = RunDir(result.run_dir)
     m = result.metrics
     out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
     if "eval_reward_accuracy" in m:  # DPO: the held-out pairs
@@ -288,10 +285,9 @@ def _print_train_summary(result) -> None:
         )
     elif "eval_loss" in m:
         out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
-    losses = [v for _, v in curve(read_metrics(result.run_dir), "loss")]
+    losses = [v for _, v in run.curve("loss")]
     if losses:
-        plot = storage.join(result.run_dir, "loss.png")
-        line = f"  loss      {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}  (plot: {plot})"
+        line = f"  loss      {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}  (plot: {run.loss_plot})"
         out.print(line, highlight=False, soft_wrap=True)
     out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
     if result.final_dir:
@@ -412,17 +408,17 @@ def export_cmd(
 ) -> None:
     """Re-export a run's model (LoRA adapter + merged model, or full model) from a kept checkpoint."""
     from rayft.training import storage
-    from rayft.training.export import ExportError, export_checkpoint, list_checkpoints
-    from rayft.training.trainer import JOB_FILE
+    from rayft.training.export import ExportError, export_checkpoint
+    from rayft.training.run_dir import JOB_FILE, RunDir
 
+    run = RunDir(run_dir)
     with _user_errors():
-        job_file = storage.join(run_dir, JOB_FILE)
-        if not storage.exists(job_file):
+        if not storage.exists(run.job_file):
             err.print(f"[bold red]export error[/] {run_dir} has no {JOB_FILE}; is it a rayft run directory?")
             raise typer.Exit(2)
-        with storage.local_copy(job_file) as local_job:
+        with storage.local_copy(run.job_file) as local_job:
             cfg = _load(Path(local_job), None)
-        kept = list_checkpoints(run_dir)
+        kept = run.checkpoints()
         if not kept:
             err.print(f"[bold red]export error[/] {run_dir} has no checkpoints")
             raise typer.Exit(1)
@@ -435,7 +431,7 @@ def export_cmd(
                 err.print(f"[bold red]export error[/] no checkpoint at step {checkpoint}; kept steps: {steps}")
                 raise typer.Exit(2)
             step, path = match[0]
-        target = out_dir or storage.join(run_dir, "final")
+        target = out_dir or run.final
         try:
             export_checkpoint(path, cfg, target)
         except ExportError as e:

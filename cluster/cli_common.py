@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -25,49 +26,27 @@ AddressOpt = Annotated[
 ]
 
 
+# Exit status per kind of error: 2 for a job file, a command line or a cluster that cannot be used as given.
+EXIT_STATUS = {"config": 2, "usage": 2, "cluster": 2, "plan": 2}
+
+
 @contextmanager
 def _user_errors():
-    """Turn the errors users can fix (config, data, model, cluster) into a message and an exit code, not a traceback."""
-    from rayft.cluster.config import ConfigError
-    from rayft.cluster.jobs import JobsError
-    from rayft.training.data import DataError
-    from rayft.training.models import ModelError
-    from rayft.training.storage import StorageError
+    """Turn the errors users can fix (config, data, model, storage, cluster, training: every exception class with
+    an `error_kind`, also when Ray wrapped it) into "<kind> error <message>" and an exit status, not a
+    traceback. `rayft train` has already recorded the same kind and message in the run's status.json."""
+    from rayft.training.run_dir import user_error
 
     try:
         yield
-    except StorageError as e:
-        err.print(f"[bold red]storage error[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
-    except ConfigError as e:
-        err.print(f"[bold red]config error[/] {escape(e.render())}", highlight=False)
-        raise typer.Exit(2) from None
-    except JobsError as e:
-        err.print(f"[bold red]cluster error[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(2) from None
-    except (DataError, ModelError) as e:
-        kind = "data error" if isinstance(e, DataError) else "model error"
-        err.print(f"[bold red]{kind}[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1) from None
-    except Exception as e:  # Ray wraps errors raised in data workers; unwrap ours.
-        cause = _user_cause(e)
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise  # a command's own exit, its message printed already
+    except Exception as e:
+        cause = user_error(e)
         if cause is None:
             raise
-        err.print(f"[bold red]data error[/] {escape(str(cause))}", highlight=False)
-        raise typer.Exit(1) from None
-
-
-def _user_cause(e: BaseException):
-    from rayft.training.data import DataError
-    from rayft.training.models import ModelError
-
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, (DataError, ModelError)):
-            return e
-        nxt = getattr(e, "cause", None) or e.__cause__ or e.__context__
-        e, seen = nxt, seen + 1
-    return None
+        err.print(f"[bold red]{cause.error_kind} error[/] {escape(str(cause))}", highlight=False)
+        raise typer.Exit(EXIT_STATUS.get(cause.error_kind, 1)) from None
 
 
 def _load(config: Path, overrides: list[str] | None):

@@ -60,6 +60,8 @@ class JobConfig(SweepJob):
 class ConfigError(Exception):
     """A job file or override that cannot be used; `problems` holds one line per problem."""
 
+    error_kind = "config"  # what `rayft` calls it ("config error ..."); rayft.training.run_dir.user_error
+
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems

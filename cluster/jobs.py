@@ -21,9 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from rayft.training.run_dir import JOB_FILE, RunDir
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 LIVE = ("PENDING", "RUNNING")
-JOB_FILE = "job.yaml"
+__all__ = ["JOB_FILE"]  # the name a job file travels under, as a run dir keeps it (rayft.training.run_dir)
 # rayft's subpackages: with rayft's own __init__/__main__ they are the `rayft` package every job ships, so the
 # cluster runs the same code as the laptop whatever rayft (or none) its image holds.
 SUBPACKAGES = ("cluster", "training", "tuning", "serving")
@@ -31,6 +33,8 @@ SUBPACKAGES = ("cluster", "training", "tuning", "serving")
 
 class JobsError(Exception):
     """A job that cannot be submitted or found, or a cluster that cannot be reached; the message says why."""
+
+    error_kind = "cluster"  # what `rayft` calls it ("cluster error ..."); rayft.training.run_dir.user_error
 
 
 # ---------------------------------------------------------------- the cluster
@@ -469,17 +473,17 @@ def wait_ended(c, job_id: str, wait_s: float) -> str:
 
 
 def run_summary(run_dir: str) -> dict | None:
-    """The last metrics and the final model of a run dir, read from its storage (a local or NFS path, or a
-    cloud URI through pyarrow's filesystems). None when the run dir cannot be read from here."""
-    from rayft.training import storage
-    from rayft.training.trainer import read_metrics
-
+    """The last metrics, the outcome (status.json) and the final model of a run dir, read from its storage (a
+    local or NFS path, or a cloud URI through pyarrow's filesystems). None when the run dir cannot be read from
+    here."""
+    run = RunDir(run_dir)
     try:
-        records = read_metrics(run_dir)
-        final = storage.is_dir(storage.join(run_dir, "final"))
+        records = run.metrics()
+        final = run.has_final()
+        status = run.status()
     except Exception:  # unreachable storage, missing credentials: the summary is left out, not an error
         return None
-    if not records and not final:
+    if not records and not final and not status:
         return None
     steps = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -487,5 +491,6 @@ def run_summary(run_dir: str) -> dict | None:
         "step": steps[-1]["step"] if steps else 0,
         "loss": steps[-1]["loss"] if steps else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "final": storage.join(run_dir, "final") if final else None,
+        "final": run.final if final else None,
+        "status": status,
     }

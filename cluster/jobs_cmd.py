@@ -149,6 +149,10 @@ def _print_end(info, status: str) -> None:
     )
     if summary["final"]:
         out.print(f"  model      {summary['final']}  (rayft serve / rayft eval take it)")
+    ended = summary["status"] or {}
+    if ended.get("state") == "failed" and ended.get("error_kind"):  # the run's own word on why (its status.json)
+        why = (ended.get("message") or "").strip().splitlines()
+        out.print(f"  run failed {ended['error_kind']} error: {escape(why[0][:500] if why else '')}", highlight=False)
 
 
 def jobs_list(address: JobsAddressOpt = None) -> None:

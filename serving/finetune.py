@@ -16,7 +16,8 @@ Everything lives in serve.finetune.storage_path, beside the files (JOBS is `jobs
     JOBS/<owner>/<job id>/job.yaml    the job file the Ray job runs
     JOBS/<owner>/<job id>/train.jsonl the validated training rows (validation.jsonl: held-out rows)
     JOBS/lease.json                   which endpoint replica moves the namespace's jobs along, until when
-    RUNS/<job id>/                    the run dir: metrics.jsonl, checkpoints, final/ (the adapter)
+    RUNS/<job id>/                    the run dir (rayft.training.run_dir): metrics.jsonl, checkpoints, final/
+                                      (the adapter), status.json (how `rayft train` ended: why a job failed)
 
 so an endpoint that restarts finds every job again and picks up the Ray jobs where they are. Only the replica
 holding the namespace's lease polls: during a redeploy the old replica keeps it until it stops (or the lease runs
@@ -53,6 +54,7 @@ from rayft.serving.files import (
 )
 from rayft.serving.openai_api import ApiError, FineTuningJobCreate
 from rayft.training import storage
+from rayft.training.run_dir import JOB_FILE, RunDir, is_adapter
 
 log = logging.getLogger("ray.serve.rayft")
 
@@ -63,7 +65,6 @@ MAX_BAD_LISTED = 5  # bad lines named in a failed job's error.message
 COPIES = ("train.jsonl", "validation.jsonl")  # a job's copies of its files, kept while it trains
 VALIDATION_TRIES = 3  # polls that may fail to validate a job's files (storage trouble) before the job fails
 RAY_JOB_PREFIX = "rayft-finetune-"
-RAYFT_ERROR = re.compile(r"^(config|data|training|plan|storage|cluster|usage) error\b")  # what `rayft train` prints
 
 
 def new_job_id() -> str:
@@ -513,12 +514,10 @@ class FinetuneService:
         return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
 
     def _step_events(self, rec: dict) -> list[dict]:
-        from rayft.training.trainer import read_metrics
-
         if rec["ray_job_id"] is None:
             return []
         try:
-            records = read_metrics(rec["run_dir"])
+            records = RunDir(rec["run_dir"]).metrics()
         except Exception:  # noqa: BLE001 - an unreadable run dir shows no steps, not an error
             return []
         total = next((r["total_steps"] for r in records if "total_steps" in r), None)
@@ -553,15 +552,13 @@ class FinetuneService:
 
     def checkpoints(self, viewer: str | None, job_id: str, after: str | None, limit: int) -> dict:
         """The checkpoints the run keeps, newest first, with the loss logged at their step."""
-        from rayft.training.export import list_checkpoints
-        from rayft.training.trainer import read_metrics
-
         rec = self.store.get(viewer, job_id)
         if rec["ray_job_id"] is None:
             return {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+        run = RunDir(rec["run_dir"])
         try:
-            kept = list_checkpoints(rec["run_dir"])
-            records = read_metrics(rec["run_dir"])
+            kept = run.checkpoints()
+            records = run.metrics()
         except Exception:  # noqa: BLE001
             kept, records = [], []
         losses = {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
@@ -606,28 +603,27 @@ class FinetuneService:
             return None
         if rec["job"]["status"] != "succeeded" or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
             return None
-        return rec["owner"], adapter_dir(rec["run_dir"])
+        return rec["owner"], RunDir(rec["run_dir"]).adapter()
 
     def _checkpoint_model(self, viewer: str | None, model: str, step: int) -> tuple[str, str] | None:
         """A succeeded job's checkpoint at `step` as an adapter: exported once, at its first request, into
         RUNS/<job id>/checkpoint-models/step-N by a Ray task of one CPU (the ingress holds none)."""
         import ray
-        import yaml
 
         from rayft.training.config import TrainJob
-        from rayft.training.export import export_checkpoint, list_checkpoints
+        from rayft.training.export import export_checkpoint
 
         found = self.find_model(viewer, model)
         if found is None:
             return None
         owner, _ = found
-        run = self.store.get(viewer, model.rsplit(":", 1)[-1])["run_dir"]
-        out = storage.join(run, "checkpoint-models", f"step-{step}")
-        if not storage.exists(storage.join(out, "adapter_config.json")):
-            kept = dict(list_checkpoints(run))
+        run = RunDir(self.store.get(viewer, model.rsplit(":", 1)[-1])["run_dir"])
+        out = run.join("checkpoint-models", f"step-{step}")
+        if not is_adapter(out):
+            kept = dict(run.checkpoints())
             if step not in kept:
                 return None
-            job = TrainJob.model_validate(yaml.safe_load(storage.read_text(storage.join(run, "job.yaml"))))
+            job = TrainJob.model_validate(run.read_job())
             job = job.model_copy(update={"export": job.export.model_copy(update={"merge": False})})
             ray.get(ray.remote(num_cpus=1)(export_checkpoint).remote(kept[step], job, out))
         return owner, out
@@ -789,7 +785,7 @@ class FinetuneService:
             job.setdefault("run", {}).update(name=job_id, storage_path=self.runs)
             text = f"# fine-tuning job {job_id}, written by the endpoint's fine-tuning API\n"
             text += _yaml(job)
-            storage.write_text(storage.join(folder, "job.yaml"), text)
+            storage.write_text(storage.join(folder, JOB_FILE), text)
             ray_job = RAY_JOB_PREFIX + job_id
             try:
                 self._submit(ray_job, text, job_id)
@@ -860,7 +856,10 @@ class FinetuneService:
             elif status == "SUCCEEDED":
                 self._succeed(rec)
             elif status == "FAILED":
-                reason, own = self._failure_reason(c, rec["ray_job_id"], info.message)
+                reason, own, succeeded = self._outcome(rec, info.message)
+                if succeeded:  # the run ended well, then its driver failed on its way out
+                    self._succeed(rec)
+                    return
                 attempt = rec.get("attempt", 1)
                 if own or attempt > self.cfg.job_restarts:
                     _event(rec, f"Job failed: {reason}", "error")
@@ -868,7 +867,7 @@ class FinetuneService:
                     return
                 # it died rather than failed (a killed driver, a lost node): run it again, from its checkpoint
                 ray_job = f"{RAY_JOB_PREFIX}{job['id']}-{attempt + 1}"
-                text = storage.read_text(storage.join(self.store.dir(rec["owner"], job["id"]), "job.yaml"))
+                text = storage.read_text(storage.join(self.store.dir(rec["owner"], job["id"]), JOB_FILE))
                 self._submit(ray_job, text, job["id"])
                 _event(
                     rec,
@@ -885,17 +884,14 @@ class FinetuneService:
                 self._fail(rec, "job_stopped", message, None)
 
     def _succeed(self, rec: dict) -> None:
-        from rayft.training.trainer import curve, read_metrics
-
-        final = storage.join(rec["run_dir"], "final")
-        if not adapter_dir(rec["run_dir"]):
-            message = f"training ended but the run has no LoRA adapter in {final}"
+        run = RunDir(rec["run_dir"])
+        if not run.adapter():
+            message = f"training ended but the run has no LoRA adapter in {run.final}"
             _event(rec, f"Job failed: {message}", "error")
             self._fail(rec, "no_adapter", message, None)
             return
         job = rec["job"]
-        records = read_metrics(rec["run_dir"])
-        job["trained_tokens"] = int(sum(v for _, v in curve(records, "nonpad_tokens")))
+        job["trained_tokens"] = int(sum(v for _, v in run.curve("nonpad_tokens")))
         job["fine_tuned_model"] = self.model_name(rec)
         self._end(rec, "succeeded")
         _event(rec, f"New fine-tuned model created: {job['fine_tuned_model']}")
@@ -905,22 +901,28 @@ class FinetuneService:
 
     def _register(self, rec: dict) -> None:
         try:
-            self.on_model(rec["job"]["fine_tuned_model"], rec["owner"], adapter_dir(rec["run_dir"]))
+            self.on_model(rec["job"]["fine_tuned_model"], rec["owner"], RunDir(rec["run_dir"]).adapter())
         except Exception:  # noqa: BLE001 - requests still find it through the store
             log.exception("fine-tuning job %s: serving its adapter failed", rec["job"]["id"])
 
-    def _failure_reason(self, c, ray_job: str, message: str | None) -> tuple[str, bool]:
-        """What made the Ray job fail, and whether rayft said so itself: the last error `rayft train` printed
-        (`training error ...`, `data error ...`, with the lines that follow it), else Ray's message (an exit
-        code: the driver was killed or lost)."""
-        try:
-            lines = [line.rstrip() for line in c.get_job_logs(ray_job).splitlines() if line.strip()]
-        except Exception:  # noqa: BLE001
-            lines = []
-        own = [i for i, line in enumerate(lines) if RAYFT_ERROR.match(line)]
-        if own:
-            return "\n".join(lines[own[-1] : own[-1] + 12])[:2000], True
-        return (message or "the Ray job failed").strip()[:2000], False
+    def _outcome(self, rec: dict, message: str | None) -> tuple[str, bool, bool]:
+        """Why a job's Ray job failed, from the run's status.json (rayft.training.run_dir), never from its log:
+        (reason, whether `rayft train` itself failed the run, whether the run in fact succeeded).
+        Failed with an error kind (data, model, training, storage, ...): rayft's verdict, the same on any
+        attempt, so the job fails with its message. No status, "running", or failed without a kind (a crash, an
+        interruption): the driver died or was lost, and the job runs again from its checkpoint; Ray's message
+        (its exit code, the log's last lines) and the crash's own say what happened. A storage that cannot be
+        read raises, so the job is looked at again at the next poll rather than judged on nothing."""
+        status = RunDir(rec["run_dir"]).status()
+        state = status["state"] if status else None
+        if state == "failed" and status.get("error_kind"):
+            return f"{status['error_kind']} error: {status.get('message') or ''}".strip()[:2000], True, False
+        if state == "succeeded":
+            return "", False, True
+        reason = (message or "the Ray job failed").strip()
+        if state == "failed" and status.get("message"):
+            reason = f"{status['message']}\n{reason}"
+        return reason[:2000], False, False
 
     def _end(self, rec: dict, status: str) -> None:
         rec["job"]["status"] = status
@@ -940,7 +942,7 @@ class FinetuneService:
             storage.remove(storage.join(folder, name))
         run = rec["run_dir"]
         if status != "succeeded":
-            for checkpoint in storage.glob(run, "checkpoint_*"):
+            for checkpoint in RunDir(run).checkpoint_dirs():
                 storage.remove(checkpoint)
         kept = sum(storage.size(f) for f in storage.find_files(run)) if storage.exists(run) else 0
         self.files.charge(rec["owner"], rec["job"]["id"], kept or None)
@@ -1014,14 +1016,6 @@ class Lease:
         except Exception:  # noqa: BLE001 - it runs out on its own
             log.warning("fine-tuning jobs: handing back the lease in %s failed; it expires in %.0f s", self.path,
                         self.ttl_s)  # fmt: skip
-
-
-def adapter_dir(run_dir: str) -> str | None:
-    """The LoRA adapter a run exported: final/ itself, or final/adapter beside a copy of the base model."""
-    for d in (storage.join(run_dir, "final", "adapter"), storage.join(run_dir, "final")):
-        if storage.exists(storage.join(d, "adapter_config.json")):
-            return d
-    return None
 
 
 def _file_ref(f: StoredFile) -> dict:

@@ -16,44 +16,34 @@ from __future__ import annotations
 import json
 
 from rayft.training import storage
+from rayft.training.run_dir import RunDir
 
 
 def run_of(path: str | None) -> str | None:
     """The run dir a served model or adapter directory comes from (<run>/final or <run>/final/adapter), when it
     holds the run's metrics; else None."""
-    if not path:
-        return None
-    p = path.rstrip("/")
-    if storage.basename(p) == "adapter":
-        p = p[: -len("/adapter")]
-    if storage.basename(p) != "final":
-        return None
-    run = p[: -len("/final")]
+    run = RunDir.of_model(path)
     try:
-        return run if storage.exists(storage.join(run, "metrics.jsonl")) else None
+        return run.path if run and run.has_metrics() else None
     except storage.StorageError:
         return None
 
 
 def run_card(model_id: str, run: str) -> dict:
-    def has(name: str) -> bool:
+    def has(path: str) -> bool:
         try:
-            return storage.exists(storage.join(run, name))
+            return storage.exists(path)
         except storage.StorageError:
             return False
 
-    return {
-        "model": model_id,
-        "run": storage.basename(run),
-        "report": has("eval/report.json"),
-        "loss_curve": has("loss.png"),
-    }
+    r = RunDir(run)
+    return {"model": model_id, "run": r.name, "report": has(r.eval_report), "loss_curve": has(r.loss_plot)}
 
 
 def read_report(run: str) -> dict | None:
     """The parts of a run's eval report the page shows: each split's metrics per model, and the models."""
     try:
-        report = json.loads(storage.read_text(storage.join(run, "eval", "report.json")))
+        report = json.loads(storage.read_text(RunDir(run).eval_report))
     except (FileNotFoundError, ValueError, storage.StorageError):
         return None
     return {"run": storage.basename(run), "models": report.get("models", {}), "splits": report.get("splits", {})}
@@ -61,7 +51,7 @@ def read_report(run: str) -> dict | None:
 
 def read_loss_curve(run: str) -> bytes | None:
     try:
-        return storage.read_bytes(storage.join(run, "loss.png"))
+        return storage.read_bytes(RunDir(run).loss_plot)
     except (FileNotFoundError, storage.StorageError):
         return None
 

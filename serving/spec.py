@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rayft.serving.config import ADAPTER_NAME, ServeConfig
 from rayft.training import storage
+from rayft.training.run_dir import RunDir, find_adapter
 
 KEY_HASH = re.compile(r"^[0-9a-f]{64}$")
 # What the vLLM app (Ray Serve LLM's own ingress and engine) takes from `serve:`. Every other setting belongs
@@ -327,7 +328,7 @@ def build_spec(
             path = Path(where).expanduser()
             model = resolve_inference_model(str(path) if run_dir or path.exists() else target)
     except (ModelError, storage.StorageError) as e:
-        if run_dir and not storage.is_dir(storage.join(run_dir, "final")):
+        if run_dir and not RunDir(run_dir).has_final():
             raise ServeError(f"run {run_dir} has no final/ export yet: train it first (rayft train {target})") from None
         raise ServeError(str(e)) from None
     if model.adapter:
@@ -417,46 +418,38 @@ def _api_keys(cfg: ServeConfig, given: list[str] | None, elsewhere: bool = False
 
 
 def _default_name(target: str, run_dir: str | None) -> str:
+    """The served model's name: its run's (a run dir, or its final/ export), else the directory's or the id's."""
     if run_dir:
         return storage.basename(run_dir)
     if storage.is_remote(target):
-        name = storage.basename(target)
-        return storage.basename(target.rstrip("/").rsplit("/", 1)[0]) if name == "final" else name
-    p = Path(target)
-    if p.is_dir():
-        return p.resolve().name if p.resolve().name != "final" else p.resolve().parent.name
-    return target.rsplit("/", 1)[-1]
+        path = target
+    elif Path(target).is_dir():
+        path = str(Path(target).resolve())  # a link (a sweep's best/) names the run it points into
+    else:
+        return target.rsplit("/", 1)[-1]
+    run = RunDir.of_model(path)
+    return run.name if run else storage.basename(path)
 
 
 def _adapter_dir(path: str | Path) -> Path | None:
-    """The LoRA adapter directory in a run dir, a final/ export or an adapter dir; None if there is none."""
-    p = Path(path).expanduser().resolve()
-    for candidate in (p, p / "adapter", p / "final", p / "final" / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    return None
+    """The LoRA adapter directory in a run dir, a final/ export or an adapter dir (run_dir.find_adapter's
+    order); None if there is none."""
+    found = find_adapter(str(Path(path).expanduser().resolve()))
+    return Path(found) if found else None
 
 
 def trained_revision(adapter_dir: Path) -> str | None:
     """The hub revision of the base an adapter was trained on: what the export recorded (rayft_export.json,
     else PEFT's adapter_config.json), else `model.revision` in the job.yaml of the run the adapter was
     exported from (runs exported before the revision was recorded); None: the hub's default."""
-    import yaml
-
     from rayft.training.inference import adapter_base
 
     recorded = adapter_base(adapter_dir)[1]
     if recorded:
         return recorded
-    run = None
-    if adapter_dir.name == "final":  # LoRA export without merge: final/ is the adapter
-        run = adapter_dir.parent
-    elif adapter_dir.name == "adapter" and adapter_dir.parent.name == "final":
-        run = adapter_dir.parent.parent
-    job = run / "job.yaml" if run else None
-    if job is None or not job.is_file():
-        return None
-    model = (yaml.safe_load(job.read_text()) or {}).get("model") or {}
+    run = RunDir.of_model(str(adapter_dir))  # final/ (LoRA without merge) or final/adapter
+    job = run.read_job() if run else None
+    model = (job or {}).get("model") or {}
     return model.get("revision") if isinstance(model, dict) else None
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, chat, greedy_reply, rayft_cli, write_jsonl
 from rayft.cluster.config import load_config
+from rayft.training.run_dir import RunDir
 from rayft.training.trainer import read_metrics, run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -87,6 +88,8 @@ def test_two_workers_train_checkpoint_and_export(request, tmp_path, tiny_model_d
     assert os.path.getsize(os.path.join(job.run_dir, "loss.png")) > 1000
     assert glob.glob(os.path.join(job.run_dir, "tensorboard", "events.out.tfevents.*"))
     assert len(checkpoints(job.run_dir)) == 2  # step 3 and the final one
+    assert RunDir(job.run_dir).status()["state"] == "succeeded"
+    assert RunDir(job.run_dir).adapter() == (os.path.join(result.final_dir, "adapter") if method == "lora" else None)
     check_checkpoints_and_export(job, result.final_dir, tiny_model_dir)
 
 
@@ -251,6 +254,8 @@ def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_
     job = load_config(job_file(tmp_path, tiny_model_dir), ["model.name=./no/such/model"])
     with pytest.raises(ModelError, match="neither a built-in alias"):
         run_training(job)
+    status = RunDir(job.run_dir).status()  # the run's verdict, for whoever sees only the driver exit
+    assert status["state"] == "failed" and status["error_kind"] == "model" and "neither a built-in" in status["message"]
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     job = load_config(job_file(tmp_path, tiny_model_dir), [f"run.storage_path={blocker}"])

@@ -33,6 +33,8 @@ MAX_REPORTED_BAD_ROWS = 20
 class DataError(Exception):
     """Data that cannot be trained on; the message lists where and what to do."""
 
+    error_kind = "data"  # what `rayft` calls it ("data error ..."); rayft.training.run_dir.user_error
+
 
 # --------------------------------------------------------------------------- sources
 

@@ -26,8 +26,9 @@ from rayft.training import storage
 from rayft.training.data import DataError
 from rayft.training.formats import words
 from rayft.training.inference import InferenceConfig, InferenceModel, run_inference
+from rayft.training.run_dir import EVAL_DIR, EVAL_REPORT, RunDir
 
-EVAL_DIR = "eval"
+__all__ = ["EVAL_DIR"]  # the run dir's eval/ (rayft.training.run_dir), named here for the callers that use it
 LABELS = ("base", "finetuned")
 METRICS = (
     "exact_match",
@@ -340,11 +341,11 @@ def build_report(eval_dir: str, predictions: dict[str, list[dict]], models: dict
         "examples": examples,
         "rows": len(next(iter(predictions.values()))),
     }
-    storage.write_text(storage.join(eval_dir, "report.json"), json.dumps(report, indent=2))
+    storage.write_text(storage.join(eval_dir, EVAL_REPORT), json.dumps(report, indent=2))
     storage.write_text(storage.join(eval_dir, "report.md"), render_markdown(report))
     plot = plot_metrics(report, storage.join(eval_dir, "metrics.png"))
     report["files"] = {
-        "json": storage.join(eval_dir, "report.json"),
+        "json": storage.join(eval_dir, EVAL_REPORT),
         "markdown": storage.join(eval_dir, "report.md"),
         "plot": plot,
     }
@@ -493,7 +494,7 @@ def resolve_models(job, model: str | None = None, base_only: bool = False) -> di
     if base_only:
         return models
     target = model or job.run_dir
-    if model is None and not storage.is_dir(storage.join(job.run_dir, "final")):
+    if model is None and not RunDir(job.run_dir).has_final():
         raise ModelError(
             f"no finetuned model to evaluate: {job.run_dir} has no final/ export. Train first "
             "(rayft train CONFIG), pass --model PATH_OR_RUN_DIR, or evaluate the base model alone with --base"
@@ -515,7 +516,7 @@ def run_eval(
     models = models or resolve_models(job, model, base_only)
     rows = eval_rows(job, job.eval.max_rows)
     icfg = inference_config(job)
-    eval_dir = storage.join(job.run_dir, EVAL_DIR)
+    eval_dir = RunDir(job.run_dir).eval_dir
     predictions, timings = {}, {}
     for label, m in models.items():
         t0 = time.perf_counter()

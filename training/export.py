@@ -20,7 +20,8 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from rayft.training import storage
-from rayft.training.loop import DS_TAG, STATE_FILE
+from rayft.training.loop import DS_TAG
+from rayft.training.run_dir import ADAPTER_DIR, FINAL_DIR, RunDir, checkpoint_step
 
 if TYPE_CHECKING:
     from rayft.training.config import TrainJob
@@ -78,9 +79,9 @@ def export_checkpoint(ckpt_dir: str, job: TrainJob, out_dir: str) -> str:
         if not storage.is_remote(out_dir):
             return _export(local_ckpt, job, out_dir, source)
         with tempfile.TemporaryDirectory(prefix="rayft-export-") as tmp:
-            _export(local_ckpt, job, os.path.join(tmp, "final"), source)
+            _export(local_ckpt, job, os.path.join(tmp, FINAL_DIR), source)
             storage.remove(out_dir)
-            storage.upload(os.path.join(tmp, "final"), out_dir)
+            storage.upload(os.path.join(tmp, FINAL_DIR), out_dir)
     return out_dir
 
 
@@ -122,14 +123,14 @@ def _export(ckpt_dir: str, job: TrainJob, out_dir: str, source: str) -> str:
         _export_full(ckpt_dir, job, tmp, dtype, dtype_name)
     load_tokenizer(job.model.name, job.model.revision).save_pretrained(tmp)
     if job.training.method == "lora" and job.export.merge:
-        load_tokenizer(job.model.name, job.model.revision).save_pretrained(os.path.join(tmp, "adapter"))
+        load_tokenizer(job.model.name, job.model.revision).save_pretrained(os.path.join(tmp, ADAPTER_DIR))
     info = {
         "base_model": job.model.name,
         "base_revision": job.model.revision,  # an adapter is merged into, and served over, this exact base
         "method": job.training.method,
         "merged": bool(job.training.method == "lora" and job.export.merge),
         "checkpoint": source,
-        "step": _checkpoint_step(ckpt_dir),
+        "step": checkpoint_step(ckpt_dir),
         "dtype": dtype_name,
     }
     with open(os.path.join(tmp, "rayft_export.json"), "w") as f:
@@ -167,7 +168,7 @@ def _export_lora(ckpt_dir: str, job: TrainJob, out: str, dtype) -> None:
     not_loaded = sorted(trained & set(missing))
     if not_loaded:
         raise ExportError(f"{ckpt_dir}: checkpoint lacks trained weights: {not_loaded[:5]}")
-    model.save_pretrained(os.path.join(out, "adapter") if job.export.merge else out)
+    model.save_pretrained(os.path.join(out, ADAPTER_DIR) if job.export.merge else out)
     if job.export.merge:
         model.merge_and_unload().to(dtype).save_pretrained(out)
 
@@ -287,32 +288,11 @@ def write_safetensors(out: str, shapes: dict, dtypes: dict, tensor, max_shard_by
     return files
 
 
-def _checkpoint_step(ckpt_dir: str) -> int | None:
-    for path in storage.glob(ckpt_dir, STATE_FILE.format(rank="*")):
-        return json.loads(storage.read_text(path))["step"]
-    return None
-
-
 def committed_checkpoints(run_dir: str) -> list[dict] | None:
-    """Ray Train's record of the checkpoints it registered (checkpoint_dir_name, metrics), from the run
-    directory (local or cloud); None when the run has no such record yet."""
-    try:
-        snapshot = json.loads(storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json")))
-        return [c for c in snapshot.get("checkpoint_results", []) if "checkpoint_dir_name" in c]
-    except (FileNotFoundError, ValueError, AttributeError):
-        return None
+    """RunDir.committed_checkpoints: Ray Train's record of the checkpoints it registered, None before it has one."""
+    return RunDir(run_dir).committed_checkpoints()
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int | None, str]]:
-    """(step, path) of every complete checkpoint kept in a run directory (local or cloud), oldest first.
-
-    Complete: registered by Ray Train (its checkpoint_manager_snapshot.json), when the run has that record. A
-    directory a killed worker left half-written is never offered for export."""
-    results = committed_checkpoints(run_dir)
-    committed = None if results is None else {c["checkpoint_dir_name"] for c in results}
-    out = []
-    for path in storage.glob(run_dir, "checkpoint_*"):
-        if committed is not None and storage.basename(path) not in committed or not storage.is_dir(path):
-            continue
-        out.append((_checkpoint_step(path), path))
-    return sorted(out, key=lambda x: (x[0] is None, x[0] or 0))
+    """RunDir.checkpoints: (step, path) of every complete checkpoint kept in a run directory, oldest first."""
+    return RunDir(run_dir).checkpoints()

@@ -19,6 +19,7 @@ from typing import Any
 from rayft.training import storage
 from rayft.training.config import EvalConfig
 from rayft.training.models import ModelError
+from rayft.training.run_dir import ADAPTER_CONFIG, FINAL_DIR, RunDir, is_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -49,10 +50,10 @@ def resolve_inference_model(name: str, base_model: str | None = None, revision: 
     if storage.is_remote(name):
         return _resolve_remote(name, base_model, revision)
     path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "final").is_dir():
-        path = path / "final"  # a run directory
+    if path.is_dir() and not (path / "config.json").is_file() and RunDir(str(path)).has_final():
+        path = Path(RunDir(str(path)).final)  # a run directory
     if path.is_dir() and not (path / "config.json").is_file():
-        if not (path / "adapter_config.json").is_file():
+        if not is_adapter(str(path)):
             raise ModelError(
                 f"{path} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a "
                 "run directory with a final/ export; train first (rayft train) or point at a model directory"
@@ -78,8 +79,9 @@ def _resolve_remote(name: str, base_model: str | None, revision: str | None) -> 
     uri = name.rstrip("/")
     try:
         names = set(storage.listdir(uri))
-        if "config.json" not in names and "final" in names:
-            uri, names = storage.join(uri, "final"), set(storage.listdir(storage.join(uri, "final")))
+        if "config.json" not in names and FINAL_DIR in names:  # a run directory
+            uri = RunDir(uri).final
+            names = set(storage.listdir(uri))
     except storage.StorageError as e:
         raise ModelError(str(e)) from None
     if not names:
@@ -88,13 +90,13 @@ def _resolve_remote(name: str, base_model: str | None, revision: str | None) -> 
         raise ModelError(f"model directory {uri} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     if "config.json" in names:
         return InferenceModel(name, uri)
-    if "adapter_config.json" not in names:
+    if ADAPTER_CONFIG not in names:
         raise ModelError(
             f"{uri} is neither a model directory (config.json), a LoRA adapter (adapter_config.json) nor a run "
             "directory with a final/ export"
         )
     recorded, recorded_revision = _recorded_base(
-        json.loads(storage.read_text(storage.join(uri, "adapter_config.json"))),
+        json.loads(storage.read_text(storage.join(uri, ADAPTER_CONFIG))),
         [storage.join(uri, "rayft_export.json"), storage.join(uri.rsplit("/", 1)[0], "rayft_export.json")],
     )
     base = base_model or recorded
@@ -115,7 +117,7 @@ def _recorded_base(peft: dict, records: list[str]) -> tuple[str | None, str | No
 def adapter_base(adapter_dir: Path) -> tuple[str | None, str | None]:
     """(base model, hub revision) a LoRA adapter dir was trained on: rayft's export record (rayft_export.json),
     else PEFT's adapter config."""
-    peft = json.loads((adapter_dir / "adapter_config.json").read_text())
+    peft = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     return _recorded_base(peft, [str(adapter_dir / "rayft_export.json"), str(adapter_dir.parent / "rayft_export.json")])
 
 

@@ -24,8 +24,8 @@ from pydantic import Field
 from rayft.training.config import DataConfig, ModelConfig, Section, TrainingConfig
 from rayft.training.formats import IGNORE_INDEX as IGNORE
 from rayft.training.preference import build_reference, dpo_step, evaluate_pairs, reduce_sums, uses_packed_attention
+from rayft.training.run_dir import METRICS_FILE, STATE_FILE
 
-STATE_FILE = "trainer_state_rank{rank}.json"
 DS_TAG = "ds"
 
 
@@ -721,9 +721,9 @@ class MetricsLog:
         self.run_dir, self.remote = run_dir, storage.is_remote(run_dir)
         self.local = tempfile.mkdtemp(prefix="rayft-metrics-") if self.remote else run_dir
         os.makedirs(self.local, exist_ok=True)
-        self.path = os.path.join(self.local, "metrics.jsonl")
-        if self.remote and storage.exists(storage.join(run_dir, "metrics.jsonl")):
-            storage.download(storage.join(run_dir, "metrics.jsonl"), self.path)
+        self.path = os.path.join(self.local, METRICS_FILE)
+        if self.remote and storage.exists(storage.join(run_dir, METRICS_FILE)):
+            storage.download(storage.join(run_dir, METRICS_FILE), self.path)
         self.synced = 0.0
         try:
             from tensorboardX import SummaryWriter
@@ -755,7 +755,7 @@ class MetricsLog:
             return
         from rayft.training import storage
 
-        storage.upload(self.path, storage.join(self.run_dir, "metrics.jsonl"))
+        storage.upload(self.path, storage.join(self.run_dir, METRICS_FILE))
         if os.path.isdir(os.path.join(self.local, "tensorboard")):
             storage.upload(os.path.join(self.local, "tensorboard"), storage.join(self.run_dir, "tensorboard"))
         self.synced = time.time()

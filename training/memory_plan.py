@@ -86,6 +86,8 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 class PlanError(ValueError):
     """A memory plan that cannot be made from what it was given; the message says what to change."""
 
+    error_kind = "plan"  # what `rayft` calls it ("plan error ..."); rayft.training.run_dir.user_error
+
 
 @dataclass
 class MemoryPlan:

@@ -27,6 +27,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelError(Exception):
     """A model reference that cannot be resolved; the message says what to do."""
 
+    error_kind = "model"  # what `rayft` calls it ("model error ..."); rayft.training.run_dir.user_error
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAYFT_CACHE_DIR") or Path.home() / ".cache" / "rayft")

@@ -174,8 +174,9 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
 def reference_model_dir(path: str) -> str:
     """A model to compare against: a model dir, or a run dir's final export (its merged model)."""
     from rayft.training import storage
+    from rayft.training.run_dir import RunDir
 
-    final = storage.join(path, "final")
+    final = RunDir(path).final
     if storage.exists(storage.join(final, "config.json")):
         return final
     return path

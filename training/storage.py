@@ -22,6 +22,8 @@ from collections.abc import Iterator
 class StorageError(Exception):
     """A run directory or data path that cannot be read or written; the message says which and why."""
 
+    error_kind = "storage"  # what `rayft` calls it ("storage error ..."); rayft.training.run_dir.user_error
+
 
 def is_remote(path: str) -> bool:
     """A URI with a scheme other than file:// (s3://bucket/runs, gs://bucket/runs, ...)."""

@@ -323,12 +323,12 @@ def log_eval(job, report: dict) -> None:
     """`rayft eval`'s figures into the run's tracked run (the one training logged into, or a new one): each
     split's metrics per model as eval/<split>/<base|finetuned>/<metric> at the run's last step, and the report
     files as artifacts under eval/."""
-    from rayft.training.trainer import read_metrics
+    from rayft.training.run_dir import RunDir
 
     tracker = Tracker.open(job.run.tracking, job.run_dir, job.run.name)
     if tracker is None:
         return
-    step = max((int(r["step"]) for r in read_metrics(job.run_dir) if "step" in r), default=0)
+    step = max((int(r["step"]) for r in RunDir(job.run_dir).metrics() if "step" in r), default=0)
     metrics = {
         f"eval/{split}/{label}/{k}": v
         for split, by_label in report.get("splits", {}).items()

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 
 from rayft.training import storage
 from rayft.training.data import DataError, build_datasets, check_rows
+from rayft.training.run_dir import JOB_FILE, RunDir, curve, read_metrics
+
+__all__ = ["JOB_FILE", "curve", "read_metrics"]  # their home is rayft.training.run_dir; many callers import them here
 
 if TYPE_CHECKING:
     from rayft.training.config import TrainJob
@@ -22,6 +25,8 @@ DATA_CPU_HEADROOM = 0.5  # logical CPUs left free beside the workers so Ray Data
 
 class TrainError(Exception):
     """A run that cannot start or did not finish; the message says what to do."""
+
+    error_kind = "training"  # what `rayft` calls it ("training error ..."); rayft.training.run_dir.user_error
 
 
 @dataclass
@@ -84,9 +89,7 @@ def prepare_run_dir(job: TrainJob, restart: bool) -> bool:
         if existed and restart:
             storage.move_aside(run_dir, f"{run_dir.rstrip('/')}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
             existed = False
-        # A dir holding only an evaluation of the base model (rayft eval --base) has nothing to resume.
-        resumable = ("metrics.jsonl", JOB_FILE, "final", "checkpoint_*")
-        existed = existed and any(storage.glob(run_dir, pattern) for pattern in resumable)
+        existed = existed and RunDir(run_dir).has_run()
         storage.makedirs(run_dir)
         probe = storage.join(run_dir, ".write-test")
         storage.write_text(probe, "ok")
@@ -98,9 +101,6 @@ def prepare_run_dir(job: TrainJob, restart: bool) -> bool:
     except storage.StorageError as e:
         raise TrainError(f"{e}; set run.storage_path to a place this machine can write") from None
     return existed
-
-
-JOB_FILE = "job.yaml"
 
 
 def job_record(job: TrainJob) -> dict:
@@ -118,9 +118,8 @@ def save_job(job: TrainJob) -> None:
     import yaml
 
     text = yaml.safe_dump(job_record(job), sort_keys=False)
-    storage.write_text(
-        storage.join(job.run_dir, JOB_FILE), "# The resolved job file of this run (written by rayft train).\n" + text
-    )
+    head = "# The resolved job file of this run (written by rayft train).\n"
+    storage.write_text(RunDir(job.run_dir).job_file, head + text)
 
 
 def read_again(job: TrainJob, split: str, rows: int) -> bool:
@@ -155,15 +154,26 @@ def run_training(
     `callbacks` are Ray Train callbacks (a sweep's trial passes the one that reports to Tune).
     `cluster_can_grow`: a cluster joined by address may autoscale, so a resource shortfall waits.
     With run.tracking set, the run is tracked (rayft.training.tracking); a sweep's trial passes its sweep's
-    directory as `tracking_parent` and its searched values as `tracking_params`."""
+    directory as `tracking_parent` and its searched values as `tracking_params`.
+    The run's outcome is kept in <run>/status.json (rayft.training.run_dir): "running" once the run dir is
+    prepared, "succeeded" at the end, "failed" with the kind of error and its message when anything ends it."""
+    # The run dir first (a dir that cannot be written fails here, with nowhere to say so), so that every check
+    # after it (the cluster, the model, the data) leaves its verdict in status.json: a caller that sees only the
+    # driver's exit (the fine-tuning API) reads there why it ended.
+    resuming = prepare_run_dir(job, restart)
+    run = RunDir(job.run_dir)
     tracked: list = []  # the run's Tracker once open, until the run ends
     try:
-        return _run_training(
-            job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked
+        run.write_status("running")
+        result = _run_training(
+            job, resuming, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked
         )
+        run.write_status("succeeded")
+        return result
     except BaseException as e:
         for tracker in tracked:
             tracker.fail(e)
+        run.record_failure(e)
         raise
 
 
@@ -183,7 +193,7 @@ def open_tracker(job: TrainJob, parent: str | None = None, params: dict | None =
     return tracker
 
 
-def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked):
+def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking_parent, tracking_params, tracked):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -191,11 +201,11 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
     from rayft.training.loop import LoopConfig, train_loop
     from rayft.training.models import resolve_model
 
+    run = RunDir(job.run_dir)
     warning = check_cluster(job, can_grow=cluster_can_grow)
     if warning and on_event:
         on_event({"event": "warning", "message": warning})
     resolve_model(job.model.name)  # a bad model reference fails here, not in every worker; converts the built-in once
-    resuming = prepare_run_dir(job, restart)
     checks = check_rows(job.data)
     save_job(job)
     tracker = open_tracker(job, tracking_parent, tracking_params, resuming)
@@ -255,7 +265,7 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
         if on_event:
             on_event(record)
 
-    tail = MetricsTail(storage.join(job.run_dir, "metrics.jsonl"), on_record) if on_event or tracker else None
+    tail = MetricsTail(run.metrics_file, on_record) if on_event or tracker else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the worker's message
@@ -267,15 +277,15 @@ def _run_training(job, restart, on_event, callbacks, cluster_can_grow, tracking_
         raise TrainError(f"training failed: {_root_message(result.error)}")
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint
-    final_dir = storage.join(job.run_dir, "final")
+    final_dir = run.final
     ckpt_path = storage.join(job.run_dir, storage.basename(ckpt.path)) if ckpt is not None else None
     if ckpt_path is not None:
         export_checkpoint(ckpt_path, job, final_dir)
     plot_losses(job.run_dir)
     if tracker:
         tracked.clear()
-        tracker.log_artifact(storage.join(job.run_dir, "loss.png"))
-        tracker.log_artifact(storage.join(job.run_dir, JOB_FILE))  # save_job's, credentials hidden
+        tracker.log_artifact(run.loss_plot)
+        tracker.log_artifact(run.job_file)  # save_job's, credentials hidden
         if ckpt is not None:
             tracker.set_tags({"rayft.final_dir": final_dir})
             if job.run.tracking.log_model:
@@ -333,23 +343,10 @@ class MetricsTail:
         self.thread.join(timeout=10)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    try:
-        text = storage.read_text(storage.join(run_dir, "metrics.jsonl"))
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
-    """(step, value) of a metric in step order. After a restart the steps since the last checkpoint appear
-    twice; the later value is the one kept."""
-    return sorted({r["step"]: r[key] for r in records if key in r}.items())
-
-
 def plot_losses(run_dir: str) -> str | None:
     """<run>/loss.png: train loss per step and eval loss where it was measured."""
-    records = read_metrics(run_dir)
+    run = RunDir(run_dir)
+    records = run.metrics()
     train, evals = curve(records, "loss"), curve(records, "eval_loss")
     if not train:
         return None
@@ -367,7 +364,7 @@ def plot_losses(run_dir: str) -> str | None:
     ax.set_title(storage.basename(run_dir))
     ax.grid(alpha=0.3)
     ax.legend()
-    out = storage.join(run_dir, "loss.png")
+    out = run.loss_plot
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)

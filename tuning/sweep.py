@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rayft.training import storage
+from rayft.training.run_dir import JOB_FILE, RunDir
 from rayft.tuning.config import (
     EVAL_METRICS,
     GENERATION_METRICS,
@@ -343,9 +344,7 @@ def trial_main(config: dict, base: dict, root: str, metric: str, progress: str) 
     # then stops a finished trial, not one still writing its model.
     final = dict(result.metrics)
     if progress not in final:
-        from rayft.training.trainer import read_metrics
-
-        final |= next((r for r in reversed(read_metrics(job.run_dir)) if progress in r), {})
+        final |= next((r for r in reversed(RunDir(job.run_dir).metrics()) if progress in r), {})
     if metric in GENERATION_METRICS:
         final |= generation_scores(job)
     if metric in final:
@@ -357,7 +356,7 @@ def generation_scores(job: TrainJob) -> dict:
     trial's workers held; predictions are kept in the trial's eval/ like `rayft eval` keeps them."""
     import dataclasses
 
-    from rayft.training.evaluate import EVAL_DIR, eval_rows, inference_config, predict, score
+    from rayft.training.evaluate import eval_rows, inference_config, predict, score
     from rayft.training.inference import resolve_inference_model
 
     rows = eval_rows(job, job.eval.max_rows)
@@ -367,7 +366,7 @@ def generation_scores(job: TrainJob) -> dict:
         icfg, replicas=min(icfg.replicas, s.num_workers), cpus_per_replica=min(icfg.cpus_per_replica, s.cpus_per_worker)
     )
     model = resolve_inference_model(job.run_dir, base_model=job.model.name, revision=job.model.revision)
-    predictions, _ = predict(model, rows, icfg, storage.join(job.run_dir, EVAL_DIR), "finetuned", reuse=False)
+    predictions, _ = predict(model, rows, icfg, RunDir(job.run_dir).eval_dir, "finetuned", reuse=False)
     return {k: v for k, v in score(predictions).items() if k in GENERATION_METRICS and v is not None}
 
 
@@ -411,14 +410,13 @@ class _Lines(Callback):
 
 
 def _row(result, root: str, metric: str) -> TrialRow:
-    from rayft.training.trainer import read_metrics
-
     trial_id = storage.basename(result.path.rstrip("/"))
     run_dir = storage.join(root, RUNS_DIR, trial_id)
+    run = RunDir(run_dir)
     m = result.metrics or {}
-    records = read_metrics(run_dir)
+    records = run.metrics()
     steps = max([int(r.get("step", 0)) for r in records] + [int(m.get("step", 0) or 0)])
-    done = storage.is_dir(storage.join(run_dir, "final"))
+    done = run.has_final()
     if result.error is not None:
         status = "error"
     elif done:
@@ -500,9 +498,10 @@ def write_best(result: SweepResult, best: TrialRow, job: SweepJob) -> None:
 
     import yaml
 
-    from rayft.training.trainer import JOB_FILE
-
-    raw = yaml.safe_load(storage.read_text(storage.join(best.run_dir, JOB_FILE)))
+    run = RunDir(best.run_dir)
+    raw = run.read_job()
+    if raw is None:
+        raise SweepError(f"the best trial's run {best.run_dir} has no {JOB_FILE}")
     raw.pop("sweep", None)
     name = storage.basename(result.sweep_dir)
     raw["run"] |= {"name": f"{name}-best", "storage_path": job.run.storage_path}
@@ -513,7 +512,7 @@ def write_best(result: SweepResult, best: TrialRow, job: SweepJob) -> None:
         f"#   rayft train {storage.join(result.sweep_dir, 'best.yaml')}\n"
     ) + yaml.safe_dump(raw, sort_keys=False)
     storage.write_text(storage.join(result.sweep_dir, "best.yaml"), text)
-    model = storage.join(best.run_dir, "final")
+    model = run.final
     pointer = {"trial": best.trial, "metric": result.metric, "value": best.metric, "params": best.params}
     pointer |= {"run_dir": best.run_dir, "model": model}
     storage.write_text(storage.join(result.sweep_dir, "best.json"), json.dumps(pointer, indent=2) + "\n")
