@@ -214,20 +214,11 @@ class FinetuneService:
             self._thread.join(timeout=max(10.0, 2 * self.cfg.poll_interval_s))
         self.lease.release()
 
-    def _load(self) -> None:
-        for job_id, owner in self.store.ids(EVERY_OWNER):
-            rec = self.store._read(owner, job_id)
-            if rec is None:
-                continue
-            status = rec["job"]["status"]
-            if status in ACTIVE or (rec["cancel_requested"] and rec["ray_job_id"]):
-                self._active.add((owner, job_id))
-            # a model of a job that ended before is registered at its first request (Ingress._adapter_for), not
-            # here: an endpoint with thousands of old jobs starts without checking (or copying) each adapter
-
     def _scan(self) -> None:
-        """The store's live jobs added to the ones this replica follows: jobs another replica of this endpoint
-        created (the ingress before a redeploy, or beside this one) are moved along too."""
+        """The store's live jobs added to the ones this replica follows: at start, then now and then, so that jobs
+        another replica of this endpoint created (the ingress before a redeploy, or beside this one) are moved
+        along too. A model of a job that ended before is registered at its first request (Ingress._adapter_for),
+        not here: an endpoint with thousands of old jobs starts without checking (or copying) each adapter."""
         for job_id, owner in self.store.ids(EVERY_OWNER):
             if (owner, job_id) in self._active:
                 continue
@@ -259,7 +250,7 @@ class FinetuneService:
         self._check_shared()
         while not self._stop.is_set():
             try:
-                self._load()
+                self._scan()
                 break
             except Exception:  # noqa: BLE001 - storage not reachable yet: jobs wait, requests still answer
                 log.exception("fine-tuning jobs: reading %s failed; retrying", self.store.root)
@@ -596,14 +587,18 @@ class FinetuneService:
         checkpoint = CHECKPOINT_MODEL.match(name)
         if checkpoint:
             return self._checkpoint_model(viewer, checkpoint["model"], int(checkpoint["step"]))
-        job_id = name.rsplit(":", 1)[-1]
+        rec = self._model_record(viewer, name)
+        return None if rec is None else (rec["owner"], RunDir(rec["run_dir"]).adapter())
+
+    def _model_record(self, viewer: str | None, name: str) -> dict | None:
+        """The record of the succeeded job whose fine_tuned_model, not deleted, is `name`, if `viewer` may see it."""
         try:
-            rec = self.store.get(viewer, job_id)
+            rec = self.store.get(viewer, name.rsplit(":", 1)[-1])
         except ApiError:
             return None
         if rec["job"]["status"] != "succeeded" or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
             return None
-        return rec["owner"], RunDir(rec["run_dir"]).adapter()
+        return rec
 
     def _checkpoint_model(self, viewer: str | None, model: str, step: int) -> tuple[str, str] | None:
         """A succeeded job's checkpoint at `step` as an adapter: exported once, at its first request, into
@@ -613,11 +608,10 @@ class FinetuneService:
         from rayft.training.config import TrainJob
         from rayft.training.export import export_checkpoint
 
-        found = self.find_model(viewer, model)
-        if found is None:
+        rec = self._model_record(viewer, model)
+        if rec is None:
             return None
-        owner, _ = found
-        run = RunDir(self.store.get(viewer, model.rsplit(":", 1)[-1])["run_dir"])
+        run = RunDir(rec["run_dir"])
         out = run.join("checkpoint-models", f"step-{step}")
         if not is_adapter(out):
             kept = dict(run.checkpoints())
@@ -626,7 +620,7 @@ class FinetuneService:
             job = TrainJob.model_validate(run.read_job())
             job = job.model_copy(update={"export": job.export.model_copy(update={"merge": False})})
             ray.get(ray.remote(num_cpus=1)(export_checkpoint).remote(kept[step], job, out))
-        return owner, out
+        return rec["owner"], out
 
     def models(self, viewer: str | None) -> list[tuple[str, str]]:
         """(fine_tuned_model, owner) of every succeeded job `viewer` may use whose model was not deleted, by name."""
@@ -643,11 +637,8 @@ class FinetuneService:
         files are removed; the job stays listed, as OpenAI's does. A 404 for anyone but its owner (or an admin)."""
         job_id = name.rsplit(":", 1)[-1]
         with self._lock:
-            try:
-                rec = self.store.get(viewer, job_id)
-            except ApiError:
-                rec = None
-            if rec is None or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
+            rec = self._model_record(viewer, name)
+            if rec is None:
                 raise ApiError(
                     404,
                     f"model {name!r} does not exist: no fine-tuning job of this API key has produced it",
