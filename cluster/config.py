@@ -29,7 +29,7 @@ class SubmitConfig(Section):
         default_factory=list, description="Extra pip requirements installed for the job on the cluster."
     )
     image_uri: str | None = Field(
-        None, description="Container image the job runs in (Ray's image_uri; the nodes need podman)."
+        default=None, description="Container image the job runs in (Ray's image_uri; the nodes need podman)."
     )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
@@ -38,7 +38,7 @@ class SubmitConfig(Section):
         "everywhere else.",
     )
     max_upload_mb: float = Field(
-        100.0,
+        default=100.0,
         gt=0,
         description="Largest total size of local data and model files shipped with a job; put bigger ones on "
         "shared storage.",

@@ -18,14 +18,20 @@ ROUTE_PREFIX = re.compile(r"^/$|^(/[A-Za-z0-9._-]+)+$")
 
 
 class AutoscalingConfig(Section):
-    min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 scales to zero when idle).")
-    max_replicas: int = Field(1, ge=1, description="Most model replicas; equal to min_replicas = fixed size.")
+    min_replicas: int = Field(default=1, ge=0, description="Fewest model replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(default=1, ge=1, description="Most model replicas; equal to min_replicas = fixed size.")
     target_ongoing_requests: float = Field(
-        4.0, gt=0, description="Requests in flight per replica that the autoscaler aims for."
+        default=4.0, gt=0, description="Requests in flight per replica that the autoscaler aims for."
     )
-    upscale_delay_s: float = Field(5.0, ge=0, description="Load must stay high this long before adding a replica.")
-    downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long before removing one.")
-    look_back_period_s: float = Field(30.0, gt=0, description="Window over which ongoing requests are averaged.")
+    upscale_delay_s: float = Field(
+        default=5.0, ge=0, description="Load must stay high this long before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Load must stay low this long before removing one."
+    )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="Window over which ongoing requests are averaged."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -39,19 +45,21 @@ class AutoscalingConfig(Section):
 
 class FinetuneConfig(Section):
     storage_path: str = Field(
-        "~/.cache/rayft/service",
+        default="~/.cache/rayft/service",
         description="Where the fine-tuning API keeps its state (files, jobs and the jobs' runs): a local "
         "directory (~ is expanded where the ingress runs) or s3:// / gs://; the ingress replicas and the nodes "
         "that run the jobs must all reach the same place.",
     )
     max_file_bytes: int = Field(
-        512 * 1024**2, ge=1, description="Largest file POST /v1/files accepts (413 above); uploads stream to storage."
+        default=512 * 1024**2,
+        ge=1,
+        description="Largest file POST /v1/files accepts (413 above); uploads stream to storage.",
     )
     max_stored_bytes_per_key: int = Field(
-        10 * 1024**3, ge=1, description="Bytes of files one API key may keep stored (429 quota_exceeded above)."
+        default=10 * 1024**3, ge=1, description="Bytes of files one API key may keep stored (429 quota_exceeded above)."
     )
     models: list[str] | None = Field(
-        None,
+        default=None,
         description="Model ids a fine-tuning job may name as `model`, each the served model (its id, directory or "
         "built-in alias): a job trains a LoRA adapter that this endpoint then serves. Default: the served model's "
         "id; [] turns fine-tuning jobs off.",
@@ -63,41 +71,41 @@ class FinetuneConfig(Section):
         "and storage, and the request's hyperparameters.",
     )
     max_active_jobs_per_key: int = Field(
-        2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
+        default=2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
     )
     max_active_jobs: int = Field(
-        8,
+        default=8,
         ge=1,
         description="Jobs of every key together that may be validating, queued or running at once (429 above): the "
         "cluster's share for fine-tuning, whatever the number of keys.",
     )
     driver_cpus: float = Field(
-        0.1,
+        default=0.1,
         ge=0,
         description="CPUs each job's driver (`rayft train`) asks Ray for, so Ray places drivers where there is room "
         "and queues them when there is none, instead of starting every one on the head node.",
     )
-    max_epochs: int = Field(20, ge=1, description="The largest n_epochs a job may ask for (400 above).")
+    max_epochs: int = Field(default=20, ge=1, description="The largest n_epochs a job may ask for (400 above).")
     job_restarts: int = Field(
-        1,
+        default=1,
         ge=0,
         description="Times a job whose Ray job died without an error of rayft's own (a killed driver, a lost "
         "node) is submitted again; the run resumes from its last checkpoint.",
     )
     ray_address: str | None = Field(
-        None,
+        default=None,
         description="The Ray Jobs API (dashboard) that runs the jobs, e.g. http://HEAD:8265; default: the cluster "
         "the endpoint runs on.",
     )
-    poll_interval_s: float = Field(2.0, gt=0, description="How often the service checks on its running jobs.")
+    poll_interval_s: float = Field(default=2.0, gt=0, description="How often the service checks on its running jobs.")
     namespace: str = Field(
-        "default",
+        default="default",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="The endpoint's own jobs in storage_path: endpoints that share a storage path (and its files) "
         "each need their own namespace; one live endpoint (cluster) follows a namespace's jobs at a time.",
     )
     max_line_bytes: int = Field(
-        8 * 1024**2,
+        default=8 * 1024**2,
         ge=1024,
         description="Longest line (one row) of a training or validation file; a longer one fails the job's "
         "validation as file:line without being read whole.",
@@ -167,66 +175,77 @@ def job_template_problems(job: dict[str, Any]) -> list[str]:
 
 class ServeConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers (CPU or GPU) or vllm (GPU only, through ray.serve.llm)."
+        default="transformers", description="transformers (CPU or GPU) or vllm (GPU only, through ray.serve.llm)."
     )
     model_name: str | None = Field(
-        None, description="Model id clients send as `model` (default: the run name or the model directory's name)."
+        default=None,
+        description="Model id clients send as `model` (default: the run name or the model directory's name).",
     )
-    host: str = Field("127.0.0.1", description="Address the HTTP server binds to; 0.0.0.0 exposes it to the network.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    host: str = Field(
+        default="127.0.0.1", description="Address the HTTP server binds to; 0.0.0.0 exposes it to the network."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field(
-        "/",
+        default="/",
         description="Path the app answers under, e.g. /llm (a second app on the same Serve instance, a gateway's "
         "path): clients then call http://HOST:PORT/llm/v1/...; keys are checked the same under any prefix.",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model replicas.")
     max_ongoing_requests: int = Field(
-        16,
+        default=16,
         ge=1,
         description="Requests a replica holds at once, running or waiting for a batch slot (at least max_batch_size).",
     )
     max_queued_requests: int = Field(
-        64, ge=1, description="Requests waiting for a replica before new ones get 429 with Retry-After."
+        default=64, ge=1, description="Requests waiting for a replica before new ones get 429 with Retry-After."
     )
-    max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch (1 = no batching).")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill before it starts.")
-    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per model replica.")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica (0 = CPU).")
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Requests generated together in one batch (1 = no batching)."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0, description="How long a batch waits to fill before it starts."
+    )
+    cpus_per_replica: float = Field(
+        default=1.0, gt=0, description="Logical CPUs (and torch threads) per model replica."
+    )
+    gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs per model replica (0 = CPU).")
     dtype: Literal["auto", "fast", "float32", "bfloat16"] = Field(
-        "auto",
+        default="auto",
         description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU; fast = bfloat16 on a GPU or a CPU with "
         "native bf16 (AVX512-BF16, AMX), else float32.",
     )
-    default_max_tokens: int = Field(256, ge=1, description="Tokens generated when a request sets no max_tokens.")
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    request_timeout_s: float = Field(120.0, gt=0, description="A request taking longer gets 504.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (413 above).")
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="Tokens generated when a request sets no max_tokens."
+    )
+    max_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_tokens a request may ask for.")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="A request taking longer gets 504.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Largest accepted request body (413 above).")
     api_key_env: str = Field(
-        "RAYFT_API_KEY",
+        default="RAYFT_API_KEY",
         description="Environment variable holding an API key; read by `rayft serve` and by every ingress replica.",
     )
     api_keys_file: str | None = Field(
-        None,
+        default=None,
         description="File of accepted API keys, one per line (or sha256:HEX digests), read by every ingress replica "
         "and re-read when it changes (e.g. a mounted Kubernetes Secret).",
     )
     admin_keys_file: str | None = Field(
-        None,
+        default=None,
         description="File of admin API keys (same format as api_keys_file): accepted like the others, and they see "
         "and manage every key's files, not only their own.",
     )
     allow_unauthenticated: bool = Field(
-        False, description="Serve on a non-loopback address with no API key (refused unless true)."
+        default=False, description="Serve on a non-loopback address with no API key (refused unless true)."
     )
     drain_timeout_s: float = Field(
-        60.0,
+        default=60.0,
         ge=0,
         description="On scale-down, redeploy or Ctrl-C, how long a replica keeps generating its in-flight requests "
         "(new ones go elsewhere) before it stops.",
     )
-    retry_after_s: int = Field(1, ge=0, description="Retry-After (s) sent with a 429 when every queue is full.")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (s) sent with a 429 when every queue is full.")
     kv_cache_gib: float = Field(
-        4.0,
+        default=4.0,
         gt=0,
         description="KV-cache bytes a replica's running batch may hold (GiB); a request is admitted when its prompt "
         "plus max_tokens fits beside the running ones.",
@@ -238,14 +257,14 @@ class ServeConfig(Section):
         default_factory=list,
         description="Directories new adapters may be registered from at run time (default: run.storage_path).",
     )
-    max_adapters_per_replica: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")
-    log_prompts: bool = Field(False, description="Put prompt text in the access log (off: sizes only).")
+    max_adapters_per_replica: int = Field(default=4, ge=1, description="Adapters kept loaded per replica (LRU).")
+    log_prompts: bool = Field(default=False, description="Put prompt text in the access log (off: sizes only).")
     finetune: FinetuneConfig = Field(
         default_factory=FinetuneConfig,
         description="The OpenAI fine-tuning API (files and jobs): storage, the job template, limits.",
     )
     special_tokens_in_content: Literal["escape", "refuse", "allow"] = Field(
-        "escape",
+        default="escape",
         description="Special-token text inside a chat message (a user typing the template's turn markers): escape = "
         "the model reads it as plain text, so only the template writes turn markers (as data.special_tokens_in_content "
         "trains); refuse = a 400 naming the message; allow = it becomes the special token. /v1/completions prompts "

@@ -77,23 +77,23 @@ JSON_FLOAT = BeforeValidator(lambda v: _json_number(v, False))
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="Served model id, or '<model>:<adapter>' / an adapter name.")
+    model: str | None = Field(default=None, description="Served model id, or '<model>:<adapter>' / an adapter name.")
     max_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0), JSON_FLOAT] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0), JSON_FLOAT] = 1.0
-    n: Annotated[int, Field(ge=1, le=1), JSON_INT] = Field(1, description="Only n=1 is supported.")
+    n: Annotated[int, Field(ge=1, le=1), JSON_INT] = Field(default=1, description="Only n=1 is supported.")
     stop: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
         | None
-    ) = Field(None, validate_default=True)
+    ) = Field(default=None, validate_default=True)
     # within 2^53, where JSON validators that compare in floating point agree with Python's integers
     seed: Annotated[int, Field(ge=-(2**53) + 1, le=2**53 - 1), JSON_INT] | None = None
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     logprobs: Annotated[Literal[False], BeforeValidator(_no_logprobs)] | None = Field(
-        None, description="Only false: this server returns no logprobs."
+        default=None, description="Only false: this server returns no logprobs."
     )
 
     @field_validator("stop")
@@ -138,7 +138,7 @@ class ChatCompletionRequest(_Body):
 
 class CompletionRequest(_Body):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    echo: StrictBool = Field(False, description="Return the prompt before the completion.")
+    echo: StrictBool = Field(default=False, description="Return the prompt before the completion.")
 
     @field_validator("prompt")
     @classmethod
@@ -153,8 +153,10 @@ class CompletionRequest(_Body):
 class ErrorDetail(BaseModel):
     message: str = Field(..., description="What was wrong and what to do.")
     type: str = Field(..., description="invalid_request_error, authentication_error, not_found_error, ...")
-    param: str | None = Field(None, description="The request field at fault, if one is.")
-    code: str | None = Field(None, description="A stable machine-readable reason, e.g. context_length_exceeded.")
+    param: str | None = Field(default=None, description="The request field at fault, if one is.")
+    code: str | None = Field(
+        default=None, description="A stable machine-readable reason, e.g. context_length_exceeded."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -180,14 +182,14 @@ class FileObject(BaseModel):
     created_at: int = Field(..., description="When it was uploaded (Unix seconds).")
     filename: str = Field(..., description="The name it was uploaded with.")
     purpose: Literal["fine-tune"] = Field(..., description="What it is for; this server keeps fine-tune files.")
-    status: Literal["processed"] = Field("processed", description="Always processed: stored and ready to use.")
+    status: Literal["processed"] = Field(default="processed", description="Always processed: stored and ready to use.")
 
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject] = Field(..., description="The files, newest first unless order is asc.")
-    first_id: str | None = Field(None, description="The first file's id (null when data is empty).")
-    last_id: str | None = Field(None, description="The last file's id: pass it as `after` for the next page.")
+    first_id: str | None = Field(default=None, description="The first file's id (null when data is empty).")
+    last_id: str | None = Field(default=None, description="The last file's id: pass it as `after` for the next page.")
     has_more: bool = Field(..., description="Whether more files follow the last one.")
 
 
@@ -228,12 +230,12 @@ SUFFIX = r"^[A-Za-z0-9._-]{1,64}$"
 class Hyperparameters(BaseModel):
     """A job's hyperparameters; "auto" takes the value of the server's job template (serve.finetune.job)."""
 
-    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description="Passes over the data.")
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(default="auto", description="Passes over the data.")
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
-        "auto", description="Training rows per optimizer step."
+        default="auto", description="Training rows per optimizer step."
     )
     learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] = Field(
-        "auto", description="Times the template's learning rate."
+        default="auto", description="Times the template's learning rate."
     )
 
 
@@ -243,7 +245,7 @@ class SupervisedMethod(BaseModel):
 
 class DpoHyperparameters(Hyperparameters):
     beta: Literal["auto"] | Annotated[float, Field(gt=0, le=10)] = Field(
-        "auto", description="How far the model may move from the reference (training.dpo.beta)."
+        default="auto", description="How far the model may move from the reference (training.dpo.beta)."
     )
 
 
@@ -264,18 +266,20 @@ class FineTuningJobCreate(BaseModel):
 
     model: str = Field(..., min_length=1, description="The base model: the model this endpoint serves.")
     training_file: str = Field(..., min_length=1, description="A fine-tune file's id (POST /v1/files).")
-    validation_file: str | None = Field(None, description="A fine-tune file of held-out rows for eval loss.")
+    validation_file: str | None = Field(default=None, description="A fine-tune file of held-out rows for eval loss.")
     suffix: str | None = Field(
-        None, pattern=SUFFIX, description="Up to 64 letters, digits, '.', '_' or '-', put in fine_tuned_model."
+        default=None, pattern=SUFFIX, description="Up to 64 letters, digits, '.', '_' or '-', put in fine_tuned_model."
     )
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed for shuffling, initialisation, dropout.")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Seed for shuffling, initialisation, dropout."
+    )
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
-        None, max_length=16, description="Up to 16 string pairs kept with the job."
+        default=None, max_length=16, description="Up to 16 string pairs kept with the job."
     )
-    hyperparameters: Hyperparameters | None = Field(None, description="The older place for hyperparameters.")
-    method: Method | None = Field(None, description="{type: supervised, supervised: {hyperparameters}}.")
+    hyperparameters: Hyperparameters | None = Field(default=None, description="The older place for hyperparameters.")
+    method: Method | None = Field(default=None, description="{type: supervised, supervised: {hyperparameters}}.")
     integrations: list[Any] | None = Field(
-        None, description="Not supported: must be empty.", json_schema_extra={"maxItems": 0}
+        default=None, description="Not supported: must be empty.", json_schema_extra={"maxItems": 0}
     )
 
     @field_validator("metadata")
@@ -309,14 +313,14 @@ class FineTuningJobCreate(BaseModel):
 class JobError(BaseModel):
     code: str = Field(..., description="invalid_file, training_failed, job_lost, ...")
     message: str = Field(..., description="What went wrong; for a bad file its first bad lines as file:line.")
-    param: str | None = Field(None, description="The request field at fault (training_file, ...), if one is.")
+    param: str | None = Field(default=None, description="The request field at fault (training_file, ...), if one is.")
 
 
 class ResolvedHyperparameters(BaseModel):
     n_epochs: int | float
     batch_size: int
     learning_rate_multiplier: float
-    beta: float | None = Field(None, description="DPO jobs: training.dpo.beta.")
+    beta: float | None = Field(default=None, description="DPO jobs: training.dpo.beta.")
 
 
 class FineTuningJob(BaseModel):
@@ -327,7 +331,7 @@ class FineTuningJob(BaseModel):
     model: str = Field(..., description="The base model.")
     created_at: int
     finished_at: int | None = None
-    fine_tuned_model: str | None = Field(None, description="ft:<base>:<suffix>:<job id>, once it succeeded.")
+    fine_tuned_model: str | None = Field(default=None, description="ft:<base>:<suffix>:<job id>, once it succeeded.")
     organization_id: str = Field(..., description="key-<the first 12 hex digits of the key's SHA-256>.")
     result_files: list[str] = Field(default_factory=list)
     status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -335,7 +339,7 @@ class FineTuningJob(BaseModel):
     training_file: str
     hyperparameters: ResolvedHyperparameters
     method: dict[str, Any]
-    trained_tokens: int | None = Field(None, description="Tokens trained on, once it succeeded.")
+    trained_tokens: int | None = Field(default=None, description="Tokens trained on, once it succeeded.")
     error: JobError | None = None
     seed: int
     estimated_finish: int | None = None

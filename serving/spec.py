@@ -181,7 +181,7 @@ class ServeSpec(BaseModel):
     model_path: str = Field(..., description="What from_pretrained loads: a local model directory or a hub id.")
     model_name: str = Field(..., min_length=1, description="The model id clients send as `model`.")
     revision: str | None = Field(
-        None,
+        default=None,
         description="Hub revision (branch, tag or commit) the model and its tokenizer load at, when model_path is "
         "a hub id; None: the hub's default. Local directories have none.",
     )

@@ -46,12 +46,16 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field(
-        "smollm2-135m-instruct",
+        default="smollm2-135m-instruct",
         description="Built-in alias (smollm2-135m-instruct), a Hugging Face model directory (local, or s3:// / "
         "gs://, copied once per machine), or a hub id.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (only for models you trust).")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) when `name` is a hub id."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub (only for models you trust)."
+    )
 
     RETIRED: ClassVar[dict[str, str]] = {
         "dtype": "model.dtype is not a setting (rayft 0.1 documented it but never read it): the weights train in "
@@ -71,74 +75,79 @@ class DataConfig(Section):
         "with `datasets.save_to_disk`, or `hf://NAME` for a hub dataset. Relative paths are relative to "
         "the job file.",
     )
-    eval: str | list[str] | None = Field(None, description="Evaluation data, same forms as `train`.")
+    eval: str | list[str] | None = Field(default=None, description="Evaluation data, same forms as `train`.")
     repeat: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="Upsample training files: {file name: copies per epoch}, e.g. {facts.jsonl: 3}.",
     )
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `train` for evaluation when `eval` is unset."
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Hold out this fraction of `train` for evaluation when `eval` is unset.",
     )
-    hub_split: str = Field("train", description="Split to read when `train` or `eval` is a hub dataset.")
+    hub_split: str = Field(default="train", description="Split to read when `train` or `eval` is a hub dataset.")
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference"] = Field(
-        "auto", description="Row format; auto detects it from each row's keys."
+        default="auto", description="Row format; auto detects it from each row's keys."
     )
     template: str | None = Field(
-        None,
+        default=None,
         description="Prompt template: unset = the model's own chat template; `alpaca`; or a custom Jinja "
         "chat template string.",
     )
-    train_on_inputs: bool = Field(False, description="Also train on prompt/user tokens (default: assistant only).")
+    train_on_inputs: bool = Field(
+        default=False, description="Also train on prompt/user tokens (default: assistant only)."
+    )
     special_tokens_in_content: Literal["escape", "refuse", "allow"] = Field(
-        "escape",
+        default="escape",
         description="Special-token text inside a message (a user typing the template's turn markers): escape = train "
         "on it as plain text, so only the template writes turn markers (as serve.special_tokens_in_content does); "
         "refuse = the row is an error; allow = it becomes the special token. Raw-text rows (text, "
         "prompt_completion) are never changed.",
     )
-    max_seq_len: int = Field(1024, gt=8, description="Maximum tokens per training row.")
+    max_seq_len: int = Field(default=1024, gt=8, description="Maximum tokens per training row.")
     overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with examples longer than max_seq_len."
+        default="truncate", description="What to do with examples longer than max_seq_len."
     )
     packing: bool = Field(
-        False,
+        default=False,
         description="Pack several examples into each max_seq_len row (attention never crosses examples). Rows are "
         "packed within windows of 1,024 examples and leave each window in a seeded order that spreads long- and "
         "short-example rows evenly, so any run of consecutive rows (a global batch) holds each kind of example "
         "near its share of the data; the same data and seed give the same rows in the same order.",
     )
-    shuffle: bool = Field(True, description="Shuffle training rows (deterministically, from `seed`).")
-    seed: int = Field(42, description="Seed for shuffling and the eval_fraction split.")
+    shuffle: bool = Field(default=True, description="Shuffle training rows (deterministically, from `seed`).")
+    seed: int = Field(default=42, description="Seed for shuffling and the eval_fraction split.")
     on_bad_rows: Literal["error", "skip"] = Field(
-        "error", description="error = stop before training and list bad rows; skip = drop them and count them."
+        default="error", description="error = stop before training and list bad rows; skip = drop them and count them."
     )
     tokenizer_tasks: int = Field(
-        2,
+        default=2,
         ge=1,
         description="Most tokenizing tasks at once; each Ray worker process loads the tokenizer once and keeps it "
         "for its later tasks and runs.",
     )
     cache_max_mb: float = Field(
-        1024.0,
+        default=1024.0,
         ge=0,
         description="A split whose token rows fit in this many MB (estimated as rows x max_seq_len x 24 bytes) is "
         "tokenized once and kept in Ray's object store for every epoch and eval pass; a bigger one streams, "
         "tokenized again each pass. 0 = always stream.",
     )
     cpus_per_data_task: float = Field(
-        0.25, gt=0, le=8, description="Logical CPUs each Ray Data read/tokenize task reserves."
+        default=0.25, gt=0, le=8, description="Logical CPUs each Ray Data read/tokenize task reserves."
     )
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear."
+        default="all-linear", description="Module names to adapt, or all-linear."
     )
     last_layers: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Adapt only the last N transformer layers (backward then stops below them: faster steps).",
     )
@@ -146,65 +155,71 @@ class LoraConfig(Section):
 
 class DpoConfig(Section):
     beta: float = Field(
-        0.1, gt=0, description="How far the policy may move from the reference: the scale of the implicit reward."
+        default=0.1,
+        gt=0,
+        description="How far the policy may move from the reference: the scale of the implicit reward.",
     )
     loss: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid",
+        default="sigmoid",
         description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2 on per-token mean "
         "log-probabilities.",
     )
     sft_weight: float = Field(
-        0.0, ge=0, description="Weight of an added NLL loss on the chosen answer (0 = pure preference loss)."
+        default=0.0, ge=0, description="Weight of an added NLL loss on the chosen answer (0 = pure preference loss)."
     )
     reference: str = Field(
-        "base",
+        default="base",
         description="The reference model: base (the starting model; for LoRA the same model with its adapter "
         "switched off, no second copy), or a model dir or run dir to compare against.",
     )
 
 
 class TrainingConfig(Section):
-    method: Literal["lora", "full"] = Field("lora", description="lora = train adapters only; full = all weights.")
+    method: Literal["lora", "full"] = Field(
+        default="lora", description="lora = train adapters only; full = all weights."
+    )
     objective: Literal["sft", "dpo"] = Field(
-        "sft",
+        default="sft",
         description="sft = learn the answers (cross-entropy); dpo = learn which of two answers is better, from "
         "preference pairs (training.dpo).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning settings (objective: dpo).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1, description="Rows per worker per forward/backward pass.")
-    global_batch_size: int = Field(
-        8, ge=1, description="Rows per optimizer step = micro_batch_size x accumulation x workers."
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(
+        default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
     )
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the lr.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
-    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Rows per worker per forward/backward pass.")
+    global_batch_size: int = Field(
+        default=8, ge=1, description="Rows per optimizer step = micro_batch_size x accumulation x workers."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1, description="Fraction of steps spent warming up the lr.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (ZeRO 3).")
     precision: Literal["auto", "fast", "bf16", "fp16", "fp32"] = Field(
-        "auto",
+        default="auto",
         description="auto = bf16 on GPU, fp32 on CPU. fast = bf16 where the hardware computes it natively (a GPU; a "
         "CPU with AVX512-BF16 or AMX), else fp32: on other CPUs bf16 is emulated, many times slower than fp32.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory.")
     skip_untrained_logits: bool = Field(
-        True,
+        default=True,
         description="Compute vocabulary logits and loss only where labels carry loss (same loss, less compute; "
         "used for Llama-style models, others fall back to the full forward).",
     )
-    eval_every_steps: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    eval_every_steps: int = Field(default=0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_at_end: bool = Field(
-        True, description="Compute the eval loss after the last step (off when a `rayft eval` follows anyway)."
+        default=True, description="Compute the eval loss after the last step (off when a `rayft eval` follows anyway)."
     )
-    checkpoint_every_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    seed: int = Field(42, description="Seed for weight init of new layers and dropout.")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    seed: int = Field(default=42, description="Seed for weight init of new layers and dropout.")
     log_every_steps: int = Field(
-        10,
+        default=10,
         ge=1,
         description="Report metrics to Ray (Tune, dashboards) every N steps and after every eval; "
         "metrics.jsonl and TensorBoard get every step.",
@@ -224,13 +239,13 @@ class TrainingConfig(Section):
 
 class ExportConfig(Section):
     merge: bool = Field(
-        True, description="LoRA runs: also write a merged full model into final/ (adapter in final/adapter)."
+        default=True, description="LoRA runs: also write a merged full model into final/ (adapter in final/adapter)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of exported weights; auto = the dtype the model was trained in."
+        default="auto", description="dtype of exported weights; auto = the dtype the model was trained in."
     )
     max_shard_gb: float = Field(
-        5.0,
+        default=5.0,
         gt=0,
         description="Largest safetensors file of an exported full model (GB); larger models are split into shards "
         "with an index.",
@@ -238,28 +253,32 @@ class ExportConfig(Section):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = Field(128, ge=1, description="Longest answer generated per evaluation row (greedy).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call (left-padded together).")
-    replicas: int = Field(2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
-    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs (and torch threads) per replica on CPU.")
-    max_rows: int | None = Field(None, ge=1, description="Evaluate a fixed sample of this many rows (default: all).")
+    max_new_tokens: int = Field(default=128, ge=1, description="Longest answer generated per evaluation row (greedy).")
+    batch_size: int = Field(default=16, ge=1, description="Prompts per generate call (left-padded together).")
+    replicas: int = Field(default=2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
+    cpus_per_replica: float = Field(
+        default=1.0, gt=0, description="Logical CPUs (and torch threads) per replica on CPU."
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Evaluate a fixed sample of this many rows (default: all)."
+    )
     dtype: Literal["auto", "fast", "float32", "bfloat16"] = Field(
-        "auto",
+        default="auto",
         description="Inference dtype; auto = bfloat16 on GPU, float32 on CPU. fast = bfloat16 where the hardware "
         "has native bf16 (a GPU; a CPU with AVX512-BF16 or AMX: ~1.4x faster generation), else float32.",
     )
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
-    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL); otherwise CPU workers (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved by each training worker.")
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true.")
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(default=False, description="Give each worker a GPU (NCCL); otherwise CPU workers (gloo).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved by each training worker.")
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per worker when use_gpu is true.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra custom Ray resources each worker needs (e.g. a node label)."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK",
+        default="PACK",
         description="How workers are placed on nodes: PACK fills nodes first, SPREAD spreads them when it can, "
         "STRICT_SPREAD puts each worker on its own node.",
     )
@@ -270,12 +289,12 @@ MLFLOW_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mss
 
 class MlflowTracking(Section):
     uri: str = Field(
-        "./mlruns",
+        default="./mlruns",
         description="Tracking store: a local directory (relative to where the run's driver starts; rayft keeps an "
         "MLflow SQLite store in it: DIR/mlflow.db, artifacts in DIR/artifacts), http(s)://HOST:PORT of a tracking "
         "server, sqlite:///FILE.db, a database URI, or databricks.",
     )
-    experiment: str = Field("rayft", description="MLflow experiment the runs go into (created when missing).")
+    experiment: str = Field(default="rayft", description="MLflow experiment the runs go into (created when missing).")
 
     @model_validator(mode="after")
     def _check_uri(self) -> MlflowTracking:
@@ -295,23 +314,25 @@ class MlflowTracking(Section):
 
 
 class WandbTracking(Section):
-    project: str = Field("rayft", description="W&B project the runs go into.")
-    entity: str | None = Field(None, description="W&B team or user (default: your W&B default).")
+    project: str = Field(default="rayft", description="W&B project the runs go into.")
+    entity: str | None = Field(default=None, description="W&B team or user (default: your W&B default).")
     mode: Literal["online", "offline"] = Field(
-        "online", description="online = send to W&B; offline = write to the run dir only (wandb sync later)."
+        default="online", description="online = send to W&B; offline = write to the run dir only (wandb sync later)."
     )
-    dir: str | None = Field(None, description="Where W&B keeps its files (default: the run dir when it is local).")
+    dir: str | None = Field(
+        default=None, description="Where W&B keeps its files (default: the run dir when it is local)."
+    )
 
 
 class TrackingConfig(Section):
     mlflow: MlflowTracking | None = Field(
-        None, description="Track runs in MLflow: {} or true for ./mlruns, or {uri, experiment}. Off when unset."
+        default=None, description="Track runs in MLflow: {} or true for ./mlruns, or {uri, experiment}. Off when unset."
     )
     wandb: WandbTracking | None = Field(
-        None, description="Track runs in Weights & Biases: {project, mode, ...}. Off when unset."
+        default=None, description="Track runs in Weights & Biases: {project, mode, ...}. Off when unset."
     )
     log_model: bool = Field(
-        False, description="Also upload the final model as an artifact (default: log its location as a tag)."
+        default=False, description="Also upload the final model as an artifact (default: log its location as a tag)."
     )
 
     @model_validator(mode="before")
@@ -333,16 +354,20 @@ class TrackingConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field("rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
+    name: str = Field(default="rayft-run", description="Run name; the run directory is <storage_path>/<name>.")
     storage_path: str = Field(
-        "runs",
+        default="runs",
         description="Where run directories go: a local or NFS path (relative to the current directory) or s3:// / gs://.",
     )
 
     max_failures: int = Field(
-        2, ge=-1, description="Restart the worker group from the latest checkpoint this many times (-1 = forever)."
+        default=2,
+        ge=-1,
+        description="Restart the worker group from the latest checkpoint this many times (-1 = forever).",
     )
-    checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins).")
+    checkpoints_to_keep: int = Field(
+        default=2, ge=1, description="Checkpoints kept on storage (the best by eval loss wins)."
+    )
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="Experiment tracking (MLflow, W&B): one tracked run per run."
     )

@@ -26,17 +26,20 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 class SchedulerConfig(Section):
     type: Literal["asha", "fifo"] = Field(
-        "asha", description="asha stops trials whose metric trails the others at each rung; fifo runs all to the end."
+        default="asha",
+        description="asha stops trials whose metric trails the others at each rung; fifo runs all to the end.",
     )
-    grace_period: int = Field(2, ge=1, description="ASHA: optimizer steps every trial runs before it may be stopped.")
+    grace_period: int = Field(
+        default=2, ge=1, description="ASHA: optimizer steps every trial runs before it may be stopped."
+    )
     reduction_factor: float = Field(
-        2.0, gt=1, description="ASHA: about 1 in this many trials continues past each rung."
+        default=2.0, gt=1, description="ASHA: about 1 in this many trials continues past each rung."
     )
 
 
 class SweepConfig(Section):
     name: str | None = Field(
-        None,
+        default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Sweep name; its directory is <run.storage_path>/<name> (default: <run.name>-sweep). "
         "Running the same name again resumes it.",
@@ -48,30 +51,30 @@ class SweepConfig(Section):
         "grid [values] (every value, combined with the other grids).",
     )
     metric: str = Field(
-        "eval_loss",
+        default="eval_loss",
         description="What ranks trials: eval_loss (needs data.eval and training.eval_every_steps for ASHA), a "
         "training metric such as loss, or a generation score of `rayft eval` on each trial's model at its end "
         "(exact_match, contained, token_f1, json_valid; ASHA then compares eval_loss while trials train).",
     )
     mode: Literal["min", "max"] | None = Field(
-        None, description="min or max the metric (default: min for losses and perplexity, else max)."
+        default=None, description="min or max the metric (default: min for losses and perplexity, else max)."
     )
     num_samples: int = Field(
-        4, ge=1, description="Trials drawn from the space (with grid values: repeats of the whole grid)."
+        default=4, ge=1, description="Trials drawn from the space (with grid values: repeats of the whole grid)."
     )
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="Trials running at once (default: as many as the cluster's CPUs/GPUs fit)."
+        default=None, ge=1, description="Trials running at once (default: as many as the cluster's CPUs/GPUs fit)."
     )
     time_budget_s: float | None = Field(
-        None, gt=0, description="Stop starting and running trials after this many seconds (default: no limit)."
+        default=None, gt=0, description="Stop starting and running trials after this many seconds (default: no limit)."
     )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Early stopping of trials.")
     search: Literal["random", "grid", "optuna"] = Field(
-        "random",
+        default="random",
         description="random samples the space (grid entries are all tried); grid needs only choice/grid "
         "entries and tries every combination; optuna is TPE, learning from finished trials.",
     )
-    seed: int = Field(0, description="Seed of the search, so a sweep draws the same trials again.")
+    seed: int = Field(default=0, description="Seed of the search, so a sweep draws the same trials again.")
 
     @field_validator("space", mode="before")
     @classmethod
