@@ -236,6 +236,7 @@ class TrainProgress:
         self.progress.stop()
 
     def on_event(self, r: dict) -> None:
+        assert self.task is not None, "on_event runs inside `with TrainProgress()`"
         if self.lines:
             self._line(r)
         if r.get("event") == "warning":

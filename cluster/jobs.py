@@ -181,6 +181,7 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
     }
     env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
     run_dir = run_dir_of(metadata)
+    assert run_dir is not None  # metadata names both storage and run
     if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
         text = _job_yaml(job, config)
         encoded = base64.b64encode(text.encode()).decode()
@@ -442,6 +443,11 @@ def resolve_job(c, job: str):
     if named:
         return max(named, key=lambda j: j.start_time or 0)
     raise JobsError(f"no job {job!r} on the cluster at {c.get_address()}; `rayft jobs list` shows the job ids")
+
+
+def job_id_of(info) -> str:
+    """A listed job's id: its submission id (every job `rayft submit` makes has one), else Ray's job id."""
+    return info.submission_id or info.job_id
 
 
 def follow(c, job_id: str, write) -> str:

@@ -107,14 +107,14 @@ def _follow(address: str | None, job_id: str) -> None:
         c = jobs.client(address)
         info = jobs.resolve_job(c, job_id)
         try:
-            status = jobs.follow(c, info.submission_id, _write)
+            status = jobs.follow(c, jobs.job_id_of(info), _write)
         except KeyboardInterrupt:
             err.print(
-                f"\nstopped following; the job goes on. Stop it with: rayft jobs stop {info.submission_id}"
+                f"\nstopped following; the job goes on. Stop it with: rayft jobs stop {jobs.job_id_of(info)}"
                 + _addr_hint(address)
             )
             raise typer.Exit(130) from None
-        info = jobs.resolve_job(c, info.submission_id)
+        info = jobs.resolve_job(c, jobs.job_id_of(info))
     _print_end(info, status)
     raise typer.Exit(EXIT.get(status, 1))
 
@@ -128,7 +128,7 @@ def _print_end(info, status: str) -> None:
     from rayft.cluster import jobs
 
     style = "bold green" if status == "SUCCEEDED" else "bold red"
-    line = f"[{style}]{escape(status)}[/] {escape(info.submission_id or info.job_id)}"
+    line = f"[{style}]{escape(status)}[/] {escape(jobs.job_id_of(info))}"
     if status != "SUCCEEDED" and info.message:
         line += f": {escape(info.message.strip().splitlines()[-1][:500])}"
     out.print(line, highlight=False)
@@ -193,7 +193,7 @@ def jobs_status(job: JobArg, address: JobsAddressOpt = None) -> None:
         info = jobs.resolve_job(c, job)
     status = str(info.status)
     if status in jobs.LIVE:
-        out.print(f"[bold]{status}[/] {escape(info.submission_id or info.job_id)}", highlight=False)
+        out.print(f"[bold]{status}[/] {escape(jobs.job_id_of(info))}", highlight=False)
         run_dir = jobs.run_dir_of(info.metadata or {})
         summary = jobs.run_summary(run_dir) if run_dir else None
         if run_dir:
@@ -217,7 +217,7 @@ def jobs_logs(
     with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job)
-        _write(c.get_job_logs(info.submission_id or info.job_id))
+        _write(c.get_job_logs(jobs.job_id_of(info)))
 
 
 def jobs_stop(job: JobArg, address: JobsAddressOpt = None) -> None:
@@ -227,7 +227,7 @@ def jobs_stop(job: JobArg, address: JobsAddressOpt = None) -> None:
     with _user_errors():
         c = jobs.client(address)
         info = jobs.resolve_job(c, job)
-        job_id = info.submission_id or info.job_id
+        job_id = jobs.job_id_of(info)
         if str(info.status) not in jobs.LIVE:
             out.print(f"{job_id} already ended: {info.status}")
             return

@@ -105,7 +105,7 @@ def _spec(target, overrides, host, port, api_keys, adapters, elsewhere: bool = F
                 err.print(f"[bold red]usage error[/] --adapter {escape(a)}: write it as NAME=RUN_DIR")
                 raise typer.Exit(2)
             extra[name] = path
-        cfg = ServeConfig(**(cfg.model_dump() | {"adapters": extra}))
+        cfg = ServeConfig.model_validate(cfg.model_dump() | {"adapters": extra})
     try:
         return build_spec(target, cfg, run_dir=run_dir, storage_path=storage, api_keys=api_keys, elsewhere=elsewhere)
     except ServeError as e:

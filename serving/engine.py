@@ -11,7 +11,6 @@ model and several finetunes at once.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device)), revision=revision
         )
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -231,14 +230,18 @@ class TransformersEngine:
         """Delete an adapter's weights (engine lock held). PEFT keeps a deleted adapter as its active one when
         it was the last (a later load then fails with KeyError): the last one unwraps the base model, and
         otherwise a remaining adapter becomes the active one (mixed batches choose per row anyway)."""
+        from peft import PeftModel
+
         del self.adapters[name]
+        model = self.model
+        assert isinstance(model, PeftModel)  # it had this adapter
         if not self.adapters:
-            self.model = self.model.unload().eval()
+            self.model = model.unload().eval()
             return
-        self.model.delete_adapter(name)
-        if any(a not in self.model.peft_config for a in self.model.active_adapters):
-            self.model.set_adapter(next(iter(self.adapters)))
-        self.model.eval()
+        model.delete_adapter(name)
+        if any(a not in model.peft_config for a in model.active_adapters):
+            model.set_adapter(next(iter(self.adapters)))
+        model.eval()
 
     # ------------------------------------------------------------------ generation
 
@@ -399,6 +402,7 @@ class RunningBatch:
 
         dev = self.engine.device
         ids = torch.tensor(self.next_ids, device=dev).unsqueeze(1)
+        assert self.mask is not None  # rows are running
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         out = self.engine.forward(ids, self.mask, self.past, self.names)
         self.past = out.past_key_values
@@ -429,9 +433,9 @@ class RunningBatch:
             return [], failures
         try:
             return self._prefill(ok), failures
-        except Exception:  # noqa: BLE001 - which request caused it is found below
+        except Exception as e:  # noqa: BLE001 - which request caused it is found below
             if len(ok) == 1:
-                return [], failures + [(ok[0][0], _failed(sys.exc_info()[1]))]
+                return [], failures + [(ok[0][0], _failed(e))]
         healthy = []
         for key, req in ok:
             try:
@@ -485,6 +489,7 @@ class RunningBatch:
             self.past, self.mask = new_past, mask
             _growing(self.past)
         else:
+            assert self.past is not None and self.mask is not None  # rows are running
             run_len, new_len = self.mask.shape[1], mask.shape[1]
             width = max(run_len, new_len)
             for old, new in zip(self.past.layers, new_past.layers, strict=True):
@@ -504,6 +509,7 @@ class RunningBatch:
             self._clear()
             return
         idx = torch.tensor(keep, device=self.engine.device)
+        assert self.past is not None and self.mask is not None  # rows are running
         mask = self.mask[idx]
         first = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every row go
         self.mask = mask[:, first:]
@@ -532,7 +538,7 @@ def _growing(cache) -> None:
             buffers = None  # (keys, values) with room beyond the positions in use
 
             def update(self, key_states, value_states, *args, **kwargs):
-                if not self.is_initialized or self.keys.numel() == 0:
+                if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
                     return super().update(key_states, value_states, *args, **kwargs)
                 n, add = self.keys.shape[-2], key_states.shape[-2]
                 buf = self.buffers

@@ -52,7 +52,7 @@ from rayft.serving.files import (
     read_chunks,
     storage_root,
 )
-from rayft.serving.openai_api import ApiError, FineTuningJobCreate
+from rayft.serving.openai_api import ApiError, DpoHyperparameters, FineTuningJobCreate
 from rayft.training import storage
 from rayft.training.run_dir import JOB_FILE, RunDir, is_adapter
 
@@ -192,9 +192,11 @@ class FinetuneService:
 
         try:
             import ray
+            import ray._private.worker
 
             if ray.is_initialized():
-                return ray._private.worker.global_worker.gcs_client.cluster_id.hex()
+                worker = ray._private.worker.global_worker
+                return worker.gcs_client.cluster_id.hex()  # pyright: ignore[reportAttributeAccessIssue] - set by ray.init
         except Exception:  # noqa: BLE001
             pass
         return f"process-{os.getpid()}"
@@ -433,6 +435,7 @@ class FinetuneService:
             method="lora", epochs=epochs, lr=t.lr * multiplier, global_batch_size=batch, micro_batch_size=micro
         )
         if dpo:
+            assert isinstance(given, DpoHyperparameters)  # what hyperparameters_given gives for method dpo
             training["objective"] = "dpo"
             beta = t.dpo.beta if given.beta == "auto" else float(given.beta)
             training["dpo"] = dict(training.get("dpo") or {}) | {"beta": beta}
@@ -588,7 +591,11 @@ class FinetuneService:
         if checkpoint:
             return self._checkpoint_model(viewer, checkpoint["model"], int(checkpoint["step"]))
         rec = self._model_record(viewer, name)
-        return None if rec is None else (rec["owner"], RunDir(rec["run_dir"]).adapter())
+        if rec is None:
+            return None
+        adapter = RunDir(rec["run_dir"]).adapter()
+        assert adapter is not None, f"{rec['run_dir']}: a succeeded fine-tuning job's run has no adapter"
+        return rec["owner"], adapter
 
     def _model_record(self, viewer: str | None, name: str) -> dict | None:
         """The record of the succeeded job whose fine_tuned_model, not deleted, is `name`, if `viewer` may see it."""
@@ -665,6 +672,7 @@ class FinetuneService:
             address = self.cfg.ray_address
             if not address:
                 import ray
+                import ray._private.worker
 
                 url = ray._private.worker.get_dashboard_url() if ray.is_initialized() else None
                 if not url:
@@ -755,9 +763,10 @@ class FinetuneService:
                 f"{batch}); add rows or ask for a smaller batch_size",
             ))  # fmt: skip
         with self._lock:
-            rec = self.store._read(rec["owner"], job_id)
-            if rec["job"]["status"] != "validating_files":  # cancelled meanwhile
+            fresh = self.store._read(rec["owner"], job_id)
+            if fresh is None or fresh["job"]["status"] != "validating_files":  # cancelled meanwhile
                 return
+            rec = fresh
             if problems:
                 param, message = problems[0]
                 message = "\n".join(m for _, m in problems)
@@ -824,8 +833,9 @@ class FinetuneService:
         except RuntimeError as e:
             if "does not exist" in str(e) or "not found" in str(e).lower():
                 with self._lock:
-                    rec = self.store._read(rec["owner"], rec["job"]["id"])
-                    if rec["job"]["status"] in ACTIVE:
+                    fresh = self.store._read(rec["owner"], rec["job"]["id"])
+                    if fresh is not None and fresh["job"]["status"] in ACTIVE:
+                        rec = fresh
                         message = (
                             f"its Ray job {rec['ray_job_id']} is gone from the cluster (the cluster was restarted or "
                             "its job history was cleared); create the job again"
@@ -836,9 +846,10 @@ class FinetuneService:
             raise
         status = str(info.status)
         with self._lock:
-            rec = self.store._read(rec["owner"], rec["job"]["id"])
-            if rec["job"]["status"] not in ACTIVE:
+            fresh = self.store._read(rec["owner"], rec["job"]["id"])
+            if fresh is None or fresh["job"]["status"] not in ACTIVE:
                 return
+            rec = fresh
             job = rec["job"]
             if status == "RUNNING" and job["status"] == "queued":
                 job["status"] = "running"
@@ -906,12 +917,12 @@ class FinetuneService:
         read raises, so the job is looked at again at the next poll rather than judged on nothing."""
         status = RunDir(rec["run_dir"]).status()
         state = status["state"] if status else None
-        if state == "failed" and status.get("error_kind"):
+        if state == "failed" and status and status.get("error_kind"):
             return f"{status['error_kind']} error: {status.get('message') or ''}".strip()[:2000], True, False
         if state == "succeeded":
             return "", False, True
         reason = (message or "the Ray job failed").strip()
-        if state == "failed" and status.get("message"):
+        if state == "failed" and status and status.get("message"):
             reason = f"{status['message']}\n{reason}"
         return reason[:2000], False, False
 

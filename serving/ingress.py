@@ -16,9 +16,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.multipart import parse_options_header
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from rayft.serving.files import EVERY_OWNER, LOCAL_OWNER, PURPOSES, FileStore, read_chunks, too_large
 from rayft.serving.finetune import FinetuneService, ServedBase
@@ -48,6 +49,9 @@ from rayft.serving.openai_api import (
 )
 from rayft.serving.spec import KeyRing, NoAdapter, OutsideRoots, ServeSpec, check_bind, hash_key, validate_adapter
 from rayft.training import storage
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 access_log = logging.getLogger("ray.serve.rayft.access")
 CANCELLED = 499  # the access log's status of a request whose client left or whose call was cancelled
@@ -201,7 +205,7 @@ class _UploadForm:
         self._header, self._value, self._disposition = b"", b"", b""
         self._name, self._data = "", bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> "MultipartCallbacks":
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -311,6 +315,7 @@ async def _receive_upload(request: Request, store: FileStore, owner: str) -> dic
                 if received > cap:
                     break
                 continue
+            assert upload is not None  # error stays None only once store.begin has given one
             try:
                 parser.write(chunk)
                 error = form.problem()
@@ -325,6 +330,7 @@ async def _receive_upload(request: Request, store: FileStore, owner: str) -> dic
         error = error or form.missing()
         if error is not None:
             raise error
+        assert upload is not None
         await asyncio.to_thread(upload.write, form.take())
         stored = await asyncio.to_thread(upload.commit, form.filename, form.fields["purpose"])
         return stored.object()
@@ -394,8 +400,9 @@ def _openapi(api: FastAPI, max_tokens_limit: int, job_models: tuple[str, ...] = 
     return doc
 
 
-def _build_api(ing: "Ingress") -> FastAPI:
-    """The FastAPI app of one ingress replica, built at replica start from its settings."""
+def _build_api(ing) -> FastAPI:
+    """The FastAPI app of one ingress replica (`ing`, an Ingress: the name Ingress itself is bound to its
+    Serve deployment), built at replica start from its settings."""
     api = FastAPI(
         title="rayft",
         description="OpenAI-compatible endpoint for models finetuned with rayft.",
@@ -413,7 +420,10 @@ def _build_api(ing: "Ingress") -> FastAPI:
         if exc.status_code == 405:  # Starlette names the first matching route's methods; a path may have several
             path = request.url.path
             methods = {
-                m for r in api.routes if getattr(r, "methods", None) and r.path_regex.match(path) for m in r.methods
+                m
+                for r in api.routes
+                if isinstance(r, Route) and r.methods and r.path_regex.match(path)
+                for m in r.methods
             }
             headers["Allow"] = ", ".join(sorted(methods))
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -491,7 +501,7 @@ def _build_api(ing: "Ingress") -> FastAPI:
     return api
 
 
-def _playground_routes(api: FastAPI, ing: "Ingress") -> None:
+def _playground_routes(api: FastAPI, ing) -> None:
     """The playground page (rayft.serving.playground) at / and /playground, open like /healthz (it holds no
     data), and under /v1 (behind the keys) the run each served model came from: its eval report and loss curve."""
     from fastapi.responses import HTMLResponse, Response
@@ -716,7 +726,9 @@ class Ingress:
         self.ready = False
         tags = ("route", "status")
         self.m_requests = metrics.Counter(
-            "rayft_requests", description="HTTP requests by route and status.", tag_keys=tags
+            "rayft_requests",
+            description="HTTP requests by route and status.",
+            tag_keys=tags,  # pyright: ignore[reportArgumentType] - Ray annotates it Tuple[str], one key
         )
         self.m_latency = metrics.Histogram(
             "rayft_request_latency_s",
@@ -878,8 +890,10 @@ class Ingress:
         return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id, viewer=viewer)
 
     async def completions(self, body: CompletionRequest, request_id: str = "-", viewer: str | None = None):
-        ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"] if body.prompt else []
-        echo = body.prompt if body.echo else ""
+        prompt = body.prompt
+        assert isinstance(prompt, str)  # CompletionRequest._one_prompt takes a list's one prompt out
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        echo = prompt if body.echo else ""
         return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id, echo, viewer)
 
     def _request(self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None) -> dict:
@@ -1002,7 +1016,7 @@ class Ingress:
             prompt,
         )
 
-    async def _deltas(self, request: dict, stream: bool = True) -> AsyncIterator[dict]:
+    async def _deltas(self, request: dict, stream: bool = True) -> AsyncGenerator[dict, None]:
         """The model deployment's deltas for one request (one merged delta when not streaming), with its
         failures turned into API errors. Leaving early (a closed stream, a timeout, a cancelled request) cancels
         the call on the model replica, which takes the request out of its batch at the next token step."""
@@ -1064,7 +1078,9 @@ class Ingress:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return "".join(parts), finish, usage, batch
 
-    async def _stream(self, deltas, first, deadline, rid, model_id, chat, include_usage, log, echo=""):
+    async def _stream(
+        self, deltas, first, deadline, rid, model_id, chat, include_usage, log, echo=""
+    ) -> AsyncIterator[str]:
         """The SSE body. An error after it began arrives as a last `error` event, then `data: [DONE]`; a client
         that leaves ends it at once (the model replica drops the request at its next step)."""
         status, ttft, t0, usage = 200, None, log["t0"], log["usage"]

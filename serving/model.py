@@ -16,7 +16,8 @@ import asyncio
 import hashlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 from ray import serve
 
@@ -71,7 +72,8 @@ class LLMServer:
             await engine.run(engine.load_adapter, engine_name(mux_id), path)
             return _AdapterSlot(engine, engine_name(mux_id))
 
-        self._load_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        cached = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        self._load_adapter = cast(Callable[[str], Awaitable[_AdapterSlot]], cached)  # Ray's decorator is untyped
 
     async def generate(self, request: dict, adapter_path: str | None = None) -> AsyncIterator[dict]:
         """One request's deltas as the batch produces them. `request["adapter"]` is the adapter's multiplexed
@@ -99,6 +101,7 @@ class LLMServer:
             text.append(d["text"])
             batch = max(batch, d["batch_size"])
             last = d
+        assert last is not None  # the scheduler's last delta carries the finish reason
         return last | {"text": "".join(text), "batch_size": batch}
 
     def _checked_adapter(self, mux_id: str, path: str | None) -> str:

@@ -31,13 +31,18 @@ distribution with p rounded to a multiple of 2^-15 (0.05 -> 0.049988).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 NAME = "rayft_packed"
 # Model types whose attention hands position_ids through to the attention function and whose layers all
 # attend causally over the whole sequence (a sliding window would need its own mask); each is checked
 # against sdpa by tests/test_cpu_ops.py.
 SUPPORTED_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 MATH_MAX_LEN = 256
-_CAUSAL: dict[int, object] = {}  # length -> the (n x n) mask of future positions, built once per length
+_CAUSAL: dict[int, torch.Tensor] = {}  # length -> the (n x n) mask of future positions, built once per length
 
 
 def segments(position_ids) -> list[list[tuple[int, int]]]:

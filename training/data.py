@@ -15,9 +15,10 @@ import json
 import os
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def _hf_to_rows(hf_ds, label: str):
         raws = [json.dumps({k: batch[k][j] for k in keys}, default=_json_default) for j in range(len(rows))]
         return {"source": [f"{label} row {int(r)}" for r in rows], "raw": raws}
 
-    return ds.map_batches(to_raw, batch_format="numpy")
+    return ds.map_batches(to_raw, batch_format="numpy")  # pyright: ignore[reportArgumentType]
 
 
 def deterministic_order() -> None:
@@ -274,14 +275,16 @@ def read_rows(source: Source, data: DataConfig, repeat: dict[str, int] | None = 
     if source.kind == "files":
         tasks = plan_reads(source.paths, repeat_counts(source.paths, repeat) if repeat else None)
         files = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-        return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)
+        return files.map_batches(_read_file, batch_size=1, num_cpus=data.cpus_per_data_task)  # pyright: ignore[reportArgumentType]
     import datasets
 
     if source.kind == "saved":
         hf = datasets.load_from_disk(source.paths[0])
         if isinstance(hf, datasets.DatasetDict):
             if data.hub_split not in hf:
-                raise DataError(f"{source.paths[0]} has splits {', '.join(hf)}; set data.hub_split to one of them")
+                raise DataError(
+                    f"{source.paths[0]} has splits {', '.join(map(str, hf))}; set data.hub_split to one of them"
+                )
             hf = hf[data.hub_split]
         return _hf_to_rows(hf, os.path.basename(source.paths[0].rstrip("/")))
     hf = datasets.load_dataset(source.name, split=data.hub_split)
@@ -332,14 +335,14 @@ def validated_rows(data: DataConfig, split: str, keep_raw: bool = False):
     repeat = data.repeat if split == "train" else None  # evaluation rows are never repeated
     ds = read_rows(resolve_source(spec, f"data.{split if spec is data.eval else 'train'}"), data, repeat)
     ds = ds.map_batches(
-        _validate_batch,
+        _validate_batch,  # pyright: ignore[reportArgumentType]
         fn_kwargs={"fmt": data.format, "keep_raw": keep_raw},
         batch_format="numpy",
         num_cpus=data.cpus_per_data_task,
     )
     if data.eval is None and data.eval_fraction > 0:
         ds = ds.map_batches(
-            _split_filter(data.seed, data.eval_fraction, want_eval=(split == "eval")),
+            _split_filter(data.seed, data.eval_fraction, want_eval=(split == "eval")),  # pyright: ignore[reportArgumentType]
             batch_format="numpy",
             num_cpus=data.cpus_per_data_task,
         )
@@ -563,7 +566,7 @@ def tokenized(
     # A small split is one block, so one task: Ray Data would warn about the unused concurrency on every run.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     return ds.map_batches(
-        tokenize_batch,
+        tokenize_batch,  # pyright: ignore[reportArgumentType]
         fn_kwargs={
             "model": model.model_dump(),
             "data": data.model_dump(),
@@ -608,7 +611,7 @@ def build_datasets(
             continue
         if data.packing:
             ds = ds.map_batches(
-                _pack_batch,
+                _pack_batch,  # pyright: ignore[reportArgumentType]
                 fn_kwargs={"max_seq_len": data.max_seq_len, "seed": data.seed},
                 batch_size=PACK_WINDOW_ROWS,
                 batch_format="numpy",
@@ -640,10 +643,12 @@ def inspect_data(
     report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
     for split, check in checks.items():
         ds = tokenized(model, data, split, keep_dropped=True, shuffle=False, pairs=pairs)  # counts need no shuffle
+        assert ds is not None  # check_rows names only the splits there are
         lengths, trained, statuses, shown = [], [], [], []
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         answers: dict[str, list[int]] = {"chosen": [], "rejected": []}
-        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        batches = cast(Iterator[dict[str, np.ndarray]], ds.iter_batches(batch_size=1024, batch_format="numpy"))
+        for batch in batches:
             lengths.append(batch["num_tokens"])
             trained.append(batch["num_trained"])
             statuses.append(batch["status"])

@@ -88,7 +88,7 @@ def generate_qa(
     use_gpu: bool = False,
     concurrency: int = 4,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    start_ray: Callable[[int], None] | None = None,
+    start_ray: Callable[[int], object] | None = None,
     progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> dict:
     """Turn the documents under `docs_dir` into a JSONL training file `out`; return the counts.
@@ -137,8 +137,16 @@ def generate_qa(
                 llm = f"{client.model} at {client.url}"
                 replies = client.complete_all(prompts, max_new_tokens, concurrency, advance)
         else:
-            inference = dict(replicas=replicas, batch_size=batch_size, use_gpu=use_gpu, start_ray=start_ray)
-            llm, replies = _local_replies(prompts, model or DEFAULT_MODEL, max_new_tokens, advance, **inference)
+            llm, replies = _local_replies(
+                prompts,
+                model or DEFAULT_MODEL,
+                max_new_tokens,
+                advance,
+                replicas=replicas,
+                batch_size=batch_size,
+                use_gpu=use_gpu,
+                start_ray=start_ray,
+            )
         raw = [(c, parse_pairs(reply)) for c, reply in zip(chunks, replies, strict=True)]
     kept, dropped = keep_pairs(raw, min_overlap, max_question_chars, max_answer_chars)
     # an FAQ row points at its question's line; an LLM row at the chunk it was written from
@@ -225,7 +233,7 @@ def _local_replies(
     replicas: int,
     batch_size: int,
     use_gpu: bool,
-    start_ray: Callable[[int], None] | None,
+    start_ray: Callable[[int], object] | None,
 ) -> tuple[str, list[str]]:
     """Generate with a local model through the same Ray Data batch inference as `rayft eval`.
 
@@ -391,10 +399,11 @@ class Endpoint:
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rayft-generate") as pool:
             futures = {pool.submit(self.complete, p, max_tokens): i for i, p in enumerate(prompts[1:], 1)}
             for f in as_completed(futures):
-                if f.exception() is not None:
+                error = f.exception()
+                if error is not None:
                     for other in futures:
                         other.cancel()
-                    raise f.exception()
+                    raise error
                 replies[futures[f]] = f.result()
                 if advance:
                     advance(1)

@@ -130,11 +130,11 @@ def score(rows: list[dict]) -> dict[str, float | int | None]:
 def passes(prediction: str, rule: dict | str) -> bool:
     """Whether an answer keeps an evaluation row's rule: {"contains": [text, ...], "max_words": N}, both
     optional; text is matched case-insensitively, words are whitespace-separated."""
-    rule = json.loads(rule) if isinstance(rule, str) else rule
+    checks: dict = json.loads(rule) if isinstance(rule, str) else rule
     text = prediction.lower()
-    if any(str(c).lower() not in text for c in rule.get("contains") or []):
+    if any(str(c).lower() not in text for c in checks.get("contains") or []):
         return False
-    return rule.get("max_words") is None or len(prediction.split()) <= int(rule["max_words"])
+    return checks.get("max_words") is None or len(prediction.split()) <= int(checks["max_words"])
 
 
 def compare_pairs(base: list[dict], finetuned: list[dict]) -> dict:

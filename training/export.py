@@ -31,7 +31,7 @@ class ExportError(Exception):
     """A checkpoint that cannot be exported; the message says why."""
 
 
-def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict:
+def consolidated_state_dict(ckpt_dir: str, zero_stage: int, lora: bool) -> dict | None:
     """The weights of a DeepSpeed checkpoint (only the trained ones for LoRA). Under ZeRO the values are
     DeepSpeed's lazy tensors: each is assembled from the ranks' fp32 partitions only when it is copied into
     the model (load_weights), so the driver never holds a second, whole fp32 copy of the model."""
@@ -170,7 +170,8 @@ def _export_lora(ckpt_dir: str, job: TrainJob, out: str, dtype) -> None:
         raise ExportError(f"{ckpt_dir}: checkpoint lacks trained weights: {not_loaded[:5]}")
     model.save_pretrained(os.path.join(out, ADAPTER_DIR) if job.export.merge else out)
     if job.export.merge:
-        model.merge_and_unload().to(dtype).save_pretrained(out)
+        merged = model.merge_and_unload()  # PEFT types it as an nn.Module: the transformers model it is
+        merged.to(dtype).save_pretrained(out)  # pyright: ignore[reportCallIssue]
 
 
 def _export_full(ckpt_dir: str, job: TrainJob, out: str, dtype, dtype_name: str) -> None:
@@ -217,7 +218,7 @@ def _export_full(ckpt_dir: str, job: TrainJob, out: str, dtype, dtype_name: str)
     config.dtype = dtype
     config.save_pretrained(out)
     with contextlib.suppress(OSError):
-        GenerationConfig.from_pretrained(base, revision=job.model.revision).save_pretrained(out)
+        GenerationConfig.from_pretrained(base, revision=job.model.revision or "main").save_pretrained(out)
     if job.model.trust_remote_code:  # the model's own code travels with it, as save_pretrained does
         for f in os.listdir(base):
             if f.endswith(".py"):

@@ -168,7 +168,7 @@ def _message_list(messages: Any, field: str) -> list[dict]:
         if role not in ROLES:
             raise RowError(f"{where}role is {role!r}; expected one of {', '.join(ROLES)}")
         content = _need_str(m, "content", allow_empty=(role != "assistant"), where=where)
-        msg = {"role": role, "content": content}
+        msg: dict[str, Any] = {"role": role, "content": content}
         if "weight" in m:
             if role != "assistant":
                 raise RowError(f"{where}weight is only allowed on assistant messages")
@@ -211,7 +211,7 @@ class Renderer:
 
         self.tok = tokenizer
         self.train_on_inputs = train_on_inputs
-        self.specials_mode = specials or DataConfig.model_fields["special_tokens_in_content"].default
+        self.specials_mode: SpecialsMode = specials or DataConfig.model_fields["special_tokens_in_content"].default
         self.content_specials = special_tokens(tokenizer)
         self.eos = tokenizer.eos_token or ""
         # Longest first, so "<|im_end|>" wins over any shorter special token it starts with.
@@ -366,7 +366,9 @@ class Renderer:
 # --------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_rendered(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list, list]]:
+def tokenize_rendered(
+    tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Token ids and labels for rendered texts; tokens overlapping a trained span carry loss. The special-token
     text that a Renderer escaped (specials.Rendered) is tokenized as plain text."""
     from rayft.training.specials import encode

@@ -151,7 +151,7 @@ def load_for_inference(model: InferenceModel, use_gpu: bool = False, dtype: str 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    return lm.to(device).eval(), tokenizer
+    return lm.to(device).eval(), tokenizer  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound
 
 
 class Generator:
@@ -185,7 +185,7 @@ class Generator:
         prompts = [str(p) for p in batch["prompt"]]
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(
+            out = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue] - transformers' own typing
                 **enc,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,

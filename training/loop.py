@@ -108,6 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if not all_ranks_have(len(group) == cfg.grad_accum, device):
                 break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
             if dpo:  # the loss is per pair: summed here, divided by the step's pairs on all ranks
+                assert reference is not None
                 pair_sums, count = dpo_step(engine, reference, group, device, pad_id, world, cfg.grad_accum, cfg, clock)
                 loss_sum = pair_sums[0]
             else:
@@ -212,7 +213,7 @@ def sharded_from_the_start(cfg: LoopConfig) -> None:
     model, in host memory or on its GPU. The config is the run's own DeepSpeed config, concrete values only."""
     if cfg.training.zero_stage != 3:
         return
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from rayft.training.ds_config import build_ds_config
 
@@ -288,7 +289,7 @@ def next_token_logits_at(model, where, input_ids, attention_mask=None, position_
 
 def apply_lora(model, training: TrainingConfig):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     lora = training.lora
     layers, targets = None, lora.target_modules
@@ -306,7 +307,7 @@ def apply_lora(model, training: TrainingConfig):
                     if isinstance(m, torch.nn.Linear) and m is not head and ".layers." in f".{name}"
                 }
             )
-    return get_peft_model(
+    peft_model = get_peft_model(
         model,
         LoraConfig(
             r=lora.r,
@@ -317,6 +318,8 @@ def apply_lora(model, training: TrainingConfig):
             task_type="CAUSAL_LM",
         ),
     )
+    assert isinstance(peft_model, PeftModel)  # a mixed model only with mixed=True
+    return peft_model
 
 
 def build_engine(model, cfg: LoopConfig):
@@ -330,9 +333,10 @@ def build_engine(model, cfg: LoopConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=params,
+        model_parameters=params,  # pyright: ignore[reportArgumentType] - DeepSpeed annotates it as a Module
         config=ds_config,
-        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, cfg.total_steps, t.warmup_ratio, t.lr_schedule)),
+        # DeepSpeed's annotation wants a scheduler factory returning the deprecated _LRScheduler
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, cfg.total_steps, t.warmup_ratio, t.lr_schedule)),  # pyright: ignore[reportArgumentType]
     )
     if t.method == "lora":
         engine.module_state_dict = types.MethodType(_trainable_module_state_dict, engine)
@@ -473,7 +477,7 @@ class StepClock:
         import torch
 
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.t = time.perf_counter()
 
     def start(self) -> None:
@@ -488,7 +492,8 @@ class StepClock:
 
     def take(self) -> dict[str, float]:
         """This micro-batch's phases; the clock starts over."""
-        out, self.phases = self.phases, dict.fromkeys(PHASES, 0.0)
+        out = self.phases
+        self.phases = dict.fromkeys(PHASES, 0.0)
         return out
 
 
@@ -632,6 +637,7 @@ def eval_micro_batches(shard, size: int, device):
         item = next(batches, None)
         if not all_ranks_have(item is not None, device):
             return
+        assert item is not None  # this rank has one, as every rank has
         yield item[0]
 
 

@@ -47,7 +47,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rayft.training.config import TrainJob
@@ -149,12 +149,12 @@ class MemoryPlan:
         if self.fits:
             return "fits: " + "; ".join(parts)
         short = []
-        if self.device_fits is False:
+        if self.device_fits is False and self.capacity_per_worker is not None:
             short.append(
                 f"{_gib(self.per_worker_total)} GiB {unit} needed, {_gib(DEVICE_USABLE * self.capacity_per_worker)} "
                 f"usable of {_gib(self.capacity_per_worker)}"
             )
-        if self.host_fits is False:
+        if self.host_fits is False and self.host_capacity_per_node is not None:
             short.append(
                 f"{_gib(self.host_per_node_total)} GiB host RAM per node needed, "
                 f"{_gib(HOST_USABLE * self.host_capacity_per_node)} usable of {_gib(self.host_capacity_per_node)}"
@@ -296,6 +296,7 @@ def _shape_of(path: str, revision: str | None, trust_remote_code: bool, lora: st
         for name, m in model.named_modules():
             if isinstance(m, LoraLayer) and m.r:
                 index = _LAYER_INDEX.search(f".{name}.")
+                assert m.in_features is not None  # set from the base layer the adapter wraps
                 found.append((int(index.group(1)) if index else -1, int(m.in_features), int(next(iter(m.r.values())))))
         adapters = tuple(found)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
@@ -471,8 +472,8 @@ def _capacity(job: TrainJob, gpu_gib: float | None, host_gib: float | None, work
                 kinds = {_accelerator_type(nd["Resources"]) for nd in gpu_nodes}
                 mem = [GPU_MEMORY_GIB.get(k) if k else None for k in kinds]
                 if gpu_gib is None and mem and None not in mem:
-                    device = int(min(mem) * GIB)
-                    sources.append(f"{'/'.join(sorted(kinds))} GPUs of the Ray cluster")
+                    device = int(min(m for m in mem if m is not None) * GIB)
+                    sources.append(f"{'/'.join(sorted(k for k in kinds if k))} GPUs of the Ray cluster")
                 elif gpu_gib is None:
                     sources.append(
                         f"the cluster's GPUs ({', '.join(sorted(k or 'untyped' for k in kinds))}) have no known memory"
@@ -635,7 +636,7 @@ def _advice(job: TrainJob, cap: _Capacity, plan: MemoryPlan) -> list[str]:
                 f"{_gib(alt.host_per_node_total)} GiB host RAM per node: use more memory or more workers"
             )
     if w > 1 or t.zero_stage >= 1:
-        more = {"scaling.num_workers": 2 * w}
+        more: dict[str, object] = {"scaling.num_workers": 2 * w}
         alt = _replan(job, cap, more)
         if alt is not None and _better(plan, alt):
             advice.append(
@@ -645,9 +646,9 @@ def _advice(job: TrainJob, cap: _Capacity, plan: MemoryPlan) -> list[str]:
     return advice
 
 
-def _merged(changes: list[dict[str, object]]) -> dict[str, object]:
+def _merged(changes: list[dict[str, Any]]) -> dict[str, object]:
     """Several changes as one; the highest ZeRO stage any of them asks for wins."""
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     for change in changes:
         for key, value in change.items():
             out[key] = max(value, out.get(key, 0)) if key == "training.zero_stage" else value

@@ -80,7 +80,7 @@ def _builtin_gguf(name: str) -> Path:
         ) from None
     for f in dist.files or []:
         if f.name == spec["gguf_file"]:
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))
     raise ModelError(f"{spec['distribution']} is installed but has no {spec['gguf_file']}; reinstall it")
 
 
@@ -109,7 +109,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     # weights into a plain model built from the same config.
     config = quantized.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config
+        delattr(config, "quantization_config")  # an attribute of GGUF-loaded configs only
     config.name_or_path = ""
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -162,4 +162,4 @@ def load_model(name: str, dtype: str = "auto", device: str | None = None, trust_
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(name), dtype=getattr(torch, resolve_dtype(dtype, device)), trust_remote_code=trust_remote_code
     )
-    return model.to(device)
+    return model.to(device)  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound

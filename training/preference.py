@@ -139,7 +139,7 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     zero3 = t.zero_stage == 3
     if zero3:  # partitioned while it loads, as the policy was (see rayft.training.loop.sharded_from_the_start)
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
         from rayft.training.loop import _ZERO3
 
@@ -168,7 +168,7 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
         model.eval()
         return Reference(engine, model)
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    return Reference(engine, model.to(device))
+    return Reference(engine, model.to(device))  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound
 
 
 def reference_model_dir(path: str) -> str:

@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from rayft.training import storage
 
@@ -55,6 +56,12 @@ STATES = ("running", "succeeded", "failed")
 # says its own as a class attribute `error_kind`.
 ERROR_KINDS = ("config", "data", "training", "plan", "storage", "cluster", "usage", "model")
 MAX_MESSAGE_CHARS = 8000
+
+
+class UserFacing(Protocol):
+    """What `user_error` finds: an exception whose class says its kind (the type checkers' view of it)."""
+
+    error_kind: str
 
 
 @dataclass(frozen=True)
@@ -270,13 +277,13 @@ def checkpoint_step(ckpt_dir: str) -> int | None:
     return None
 
 
-def user_error(e: BaseException | None) -> BaseException | None:
+def user_error(e: BaseException | None) -> UserFacing | None:
     """The user-facing rayft error behind `e` (one whose class has an `error_kind`): `e` itself, or the one
     Ray wrapped it in (a data task's, a worker's); None when `e` is something else (a bug, a crash)."""
     seen = 0
     while isinstance(e, BaseException) and seen < 10:
         if isinstance(getattr(type(e), "error_kind", None), str):
-            return e
+            return cast(UserFacing, e)
         # Ray's wrappers keep the original as `cause`; others chain it (some `from None`, so the context counts)
         wrapped = getattr(e, "cause", None)
         e = wrapped if isinstance(wrapped, BaseException) else e.__cause__ or e.__context__

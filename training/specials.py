@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Literal
+from typing import Literal, cast
 
 SpecialsMode = Literal["escape", "refuse", "allow"]
 
@@ -147,7 +147,7 @@ def encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tupl
             ids[i], offsets[i] = enc["input_ids"][k], enc["offset_mapping"][k]
     for i, t in enumerate(texts):
         if ids[i] is None:
-            ids[i], offsets[i] = _encode_escaped(tokenizer, t)
+            ids[i], offsets[i] = _encode_escaped(tokenizer, cast(Rendered, t))  # only a Rendered text has literals
     return ids, offsets
 
 

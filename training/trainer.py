@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rayft.training import storage
 from rayft.training.data import DataError, build_datasets, check_rows
@@ -237,7 +237,9 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
         resources["GPU"] = s.gpus_per_worker
     # keep the best checkpoints by eval loss, when every checkpoint carries one (the final one needs eval_at_end)
     scored = "eval" in datasets and job.training.eval_at_end
-    score = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if scored else {}
+    score: dict[str, Any] = (
+        {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if scored else {}
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg.model_dump(mode="json"),
@@ -298,8 +300,8 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
 
 def _root_message(e: BaseException) -> str:
     seen = 0
-    while seen < 10 and (e.__cause__ or getattr(e, "cause", None)):
-        e = e.__cause__ or e.cause
+    while seen < 10 and (inner := e.__cause__ or getattr(e, "cause", None)):
+        e = inner
         seen += 1
     return f"{type(e).__name__}: {e}".strip()[:4000]
 

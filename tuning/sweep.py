@@ -24,6 +24,7 @@ import io
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +140,7 @@ def trial_resources(job: SweepJob) -> tuple[float, float]:
     return cpus, (workers * s.gpus_per_worker if s.use_gpu else 0.0)
 
 
-def concurrency(job: SweepJob, total: dict[str, float]) -> int:
+def concurrency(job: SweepJob, total: Mapping[str, float]) -> int:
     """Trials at once: the configured number (refused when the cluster cannot hold it), else what fits."""
     cpus, gpus = trial_resources(job)
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
@@ -292,7 +293,7 @@ def _scheduler(job: SweepJob):
     sc = sw.scheduler
     if sc.type == "fifo":
         return FIFOScheduler()
-    own = {} if sw.metric == sw.progress_metric else {"metric": sw.progress_metric, "mode": "min"}
+    own: dict[str, Any] = {} if sw.metric == sw.progress_metric else {"metric": sw.progress_metric, "mode": "min"}
     # max_t past the last step: ASHA stops a trial that reaches max_t, and a trial must end by itself
     # (export its model, release its workers), not be killed at its last report.
     return ASHAScheduler(
