@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, chat, free_port, rayft_cli, write_jsonl
+from helpers import ROOT, chat, free_port, rayft_cli, write_jsonl
 
 RAYFT = [sys.executable, "-m", "rayft"]
 

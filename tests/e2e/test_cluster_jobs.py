@@ -23,7 +23,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, chat, free_port, rayft_cli, write_jsonl
+from helpers import ROOT, chat, free_port, rayft_cli, write_jsonl
 
 pytestmark = pytest.mark.slow  # a two-node cluster and real jobs: minutes
 VENV_BIN = str(Path(sys.executable).parent)

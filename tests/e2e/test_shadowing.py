@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chat, free_port, write_jsonl
+from helpers import chat, free_port, write_jsonl
 
 # Each of the user's modules leaves a mark (which module, which process) and refuses to be used.
 USER_MODULE = """
