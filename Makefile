@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BUNDLE_DIR    ?= bench/out/bundle
 BUNDLE_PYTHON ?= 3.12
 
-.PHONY: setup demo demo-api test test-fast test-bundle lint docs bench offline-bundle clean
+.PHONY: setup demo demo-api test test-cluster test-fast test-bundle lint docs bench offline-bundle clean
 
 setup: $(STAMP)
 
@@ -45,13 +45,18 @@ demo: setup
 demo-api: setup
 	VENV=$(VENV) examples/finetune_over_http/demo.sh
 
-# Every test this machine can run, except the offline bundle's build (test-bundle).
+# Every behaviour on one local Ray, the endpoint and a sweep included; the cluster-sized stories are test-cluster's.
 test: setup
-	$(PY) -m pytest -m "not bundle" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not bundle and not cluster" $(PYTEST_ARGS)
+
+# A real two-node cluster, killed workers and drivers resuming (locally and from a bucket), the real SmolLM2 end
+# to end (the demo), the GPU check's dry run.
+test-cluster: setup
+	$(PY) -m pytest -m "cluster and not bundle" $(PYTEST_ARGS)
 
 # The inner loop: no test over ~30 s.
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not bundle" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not bundle and not cluster" $(PYTEST_ARGS)
 
 # Builds the offline GPU bundle (a first run downloads Ray's wheel and builds DeepSpeed's) and installs it.
 test-bundle: setup

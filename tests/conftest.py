@@ -116,3 +116,38 @@ def smol_tokenizer():
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved as a normal model dir."""
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def asha_sweep(ray_local, tiny_model_dir, tmp_path_factory):
+    """The suite's ASHA sweep, read by the tests of its leaderboard (tuning) and of its tracked runs (training):
+    four learning rates, two that learn and two that cannot move the weights in 8 steps, two trials at once (so
+    the hopeless pair reaches ASHA's first rung, step 2, after a good one recorded its value). It is tracked in
+    an MLflow store given by a relative path (where the sweep starts, not where its trials run), with a secret in
+    submit.env_vars. (dir, job file, result, MLflow store)"""
+    import yaml
+
+    from helpers import HF_TOKEN, sweep_job_file
+    from rayft.cluster.config import load_config
+    from rayft.tuning.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("asha")
+    sweep = {
+        "name": "lr",
+        "space": {"training.lr": {"grid": [5e-3, 2e-3, 1e-8, 1e-9]}},
+        "num_samples": 1,  # one pass over the grid
+        "max_concurrent_trials": 2,
+        "scheduler": {"grace_period": 2, "reduction_factor": 2},
+    }
+    path = sweep_job_file(tmp, tiny_model_dir, sweep)
+    doc = yaml.safe_load(path.read_text())
+    doc["run"]["tracking"] = {"mlflow": {"uri": "mlruns"}}
+    doc["submit"] = {"env_vars": {"HF_TOKEN": HF_TOKEN}}
+    path.write_text("# rayft sweep job.yaml\n" + yaml.safe_dump(doc, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        result = run_sweep(load_config(path))
+    finally:
+        os.chdir(cwd)
+    return tmp, path, result, tmp / "mlruns"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,3 +337,7 @@ def answer(base: str, key: str, model: str, max_tokens: int = 12) -> str:
         model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=max_tokens, temperature=0
     )
     return reply.choices[0].message.content
+
+
+# A credential in submit.env_vars of the tracked runs: the tests look for it in every file and output.
+HF_TOKEN = "hf_" + secrets.token_hex(16)

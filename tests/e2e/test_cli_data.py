@@ -52,6 +52,7 @@ def test_data_inspect_json_on_the_quickstart():
     assert report["splits"]["train"]["packing_efficiency"] > 0.85
 
 
+@pytest.mark.cluster  # the real SmolLM2 through the whole demo
 @pytest.mark.slow
 def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
     """The demo path on the real SmolLM2 with few steps and a sample of the eval rows: on the ticket task the

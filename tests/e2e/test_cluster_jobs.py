@@ -25,7 +25,7 @@ import requests
 
 from helpers import ROOT, chat, free_port, rayft_cli, write_jsonl
 
-pytestmark = pytest.mark.slow  # a two-node cluster and real jobs: minutes
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a two-node cluster and real jobs: minutes
 VENV_BIN = str(Path(sys.executable).parent)
 
 

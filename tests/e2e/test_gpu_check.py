@@ -13,6 +13,7 @@ import pytest
 from helpers import ROOT
 
 
+@pytest.mark.cluster  # every part of the GPU check, on the CPU
 @pytest.mark.slow
 def test_gpu_check_dry_run_measures_every_part_and_records_them_as_pending(tmp_path):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"

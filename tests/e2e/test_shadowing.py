@@ -52,6 +52,7 @@ def user_env() -> dict:
     return env
 
 
+@pytest.mark.cluster  # a user's project end to end: train and serve
 @pytest.mark.slow
 def test_train_and_serve_from_a_project_with_modules_named_like_rayfts(project, ray_local):
     import ray

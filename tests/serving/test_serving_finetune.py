@@ -24,7 +24,8 @@ from helpers import (
 )
 from helpers import openai_client as client
 
-pytestmark = pytest.mark.slow  # real training jobs on a shared endpoint
+# Real training jobs, submitted to the cluster as Ray Jobs (a driver each) from a shared endpoint: test-cluster's.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 USER, OTHER, ADMIN = "sk-ft-user", "sk-ft-other", "sk-ft-admin"
 

@@ -55,8 +55,7 @@ def fuzz_endpoint(ray_local, smol_tokenizer, serve_port, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [7, 11])
-def test_a_schema_driven_fuzzer_finds_no_mismatch_with_the_openapi_document(fuzz_endpoint, tmp_path, seed):
+def test_a_schema_driven_fuzzer_finds_no_mismatch_with_the_openapi_document(fuzz_endpoint, tmp_path):
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     import requests
@@ -66,7 +65,7 @@ def test_a_schema_driven_fuzzer_finds_no_mismatch_with_the_openapi_document(fuzz
     got = requests.get(f"{fuzz_endpoint}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     schema.write_bytes(got.content)
     cmd = [str(st), "--config-file", str(config), "run", str(schema), "--url", fuzz_endpoint]
-    cmd += ["-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--max-examples", "40", "--seed", str(seed)]
+    cmd += ["-H", f"Authorization: Bearer {KEY}", "--checks", "all", "--max-examples", "50", "--seed", "7"]
     cmd += ["--request-timeout", "60", "--no-color"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays there
     summary = r.stdout[r.stdout.rfind("SUMMARY") :]

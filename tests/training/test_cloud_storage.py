@@ -246,6 +246,7 @@ def consumed_in(checkpoint: str) -> set[int]:
     return ids
 
 
+@pytest.mark.cluster  # a failure drill
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_model_dir, tmp_path):
     """ZeRO-2 LoRA with the run dir in the bucket: a worker killed after a checkpoint; the restarted group
@@ -284,6 +285,7 @@ def test_a_killed_worker_resumes_from_the_bucket(s3_bucket, ray_local, tiny_mode
     assert "config.json" in storage.listdir(box["result"].final_dir)
 
 
+@pytest.mark.cluster  # a failure drill
 @pytest.mark.slow
 def test_a_killed_driver_is_rerun_and_resumes_from_the_bucket(s3_bucket, tiny_model_dir, tmp_path):
     """`rayft train` (its own local Ray) killed with SIGKILL mid-run, as a lost head or a stopped job's driver

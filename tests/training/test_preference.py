@@ -219,7 +219,8 @@ def pairs_job(tmp_path: Path, model_dir: Path, **training) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("zero_stage", "method"), [(2, "lora"), (3, "lora"), (2, "full"), (3, "full")])
+# ZeRO-2 with LoRA learns the same way in the drill below (a worker killed mid-run), which checks the same.
+@pytest.mark.parametrize(("zero_stage", "method"), [(3, "lora"), (2, "full"), (3, "full")])
 def test_two_workers_learn_to_rank_the_chosen_answer_first(ray_local, tmp_path, tiny_model_dir, zero_stage, method):
     from rayft.cluster.config import load_config
     from rayft.training.trainer import read_metrics, run_training
@@ -238,6 +239,7 @@ def test_two_workers_learn_to_rank_the_chosen_answer_first(ray_local, tmp_path, 
     assert final["eval_loss"] < math.log(2)
 
 
+@pytest.mark.cluster  # a failure drill
 @pytest.mark.slow
 def test_a_dpo_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_still_learns(
     ray_local, tmp_path, tiny_model_dir
@@ -268,10 +270,12 @@ def test_a_dpo_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_still_
     resumed = [r for r in records[records.index(starts[1]) :] if "reward_accuracy" in r and not r.get("final")]
     assert [r["step"] for r in resumed if "step" in r and "loss" in r][:1] == [9]
     steps = {r["step"]: r for r in records if "reward_accuracy" in r and "loss" in r and not r.get("final")}
-    assert sorted(steps) == list(range(1, 25))
+    assert sorted(steps) == list(range(1, 25)) and all(r["pairs"] == 8 for r in steps.values())
+    assert steps[1]["loss"] == pytest.approx(math.log(2), abs=0.02)  # policy = reference at the start
     assert steps[24]["reward_accuracy"] >= 0.9 and steps[24]["reward_margin"] > 0
     final = [r for r in records if "eval_reward_accuracy" in r][-1]
-    assert final["eval_reward_accuracy"] >= 0.9
+    assert final["eval_reward_accuracy"] >= 0.9 and final["eval_pairs"] == 16
+    assert final["eval_loss"] < math.log(2)
 
 
 def test_eval_ranks_pairs_by_reward_and_scores_answers_by_the_rows_rule():

@@ -110,6 +110,7 @@ def final_consumed(run_dir: str) -> set[int]:
     return consumed_in(checkpoints(run_dir)[-1])
 
 
+@pytest.mark.cluster  # a failure drill
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_end_of_an_epoch_and_trains_each_example_once_per_epoch(
     tmp_path, tiny_model_dir
@@ -141,6 +142,7 @@ def test_a_killed_worker_resumes_from_the_end_of_an_epoch_and_trains_each_exampl
     check_checkpoints_and_export(job, box["result"].final_dir, tiny_model_dir)
 
 
+@pytest.mark.cluster  # a failure drill
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_rerunning_after_the_driver_died_resumes_where_it_stopped(tmp_path, tiny_model_dir, zero_stage):
@@ -218,6 +220,7 @@ def test_bad_model_and_unwritable_storage_are_clear_errors(tmp_path, tiny_model_
         run_training(job)
 
 
+@pytest.mark.cluster  # the real SmolLM2
 @pytest.mark.slow
 def test_the_built_in_smollm2_finetunes_and_exports(tmp_path):
     """The real SmolLM2-135M through the whole path: a few LoRA steps, then final/ answers like a chat model."""

@@ -118,24 +118,12 @@ def test_cli_refuses_a_bad_sweep_before_starting_ray(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tiny_model_dir):
+def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(asha_sweep):
     from rayft.serving.config import ServeConfig
     from rayft.serving.spec import build_spec
     from rayft.training.trainer import read_metrics, run_training
-    from rayft.tuning.sweep import run_sweep
 
-    # Two learning rates that learn and two that cannot move the weights in 8 steps. Two trials run at
-    # once, so the hopeless pair reaches ASHA's first rung (step 2) after a good one recorded its value.
-    sweep = {
-        "name": "lr",
-        "space": {"training.lr": {"grid": [5e-3, 2e-3, 1e-8, 1e-9]}},
-        "num_samples": 1,  # one pass over the grid
-        "max_concurrent_trials": 2,
-        "scheduler": {"grace_period": 2, "reduction_factor": 2},
-    }
-    job = load_config(sweep_job_file(tmp_path, tiny_model_dir, sweep))
-    result = run_sweep(job)
-
+    _, _, result, _ = asha_sweep  # two learning rates that learn, two that cannot (conftest.py)
     assert len(result.rows) == 4
     by_lr = {r.params["training.lr"]: r for r in result.rows}
     # 5e-3 leads at every rung, so it always runs to the end; 2e-3 may be cut at a rung behind it
@@ -161,13 +149,14 @@ def test_asha_stops_hopeless_trials_and_the_best_reruns_and_serves(tmp_path, tin
     build_spec(str(root / "best"), ServeConfig())  # what `rayft serve <sweep>/best` resolves
 
     # best.yaml is a job file `rayft train` takes: the winning value, a fresh run name
-    best = load_config(root / "best.yaml", ["training.max_steps=2"])
+    best = load_config(root / "best.yaml", ["training.max_steps=2", "run.tracking.mlflow=false"])
     assert best.training.lr == result.best.params["training.lr"]
     assert best.run.name == "lr-best"
     rerun = run_training(best)
     assert rerun.steps == 2 and rerun.final_dir and os.path.isdir(rerun.final_dir)
 
 
+@pytest.mark.cluster  # a failure drill: Ctrl-C
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_model_dir):
