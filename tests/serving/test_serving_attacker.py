@@ -15,7 +15,6 @@ from helpers import (
     ANSWER,
     FT_TEMPLATE,
     QUESTION,
-    answer,
     chat,
     make_adapters,
     serve_deploy,
@@ -23,6 +22,7 @@ from helpers import (
     wait_for_job,
     write_jsonl,
 )
+from helpers import answer as ask
 from helpers import openai_client as client
 
 pytestmark = pytest.mark.slow  # a real fine-tuning job on the victim's side
@@ -38,6 +38,11 @@ def auth(key: str | None) -> dict:
 
 def call(base: str, method: str, path: str, key: str | None, **kw) -> requests.Response:
     return requests.request(method, f"{base}{path}", headers=auth(key) | kw.pop("headers", {}), timeout=120, **kw)
+
+
+def answer(base: str, key: str, model: str) -> str:
+    """`model`'s greedy 8-token reply to the victim's question: compared before and after each attack."""
+    return ask(base, key, model, max_tokens=8)
 
 
 class Site:
@@ -98,7 +103,7 @@ def site(ray_local, smol_tokenizer, serve_port, tmp_path_factory) -> Site:
     assert job.status == "succeeded", job.error
     s.job_id, s.model = job.id, job.fine_tuned_model
     s.checkpoint = client(s.base, VICTIM).fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
-    s.answer = answer(s.base, VICTIM, s.model, max_tokens=8)
+    s.answer = answer(s.base, VICTIM, s.model)
     assert "swordfish" in s.answer
     yield s
     serve.delete("rayft")
@@ -108,7 +113,7 @@ def assert_victim_unchanged(s: Site) -> None:
     victim = client(s.base, VICTIM)
     assert victim.files.content(s.file_id).read() == s.file_bytes
     assert victim.fine_tuning.jobs.retrieve(s.job_id).status == "succeeded"
-    assert answer(s.base, VICTIM, s.model, max_tokens=8) == s.answer
+    assert answer(s.base, VICTIM, s.model) == s.answer
 
 
 def routes(s: Site) -> list[tuple[str, str]]:
@@ -272,7 +277,7 @@ def test_oversized_bodies_and_endless_lines_are_refused_by_their_limits(site, tm
     with open(path, "rb") as f:
         file_id = client(site.base, ATTACKER).files.create(file=f, purpose="fine-tune").id
     job = client(site.base, ATTACKER).fine_tuning.jobs.create(model="tiny", training_file=file_id)
-    job = wait_for_job(site.base, ATTACKER, job.id, timeout_s=60)
+    job = wait_for_job(site.base, ATTACKER, job.id, timeout=60)
     assert job.status == "failed" and job.error.code == "invalid_file"
     assert "long.jsonl:9: the line is longer than 2048 bytes" in job.error.message
     assert "long.jsonl:18: the line is longer than 2048 bytes" in job.error.message

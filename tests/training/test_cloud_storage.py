@@ -333,6 +333,7 @@ def test_a_killed_driver_is_rerun_and_resumes_from_the_bucket(s3_bucket, tiny_mo
     assert "config.json" in storage.listdir(f"{job.run_dir}/final")
 
 
+@pytest.mark.cluster  # a sweep resumed from the bucket
 @pytest.mark.slow
 def test_a_sweep_in_the_bucket_keeps_its_leaderboard_there_and_resumes_from_it(
     s3_bucket, ray_local, tiny_model_dir, tmp_path, monkeypatch

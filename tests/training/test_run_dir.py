@@ -230,6 +230,7 @@ def test_rayft_train_leaves_the_error_it_prints_in_the_runs_status(ray_local, tm
 # --------------------------------------------------------------------------- the fine-tuning service's decision
 
 
+@pytest.mark.cluster  # drivers as Ray jobs, one killed
 @pytest.mark.slow  # two real `rayft train` drivers as Ray jobs
 def test_the_service_resubmits_a_driver_that_died_and_fails_a_run_that_failed_without_resubmitting(
     ray_local, smol_tokenizer, tmp_path

@@ -229,7 +229,7 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(asha_sweep):
         assert float(child.data.params["training.lr"]) == row.params["training.lr"]
         trained = {r["step"] for r in read_metrics(row.run_dir) if "loss" in r}  # 8 steps, fewer when stopped
         logged = {m.step for m in client(store).get_metric_history(child.info.run_id, "loss")}
-        assert {1, 2} <= logged <= trained and (row.status != "completed" or logged == set(range(1, 9)))
+        assert logged and logged <= trained and (row.status != "completed" or logged == set(range(1, 9)))
     for run in runs:
         assert_no_secret_tracked(store, run.info.run_id)
     assert_secret_nowhere(tmp, skip=(path,))
