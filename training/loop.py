@@ -104,7 +104,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "lr": engine.get_lr()[0],
                 "grad_norm": _float(engine.get_global_grad_norm()),
             }
-            metrics |= objective.step_metrics(outcome, device)  # DPO: loss per pair, reward accuracy, rewards
+            metrics |= objective.outcome_metrics(outcome, device)  # DPO: loss per pair, reward accuracy, rewards
             is_last = step >= cfg.total_steps
             evaluated = eval_shard is not None and t.eval_every_steps and step % t.eval_every_steps == 0
             if evaluated and not is_last:

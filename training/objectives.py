@@ -38,7 +38,7 @@ class StepOutcome:
 
     loss_sum: float  # this rank's summed loss
     loss_count: int  # what the step's loss is a mean over, on all ranks: trained tokens (SFT), pairs (DPO)
-    sums: list[float] = field(default_factory=list)  # the objective's own figures, for its step_metrics
+    sums: list[float] = field(default_factory=list)  # the objective's own figures, for its outcome_metrics
 
 
 class Objective(Protocol):
@@ -51,7 +51,7 @@ class Objective(Protocol):
         """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids)."""
         ...
 
-    def step_metrics(self, outcome: StepOutcome, device) -> dict:
+    def outcome_metrics(self, outcome: StepOutcome, device) -> dict:
         """The objective's own metrics for a step, over all ranks; added to (and overriding) the loop's."""
         ...
 
@@ -110,7 +110,7 @@ class Sft:
             losses.append(loss_sum.item())
         return StepOutcome(loss_sum=sum(losses), loss_count=step_tokens)
 
-    def step_metrics(self, outcome: StepOutcome, device) -> dict:
+    def outcome_metrics(self, outcome: StepOutcome, device) -> dict:
         return {}  # the loop's loss is SFT's
 
     def evaluate(self, ctx: StepContext, shard) -> dict:

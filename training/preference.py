@@ -227,7 +227,7 @@ class Dpo:
             _add(sums, losses.detach(), chosen, rejected)
         return StepOutcome(loss_sum=sums[0], loss_count=int(count.item()), sums=sums)
 
-    def step_metrics(self, outcome: StepOutcome, device) -> dict:
+    def outcome_metrics(self, outcome: StepOutcome, device) -> dict:
         """The loss per pair, reward accuracy, chosen and rejected rewards and their margin."""
         return reduce_sums(outcome.sums, device)
 
