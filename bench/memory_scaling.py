@@ -57,7 +57,7 @@ import json, sys, threading, time
 import deepspeed, peft, torch, transformers
 from rayft.cluster.config import load_config
 from rayft.training.export import export_checkpoint, list_checkpoints
-from rayft.training.loop import host_peak_rss, host_rss
+from rayft.training.step_metrics import host_peak_rss, host_rss
 job = load_config(sys.argv[1])
 ckpt = list_checkpoints(job.run_dir)[-1][1]
 peaks = {"RssAnon": 0, "RssFile": 0}

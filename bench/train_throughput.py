@@ -74,7 +74,7 @@ LR = 2e-4
 TARGET_VS_PADDED = 1.5
 TARGET_VS_PACKED = 0.85
 TARGET_WAIT_SHARE = 0.05
-# The trainer's per-step phases (mean over ranks, s/step), as training.loop.PHASES records them.
+# The trainer's per-step phases (mean over ranks, s/step), as training.step_metrics.PHASES records them.
 PHASES = ("forward_s", "backward_s", "grad_sync_s", "optimizer_s")
 
 
@@ -187,8 +187,7 @@ class Run:
 
 
 def loop_config(model_name: str, global_batch: int, micro: int, steps: int, run_dir: str, skip_untrained_logits: bool):
-    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
-    from rayft.training.loop import LoopConfig
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
 
     return LoopConfig(
         model=ModelConfig(name=model_name),
@@ -214,7 +213,7 @@ def run_single_process(name: str, cfg, batches: list[list[list[dict]]]) -> Run:
     import torch
 
     from rayft.training.formats import collate, padded_length
-    from rayft.training.loop import build_model
+    from rayft.training.model_setup import build_model
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)

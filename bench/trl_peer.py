@@ -11,7 +11,7 @@ runs it on the same model, rows and hyperparameters as configs/quickstart.yaml a
   is a real one; position ids restart per example, from which transformers builds a block-diagonal causal mask for
   sdpa, so examples packed together do not attend to each other);
 - the same LoRA (rank, alpha, dropout, every linear projection of the top `last_layers` layers, as rayft's
-  training/loop.py apply_lora), optimizer (torch's fused AdamW, no weight decay, gradients clipped at 1.0), peak
+  training/model_setup.py apply_lora), optimizer (torch's fused AdamW, no weight decay, gradients clipped at 1.0), peak
   learning rate and schedule shape, bf16 weights on the CPU;
 - the same per-step figures: the wall time of each optimizer step, its real and trained tokens and its loss. The
   dataset preparation (tokenizing, packing) runs in SFTTrainer's constructor and is timed apart from the steps, as

@@ -418,3 +418,17 @@ class TrainJob(Section):
     @property
     def run_dir(self) -> str:
         return os.path.join(self.run.storage_path, self.run.name)
+
+
+class LoopConfig(Section):
+    """What a worker needs (rayft.training.loop.train_loop); built by the driver (training/trainer.py) from the
+    job file."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    grad_accum: int = Field(ge=1)
+    total_steps: int = Field(ge=1)
+    has_eval: bool
+    use_gpu: bool
+    run_dir: str

@@ -20,7 +20,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from rayft.training import storage
-from rayft.training.loop import DS_TAG
+from rayft.training.checkpoints import DS_TAG
 from rayft.training.run_dir import ADAPTER_DIR, FINAL_DIR, RunDir, checkpoint_step
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def _export_lora(ckpt_dir: str, job: TrainJob, out: str, dtype) -> None:
     trained adapter weights are copied in, and LoRA merges in the model's dtype."""
     from transformers import AutoModelForCausalLM
 
-    from rayft.training.loop import apply_lora
+    from rayft.training.model_setup import apply_lora
     from rayft.training.models import resolve_model
 
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints progress lines

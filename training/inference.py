@@ -214,7 +214,7 @@ class Generator:
         import torch.nn.functional as F
 
         from rayft.training.formats import collate, tokenize_rendered
-        from rayft.training.loop import PLAIN_LM_HEAD_TYPES, next_token_logits_at
+        from rayft.training.model_setup import PLAIN_LM_HEAD_TYPES, next_token_logits_at
 
         rows = [{"input_ids": ids, "labels": labels} for ids, labels in tokenize_rendered(self.tok, texts, spans)]
         batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}

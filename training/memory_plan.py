@@ -285,7 +285,7 @@ def _shape_of(path: str, revision: str | None, trust_remote_code: bool, lora: st
         from peft.tuners.lora import LoraLayer
 
         from rayft.training.config import LoraConfig, TrainingConfig
-        from rayft.training.loop import apply_lora
+        from rayft.training.model_setup import apply_lora
 
         # The workers' own apply_lora, run on the meta model: PEFT creates the adapters on the base layers'
         # (meta) device, so the trainable count is exactly the real one.

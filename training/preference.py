@@ -1,6 +1,6 @@
 """Preference tuning (training.objective: dpo): the loss, the reference model, and one optimizer step over
-micro-batches of pairs. The training loop (rayft.training.loop) calls `dpo_step` and `evaluate_pairs` where an
-SFT run calls its own step and eval.
+micro-batches of pairs: the objective `Dpo` (rayft.training.objectives.Objective), which the training loop
+(rayft.training.loop) steps and evaluates as it does SFT.
 
 A pair row holds the chosen answer (input_ids, labels) and the rejected one (rejected_ids, rejected_labels), both
 after the same rendered prompt; labels carry loss on the answer tokens only. Each micro-batch runs as one batch of
@@ -18,8 +18,10 @@ reference model, sharded by DeepSpeed like the policy under ZeRO-3.
 
 from __future__ import annotations
 
-from rayft.training.config import DpoConfig
+from rayft.training.config import DpoConfig, LoopConfig
 from rayft.training.formats import IGNORE_INDEX as IGNORE
+from rayft.training.model_setup import has_trained_position_logits, load_partitioned, use_trained_position_logits
+from rayft.training.objectives import StepContext, StepOutcome, eval_micro_batches
 
 # What a step or an eval pass sums over pairs and all ranks: its loss, the pairs ranked right, the chosen and
 # rejected rewards, and the pairs themselves.
@@ -67,8 +69,6 @@ def sequence_logps(model, batch: dict):
     vocabulary only at the answers' tokens; others compute logits at every position."""
     import torch
     import torch.nn.functional as F
-
-    from rayft.training.loop import has_trained_position_logits
 
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
@@ -128,7 +128,6 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
 
     from rayft.training.cpu_ops import use_packed_attention
     from rayft.training.ds_config import build_ds_config, resolve_precision
-    from rayft.training.loop import use_trained_position_logits
     from rayft.training.models import resolve_model
 
     t = cfg.training
@@ -138,12 +137,8 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
     precision = resolve_precision(t, use_gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     zero3 = t.zero_stage == 3
-    if zero3:  # partitioned while it loads, as the policy was (see rayft.training.loop.sharded_from_the_start)
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-        from rayft.training.loop import _ZERO3
-
-        _ZERO3.append(HfDeepSpeedConfig(build_ds_config(t, t.micro_batch_size, 1, use_gpu)))
+    if zero3:  # partitioned while it loads, as the policy was (rayft.training.model_setup.sharded_from_the_start)
+        load_partitioned(build_ds_config(t, t.micro_batch_size, 1, use_gpu), keep_earlier=True)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(name),
         dtype=dtype,
@@ -153,7 +148,7 @@ def build_reference(cfg, engine, use_gpu: bool) -> Reference:
     )
     model.requires_grad_(False)
     model.eval()
-    # The policy's own CPU attention and trained-position logits (rayft.training.loop.build_model), so the two
+    # The policy's own CPU attention and trained-position logits (rayft.training.model_setup.build_model), so the two
     # forwards of a micro-batch do the same work.
     if not use_gpu:
         use_packed_attention(model)
@@ -199,45 +194,56 @@ def uses_packed_attention(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
 
 
-def dpo_step(engine, reference: Reference, group: list, device, pad_id: int, world: int, grad_accum: int, cfg, clock):
-    """One optimizer step over this rank's grad_accum micro-batches of pairs. The loss is the mean over every
-    pair of the step on every rank: each micro-batch's summed loss is scaled so that DeepSpeed's averaging
-    (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / pairs. Returns the step's sums (SUMS) on
-    this rank, as a list, and the step's pairs on all ranks."""
-    import torch
-    import torch.distributed as dist
+class Dpo:
+    """Preference tuning (rayft.training.objectives.Objective): the policy against its reference, pair by pair."""
 
-    count = torch.tensor([float(sum(len(rows) for rows, _ in group))], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(count)
-    scale = world * grad_accum / max(count.item(), 1)
-    sums = [0.0] * len(SUMS)
-    for rows, _ in group:
-        clock.start()
-        losses, chosen, rejected = dpo_forward(engine, reference, rows, device, pad_id, cfg.training.dpo)
-        clock.lap("forward_s")
-        engine.backward(losses.sum() * scale)
-        clock.lap("backward_s")
-        engine.step()
-        clock.lap("optimizer_s")
-        _add(sums, losses.detach(), chosen, rejected)
-    return sums, int(count.item())
+    def __init__(self, cfg: LoopConfig, engine):
+        self.dpo, self.micro_batch_size = cfg.training.dpo, cfg.training.micro_batch_size
+        self.reference = build_reference(cfg, engine, cfg.use_gpu)  # what the rewards compare against
+        self.one_row = uses_packed_attention(engine)  # a micro-batch's pairs run as one row (pair_batch)
 
+    def step(self, ctx: StepContext, group: list) -> StepOutcome:
+        """One optimizer step over this rank's grad_accum micro-batches of pairs. The loss is the mean over every
+        pair of the step on every rank: each micro-batch's summed loss is scaled so that DeepSpeed's averaging
+        (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / pairs. The outcome holds the step's sums
+        (SUMS) on this rank and the step's pairs on all ranks."""
+        import torch
+        import torch.distributed as dist
 
-def evaluate_pairs(engine, reference: Reference, shard, size: int, device, pad_id: int, cfg) -> dict:
-    """The preference loss, reward accuracy and rewards over the whole eval split."""
-    import torch
+        engine, device, clock = ctx.engine, ctx.device, ctx.clock
+        count = torch.tensor([float(sum(len(rows) for rows, _ in group))], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        scale = ctx.world * ctx.grad_accum / max(count.item(), 1)
+        sums = [0.0] * len(SUMS)
+        for rows, _ in group:
+            clock.start()
+            losses, chosen, rejected = dpo_forward(engine, self.reference, rows, device, ctx.pad_id, self.dpo)
+            clock.lap("forward_s")
+            engine.backward(losses.sum() * scale)
+            clock.lap("backward_s")
+            engine.step()
+            clock.lap("optimizer_s")
+            _add(sums, losses.detach(), chosen, rejected)
+        return StepOutcome(loss_sum=sums[0], loss_count=int(count.item()), sums=sums)
 
-    from rayft.training.loop import eval_micro_batches
+    def outcome_metrics(self, outcome: StepOutcome, device) -> dict:
+        """The loss per pair, reward accuracy, chosen and rejected rewards and their margin."""
+        return reduce_sums(outcome.sums, device)
 
-    engine.eval()
-    sums = [0.0] * len(SUMS)
-    with torch.no_grad():
-        for rows in eval_micro_batches(shard, size, device):
-            losses, chosen, rejected = dpo_forward(engine, reference, rows, device, pad_id, cfg.training.dpo)
-            _add(sums, losses, chosen, rejected)
-    engine.train()
-    return {f"eval_{k}": v for k, v in reduce_sums(sums, device).items()}
+    def evaluate(self, ctx: StepContext, shard) -> dict:
+        """The preference loss, reward accuracy and rewards over the whole eval split."""
+        import torch
+
+        engine, device = ctx.engine, ctx.device
+        engine.eval()
+        sums = [0.0] * len(SUMS)
+        with torch.no_grad():
+            for rows in eval_micro_batches(shard, self.micro_batch_size, device):
+                losses, chosen, rejected = dpo_forward(engine, self.reference, rows, device, ctx.pad_id, self.dpo)
+                _add(sums, losses, chosen, rejected)
+        engine.train()
+        return {f"eval_{k}": v for k, v in reduce_sums(sums, device).items()}
 
 
 def _add(sums: list[float], losses, chosen, rejected) -> None:

@@ -197,8 +197,9 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from rayft.training.config import LoopConfig
     from rayft.training.export import export_checkpoint
-    from rayft.training.loop import LoopConfig, train_loop
+    from rayft.training.loop import train_loop
     from rayft.training.models import resolve_model
 
     run = RunDir(job.run_dir)

@@ -24,7 +24,7 @@ import math
 import os
 from collections import OrderedDict
 
-from rayft.training.loop import DS_TAG
+from rayft.training.checkpoints import DS_TAG
 
 OPTIM_FILES = "*zero_pp_rank_*_mp_rank_*_optim_states.pt"
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

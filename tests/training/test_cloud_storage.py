@@ -200,7 +200,7 @@ def load_config_text(text: str) -> dict:
 def test_a_rank_resuming_from_the_bucket_fetches_only_its_own_partition(s3_bucket, tmp_path):
     from types import SimpleNamespace
 
-    from rayft.training.loop import checkpoint_files
+    from rayft.training.checkpoints import checkpoint_files
 
     ckpt = tmp_path / "checkpoint_000"
     (ckpt / "ds").mkdir(parents=True)

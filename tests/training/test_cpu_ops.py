@@ -115,8 +115,8 @@ def test_fast_dropout_drops_the_configured_share_with_dropouts_scaling():
 
 
 def test_build_model_on_cpu_uses_both(tiny_model_dir, tmp_path):
-    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
-    from rayft.training.loop import LoopConfig, build_model
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.model_setup import build_model
 
     cfg = LoopConfig(
         model=ModelConfig(name=str(tiny_model_dir)),

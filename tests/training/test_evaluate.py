@@ -98,7 +98,7 @@ def _teach(model_dir, out_dir, rows: list[dict], steps: int = 150):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayft.training.formats import collate, tokenize_rendered
-    from rayft.training.loop import use_trained_position_logits
+    from rayft.training.model_setup import use_trained_position_logits
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -17,8 +17,11 @@ def _train_and_save(rank: int, world: int, model_dir: str, stage: int, ckpt: str
     import numpy as np
     import torch
 
-    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
-    from rayft.training.loop import DS_TAG, LoopConfig, StepClock, build_engine, build_model, train_step
+    from rayft.training.checkpoints import DS_TAG
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.model_setup import build_engine, build_model
+    from rayft.training.objectives import Sft, StepContext
+    from rayft.training.step_metrics import StepClock
 
     training = TrainingConfig(method="full", zero_stage=stage, lr=1e-2, micro_batch_size=1, global_batch_size=world)
     cfg = LoopConfig(
@@ -36,10 +39,11 @@ def _train_and_save(rank: int, world: int, model_dir: str, stage: int, ckpt: str
     ids = rng.integers(5, 1000, size=24)
     row = {"input_ids": ids, "labels": np.where(np.arange(24) >= 12, ids, -100)}
     cpu = torch.device("cpu")
+    ctx = StepContext(engine=engine, device=cpu, pad_id=0, world=world, grad_accum=1, clock=StepClock(cpu))
     for _ in range(2):
-        sums, tokens = train_step(engine, [([row], [])], cpu, 0, world, 1, StepClock(cpu))
+        out = Sft(cfg).step(ctx, [([row], [])])
     engine.save_checkpoint(ckpt, tag=DS_TAG)
-    return sum(sums) / tokens
+    return out.loss_sum / out.loss_count
 
 
 def _job(model_dir, stage: int, dtype: str):
@@ -67,8 +71,8 @@ def test_streamed_export_equals_deepspeeds_consolidation(checkpoint, dtype, tiny
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from rayft.training.checkpoints import DS_TAG
     from rayft.training.export import export_checkpoint
-    from rayft.training.loop import DS_TAG
 
     stage, ckpt = checkpoint
     out = export_checkpoint(str(ckpt), _job(tiny_model_dir, stage, dtype), str(tmp_path / "final"))

@@ -63,7 +63,7 @@ def test_parameter_counts_are_the_real_models(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rayft.training.loop import apply_lora
+    from rayft.training.model_setup import apply_lora
 
     full = plan_of(job(tiny_model_dir, training={"method": "full"}))
     real = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -87,7 +87,7 @@ def test_each_answer_of_a_pair_row_scores_as_if_alone(tiny_model_dir, smol_token
     from transformers import AutoModelForCausalLM
 
     from rayft.training.cpu_ops import use_packed_attention
-    from rayft.training.loop import use_trained_position_logits
+    from rayft.training.model_setup import use_trained_position_logits
     from rayft.training.preference import pair_batch, sequence_logps
 
     torch.manual_seed(0)

@@ -38,8 +38,10 @@ def _run_layouts(rank: int, world: int, model_dir: str) -> list[tuple[float, int
     import torch
     import torch.distributed as dist
 
-    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
-    from rayft.training.loop import LoopConfig, StepClock, build_engine, build_model, train_step
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.model_setup import build_engine, build_model
+    from rayft.training.objectives import Sft, StepContext
+    from rayft.training.step_metrics import StepClock
 
     results = []
     for _, micro, accum in LAYOUTS[world]:
@@ -61,8 +63,11 @@ def _run_layouts(rank: int, world: int, model_dir: str) -> list[tuple[float, int
         rows = packed_rows(engine.module.config.vocab_size)
         mine = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
         group = [(mine[i : i + micro], []) for i in range(0, len(mine), micro)]
-        sums, tokens = train_step(engine, group, torch.device("cpu"), 0, world, accum, StepClock(torch.device("cpu")))
-        total = torch.tensor([sum(sums)], dtype=torch.float64)
+        cpu = torch.device("cpu")
+        ctx = StepContext(engine=engine, device=cpu, pad_id=0, world=world, grad_accum=accum, clock=StepClock(cpu))
+        out = Sft(cfg).step(ctx, group)
+        tokens = out.loss_count
+        total = torch.tensor([out.loss_sum], dtype=torch.float64)
         dist.all_reduce(total)
         results.append((total.item() / tokens, tokens, float(engine.get_global_grad_norm())))
         engine.destroy()

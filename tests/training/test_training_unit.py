@@ -75,7 +75,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_lora_trains_only_adapters_with_the_expected_parameter_count(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from rayft.training.loop import apply_lora
+    from rayft.training.model_setup import apply_lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
@@ -99,7 +99,7 @@ def test_trained_position_logits_give_the_same_loss_and_gradients(tiny_model_dir
     from transformers import AutoModelForCausalLM
 
     from rayft.training.formats import collate
-    from rayft.training.loop import use_trained_position_logits
+    from rayft.training.model_setup import use_trained_position_logits
 
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -172,9 +172,13 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     """Real DeepSpeed (ZeRO-2) in one process: loss falls on a repeated batch, LoRA leaves the base
     untouched, and the model exported from the checkpoint generates exactly what the trained model does."""
     from rayft.cluster.config import load_config
+    from rayft.training.checkpoints import DS_TAG
+    from rayft.training.config import LoopConfig
     from rayft.training.export import export_checkpoint
     from rayft.training.formats import Renderer, normalize, tokenize_rendered
-    from rayft.training.loop import DS_TAG, LoopConfig, StepClock, build_engine, build_model, train_step
+    from rayft.training.model_setup import build_engine, build_model
+    from rayft.training.objectives import Sft, StepContext
+    from rayft.training.step_metrics import StepClock
 
     job_file = tmp_path / "job.yaml"
     job_file.write_text(
@@ -217,9 +221,11 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     inner = engine.optimizer.optimizer  # under ZeRO's wrapper: PyTorch's fused AdamW, not a DeepSpeed C++ op
     assert type(inner) is torch.optim.AdamW and inner.defaults["fused"]
     losses, cpu = [], torch.device("cpu")
+    pad_id = smol_tokenizer.pad_token_id
+    ctx = StepContext(engine=engine, device=cpu, pad_id=pad_id, world=1, grad_accum=1, clock=StepClock(cpu))
     for _ in range(12):  # the loop's own optimizer step: one micro-batch, one rank
-        sums, tokens = train_step(engine, [(rows, [])], cpu, smol_tokenizer.pad_token_id, 1, 1, StepClock(cpu))
-        losses.append(sum(sums) / tokens)
+        out = Sft(cfg).step(ctx, [(rows, [])])
+        losses.append(out.loss_sum / out.loss_count)
     assert losses[-1] < losses[0] - 0.5, losses
     after = dict(engine.module.named_parameters())
     if method == "lora":

@@ -15,8 +15,10 @@ def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
     import torch
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from rayft.training.config import DataConfig, ModelConfig, TrainingConfig
-    from rayft.training.loop import LoopConfig, StepClock, build_engine, build_model, forward, train_step
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.model_setup import build_engine, build_model
+    from rayft.training.objectives import Sft, StepContext, forward
+    from rayft.training.step_metrics import StepClock
 
     training = TrainingConfig(
         method=method,
@@ -56,8 +58,9 @@ def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
     ids = rng.integers(5, 1000, size=24)
     row = {"input_ids": ids, "labels": np.where(np.arange(24) >= 12, ids, -100)}
     cpu = torch.device("cpu")
-    sums, tokens = train_step(engine, [([row], [])], cpu, 0, world, 1, StepClock(cpu))
-    train_step(engine, [([row], [])], cpu, 0, world, 1, StepClock(cpu))  # the trace is complete after step 1
+    ctx = StepContext(engine=engine, device=cpu, pad_id=0, world=world, grad_accum=1, clock=StepClock(cpu))
+    first = Sft(cfg).step(ctx, [([row], [])])
+    Sft(cfg).step(ctx, [([row], [])])  # the trace is complete after step 1
     loss_sum, _ = forward(engine, [row], cpu, 0)
     gathered = sum(p.ds_numel for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)
     engine.backward(loss_sum)
@@ -65,7 +68,7 @@ def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
     return {
         "loaded": loaded,
         "built": after,
-        "loss": sum(sums) / tokens,
+        "loss": first.loss_sum / first.loss_count,
         "gathered_after_forward": gathered / after["total"],
     }
 
