@@ -341,3 +341,20 @@ def answer(base: str, key: str, model: str, max_tokens: int = 12) -> str:
 
 # A credential in submit.env_vars of the tracked runs: the tests look for it in every file and output.
 HF_TOKEN = "hf_" + secrets.token_hex(16)
+
+
+def loop_config(model, training, *, data=None, grad_accum: int = 1, total_steps: int = 1, run_dir: str = "/tmp/unused"):
+    """The worker loop's config for driving it by hand (no Ray, no eval, CPU): `model` a model dir or a
+    ModelConfig, `data` a DataConfig (default: one never read)."""
+    from rayft.training.config import DataConfig, LoopConfig, ModelConfig
+
+    return LoopConfig(
+        model=model if isinstance(model, ModelConfig) else ModelConfig(name=str(model)),
+        data=data or DataConfig(train="unused.jsonl"),
+        training=training,
+        grad_accum=grad_accum,
+        total_steps=total_steps,
+        has_eval=False,
+        use_gpu=False,
+        run_dir=run_dir,
+    )

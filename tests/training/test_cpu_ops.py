@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import loop_config
 from rayft.training import cpu_ops
 
 ARCHS = {
@@ -115,18 +116,12 @@ def test_fast_dropout_drops_the_configured_share_with_dropouts_scaling():
 
 
 def test_build_model_on_cpu_uses_both(tiny_model_dir, tmp_path):
-    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.config import DataConfig, TrainingConfig
     from rayft.training.model_setup import build_model
 
-    cfg = LoopConfig(
-        model=ModelConfig(name=str(tiny_model_dir)),
-        data=DataConfig(train="unused.jsonl", packing=True),
-        training=TrainingConfig(method="lora", lora={"dropout": 0.05}),
-        grad_accum=1,
-        total_steps=1,
-        has_eval=False,
-        use_gpu=False,
-        run_dir=str(tmp_path),
+    training = TrainingConfig(method="lora", lora={"dropout": 0.05})
+    cfg = loop_config(
+        tiny_model_dir, training, data=DataConfig(train="unused.jsonl", packing=True), run_dir=str(tmp_path)
     )
     model = build_model(cfg)
     assert model.config._attn_implementation == cpu_ops.NAME

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers import run_ranks
+from helpers import loop_config, run_ranks
 
 
 def _train_and_save(rank: int, world: int, model_dir: str, stage: int, ckpt: str) -> float:
@@ -18,22 +18,13 @@ def _train_and_save(rank: int, world: int, model_dir: str, stage: int, ckpt: str
     import torch
 
     from rayft.training.checkpoints import DS_TAG
-    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.config import TrainingConfig
     from rayft.training.model_setup import build_engine, build_model
     from rayft.training.objectives import Sft, StepContext
     from rayft.training.step_metrics import StepClock
 
     training = TrainingConfig(method="full", zero_stage=stage, lr=1e-2, micro_batch_size=1, global_batch_size=world)
-    cfg = LoopConfig(
-        model=ModelConfig(name=model_dir),
-        data=DataConfig(train="unused.jsonl"),
-        training=training,
-        grad_accum=1,
-        total_steps=2,
-        has_eval=False,
-        use_gpu=False,
-        run_dir="/tmp/unused",
-    )
+    cfg = loop_config(model_dir, training, total_steps=2)
     engine = build_engine(build_model(cfg), cfg)
     rng = np.random.default_rng(rank)
     ids = rng.integers(5, 1000, size=24)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import run_ranks
+from helpers import loop_config, run_ranks
 
 # Four packed rows (two examples each) whose trained lengths differ by up to 40x: a mean of per-micro-batch
 # means would weigh the 3-token row like the 120-token one.
@@ -38,7 +38,7 @@ def _run_layouts(rank: int, world: int, model_dir: str) -> list[tuple[float, int
     import torch
     import torch.distributed as dist
 
-    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.config import TrainingConfig
     from rayft.training.model_setup import build_engine, build_model
     from rayft.training.objectives import Sft, StepContext
     from rayft.training.step_metrics import StepClock
@@ -48,16 +48,7 @@ def _run_layouts(rank: int, world: int, model_dir: str) -> list[tuple[float, int
         training = TrainingConfig(
             method="full", zero_stage=2, lr=1e-3, micro_batch_size=micro, global_batch_size=micro * accum * world
         )
-        cfg = LoopConfig(
-            model=ModelConfig(name=model_dir),
-            data=DataConfig(train="unused.jsonl"),
-            training=training,
-            grad_accum=accum,
-            total_steps=1,
-            has_eval=False,
-            use_gpu=False,
-            run_dir="/tmp/unused",
-        )
+        cfg = loop_config(model_dir, training, grad_accum=accum)
         torch.manual_seed(0)
         engine = build_engine(build_model(cfg), cfg)
         rows = packed_rows(engine.module.config.vocab_size)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import free_port, loop_config
 from rayft.training.config import LoraConfig, TrainingConfig
 from rayft.training.ds_config import build_ds_config, lr_lambda, resolve_precision
 
@@ -173,7 +173,6 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
     untouched, and the model exported from the checkpoint generates exactly what the trained model does."""
     from rayft.cluster.config import load_config
     from rayft.training.checkpoints import DS_TAG
-    from rayft.training.config import LoopConfig
     from rayft.training.export import export_checkpoint
     from rayft.training.formats import Renderer, normalize, tokenize_rendered
     from rayft.training.model_setup import build_engine, build_model
@@ -187,16 +186,7 @@ def test_engine_steps_lower_the_loss_and_the_export_generates_like_the_trained_m
         f" zero_stage: 2, lora: {{r: 8, alpha: 16, dropout: 0.0}}}}\n"
     )
     job = load_config(job_file)
-    cfg = LoopConfig(
-        model=job.model,
-        data=job.data,
-        training=job.training,
-        grad_accum=1,
-        total_steps=30,
-        has_eval=False,
-        use_gpu=False,
-        run_dir=str(tmp_path / "run"),
-    )
+    cfg = loop_config(job.model, job.training, data=job.data, total_steps=30, run_dir=str(tmp_path / "run"))
     docs = [
         normalize(
             {

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_ranks
+from helpers import loop_config, run_ranks
 
 
 def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
@@ -15,7 +15,7 @@ def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
     import torch
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from rayft.training.config import DataConfig, LoopConfig, ModelConfig, TrainingConfig
+    from rayft.training.config import TrainingConfig
     from rayft.training.model_setup import build_engine, build_model
     from rayft.training.objectives import Sft, StepContext, forward
     from rayft.training.step_metrics import StepClock
@@ -29,16 +29,7 @@ def _load_and_step(rank: int, world: int, model_dir: str, method: str) -> dict:
         # the tiny model's weights are all below DeepSpeed's 1e5-element threshold for always-gathered ones
         ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
     )
-    cfg = LoopConfig(
-        model=ModelConfig(name=model_dir),
-        data=DataConfig(train="unused.jsonl"),
-        training=training,
-        grad_accum=1,
-        total_steps=1,
-        has_eval=False,
-        use_gpu=False,
-        run_dir="/tmp/unused",
-    )
+    cfg = loop_config(model_dir, training)
     model = build_model(cfg)
     params = list(model.parameters())
     loaded = {
