@@ -280,12 +280,12 @@ def checkpoint_steps(run_dir: str) -> list[int]:
 
 
 def consumed_in(checkpoint: str) -> set[int]:
-    """The examples a checkpoint records as trained in its epoch (every rank's)."""
-    import glob
+    """The examples a checkpoint (local or in a bucket) records as trained in its epoch, every rank's."""
+    from rayft.training import storage
 
     ids: set[int] = set()
-    for path in glob.glob(os.path.join(checkpoint, "trainer_state_rank*.json")):
-        ids.update(json.loads(Path(path).read_text())["consumed"])
+    for state in storage.glob(checkpoint, "trainer_state_rank*.json"):
+        ids.update(json.loads(storage.read_text(state))["consumed"])
     return ids
 
 

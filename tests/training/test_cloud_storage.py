@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QUICKSTART, chat, rayft_cli, write_jsonl
+from helpers import QUICKSTART, chat, consumed_in, rayft_cli, write_jsonl
 from rayft.training import storage
 
 
@@ -236,14 +236,6 @@ def epoch_job(tmp_path: Path, model_dir, runs: str, name: str, run_extra: str = 
         f"run: {{name: {name}, storage_path: {runs}{', ' + run_extra if run_extra else ''}}}\n"
     )
     return tmp_path / "job.yaml"
-
-
-def consumed_in(checkpoint: str) -> set[int]:
-    """The examples a checkpoint (local or in the bucket) records as trained in its epoch, every rank's."""
-    ids: set[int] = set()
-    for state in storage.glob(checkpoint, "trainer_state_rank*.json"):
-        ids.update(json.loads(storage.read_text(state))["consumed"])
-    return ids
 
 
 @pytest.mark.cluster  # a failure drill
