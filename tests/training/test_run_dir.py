@@ -256,11 +256,11 @@ def test_the_training_entrypoint_leaves_the_same_outcome_as_rayft_train(ray_loca
 
 
 @pytest.mark.cluster  # drivers as Ray jobs, one killed
-@pytest.mark.slow  # two real `rayft train` drivers as Ray jobs
+@pytest.mark.slow  # two real training drivers (python -m rayft.training.run) as Ray jobs
 def test_the_service_resubmits_a_driver_that_died_and_fails_a_run_that_failed_without_resubmitting(
     ray_local, smol_tokenizer, tmp_path
 ):
-    """A job whose run was left "running" (its driver killed) is submitted again; once `rayft train` itself fails
+    """A job whose run was left "running" (its driver killed) is submitted again; once the run itself fails
     it (the served model cannot load in training: a model error, the line the log regex used to miss), the job
     fails with that message and is not submitted again, though it has restarts left."""
     from rayft.serving.config import FinetuneConfig
