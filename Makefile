@@ -16,11 +16,11 @@ setup: $(STAMP)
 # rayft is installed in setuptools' strict editable mode: build/__editable__.rayft-*/rayft is a tree of symlinks
 # to this checkout's files, on sys.path through a .pth file, so editors and type checkers resolve rayft.* as
 # Python does (the default editable mode is an import hook that only Python follows). The tree holds the files
-# that existed at install time: a new or removed .py file in a package needs a reinstall, so the stamp depends
-# on $(PKG_LIST), the list of the packages' .py files, rewritten only when that list changes (an edit to a file
-# doesn't reinstall).
+# that existed at install time: a new or removed .py file (or page) in a package needs a reinstall, so the stamp
+# depends on $(PKG_LIST), the list of the packages' .py and .html files, rewritten only when that list changes (an
+# edit to a file doesn't reinstall).
 STRICT    := --config-settings editable_mode=strict
-PKG_FILES := $(sort $(wildcard *.py cluster/*.py cluster/kuberay/*.py training/*.py tuning/*.py serving/*.py))
+PKG_FILES := $(sort $(wildcard *.py cluster/*.py cluster/kuberay/*.py training/*.py tuning/*.py serving/*.py serving/*.html))
 PKG_LIST  := $(VENV)/.rayft-files
 
 $(PKG_LIST): FORCE

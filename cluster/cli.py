@@ -19,6 +19,7 @@ from rayft.cluster.generate_cmd import generate
 from rayft.cluster.jobs_cmd import jobs_list, jobs_logs, jobs_status, jobs_stop, submit
 from rayft.cluster.serve_cmd import serve
 from rayft.cluster.sweep_cmd import sweep
+from rayft.training.run import plan_line, step_line
 
 
 def config_show(
@@ -244,9 +245,7 @@ class TrainProgress:
         if r.get("event") == "planned":
             self.total = r["total_steps"]
             self.progress.update(self.task, total=r["total_steps"])
-            what = "resuming" if r.get("resuming") else "planned"
-            rows = f" from {r['train_rows']:,} training rows" if r.get("train_rows") else ""
-            self.progress.console.print(f"{what}: {r['total_steps']} optimizer steps{rows}")
+            self.progress.console.print(plan_line(r))
         elif r.get("event") == "start" and r.get("resumed"):
             self.progress.console.print(f"resumed from the checkpoint at step {r['step']}")
             self.progress.update(self.task, completed=r["step"])
@@ -258,63 +257,17 @@ class TrainProgress:
             self.progress.update(self.task, eval=f"{r['eval_loss']:.4f}")
 
     def _line(self, r: dict) -> None:
-        step = r.get("step")
-        if "eval_loss" in r:
-            pairs = f"  eval reward accuracy {r['eval_reward_accuracy']:.2f}" if "eval_reward_accuracy" in r else ""
-            self.progress.console.print(
-                f"step {step}/{self.total}  eval loss {r['eval_loss']:.4f}{pairs}", highlight=False
-            )
-        elif "loss" in r and step and (step % self.log_every == 0 or step == self.total):
-            tps = f"{r['nonpad_tokens_per_s']:,.0f}"
-            pairs = f"  reward accuracy {r['reward_accuracy']:.2f}" if "reward_accuracy" in r else ""  # DPO
-            self.progress.console.print(
-                f"step {step}/{self.total}  loss {r['loss']:.4f}{pairs}  {tps} tok/s", highlight=False
-            )
+        line = step_line(r, self.total, self.log_every)
+        if line:
+            self.progress.console.print(line, highlight=False)
 
 
 def _print_train_summary(result) -> None:
-    from rayft.training.run_dir import RunDir
+    from rayft.training.run import summary_lines
 
-    run = RunDir(result.run_dir)
-    m = result.metrics
     out.print(f"[bold green]done[/]: {result.steps} steps", highlight=False)
-    if "eval_reward_accuracy" in m:  # DPO: the held-out pairs
-        out.print(
-            f"  eval loss {m['eval_loss']:.4f}  reward accuracy {m['eval_reward_accuracy']:.1%}  "
-            f"margin {m['eval_reward_margin']:.2f}",
-            highlight=False,
-        )
-    elif "eval_loss" in m:
-        out.print(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
-    losses = [v for _, v in run.curve("loss")]
-    if losses:
-        line = f"  loss      {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}  (plot: {run.loss_plot})"
-        out.print(line, highlight=False, soft_wrap=True)
-    out.print(f"  run dir   {result.run_dir}  (metrics.jsonl, loss.png, tensorboard/, checkpoints)")
-    if result.final_dir:
-        out.print(f"  model     {result.final_dir}")
-    from rayft.training.tracking import read_state
-
-    tracked = read_state(result.run_dir)
-    if "mlflow" in tracked:
-        out.print(f"  mlflow    run {tracked['mlflow']['run_id']} in {tracked['mlflow']['uri']}", highlight=False)
-    if "wandb" in tracked:
-        out.print(
-            f"  wandb     run {tracked['wandb']['run_id']} ({tracked['wandb'].get('dir') or ''})", highlight=False
-        )
-
-
-SPARK = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: list[float], width: int = 48) -> str:
-    """One line of block characters, one per group of consecutive values (their mean), scaled from the
-    lowest group (▁) to the highest (█)."""
-    n = min(width, len(values))
-    groups = [values[i * len(values) // n : (i + 1) * len(values) // n] for i in range(n)]
-    means = [sum(g) / len(g) for g in groups]
-    lo, hi = min(means), max(means)
-    return "".join(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0] for v in means)
+    for line in summary_lines(result):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def eval_cmd(

@@ -2,14 +2,13 @@
 own code, submit it to a running cluster, follow its logs, list and stop jobs.
 
 The Jobs API is plain HTTP to the head node's dashboard (port 8265), so this module needs no Ray
-connection. Clusters that require Ray's token authentication get the token from RAY_AUTH_TOKEN,
-the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; it travels only in the request
-header and is never printed, logged or put in a job's metadata or runtime environment.
+connection. What a job is submitted as (its entrypoint, metadata and runtime environment) and how the cluster's
+auth token is found are rayft.training.launch's, which the endpoint's fine-tuning jobs use too: the token travels
+only in the request header and is never printed, logged or put in a job's metadata or runtime environment.
 """
 
 from __future__ import annotations
 
-import base64
 import glob
 import os
 import re
@@ -21,11 +20,16 @@ from pathlib import Path
 
 import yaml
 
+from rayft.training import launch
+from rayft.training.launch import run_dir_of
 from rayft.training.run_dir import JOB_FILE, RunDir
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+IMAGE_JOB_FILE = f"rayft-{JOB_FILE}"  # where a job run in an image writes the job file its entrypoint carries
 LIVE = ("PENDING", "RUNNING")
-__all__ = ["JOB_FILE"]  # the name a job file travels under, as a run dir keeps it (rayft.training.run_dir)
+# The name a job file travels under, as a run dir keeps it (rayft.training.run_dir), and a job's run dir from its
+# metadata (rayft.training.launch), for the `rayft jobs` commands.
+__all__ = ["JOB_FILE", "run_dir_of"]
 # rayft's subpackages: with rayft's own __init__/__main__ they are the `rayft` package every job ships, so the
 # cluster runs the same code as the laptop whatever rayft (or none) its image holds.
 SUBPACKAGES = ("cluster", "training", "tuning", "serving")
@@ -53,57 +57,16 @@ def dashboard_address(address: str | None) -> str:
     return addr if "://" in addr else f"http://{addr}"
 
 
-def find_token() -> tuple[str | None, str]:
-    """(token, where it came from), in Ray's own order of precedence. The token is never shown."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    where = "RAY_AUTH_TOKEN_PATH" if path else "~/.ray/auth_token"
-    path = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
-    try:
-        token = path.read_text().strip()
-    except OSError:
-        return None, where
-    return (token or None), f"{where} ({path})"
-
-
 def client(address: str | None):
-    """A JobSubmissionClient for the cluster, with the auth header when a token is found."""
+    """A JobSubmissionClient for the cluster (--address, else RAY_ADDRESS, else the local dashboard), with the
+    auth header when a token is found (rayft.training.launch)."""
     import logging
-
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     for name in ("ray", "ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
         logging.getLogger(name).setLevel(logging.ERROR)  # Ray's upload chatter; rayft prints what was shipped
     addr = dashboard_address(address)
     os.environ["RAY_ADDRESS"] = addr  # Ray's client prefers RAY_ADDRESS over its address argument
-    token, source = find_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        return JobSubmissionClient(addr, headers=headers)
-    except AuthenticationError as e:
-        if "Authentication required" in str(e) or not token:
-            raise JobsError(
-                f"the cluster at {addr} requires a Ray auth token and none was found: set RAY_AUTH_TOKEN, or "
-                "put the token in ~/.ray/auth_token (`ray get-auth-token` prints it on the head node)"
-            ) from None
-        raise JobsError(
-            f"the cluster at {addr} refused the auth token from {source}: it is not this cluster's token. "
-            "Copy the head node's token (`ray get-auth-token` there) into RAY_AUTH_TOKEN or ~/.ray/auth_token"
-        ) from None
-    except (ConnectionError, OSError) as e:
-        raise JobsError(
-            f"cannot reach a Ray cluster at {addr} ({_reason(e)}). Check the address: the Jobs API is the head "
-            "node's dashboard port (8265 by default, not the 6379 GCS port); `ray dashboard CLUSTER.yaml` "
-            "forwards it to http://127.0.0.1:8265. Is the cluster up?"
-        ) from None
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    m = re.search(r"(Connection refused|Name or service not known|timed out|No route to host)", str(e))
-    return m.group(1) if m else text[:200]
+    return launch.client(addr)
 
 
 # ---------------------------------------------------------------- packaging
@@ -173,20 +136,13 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
             f"({', '.join(sorted({k for k, _, _ in files}))}); put them on shared storage or in the image"
         )
 
-    metadata = {
-        "rayft_command": command,
-        "rayft_run": run_name,
-        "rayft_storage": storage,
-        "rayft_job_file": Path(config).name,
-    }
-    env_vars = {"PYTHONUNBUFFERED": "1", **sub.env_vars}
+    metadata = launch.metadata(command, run_name, storage, rayft_job_file=Path(config).name)
     run_dir = run_dir_of(metadata)
     assert run_dir is not None  # metadata names both storage and run
     if sub.image_uri:  # only env_vars may accompany an image: the job file travels inside the entrypoint
         text = _job_yaml(job, config)
-        encoded = base64.b64encode(text.encode()).decode()
-        entrypoint = f"echo {encoded} | base64 -d > rayft-{JOB_FILE} && rayft {command} rayft-{JOB_FILE}"
-        runtime_env = {"image_uri": sub.image_uri, "env_vars": env_vars}
+        entrypoint = launch.entrypoint(command, IMAGE_JOB_FILE, job_text=text)
+        runtime_env = launch.runtime_env(sub.env_vars, image_uri=sub.image_uri)
         return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, job_text=text)
 
     staging = tempfile.mkdtemp(prefix="rayft-submit-")
@@ -200,23 +156,15 @@ def package(config: Path, overrides: list[str], command: str, name: str | None) 
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(code, ignore_errors=True)
         raise
-    runtime_env = {
-        "working_dir": staging,
-        "py_modules": [str(shipped_code)],
-        "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": env_vars,
-    }
-    if sub.pip:
-        runtime_env["pip"] = list(sub.pip)
-    entrypoint = f"python -m rayft {command} {JOB_FILE}"
+    runtime_env = launch.runtime_env(
+        sub.env_vars,
+        working_dir=staging,
+        py_modules=[str(shipped_code)],
+        excludes=["__pycache__", "*.pyc"],
+        pip=list(sub.pip),
+    )
+    entrypoint = launch.entrypoint(command, JOB_FILE)
     return Package(command, run_name, run_dir, entrypoint, runtime_env, metadata, staging, files, code, text)
-
-
-def run_dir_of(metadata: dict) -> str | None:
-    """A rayft job's run (or sweep) dir, from the metadata `package` gives it; None for other jobs."""
-    if "rayft_storage" in metadata and "rayft_run" in metadata:
-        return f"{metadata['rayft_storage'].rstrip('/')}/{metadata['rayft_run']}"
-    return None
 
 
 def fmt_size(n: int) -> str:

@@ -76,6 +76,7 @@ def _print_plan(pkg) -> None:
     """What `rayft submit` would send: the entrypoint, the environment, the local files and the job file as the
     cluster gets it, every credential shown as *** (the job's environment alone would hold them)."""
     from rayft.cluster import jobs
+    from rayft.training import launch
     from rayft.training.redact import redacted
 
     env = redacted(pkg.runtime_env)
@@ -84,7 +85,8 @@ def _print_plan(pkg) -> None:
     say(f"  run         {pkg.run_dir}")
     if env.get("image_uri"):
         say(f"  image       {env['image_uri']}")
-        say(f"  entrypoint  rayft {pkg.command} rayft-{jobs.JOB_FILE} (the job file below travels inside it)")
+        runs = launch.entrypoint(pkg.command, jobs.IMAGE_JOB_FILE)
+        say(f"  entrypoint  {runs} (the job file below travels inside it)")
     else:
         say(f"  entrypoint  {pkg.entrypoint}")
     say("  env_vars    " + ", ".join(f"{k}={v}" for k, v in env.get("env_vars", {}).items()))

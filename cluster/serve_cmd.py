@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from rayft.cluster.cli_common import AddressOpt, SetOpt, _load, _user_errors, err, out
+from rayft.serving.config import API_KEY_ENV
 from rayft.serving.deploy import APP_NAME
 from rayft.serving.spec import ServeSpec
 
@@ -27,7 +28,8 @@ def serve(
         list[str] | None,
         typer.Option(
             "--api-key",
-            help="Require this bearer key on every route but the page and the probes (repeatable; also RAYFT_API_KEY).",
+            help="Require this bearer key on every route but the page and the probes "
+            f"(repeatable; also {API_KEY_ENV}).",
         ),
     ] = None,
     adapter: Annotated[
@@ -224,7 +226,8 @@ def ask(base: str, model: str, messages: list[dict], max_tokens: int, api_key: s
 
 
 def print_usage(base: str, spec: ServeSpec) -> None:
-    key = ' -H "Authorization: Bearer $RAYFT_API_KEY"' if spec.key_hashes else ""
+    variable = spec.serve.api_key_env  # where the client keeps its key too, in these examples
+    key = f' -H "Authorization: Bearer ${variable}"' if spec.key_hashes else ""
     name = spec.model_name
     body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     out.print(f"[bold green]serving[/] {escape(name)} at {base}/v1  (models: {base}/v1/models, docs: {base}/docs)")
@@ -232,7 +235,7 @@ def print_usage(base: str, spec: ServeSpec) -> None:
     curl = f"curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'"
     out.print("    " + curl, highlight=False, soft_wrap=True, markup=False)
     out.print("  python (pip install openai):", highlight=False)
-    key_expr = 'os.environ["RAYFT_API_KEY"]' if spec.key_hashes else "'unused'"
+    key_expr = f'os.environ["{variable}"]' if spec.key_hashes else "'unused'"
     lines = [
         "from openai import OpenAI" + ("; import os" if spec.key_hashes else ""),
         f"client = OpenAI(base_url='{base}/v1', api_key={key_expr})",
@@ -244,11 +247,12 @@ def print_usage(base: str, spec: ServeSpec) -> None:
 
 
 def _add_adapter(url: str, name: str, path: str, api_keys: list[str] | None) -> None:
-    import os
     import urllib.error
     import urllib.request
 
-    key = (api_keys or [None])[0] or os.environ.get("RAYFT_API_KEY")
+    from rayft.serving.spec import env_api_key
+
+    key = (api_keys or [None])[0] or env_api_key()
     body = json.dumps({"name": name, "path": str(Path(path).expanduser().resolve())}).encode()
     req = urllib.request.Request(
         f"{url.rstrip('/')}/admin/adapters", data=body, method="POST", headers={"Content-Type": "application/json"}

@@ -67,10 +67,10 @@ def build_vllm_app(spec: ServeSpec):
     that sets anything else (API keys, LoRA adapters, rayft's batching and limits) is refused when it is built
     (ServeSpec), since this app would ignore it; so is an API key in the environment where the app starts, and
     a network bind without serve.allow_unauthenticated."""
-    import os
+    from rayft.serving.spec import env_api_key
 
     cfg = spec.serve
-    here = [f"${cfg.api_key_env}"] if (os.environ.get(cfg.api_key_env) or "").strip() else []
+    here = [f"${cfg.api_key_env}"] if env_api_key(cfg.api_key_env) else []
     here += ["serve.api_keys_file"] if cfg.api_keys_file else []
     here += ["serve.admin_keys_file"] if cfg.admin_keys_file else []
     if here:  # keys the vLLM app would not check: refuse rather than serve openly

@@ -15,6 +15,7 @@ from rayft.training.config import Section
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROUTE_PREFIX = re.compile(r"^/$|^(/[A-Za-z0-9._-]+)+$")
+API_KEY_ENV = "RAYFT_API_KEY"  # the environment variable holding an API key (serve.api_key_env's default)
 
 
 class AutoscalingConfig(Section):
@@ -221,7 +222,7 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(default=120.0, gt=0, description="A request taking longer gets 504.")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Largest accepted request body (413 above).")
     api_key_env: str = Field(
-        default="RAYFT_API_KEY",
+        default=API_KEY_ENV,
         description="Environment variable holding an API key; read by `rayft serve` and by every ingress replica.",
     )
     api_keys_file: str | None = Field(

@@ -4,20 +4,21 @@ it, and then calls the adapter it trained by name on the same endpoint.
     POST /v1/fine_tuning/jobs ─▶ validating_files: the file's rows checked with rayft's own row checks and copied
                                  next to the job (a bad file fails the job with its first bad lines as file:line)
                               ─▶ queued: a job file (serve.finetune.job, the served model, the request's
-                                 hyperparameters) runs as a Ray job, `rayft train` on the cluster
+                                 hyperparameters) runs as a Ray job on the cluster: `python -m
+                                 rayft.training.run`, submitted through rayft.training.launch
                               ─▶ running ─▶ succeeded: the run's final/ adapter is served as fine_tuned_model
                                         └─▶ failed (the reason) / cancelled (the Ray job stopped)
 
 Everything lives in serve.finetune.storage_path, beside the files (JOBS is `jobs` for the namespace "default",
 `namespaces/<namespace>/jobs` for another serve.finetune.namespace; RUNS likewise):
 
-    JOBS/<owner>/<job id>/job.json    the job, its events and how it runs (rewritten whole)
+    JOBS/<owner>/<job id>/job.json    the job, its events and how it runs: a JobRecord (rayft.serving.finetune_store)
     JOBS/<owner>/<job id>/cancel      a cancel, a marker of its own that wins over any later job.json write
     JOBS/<owner>/<job id>/job.yaml    the job file the Ray job runs
     JOBS/<owner>/<job id>/train.jsonl the validated training rows (validation.jsonl: held-out rows)
     JOBS/lease.json                   which endpoint replica moves the namespace's jobs along, until when
     RUNS/<job id>/                    the run dir (rayft.training.run_dir): metrics.jsonl, checkpoints, final/
-                                      (the adapter), status.json (how `rayft train` ended: why a job failed)
+                                      (the adapter), status.json (how the run ended: why a job failed)
 
 so an endpoint that restarts finds every job again and picks up the Ray jobs where they are. Only the replica
 holding the namespace's lease polls: during a redeploy the old replica keeps it until it stops (or the lease runs
@@ -29,7 +30,6 @@ threads and polls running jobs in a thread of its own.
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import logging
@@ -41,48 +41,38 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from rayft.serving.config import FinetuneConfig, template_job
-from rayft.serving.files import (
-    EVERY_OWNER,
-    FileStore,
-    StoredFile,
-    namespace_root,
-    owners_seen,
-    read_chunks,
-    storage_root,
+from rayft.serving.files import EVERY_OWNER, FileStore, StoredFile, namespace_root, read_chunks, storage_root
+from rayft.serving.finetune_store import (
+    ACTIVE,
+    FileRef,
+    JobFiles,
+    JobRecord,
+    JobStore,
+    event_id,
+    new_job_id,
 )
-from rayft.serving.openai_api import ApiError, DpoHyperparameters, FineTuningJobCreate
-from rayft.training import storage
+from rayft.serving.openai_api import (
+    ApiError,
+    DpoHyperparameters,
+    FineTuningJob,
+    FineTuningJobCreate,
+    JobError,
+    ResolvedHyperparameters,
+)
+from rayft.training import launch, storage
 from rayft.training.run_dir import JOB_FILE, RunDir, is_adapter
 
 log = logging.getLogger("ray.serve.rayft")
 
-JOB_ID = re.compile(r"^ftjob-[0-9a-f]{32}$")
 CHECKPOINT_MODEL = re.compile(r"^(?P<model>ft:.+:ftjob-[0-9a-f]{32}):ckpt-step-(?P<step>[0-9]{1,12})$")
-ACTIVE = ("validating_files", "queued", "running")
 MAX_BAD_LISTED = 5  # bad lines named in a failed job's error.message
 COPIES = ("train.jsonl", "validation.jsonl")  # a job's copies of its files, kept while it trains
 VALIDATION_TRIES = 3  # polls that may fail to validate a job's files (storage trouble) before the job fails
 RAY_JOB_PREFIX = "rayft-finetune-"
-
-
-def new_job_id() -> str:
-    """ftjob-<creation time in ns, 16 hex digits><16 random hex digits>: ids sort by creation time."""
-    return f"ftjob-{time.time_ns():016x}{secrets.token_hex(8)}"
-
-
-def event_id(t: float, tail: str) -> str:
-    return f"ftevent-{int(t * 1e9):016x}{tail}"
-
-
-def job_not_found(job_id: str) -> ApiError:
-    return ApiError(
-        404,
-        f"no fine-tuning job {job_id!r}: it does not exist or was created with another API key",
-        param="fine_tuning_job_id",
-        code="fine_tuning_job_not_found",
-    )
+Ended = Literal["succeeded", "failed", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -93,71 +83,6 @@ class ServedBase:
     path: str
     revision: str | None
     ids: tuple[str, ...]
-
-
-class JobStore:
-    """job.json of every job under JOBS; `owner` EVERY_OWNER means every owner (an admin key). A job's cancel
-    marker is applied to every record read, so no write of a reader that missed the cancel can undo it."""
-
-    def __init__(self, root: str):
-        self.root = storage.join(root, "jobs")
-
-    def dir(self, owner: str, job_id: str) -> str:
-        return storage.join(self.root, owner, job_id)
-
-    def save(self, rec: dict) -> None:
-        storage.write_text(storage.join(self.dir(rec["owner"], rec["job"]["id"]), "job.json"), json.dumps(rec))
-
-    def mark_cancelled(self, owner: str, job_id: str) -> None:
-        storage.write_text(storage.join(self.dir(owner, job_id), "cancel"), str(int(time.time())))
-
-    def _read(self, owner: str, job_id: str) -> dict | None:
-        folder = self.dir(owner, job_id)
-        try:
-            rec = json.loads(storage.read_text(storage.join(folder, "job.json")))
-        except FileNotFoundError:
-            return None
-        if rec["job"]["status"] != "cancelled" and storage.exists(storage.join(folder, "cancel")):
-            rec["cancel_requested"] = True  # cancelled while another writer held an older copy: the cancel wins
-            rec["job"]["status"] = "cancelled"
-            rec["job"]["finished_at"] = rec["job"].get("finished_at") or int(time.time())
-        return rec
-
-    def owners(self, owner: str | None) -> list[str]:
-        return owners_seen(owner, lambda: storage.listdir(self.root))
-
-    def ids(self, owner: str | None) -> list[tuple[str, str]]:
-        """(job id, owner) of every job `owner` may see, newest first."""
-        return sorted(
-            (
-                (i, o)
-                for o in self.owners(owner)
-                for i in storage.listdir(storage.join(self.root, o))
-                if JOB_ID.match(i)
-            ),
-            reverse=True,
-        )
-
-    def get(self, owner: str | None, job_id: str) -> dict:
-        if JOB_ID.match(job_id or ""):
-            for o in self.owners(owner):
-                rec = self._read(o, job_id)
-                if rec is not None:
-                    return rec
-        raise job_not_found(job_id)
-
-    def list(self, owner: str | None, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        out = []
-        for job_id, o in self.ids(owner):
-            if after and job_id >= after:
-                continue
-            rec = self._read(o, job_id)
-            if rec is None:
-                continue
-            if len(out) == limit:
-                return out, True
-            out.append(rec)
-        return out, False
 
 
 class FinetuneService:
@@ -225,7 +150,7 @@ class FinetuneService:
             if (owner, job_id) in self._active:
                 continue
             rec = self.store._read(owner, job_id)
-            if rec is not None and (rec["job"]["status"] in ACTIVE or (rec["cancel_requested"] and rec["ray_job_id"])):
+            if rec is not None and (rec.active or (rec.cancel_requested and rec.ray_job_id)):
                 self._active.add((owner, job_id))
         self._scanned = time.monotonic()
 
@@ -280,6 +205,7 @@ class FinetuneService:
     # ---------------------------------------------------------------- requests
 
     def create(self, owner: str, body: FineTuningJobCreate) -> dict:
+        """A new job, validating its files (the poller moves it along); the job as the API shows it."""
         if not self.base.ids:
             raise ApiError(
                 400,
@@ -322,7 +248,7 @@ class FinetuneService:
         hp, job_file = self.resolve(body)
         method = job_file["training"]["objective"].replace("sft", "supervised")
         with self._lock:
-            everyone = [r for r in self.store.list(EVERY_OWNER, limit=10**6)[0] if r["job"]["status"] in ACTIVE]
+            everyone = [r for r in self.store.list(EVERY_OWNER, limit=10**6)[0] if r.active]
             if len(everyone) >= self.cfg.max_active_jobs:
                 raise ApiError(
                     429,
@@ -331,60 +257,46 @@ class FinetuneService:
                     code="rate_limit_exceeded",
                     headers={"Retry-After": "60"},
                 )
-            active = [r for r in everyone if r["owner"] == owner]
+            active = [r for r in everyone if r.owner == owner]
             if len(active) >= self.cfg.max_active_jobs_per_key:
                 raise ApiError(
                     429,
                     f"this API key already has {len(active)} fine-tuning jobs validating, queued or running "
                     f"(serve.finetune.max_active_jobs_per_key = {self.cfg.max_active_jobs_per_key}); wait for one "
-                    f"to end or cancel one ({', '.join(r['job']['id'] for r in active)})",
+                    f"to end or cancel one ({', '.join(r.id for r in active)})",
                     code="rate_limit_exceeded",
                     headers={"x-should-retry": "false"},
                 )
             job_id = new_job_id()
-            now = int(time.time())
-            job = {
-                "object": "fine_tuning.job",
-                "id": job_id,
-                "model": body.model,
-                "created_at": now,
-                "finished_at": None,
-                "fine_tuned_model": None,
-                "organization_id": f"key-{owner[:12]}",
-                "result_files": [],
-                "status": "validating_files",
-                "validation_file": validation.id if validation else None,
-                "training_file": training.id,
-                "hyperparameters": hp,
-                "method": {"type": method, method: {"hyperparameters": hp}},
-                "trained_tokens": None,
-                "error": None,
-                "seed": job_file["training"]["seed"],
-                "estimated_finish": None,
-                "integrations": [],
-                "metadata": body.metadata,
-                "user_provided_suffix": body.suffix,
-            }
-            rec = {
-                "owner": owner,
-                "job": job,
-                "job_file": job_file,
-                "files": {"train": _file_ref(training), "eval": _file_ref(validation) if validation else None},
-                "ray_job_id": None,
-                "run_dir": storage.join(self.runs, job_id),
-                "cancel_requested": False,
-                "attempt": 1,
-                "events": [],
-            }
-            _event(rec, f"Created fine-tuning job: {job_id}")
-            _event(
-                rec,
+            job = FineTuningJob(
+                id=job_id,
+                model=body.model,
+                created_at=int(time.time()),
+                organization_id=f"key-{owner[:12]}",
+                status="validating_files",
+                validation_file=validation.id if validation else None,
+                training_file=training.id,
+                hyperparameters=ResolvedHyperparameters.model_validate(hp),
+                method={"type": method, method: {"hyperparameters": hp}},
+                seed=job_file["training"]["seed"],
+                metadata=body.metadata,
+                user_provided_suffix=body.suffix,
+            )
+            rec = JobRecord(
+                owner=owner,
+                job=job,
+                job_file=job_file,
+                files=JobFiles(train=_file_ref(training), eval=_file_ref(validation) if validation else None),
+                run_dir=storage.join(self.runs, job_id),
+            )
+            rec.event(f"Created fine-tuning job: {job_id}")
+            rec.event(
                 f"Validating training file: {training.id}"
                 + (f" and validation file: {validation.id}" if validation else ""),
             )
             self.store.save(rec)
             self._active.add((owner, job_id))
-        return job
+        return _shown(rec)
 
     def _file(self, owner: str, file_id: str, param: str) -> StoredFile:
         try:
@@ -467,51 +379,51 @@ class FinetuneService:
         return hp, job
 
     def get(self, viewer: str | None, job_id: str) -> dict:
-        return self.store.get(viewer, job_id)["job"]
+        return _shown(self.store.get(viewer, job_id))
 
     def list(self, viewer: str | None, after: str | None, limit: int) -> dict:
         recs, more = self.store.list(viewer, after, limit)
-        return {"object": "list", "data": [r["job"] for r in recs], "has_more": more}
+        return {"object": "list", "data": [_shown(r) for r in recs], "has_more": more}
 
     def cancel(self, viewer: str | None, job_id: str) -> dict:
         with self._lock:
             rec = self.store.get(viewer, job_id)
-            status = rec["job"]["status"]
-            if status not in ACTIVE:
+            status = rec.job.status
+            if not rec.active:
                 raise ApiError(
                     400,
                     f"job {job_id} has ended ({status}); only a job that has not ended can be cancelled",
                     param="fine_tuning_job_id",
                     code="job_not_cancellable",
                 )
-            self.store.mark_cancelled(rec["owner"], job_id)  # first: no other writer's copy can undo it
-            rec["cancel_requested"] = True
+            self.store.mark_cancelled(rec.owner, job_id)  # first: no other writer's copy can undo it
+            rec.cancel_requested = True
             self._end(rec, "cancelled")
-            _event(rec, "Fine-tuning job cancelled" + (": its Ray job is being stopped" if rec["ray_job_id"] else ""))
+            rec.event("Fine-tuning job cancelled" + (": its Ray job is being stopped" if rec.ray_job_id else ""))
             self.store.save(rec)
-            ray_job = rec["ray_job_id"]
+            ray_job = rec.ray_job_id
         if ray_job:
             try:
                 self.client().stop_job(ray_job)
             except Exception as e:  # noqa: BLE001 - the job stays cancelled; the poller tries again
                 log.warning("fine-tuning job %s: stopping Ray job %s failed: %s", job_id, ray_job, e)
-        return rec["job"]
+        return _shown(rec)
 
     def events(self, viewer: str | None, job_id: str, after: str | None, limit: int) -> dict:
         """The job's events, newest first: its own (status changes, validation) and a line per logged step."""
         rec = self.store.get(viewer, job_id)
-        events = [e | {"object": "fine_tuning.job.event"} for e in rec["events"]]
+        events = [e.model_dump(mode="json") for e in rec.events]
         events += self._step_events(rec)
         events.sort(key=lambda e: e["id"], reverse=True)
         if after:
             events = [e for e in events if e["id"] < after]
         return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
 
-    def _step_events(self, rec: dict) -> list[dict]:
-        if rec["ray_job_id"] is None:
+    def _step_events(self, rec: JobRecord) -> list[dict]:
+        if rec.ray_job_id is None:
             return []
         try:
-            records = RunDir(rec["run_dir"]).metrics()
+            records = RunDir(rec.run_dir).metrics()
         except Exception:  # noqa: BLE001 - an unreadable run dir shows no steps, not an error
             return []
         total = next((r["total_steps"] for r in records if "total_steps" in r), None)
@@ -547,9 +459,9 @@ class FinetuneService:
     def checkpoints(self, viewer: str | None, job_id: str, after: str | None, limit: int) -> dict:
         """The checkpoints the run keeps, newest first, with the loss logged at their step."""
         rec = self.store.get(viewer, job_id)
-        if rec["ray_job_id"] is None:
+        if rec.ray_job_id is None:
             return {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
-        run = RunDir(rec["run_dir"])
+        run = RunDir(rec.run_dir)
         try:
             kept = run.checkpoints()
             records = run.metrics()
@@ -558,7 +470,7 @@ class FinetuneService:
         losses = {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
         evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and "step" in r}
         times = {r["step"]: r["time"] for r in records if "step" in r and "time" in r}
-        base = rec["job"]["fine_tuned_model"] or self.model_name(rec)
+        base = rec.job.fine_tuned_model or self.model_name(rec)
         data = []
         for step, _path in reversed(kept):
             if step is None:
@@ -569,7 +481,7 @@ class FinetuneService:
             data.append({
                 "object": "fine_tuning.job.checkpoint",
                 "id": f"ftckpt-{job_id[6:]}{step:08x}",
-                "created_at": int(times.get(step, rec["job"]["created_at"])),
+                "created_at": int(times.get(step, rec.job.created_at)),
                 "fine_tuned_model_checkpoint": f"{base}:ckpt-step-{step}",
                 "fine_tuning_job_id": job_id,
                 "metrics": metrics,
@@ -581,8 +493,8 @@ class FinetuneService:
         first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
         return {"object": "list", "data": page, "has_more": len(data) > limit, "first_id": first, "last_id": last}
 
-    def model_name(self, rec: dict) -> str:
-        return f"ft:{rec['job']['model']}:{rec['job']['user_provided_suffix'] or ''}:{rec['job']['id']}"
+    def model_name(self, rec: JobRecord) -> str:
+        return f"ft:{rec.job.model}:{rec.job.user_provided_suffix or ''}:{rec.job.id}"
 
     def find_model(self, viewer: str | None, name: str) -> tuple[str, str] | None:
         """(owner, adapter dir) of a succeeded job's fine_tuned_model `name`, or of one of its checkpoints
@@ -593,17 +505,17 @@ class FinetuneService:
         rec = self._model_record(viewer, name)
         if rec is None:
             return None
-        adapter = RunDir(rec["run_dir"]).adapter()
-        assert adapter is not None, f"{rec['run_dir']}: a succeeded fine-tuning job's run has no adapter"
-        return rec["owner"], adapter
+        adapter = RunDir(rec.run_dir).adapter()
+        assert adapter is not None, f"{rec.run_dir}: a succeeded fine-tuning job's run has no adapter"
+        return rec.owner, adapter
 
-    def _model_record(self, viewer: str | None, name: str) -> dict | None:
+    def _model_record(self, viewer: str | None, name: str) -> JobRecord | None:
         """The record of the succeeded job whose fine_tuned_model, not deleted, is `name`, if `viewer` may see it."""
         try:
             rec = self.store.get(viewer, name.rsplit(":", 1)[-1])
         except ApiError:
             return None
-        if rec["job"]["status"] != "succeeded" or rec["job"]["fine_tuned_model"] != name or rec.get("model_deleted"):
+        if rec.job.status != "succeeded" or rec.job.fine_tuned_model != name or rec.model_deleted:
             return None
         return rec
 
@@ -618,7 +530,7 @@ class FinetuneService:
         rec = self._model_record(viewer, model)
         if rec is None:
             return None
-        run = RunDir(rec["run_dir"])
+        run = RunDir(rec.run_dir)
         out = run.join("checkpoint-models", f"step-{step}")
         if not is_adapter(out):
             kept = dict(run.checkpoints())
@@ -627,16 +539,16 @@ class FinetuneService:
             job = TrainJob.model_validate(run.read_job())
             job = job.model_copy(update={"export": job.export.model_copy(update={"merge": False})})
             ray.get(ray.remote(num_cpus=1)(export_checkpoint).remote(kept[step], job, out))
-        return rec["owner"], out
+        return rec.owner, out
 
     def models(self, viewer: str | None) -> list[tuple[str, str]]:
         """(fine_tuned_model, owner) of every succeeded job `viewer` may use whose model was not deleted, by name."""
         out = []
         for job_id, owner in self.store.ids(viewer):
             rec = self.store._read(owner, job_id)
-            if rec and rec["job"]["status"] == "succeeded" and rec["job"]["fine_tuned_model"]:
-                if not rec.get("model_deleted"):
-                    out.append((rec["job"]["fine_tuned_model"], owner))
+            if rec and rec.job.status == "succeeded" and rec.job.fine_tuned_model:
+                if not rec.model_deleted:
+                    out.append((rec.job.fine_tuned_model, owner))
         return sorted(out)
 
     def delete_model(self, viewer: str | None, name: str) -> dict:
@@ -652,23 +564,22 @@ class FinetuneService:
                     param="model",
                     code="model_not_found",
                 )
-            rec["model_deleted"] = True
-            _event(rec, f"Fine-tuned model deleted: {name}")
+            rec.model_deleted = True
+            rec.event(f"Fine-tuned model deleted: {name}")
             self.store.save(rec)
-        storage.remove(rec["run_dir"])
-        folder = self.store.dir(rec["owner"], job_id)
+        storage.remove(rec.run_dir)
+        folder = self.store.dir(rec.owner, job_id)
         for copy_name in COPIES:
             storage.remove(storage.join(folder, copy_name))
-        self.files.charge(rec["owner"], job_id, None)
+        self.files.charge(rec.owner, job_id, None)
         return {"id": name, "object": "model", "deleted": True}
 
     # ---------------------------------------------------------------- moving a job along
 
     def client(self):
-        """A Ray Jobs API client: serve.finetune.ray_address, else the dashboard of the cluster this runs on."""
+        """A Ray Jobs API client (rayft.training.launch: with the cluster's auth token when one is found):
+        serve.finetune.ray_address, else the dashboard of the cluster this runs on."""
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient
-
             address = self.cfg.ray_address
             if not address:
                 import ray
@@ -682,17 +593,17 @@ class FinetuneService:
                         "set serve.finetune.ray_address"
                     )
                 address = url if "://" in url else f"http://{url}"
-            self._client = JobSubmissionClient(address)
+            self._client = launch.client(address)
         return self._client
 
     def _advance(self, owner: str, job_id: str) -> None:
         rec = self.store._read(owner, job_id)
-        if rec is None or rec["job"]["status"] not in ACTIVE:
-            if rec is not None and rec["cancel_requested"] and rec["ray_job_id"]:
+        if rec is None or rec.job.status not in ACTIVE:
+            if rec is not None and rec.cancel_requested and rec.ray_job_id:
                 self._make_sure_stopped(rec)
             self._active.discard((owner, job_id))
             return
-        if rec["job"]["status"] == "validating_files":
+        if rec.job.status == "validating_files":
             try:
                 self._validate_and_submit(rec)
             except Exception as e:  # noqa: BLE001 - not the data's fault (storage, the cluster): a few more tries
@@ -706,43 +617,45 @@ class FinetuneService:
         log.warning("fine-tuning job %s: validating its files failed: %r", job_id, e)
         with self._lock:
             rec = self.store._read(owner, job_id)
-            if rec is None or rec["job"]["status"] != "validating_files":
+            if rec is None or rec.job.status != "validating_files":
                 return
-            rec["validation_tries"] = rec.get("validation_tries", 0) + 1
-            if rec["validation_tries"] < VALIDATION_TRIES:
+            rec.validation_tries = rec.validation_tries + 1
+            if rec.validation_tries < VALIDATION_TRIES:
                 self.store.save(rec)
                 return
             message = f"validating the files failed {VALIDATION_TRIES} times, not for their rows: {e}"[:2000]
-            _event(rec, f"Job failed: {message}", "error")
+            rec.event(f"Job failed: {message}", "error")
             self._fail(rec, "validation_failed", message, None)
 
-    def _make_sure_stopped(self, rec: dict) -> None:
+    def _make_sure_stopped(self, rec: JobRecord) -> None:
         """A cancelled job's Ray job, stopped for sure (a stop request can be lost with a restarting endpoint)."""
+        ray_job = rec.ray_job_id
+        assert ray_job is not None  # only a job that went to the cluster has one to stop
         try:
             c = self.client()
-            if str(c.get_job_status(rec["ray_job_id"])) in ("PENDING", "RUNNING"):
-                c.stop_job(rec["ray_job_id"])
+            if str(c.get_job_status(ray_job)) in ("PENDING", "RUNNING"):
+                c.stop_job(ray_job)
                 return  # looked at again at the next poll
         except Exception as e:  # noqa: BLE001
-            log.warning("fine-tuning job %s: stopping its Ray job failed: %s", rec["job"]["id"], e)
+            log.warning("fine-tuning job %s: stopping its Ray job failed: %s", rec.job.id, e)
             return
-        self._active.discard((rec["owner"], rec["job"]["id"]))
+        self._active.discard((rec.owner, rec.job.id))
 
-    def _validate_and_submit(self, rec: dict) -> None:
-        job_id = rec["job"]["id"]
-        folder = self.store.dir(rec["owner"], job_id)
+    def _validate_and_submit(self, rec: JobRecord) -> None:
+        job_id = rec.job.id
+        folder = self.store.dir(rec.owner, job_id)
         problems, counts = [], {}
         for split, name in (("train", "train.jsonl"), ("eval", "validation.jsonl")):
-            ref = rec["files"][split]
+            ref = rec.files.train if split == "train" else rec.files.eval
             if ref is None:
                 continue
             param = "training_file" if split == "train" else "validation_file"
             try:
-                f = self.files.get(rec["owner"], ref["id"])
+                f = self.files.get(rec.owner, ref.id)
             except ApiError:
-                problems.append((param, f"{param} {ref['id']} was deleted before the job could read it"))
+                problems.append((param, f"{param} {ref.id} was deleted before the job could read it"))
                 continue
-            pairs = rec["job_file"]["training"].get("objective") == "dpo"
+            pairs = rec.job_file["training"].get("objective") == "dpo"
             rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name), pairs, self.cfg.max_line_bytes)
             counts[split] = rows
             if bad:
@@ -755,7 +668,7 @@ class FinetuneService:
                 ))  # fmt: skip
             elif rows == 0:
                 problems.append((param, f"{param} {f.id} ({f.filename}) holds no rows"))
-        batch = rec["job_file"]["training"]["global_batch_size"]
+        batch = rec.job_file["training"]["global_batch_size"]
         if not problems and counts.get("train", 0) < batch:
             problems.append((
                 "training_file",
@@ -763,24 +676,24 @@ class FinetuneService:
                 f"{batch}); add rows or ask for a smaller batch_size",
             ))  # fmt: skip
         with self._lock:
-            fresh = self.store._read(rec["owner"], job_id)
-            if fresh is None or fresh["job"]["status"] != "validating_files":  # cancelled meanwhile
+            fresh = self.store._read(rec.owner, job_id)
+            if fresh is None or fresh.job.status != "validating_files":  # cancelled meanwhile
                 return
             rec = fresh
             if problems:
                 param, message = problems[0]
                 message = "\n".join(m for _, m in problems)
-                _event(rec, f"Validation failed: {message}", "error")
+                rec.event(f"Validation failed: {message}", "error")
                 self._fail(rec, "invalid_file", message, param)
                 return
             copies = [storage.join(folder, n) for n in COPIES]
             copied = sum(storage.size(c) for c in copies if storage.exists(c))
-            self.files.charge(rec["owner"], job_id, copied)
+            self.files.charge(rec.owner, job_id, copied)
             summary = ", ".join(f"{n} {'training' if s == 'train' else 'validation'} rows" for s, n in counts.items())
-            _event(rec, f"Files validated: {summary}")
-            job = rec["job_file"]
+            rec.event(f"Files validated: {summary}")
+            job = rec.job_file
             job.setdefault("data", {})["train"] = storage.join(folder, "train.jsonl")
-            if rec["files"]["eval"]:
+            if rec.files.eval:
                 job["data"]["eval"] = storage.join(folder, "validation.jsonl")
             job.setdefault("run", {}).update(name=job_id, storage_path=self.runs)
             text = f"# fine-tuning job {job_id}, written by the endpoint's fine-tuning API\n"
@@ -790,70 +703,61 @@ class FinetuneService:
             try:
                 self._submit(ray_job, text, job_id)
             except Exception as e:  # noqa: BLE001 - the cluster would not take it
-                _event(rec, f"The cluster did not accept the job: {e}", "error")
+                rec.event(f"The cluster did not accept the job: {e}", "error")
                 self._fail(rec, "submission_failed", f"the Ray cluster did not accept the job: {e}", None)
                 return
-            rec["ray_job_id"] = ray_job
-            rec["job"]["status"] = "queued"
-            _event(rec, f"Fine-tuning job queued as Ray job {ray_job}")
+            rec.ray_job_id = ray_job
+            rec.job.status = "queued"
+            rec.event(f"Fine-tuning job queued as Ray job {ray_job}")
             self.store.save(rec)
 
     def _submit(self, ray_job: str, job_yaml: str, job_id: str) -> None:
-        """`rayft train` of the job file as a Ray job on the cluster. The job file travels inside the entrypoint
-        (as `rayft submit --image` sends it), so no working directory is uploaded: the cluster runs the rayft
-        this endpoint runs. An id already taken is this job, submitted before a restart."""
-        text = base64.b64encode(job_yaml.encode()).decode()
-        python = shlex.quote(sys.executable)
-        entrypoint = (
-            f'd="$(mktemp -d)" && echo {text} | base64 -d > "$d/job.yaml" && exec {python} -m rayft train "$d/job.yaml"'
-        )
-        metadata = {
-            "rayft_command": "train",
-            "rayft_run": job_id,
-            "rayft_storage": self.runs,
-            "rayft_fine_tuning_job": job_id,
-        }
-        c = self.client()
+        """The job file's finetune as a Ray job on the cluster, through rayft.training.launch (as `rayft submit`
+        sends one): `python -m rayft.training.run` with the job file inside the entrypoint, so no working directory
+        is uploaded and the cluster runs the rayft this endpoint runs. An id already taken is this job, submitted
+        before a restart."""
+        entrypoint = launch.entrypoint("train", None, job_text=job_yaml, python=shlex.quote(sys.executable))
         try:
-            c.submit_job(
+            self.client().submit_job(
                 entrypoint=entrypoint,
                 submission_id=ray_job,
-                metadata=metadata,
-                runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
+                metadata=launch.metadata("train", job_id, self.runs, rayft_fine_tuning_job=job_id),
+                runtime_env=launch.runtime_env(),
                 entrypoint_num_cpus=self.cfg.driver_cpus,  # Ray queues a driver until a node has room for it
             )
         except RuntimeError as e:
             if "already exists" not in str(e):
                 raise
 
-    def _follow(self, rec: dict) -> None:
+    def _follow(self, rec: JobRecord) -> None:
+        assert rec.ray_job_id is not None  # queued or running: it went to the cluster
         c = self.client()
         try:
-            info = c.get_job_info(rec["ray_job_id"])
+            info = c.get_job_info(rec.ray_job_id)
         except RuntimeError as e:
             if "does not exist" in str(e) or "not found" in str(e).lower():
                 with self._lock:
-                    fresh = self.store._read(rec["owner"], rec["job"]["id"])
-                    if fresh is not None and fresh["job"]["status"] in ACTIVE:
+                    fresh = self.store._read(rec.owner, rec.job.id)
+                    if fresh is not None and fresh.job.status in ACTIVE:
                         rec = fresh
                         message = (
-                            f"its Ray job {rec['ray_job_id']} is gone from the cluster (the cluster was restarted or "
+                            f"its Ray job {rec.ray_job_id} is gone from the cluster (the cluster was restarted or "
                             "its job history was cleared); create the job again"
                         )
-                        _event(rec, f"Job failed: {message}", "error")
+                        rec.event(f"Job failed: {message}", "error")
                         self._fail(rec, "job_lost", message, None)
                 return
             raise
         status = str(info.status)
         with self._lock:
-            fresh = self.store._read(rec["owner"], rec["job"]["id"])
-            if fresh is None or fresh["job"]["status"] not in ACTIVE:
+            fresh = self.store._read(rec.owner, rec.job.id)
+            if fresh is None or fresh.job.status not in ACTIVE:
                 return
             rec = fresh
-            job = rec["job"]
-            if status == "RUNNING" and job["status"] == "queued":
-                job["status"] = "running"
-                _event(rec, "Fine-tuning job started")
+            job = rec.job
+            if status == "RUNNING" and job.status == "queued":
+                job.status = "running"
+                rec.event("Fine-tuning job started")
                 self.store.save(rec)
             elif status == "SUCCEEDED":
                 self._succeed(rec)
@@ -862,52 +766,51 @@ class FinetuneService:
                 if succeeded:  # the run ended well, then its driver failed on its way out
                     self._succeed(rec)
                     return
-                attempt = rec.get("attempt", 1)
+                attempt = rec.attempt
                 if own or attempt > self.cfg.job_restarts:
-                    _event(rec, f"Job failed: {reason}", "error")
+                    rec.event(f"Job failed: {reason}", "error")
                     self._fail(rec, "training_failed", reason, None)
                     return
                 # it died rather than failed (a killed driver, a lost node): run it again, from its checkpoint
-                ray_job = f"{RAY_JOB_PREFIX}{job['id']}-{attempt + 1}"
-                text = storage.read_text(storage.join(self.store.dir(rec["owner"], job["id"]), JOB_FILE))
-                self._submit(ray_job, text, job["id"])
-                _event(
-                    rec,
-                    f"Ray job {rec['ray_job_id']} died ({reason.splitlines()[0][:300]}); submitted again as {ray_job}, "
+                ray_job = f"{RAY_JOB_PREFIX}{job.id}-{attempt + 1}"
+                text = storage.read_text(storage.join(self.store.dir(rec.owner, job.id), JOB_FILE))
+                self._submit(ray_job, text, job.id)
+                rec.event(
+                    f"Ray job {rec.ray_job_id} died ({reason.splitlines()[0][:300]}); submitted again as {ray_job}, "
                     "resuming from the run's last checkpoint",
                     "warn",
                 )
-                rec["ray_job_id"], rec["attempt"] = ray_job, attempt + 1
-                job["status"] = "queued"
+                rec.ray_job_id, rec.attempt = ray_job, attempt + 1
+                job.status = "queued"
                 self.store.save(rec)
             elif status == "STOPPED":
-                message = f"its Ray job {rec['ray_job_id']} was stopped outside the fine-tuning API"
-                _event(rec, f"Job failed: {message}", "error")
+                message = f"its Ray job {rec.ray_job_id} was stopped outside the fine-tuning API"
+                rec.event(f"Job failed: {message}", "error")
                 self._fail(rec, "job_stopped", message, None)
 
-    def _succeed(self, rec: dict) -> None:
-        run = RunDir(rec["run_dir"])
+    def _succeed(self, rec: JobRecord) -> None:
+        run = RunDir(rec.run_dir)
         if not run.adapter():
             message = f"training ended but the run has no LoRA adapter in {run.final}"
-            _event(rec, f"Job failed: {message}", "error")
+            rec.event(f"Job failed: {message}", "error")
             self._fail(rec, "no_adapter", message, None)
             return
-        job = rec["job"]
-        job["trained_tokens"] = int(sum(v for _, v in run.curve("nonpad_tokens")))
-        job["fine_tuned_model"] = self.model_name(rec)
+        job = rec.job
+        job.trained_tokens = int(sum(v for _, v in run.curve("nonpad_tokens")))
+        job.fine_tuned_model = self.model_name(rec)
         self._end(rec, "succeeded")
-        _event(rec, f"New fine-tuned model created: {job['fine_tuned_model']}")
-        _event(rec, "The job has successfully completed")
+        rec.event(f"New fine-tuned model created: {job.fine_tuned_model}")
+        rec.event("The job has successfully completed")
         self.store.save(rec)
         self._register(rec)
 
-    def _register(self, rec: dict) -> None:
+    def _register(self, rec: JobRecord) -> None:
         try:
-            self.on_model(rec["job"]["fine_tuned_model"], rec["owner"], RunDir(rec["run_dir"]).adapter())
+            self.on_model(rec.job.fine_tuned_model, rec.owner, RunDir(rec.run_dir).adapter())
         except Exception:  # noqa: BLE001 - requests still find it through the store
-            log.exception("fine-tuning job %s: serving its adapter failed", rec["job"]["id"])
+            log.exception("fine-tuning job %s: serving its adapter failed", rec.job.id)
 
-    def _outcome(self, rec: dict, message: str | None) -> tuple[str, bool, bool]:
+    def _outcome(self, rec: JobRecord, message: str | None) -> tuple[str, bool, bool]:
         """Why a job's Ray job failed, from the run's status.json (rayft.training.run_dir), never from its log:
         (reason, whether `rayft train` itself failed the run, whether the run in fact succeeded).
         Failed with an error kind (data, model, training, storage, ...): rayft's verdict, the same on any
@@ -915,7 +818,7 @@ class FinetuneService:
         interruption): the driver died or was lost, and the job runs again from its checkpoint; Ray's message
         (its exit code, the log's last lines) and the crash's own say what happened. A storage that cannot be
         read raises, so the job is looked at again at the next poll rather than judged on nothing."""
-        status = RunDir(rec["run_dir"]).status()
+        status = RunDir(rec.run_dir).status()
         state = status["state"] if status else None
         if state == "failed" and status and status.get("error_kind"):
             return f"{status['error_kind']} error: {status.get('message') or ''}".strip()[:2000], True, False
@@ -926,34 +829,34 @@ class FinetuneService:
             reason = f"{status['message']}\n{reason}"
         return reason[:2000], False, False
 
-    def _end(self, rec: dict, status: str) -> None:
-        rec["job"]["status"] = status
-        rec["job"]["finished_at"] = int(time.time())
+    def _end(self, rec: JobRecord, status: Ended) -> None:
+        rec.job.status = status
+        rec.job.finished_at = int(time.time())
         try:
             self._settle_storage(rec, status)
         except Exception:  # noqa: BLE001 - the job's end stands; its usage is settled again at the next end
-            log.exception("fine-tuning job %s: settling what it stores failed", rec["job"]["id"])
+            log.exception("fine-tuning job %s: settling what it stores failed", rec.job.id)
 
-    def _settle_storage(self, rec: dict, status: str) -> None:
+    def _settle_storage(self, rec: JobRecord, status: Ended) -> None:
         """What an ended job keeps, counted against its key's quota: the job's copies of its files go (training is
         over); a job that did not succeed also drops its checkpoints (nothing can resume it), keeping its
         metrics; what is left of the run (a succeeded job's adapter and checkpoints) is charged until the model is
         deleted."""
-        folder = self.store.dir(rec["owner"], rec["job"]["id"])
+        folder = self.store.dir(rec.owner, rec.job.id)
         for name in COPIES:
             storage.remove(storage.join(folder, name))
-        run = rec["run_dir"]
+        run = rec.run_dir
         if status != "succeeded":
             for checkpoint in RunDir(run).checkpoint_dirs():
                 storage.remove(checkpoint)
         kept = sum(storage.size(f) for f in storage.find_files(run)) if storage.exists(run) else 0
-        self.files.charge(rec["owner"], rec["job"]["id"], kept or None)
+        self.files.charge(rec.owner, rec.job.id, kept or None)
 
-    def _fail(self, rec: dict, code: str, message: str, param: str | None) -> None:
-        rec["job"]["error"] = {"code": code, "message": message, "param": param}
+    def _fail(self, rec: JobRecord, code: str, message: str, param: str | None) -> None:
+        rec.job.error = JobError(code=code, message=message, param=param)
         self._end(rec, "failed")
         self.store.save(rec)
-        self._active.discard((rec["owner"], rec["job"]["id"]))
+        self._active.discard((rec.owner, rec.job.id))
 
 
 class Lease:
@@ -1020,20 +923,13 @@ class Lease:
                         self.ttl_s)  # fmt: skip
 
 
-def _file_ref(f: StoredFile) -> dict:
-    return {"id": f.id, "filename": f.filename}
+def _file_ref(f: StoredFile) -> FileRef:
+    return FileRef(id=f.id, filename=f.filename)
 
 
-def _event(rec: dict, message: str, level: str = "info") -> None:
-    t = time.time()
-    rec["events"].append({
-        "id": event_id(t, secrets.token_hex(8)),
-        "created_at": int(t),
-        "level": level,
-        "message": message,
-        "data": {},
-        "type": "message",
-    })  # fmt: skip
+def _shown(rec: JobRecord) -> dict:
+    """The job as the API answers with it (FineTuningJob)."""
+    return rec.job.model_dump(mode="json")
 
 
 def _yaml(job: dict) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayft.serving.config import ADAPTER_NAME, ServeConfig
+from rayft.serving.config import ADAPTER_NAME, API_KEY_ENV, ServeConfig
 from rayft.training import storage
 from rayft.training.run_dir import RunDir, find_adapter
 
@@ -58,6 +58,12 @@ class OutsideRoots(ValueError):
 
 class NoAdapter(ValueError):
     """An adapter path that holds no LoRA adapter (a 404: nothing is there to register)."""
+
+
+def env_api_key(variable: str = API_KEY_ENV, environ=None) -> str:
+    """The API key in the environment variable `variable` (serve.api_key_env), "" when there is none: the one
+    place a key is read from the environment, by `rayft serve` and by each ingress replica."""
+    return ((os.environ if environ is None else environ).get(variable) or "").strip()
 
 
 def hash_key(key: str) -> str:
@@ -137,9 +143,8 @@ class KeyRing:
 
     def __init__(self, spec: ServeSpec, environ=None, recheck_s: float = 5.0):
         cfg = spec.serve
-        environ = os.environ if environ is None else environ
         self.fixed = set(spec.key_hashes)
-        env_key = (environ.get(cfg.api_key_env) or "").strip()
+        env_key = env_api_key(cfg.api_key_env, environ)
         if env_key:
             self.fixed.add(hash_key(env_key))
         self.file = _KeysFile(cfg.api_keys_file, "serve.api_keys_file", recheck_s) if cfg.api_keys_file else None
@@ -391,7 +396,7 @@ def _api_keys(cfg: ServeConfig, given: list[str] | None, elsewhere: bool = False
     came from. A keys file that exists only where the replicas run (elsewhere) is read there."""
     keys = [k.strip() for k in (given or []) if k and k.strip()]
     sources = ["--api-key"] if keys else []
-    env_key = (os.environ.get(cfg.api_key_env) or "").strip()
+    env_key = env_api_key(cfg.api_key_env)
     if env_key:
         keys.append(env_key)
         sources.append(f"${cfg.api_key_env}")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from helpers import chat, rayft_cli, write_jsonl
-from rayft.cluster.jobs import SUBPACKAGES, JobsError, dashboard_address, find_token, package
+from rayft.cluster.jobs import SUBPACKAGES, JobsError, dashboard_address, package
+from rayft.training.launch import find_token
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_local_files_travel_with_the_job_and_remote_ones_stay(job_dir, monkeypat
         root = Path(pkg.staging)
         assert sorted(p.name for p in (root / "data" / "1").iterdir()) == ["p0.jsonl", "p1.jsonl", "p2.jsonl"]
         assert (root / "data" / "0" / "facts.jsonl").read_text() == (job_dir / "data" / "facts.jsonl").read_text()
-        assert pkg.run_dir == "/mnt/shared/runs/lamp-2" and pkg.entrypoint == "python -m rayft train job.yaml"
+        assert pkg.run_dir == "/mnt/shared/runs/lamp-2" and pkg.entrypoint == "python -m rayft.training.run job.yaml"
         (code,) = pkg.runtime_env["py_modules"]  # rayft itself, importable as rayft.* on the cluster
         assert Path(code).name == "rayft" and (Path(code) / "__init__.py").is_file()
         assert sorted(p.name for p in Path(code).iterdir() if p.is_dir()) == sorted(SUBPACKAGES)
@@ -84,7 +85,7 @@ def test_an_image_job_carries_its_job_file_in_the_entrypoint(job_dir):
         job_dir / "job.yaml", ["data.train=s3://bucket/train.jsonl", "submit.image_uri=reg/rayft:1"], "train", None
     )
     assert pkg.runtime_env == {"image_uri": "reg/rayft:1", "env_vars": {"PYTHONUNBUFFERED": "1"}}
-    assert pkg.entrypoint.endswith("rayft train rayft-job.yaml") and pkg.staging is None
+    assert pkg.entrypoint.endswith("python -m rayft.training.run rayft-job.yaml") and pkg.staging is None
 
 
 def test_a_sweep_is_checked_before_it_is_sent(job_dir):

@@ -123,3 +123,50 @@ def test_the_documented_example_is_the_one_make_demo_api_runs():
     page = (ROOT / "docs" / "fine-tuning-api.md").read_text()
     assert f"```python\n{body}```" in page
     assert "examples/finetune_over_http/demo.sh" in (ROOT / "Makefile").read_text()
+
+
+def test_a_job_record_an_earlier_endpoint_stored_loads_as_it_was(tmp_path):
+    """job.json as endpoints before the typed records wrote it (no attempt, validation_tries or model_deleted;
+    events without their object; an SFT job's hyperparameters without beta) is read, listed and rewritten as it
+    was, and a cancel marker beside a record still wins over it."""
+    import json
+
+    svc = service(tmp_path)
+    owner, job_id, queued_id = "a" * 64, "ftjob-" + "1" * 32, "ftjob-" + "2" * 32
+    hp = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    event = {"id": "ftevent-" + "0" * 32, "created_at": 5, "level": "info", "message": "Created", "data": {},
+             "type": "message"}  # fmt: skip
+    job = {
+        "object": "fine_tuning.job", "id": job_id, "model": "tiny", "created_at": 5, "finished_at": 9,
+        "fine_tuned_model": f"ft:tiny::{job_id}", "organization_id": f"key-{owner[:12]}", "result_files": [],
+        "status": "succeeded", "validation_file": None, "training_file": "file-x", "hyperparameters": hp,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}, "trained_tokens": 1234,
+        "error": None, "seed": 42, "estimated_finish": None, "integrations": [], "metadata": {"team": "a"},
+        "user_provided_suffix": None,
+    }  # fmt: skip
+    rec = {
+        "owner": owner, "job": job, "job_file": {"training": {"seed": 42}},
+        "files": {"train": {"id": "file-x", "filename": "x.jsonl"}, "eval": None}, "ray_job_id": "rayft-finetune-x",
+        "run_dir": str(tmp_path / "store" / "runs" / job_id), "cancel_requested": False, "events": [event],
+    }  # fmt: skip
+    queued = rec | {"job": job | {"id": queued_id, "status": "queued", "fine_tuned_model": None, "finished_at": None}}
+    for r in (rec, queued):
+        folder = tmp_path / "store" / "jobs" / owner / r["job"]["id"]
+        folder.mkdir(parents=True)
+        (folder / "job.json").write_text(json.dumps(r))
+    (tmp_path / "store" / "jobs" / owner / queued_id / "cancel").write_text("7")
+
+    shown = svc.get(owner, job_id)
+    assert shown == job | {"hyperparameters": hp | {"beta": None}}  # as the API always answered: FineTuningJob's fields
+    loaded = svc.store._read(owner, job_id)
+    assert loaded is not None and (loaded.attempt, loaded.validation_tries, loaded.model_deleted) == (1, 0, False)
+    assert loaded.files.train.filename == "x.jsonl" and loaded.ray_job_id == "rayft-finetune-x"
+    assert svc.events(owner, job_id, None, 10)["data"] == [event | {"object": "fine_tuning.job.event"}]
+    assert svc.models(owner) == [(f"ft:tiny::{job_id}", owner)]
+    assert [j["id"] for j in svc.list(owner, None, 10)["data"]] == [queued_id, job_id]
+    cancelled = svc.store._read(owner, queued_id)
+    assert cancelled is not None and cancelled.job.status == "cancelled" and cancelled.cancel_requested
+    svc.store.save(loaded)  # rewritten by this endpoint: the same fields, read back the same
+    again = json.loads((tmp_path / "store" / "jobs" / owner / job_id / "job.json").read_text())
+    assert set(rec) <= set(again) and again["job"] == shown and again["events"][0]["id"] == event["id"]
+    assert svc.store._read(owner, job_id) == loaded

@@ -73,7 +73,7 @@ def test_a_cancel_between_the_other_replicas_read_and_write_still_ends_cancelled
     raced = []
 
     def save_after_a_cancel(rec):  # the old replica read the record, then the cancel lands, then it writes
-        if rec["job"]["status"] == "running" and not raced:
+        if rec.job.status == "running" and not raced:
             raced.append(new.cancel(OWNER, job_id)["status"])
         save(rec)
 
@@ -81,11 +81,11 @@ def test_a_cancel_between_the_other_replicas_read_and_write_still_ends_cancelled
     deadline = time.time() + 180
     while not raced:
         rec = old.store._read(OWNER, job_id)
-        assert time.time() < deadline, (rec["job"], rec["ray_job_id"] and ray_status(rec["ray_job_id"]))
+        assert time.time() < deadline, (rec.job, rec.ray_job_id and ray_status(rec.ray_job_id))
         old.poll()
         time.sleep(0.2)
     assert raced == ["cancelled"]
-    ray_job = old.store._read(OWNER, job_id)["ray_job_id"]
+    ray_job = old.store._read(OWNER, job_id).ray_job_id
     while ray_status(ray_job) != "STOPPED" or old._active:
         assert time.time() < deadline, (ray_status(ray_job), old._active)
         old.poll()

@@ -227,15 +227,40 @@ def test_rayft_train_leaves_the_error_it_prints_in_the_runs_status(ray_local, tm
     assert "train.jsonl:1: invalid JSON" in status["message"] and "2 bad rows found" in status["message"]
 
 
+def test_the_training_entrypoint_leaves_the_same_outcome_as_rayft_train(ray_local, tmp_path, capsys):
+    """`python -m rayft.training.run JOB.yaml`, what a finetune submitted to a cluster runs (rayft.training.launch):
+    the job file's sections for other commands are theirs, and a model that cannot load is a "model error" line,
+    exit status 1 and the same kind and message in status.json; a job file it cannot read is a config error (2)."""
+    from rayft.training.run import main
+    from rayft.training.run_dir import RunDir
+
+    no_model = tmp_path / "no-model"
+    no_model.mkdir()
+    job, run_dir = bad_job(tmp_path, no_model, [chat("hi", "hello")])
+    job.write_text(job.read_text() + "submit: {env_vars: {HF_TOKEN: '***'}}\nserve: {port: 8001}\n")
+    assert main([str(job)]) == 1
+    err = capsys.readouterr().err
+    assert "model error" in err and "Traceback" not in err
+    status = RunDir(str(run_dir)).status()
+    assert status["state"] == "failed" and status["error_kind"] == "model", status
+    assert "has no config.json" in status["message"] and status["message"].splitlines()[0] in err
+
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert "config error job file not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("data: {train: t.jsonl}\ntraining: {lr: -1}\n")
+    assert main([str(tmp_path / "bad.yaml")]) == 2
+    assert "training.lr" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the fine-tuning service's decision
 
 
 @pytest.mark.cluster  # drivers as Ray jobs, one killed
-@pytest.mark.slow  # two real `rayft train` drivers as Ray jobs
+@pytest.mark.slow  # two real training drivers (python -m rayft.training.run) as Ray jobs
 def test_the_service_resubmits_a_driver_that_died_and_fails_a_run_that_failed_without_resubmitting(
     ray_local, smol_tokenizer, tmp_path
 ):
-    """A job whose run was left "running" (its driver killed) is submitted again; once `rayft train` itself fails
+    """A job whose run was left "running" (its driver killed) is submitted again; once the run itself fails
     it (the served model cannot load in training: a model error, the line the log regex used to miss), the job
     fails with that message and is not submitted again, though it has restarts left."""
     from rayft.serving.config import FinetuneConfig
@@ -265,26 +290,26 @@ def test_the_service_resubmits_a_driver_that_died_and_fails_a_run_that_failed_wi
     job_id = svc.create(owner, FineTuningJobCreate(model="tiny", training_file=file_id))["id"]
     svc.poll()  # validated and submitted
     rec = svc.store._read(owner, job_id)
-    assert rec["job"]["status"] == "queued" and rec["attempt"] == 1, rec["job"]["error"]
-    run = RunDir(rec["run_dir"])
-    while str(client.get_job_status(rec["ray_job_id"])) != "FAILED":
-        assert time.time() < deadline, client.get_job_logs(rec["ray_job_id"])[-3000:]
+    assert rec.job.status == "queued" and rec.attempt == 1, rec.job.error
+    run = RunDir(rec.run_dir)
+    while str(client.get_job_status(rec.ray_job_id)) != "FAILED":
+        assert time.time() < deadline, client.get_job_logs(rec.ray_job_id)[-3000:]
         time.sleep(0.5)
     assert run.status()["error_kind"] == "model"
     run.write_status("running")  # as a driver killed mid-run leaves it
     svc.poll()
     rec = svc.store._read(owner, job_id)
-    assert rec["job"]["status"] == "queued" and rec["attempt"] == 2, rec["events"][-3:]
-    assert rec["ray_job_id"] == f"rayft-finetune-{job_id}-2"
-    assert "died" in rec["events"][-1]["message"] and rec["events"][-1]["level"] == "warn"
+    assert rec.job.status == "queued" and rec.attempt == 2, rec.events[-3:]
+    assert rec.ray_job_id == f"rayft-finetune-{job_id}-2"
+    assert "died" in rec.events[-1].message and rec.events[-1].level == "warn"
 
-    while svc.store._read(owner, job_id)["job"]["status"] in ("queued", "running"):
-        assert time.time() < deadline, client.get_job_logs(rec["ray_job_id"])[-3000:]
+    while svc.store._read(owner, job_id).job.status in ("queued", "running"):
+        assert time.time() < deadline, client.get_job_logs(rec.ray_job_id)[-3000:]
         svc.poll()
         time.sleep(0.5)
     rec = svc.store._read(owner, job_id)
-    assert rec["attempt"] == 2 and str(client.get_job_status(rec["ray_job_id"])) == "FAILED"  # not submitted again
-    error = rec["job"]["error"]
-    assert rec["job"]["status"] == "failed" and error["code"] == "training_failed", rec["job"]
-    assert error["message"].startswith("model error: ") and "has no config.json" in error["message"], error
-    assert error["message"] == f"model error: {run.status()['message']}"[:2000]
+    assert rec.attempt == 2 and str(client.get_job_status(rec.ray_job_id)) == "FAILED"  # not submitted again
+    error = rec.job.error
+    assert error is not None and rec.job.status == "failed" and error.code == "training_failed", rec.job
+    assert error.message.startswith("model error: ") and "has no config.json" in error.message, error
+    assert error.message == f"model error: {run.status()['message']}"[:2000]
