@@ -170,7 +170,7 @@ def engines_alone(model_path: str, clients: int, per_client: int, max_tokens: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from rayft.serving.engine import GenerationRequest, RunningBatch, TransformersEngine
+    from rayft.training.generation import GenerationRequest, RunningBatch, TransformersEngine
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -285,7 +285,7 @@ def noop_p50(port: int, n: int, body: dict) -> tuple[float, float]:
 
 def direct_p50(model_path: str, ids: list[int], n: int, threads: int) -> float:
     """The same 1-token generation, called on the engine in this process (on its thread, like a replica)."""
-    from rayft.serving.engine import GenerationRequest, TransformersEngine
+    from rayft.training.generation import GenerationRequest, TransformersEngine
 
     engine = TransformersEngine(model_path, threads=threads)
     req = GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0)

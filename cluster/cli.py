@@ -72,8 +72,10 @@ def _inspect(cfg, address: str | None, examples: int, quiet: bool) -> dict:
         connect(address)
         if status is not None:
             status.update("reading, validating and tokenizing the data")
-        pairs = cfg.training.objective == "dpo"
-        report = inspect_data(cfg.model, cfg.data, cfg.training.micro_batch_size, examples, pairs)
+        objective = cfg.training.objective
+        report = inspect_data(
+            cfg.model, cfg.data, cfg.training.micro_batch_size, examples, objective == "dpo", objective == "grpo"
+        )
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -117,6 +119,11 @@ def print_inspect_report(report: dict) -> None:
         row("preference pairs", lambda r: f"{r['pairs']['pairs']:,}")
         row("  chosen answer min / mean / max", answer("chosen"))
         row("  rejected answer min / mean / max", answer("rejected"))
+    if "prompt_fields" in report["splits"][splits[0]]:
+        row(
+            "fields for the grader",
+            lambda r: ", ".join(f"{k} ({n:,})" for k, n in r["prompt_fields"].items()) or "none",
+        )
     out.print(table)
     first = report["splits"][splits[0]]
     if first["rendered_examples"]:
@@ -127,6 +134,9 @@ def print_inspect_report(report: dict) -> None:
             f"[bold green]{escape(s['text'])}[/]" if s["trained"] else f"[dim]{escape(s['text'])}[/]" for s in segs
         )
         out.print(text, highlight=False)
+        for s in segs:
+            if "fields" in s:
+                out.print(f"[dim]fields:[/] {escape(json.dumps(s['fields'], ensure_ascii=False))}", highlight=False)
     if "wall_s" in report:
         out.print(f"[dim]inspected in {report['wall_s']:.1f} s[/]")
 
@@ -218,7 +228,7 @@ class TrainProgress:
             TextColumn("[bold]train[/]"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[main]}  eval {task.fields[eval]}  {task.fields[speed]}"),
             TimeRemainingColumn(),
             console=err,
             transient=False,
@@ -230,13 +240,15 @@ class TrainProgress:
 
     def __enter__(self):
         self.progress.start()
-        self.task = self.progress.add_task("train", total=None, loss="-", eval="-", tps="-")
+        self.task = self.progress.add_task("train", total=None, main="loss -", eval="-", speed="- tok/s")
         return self
 
     def __exit__(self, *exc):
         self.progress.stop()
 
     def on_event(self, r: dict) -> None:
+        from rayft.training.run import eval_figure, step_figures
+
         assert self.task is not None, "on_event runs inside `with TrainProgress()`"
         if self.lines:
             self._line(r)
@@ -250,11 +262,11 @@ class TrainProgress:
             self.progress.console.print(f"resumed from the checkpoint at step {r['step']}")
             self.progress.update(self.task, completed=r["step"])
         elif "step" in r and "loss" in r:
-            self.progress.update(
-                self.task, completed=r["step"], loss=f"{r['loss']:.4f}", tps=f"{r['nonpad_tokens_per_s']:,.0f}"
-            )
-        if "eval_loss" in r:
-            self.progress.update(self.task, eval=f"{r['eval_loss']:.4f}")
+            main, speed = step_figures(r)
+            self.progress.update(self.task, completed=r["step"], main=main, speed=speed)
+        evaluated = eval_figure(r)
+        if evaluated:
+            self.progress.update(self.task, eval=evaluated)
 
     def _line(self, r: dict) -> None:
         line = step_line(r, self.total, self.log_every)

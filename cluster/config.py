@@ -191,6 +191,14 @@ def _resolve_relative(raw: dict, base: Path) -> None:
         for name, value in adapters.items():
             if isinstance(value, str):
                 adapters[name] = _resolve_one(value, base)
+    rl = (raw.get("training") or {}).get("rl") if isinstance(raw.get("training"), dict) else None
+    if isinstance(rl, dict) and isinstance(rl.get("reward"), list):  # FILE.py:function reward functions
+        for i, entry in enumerate(rl["reward"]):
+            spec = entry.get("function") if isinstance(entry, dict) else entry
+            if isinstance(spec, str) and ".py:" in spec:
+                file, _, name = spec.rpartition(":")
+                resolved = f"{_resolve_one(file, base)}:{name}"
+                rl["reward"][i] = entry | {"function": resolved} if isinstance(entry, dict) else resolved
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str):
         name = model["name"]

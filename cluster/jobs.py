@@ -192,6 +192,10 @@ def _local_files(cfg, shared: list[str]) -> list[tuple[str, str, int]]:
             entries.append((f"data.{key}", v))
     if os.path.isdir(cfg.model.name):
         entries.append(("model.name", cfg.model.name))
+    for rf in cfg.training.rl.reward if cfg.training.rl else []:
+        where = rf.function.rpartition(":")[0]
+        if where.endswith(".py"):
+            entries.append(("training.rl.reward", where))
     for key, value in entries:
         if "://" in value or any(_under(value, s) for s in shared):
             continue
@@ -253,6 +257,13 @@ def _stage(job: dict, files: list[tuple[str, str, int]], staging: Path) -> None:
     model = job.get("model", {})
     if model.get("name") in moved:
         model["name"] = "./" + moved[model["name"]]
+    rl = job.get("training", {}).get("rl") or {}
+    for i, entry in enumerate(rl.get("reward") or []):
+        spec = entry.get("function") if isinstance(entry, dict) else entry
+        where, _, name = str(spec).rpartition(":")
+        if where in moved:
+            staged = f"{moved[where]}:{name}"
+            rl["reward"][i] = entry | {"function": staged} if isinstance(entry, dict) else staged
 
 
 def _glob_root(pattern: str) -> str:

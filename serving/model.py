@@ -21,11 +21,11 @@ from typing import cast
 
 from ray import serve
 
-from rayft.serving.engine import GenerationRequest, RequestFailed, RunningBatch, TransformersEngine
 from rayft.serving.files import namespace_root, storage_root
 from rayft.serving.openai_api import ApiError
 from rayft.serving.spec import ServeSpec, validate_adapter
 from rayft.training import storage
+from rayft.training.generation import GenerationRequest, RequestFailed, RunningBatch, TransformersEngine
 
 log = logging.getLogger("ray.serve.rayft")
 GIB = 2**30

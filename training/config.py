@@ -87,8 +87,10 @@ class DataConfig(Section):
         description="Hold out this fraction of `train` for evaluation when `eval` is unset.",
     )
     hub_split: str = Field(default="train", description="Split to read when `train` or `eval` is a hub dataset.")
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference"] = Field(
-        default="auto", description="Row format; auto detects it from each row's keys."
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "prompt"] = Field(
+        default="auto",
+        description="Row format; auto detects it from each row's keys (with training.objective grpo every row is a "
+        "prompt: messages ending in a user turn, or prompt, plus the fields its grader reads).",
     )
     template: str | None = Field(
         default=None,
@@ -174,17 +176,122 @@ class DpoConfig(Section):
     )
 
 
+class RewardFunction(Section):
+    function: str = Field(
+        ...,
+        description="A reward function with TRL's signature fn(completions, **row_fields) -> list[float] (one score "
+        "per completion; the row's fields by name, prompts as `prompts`): FILE.py:function (a Python file, relative "
+        "to the job file) or module:function (a module installed where the workers run).",
+    )
+    weight: float = Field(default=1.0, description="Weight of this function's score in the summed reward.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, data: Any) -> Any:
+        """A plain "module:function" string is that function with weight 1."""
+        return {"function": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _check_name(self) -> RewardFunction:
+        if not re.fullmatch(r"([A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*", self.function):
+            raise ValueError(
+                f"function {self.function!r} is not FILE.py:function or module:function (e.g. rewards.py:exact_answer)"
+            )
+        return self
+
+
+class RlConfig(Section):
+    grader: dict[str, Any] | None = Field(
+        default=None,
+        description="The reward as an OpenAI grader object (string_check, text_similarity, python, score_model, "
+        "multi), scoring each completion 0..1 against the row's fields ({{item.x}}, {{sample.output_text}}).",
+    )
+    reward: list[RewardFunction] = Field(
+        default_factory=list,
+        description="The reward as one or more reward functions ({function: module:function, weight}), summed by "
+        "weight; instead of `grader`.",
+    )
+    samples_per_prompt: int = Field(
+        default=8, ge=2, description="Completions sampled per prompt (the group its advantages are relative to)."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest completion sampled.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1 = off).")
+    beta: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of the KL penalty to the reference (the model with its adapter switched off); 0 = none, "
+        "and no reference forward.",
+    )
+    clip_eps: float = Field(
+        default=0.2, gt=0, description="PPO clip range of the probability ratio (matters when iterations > 1)."
+    )
+    clip_eps_high: float | None = Field(
+        default=None, gt=0, description="Upper clip range (DAPO's clip-higher); unset = clip_eps."
+    )
+    iterations: int = Field(
+        default=1, ge=1, description="Optimizer updates per batch of rollouts (the clipped ratio keeps reuse safe)."
+    )
+    advantage_scale: Literal["group", "batch", "none"] = Field(
+        default="group",
+        description="Advantage = reward minus its group's mean, divided by the std of its group (GRPO), of the "
+        "whole batch, or by nothing (Dr. GRPO).",
+    )
+    loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        default="dapo",
+        description="How token losses add up: grpo = mean per completion, then over completions; dr_grpo = sum over "
+        "tokens / (completions x max_new_tokens); dapo = mean over every completion token of the step.",
+    )
+    eval_samples: int = Field(
+        default=1,
+        ge=1,
+        description="Completions per held-out prompt at eval (1 = greedy; more = the mean reward of that many "
+        "samples at the training temperature).",
+    )
+    grader_timeout_s: float = Field(
+        default=30.0, gt=0, description="A completion whose grading takes longer is scored failure_reward."
+    )
+    failure_reward: float = Field(
+        default=0.0, description="The reward of a completion whose grader or reward function failed or timed out."
+    )
+    grader_cpus: float = Field(
+        default=0.1, ge=0, description="Logical CPUs each grading Ray task reserves (tasks run beside the workers)."
+    )
+
+    @model_validator(mode="after")
+    def _check_reward(self) -> RlConfig:
+        if self.grader is None and not self.reward:
+            raise ValueError(
+                "no reward: set training.rl.grader (an OpenAI grader object) or training.rl.reward (module:function "
+                "reward functions)"
+            )
+        if self.grader is not None and self.reward:
+            raise ValueError("set one of training.rl.grader and training.rl.reward, not both")
+        if self.grader is not None:
+            from rayft.training.graders import GraderError, parse_grader
+
+            try:
+                parse_grader(self.grader, where="grader")
+            except GraderError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
 class TrainingConfig(Section):
     method: Literal["lora", "full"] = Field(
         default="lora", description="lora = train adapters only; full = all weights."
     )
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
         description="sft = learn the answers (cross-entropy); dpo = learn which of two answers is better, from "
-        "preference pairs (training.dpo).",
+        "preference pairs (training.dpo); grpo = learn to earn a reward on sampled answers to prompts "
+        "(training.rl).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning settings (objective: dpo).")
+    rl: RlConfig | None = Field(
+        default=None, description="Reinforcement finetuning settings (objective: grpo): the reward and the sampling."
+    )
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(
         default=1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
@@ -227,6 +334,23 @@ class TrainingConfig(Section):
     ds_config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config merged over the generated one (experts only)."
     )
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> TrainingConfig:
+        if self.objective == "grpo":
+            if self.rl is None:
+                raise ValueError(
+                    "training.objective grpo needs training.rl: at least the reward (rl.grader or rl.reward)"
+                )
+            if self.method != "lora":
+                raise ValueError(
+                    "training.objective grpo trains LoRA adapters only (method: lora): rollouts sample from the "
+                    "live policy by switching its adapter in, and a full finetune would need its weights synced "
+                    "into the sampler at every step, which rayft does not do yet"
+                )
+        elif self.rl is not None:
+            raise ValueError(f"training.rl applies to objective grpo (the objective is {self.objective})")
+        return self
 
     @model_validator(mode="after")
     def _check_offload(self) -> TrainingConfig:
@@ -395,6 +519,20 @@ class TrainJob(Section):
 
     @model_validator(mode="after")
     def _check_batch_sizes(self) -> TrainJob:
+        if self.training.objective == "grpo" and self.data.format not in ("auto", "prompt"):
+            raise ValueError(
+                f"data.format {self.data.format} does not apply to training.objective grpo, whose rows are prompts "
+                "(messages ending in a user turn, or prompt): set data.format: prompt (or auto)"
+            )
+        if self.training.objective == "grpo" and self.data.format == "auto":
+            self.data.format = "prompt"  # every row is a prompt to sample from
+        if self.training.objective != "grpo" and self.data.format == "prompt":
+            raise ValueError("data.format prompt holds prompts without answers, for training.objective grpo")
+        if self.training.objective == "grpo" and self.data.packing:
+            raise ValueError(
+                "data.packing does not apply to training.objective grpo: its rows are prompts, each sampled on its "
+                "own; set data.packing: false"
+            )
         if self.training.objective == "dpo" and self.data.packing:
             raise ValueError(
                 "data.packing does not apply to training.objective dpo: each preference pair (its chosen and "
@@ -432,3 +570,6 @@ class LoopConfig(Section):
     has_eval: bool
     use_gpu: bool
     run_dir: str
+    reward_sources: dict[str, str] = Field(
+        default_factory=dict, description="The code of training.rl's FILE.py reward functions, read by the driver."
+    )

@@ -409,7 +409,7 @@ def _bad_listing(check: RowCheck) -> str:
 class Tokenize:
     """Renders and tokenizes validated rows; each Ray worker process keeps one per setting (see tokenize_batch)."""
 
-    def __init__(self, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False):
+    def __init__(self, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False, prompts: bool = False):
         from rayft.training.formats import Renderer
         from rayft.training.models import load_tokenizer
 
@@ -421,15 +421,18 @@ class Tokenize:
         )
         self.keep_dropped = keep_dropped
         self.pairs = pairs  # preference pairs (training.objective dpo): each row is its chosen and rejected answer
+        self.prompts = prompts  # prompts (training.objective grpo): each row is a prompt and its graders' item
 
     def __call__(self, batch: dict) -> dict:
         from rayft.training.formats import tokenize_rendered
 
         keep = [i for i, e in enumerate(batch["error"]) if not e]
-        texts, spans, sources = [], [], []
+        texts, spans, sources, items = [], [], [], []
         for i in keep:
             src = str(batch["source"][i])
             doc = json.loads(batch["doc"][i])
+            if self.prompts != (doc["kind"] == "prompt"):
+                raise DataError(f"{src}: {PROMPT_MISMATCH[self.prompts]}")
             if self.pairs != (doc["kind"] == "pair"):
                 raise DataError(f"{src}: {PAIR_MISMATCH[self.pairs]}")
             try:
@@ -442,8 +445,10 @@ class Tokenize:
             except TemplateError as e:
                 raise DataError(str(e)) from None
             sources.append(src)
+            items.append(json.dumps(doc.get("item"), ensure_ascii=False))
         columns = ["source", "row_id", "input_ids", "labels", "num_tokens", "num_trained", "status"]
-        out: dict[str, list] = {k: [] for k in columns + (["rejected_ids", "rejected_labels"] if self.pairs else [])}
+        columns += ["rejected_ids", "rejected_labels"] if self.pairs else ["item"] if self.prompts else []
+        out: dict[str, list] = {k: [] for k in columns}
         encoded = tokenize_rendered(self.tokenizer, texts, spans) if texts else []
         per_row = 2 if self.pairs else 1
         for n, src in enumerate(sources):
@@ -451,7 +456,9 @@ class Tokenize:
             statuses = [st for _, _, st in seqs]
             status = next((st for st in ("dropped", "truncated") if st in statuses), "ok")
             trained = [int((labels != -100).sum()) for _, labels, _ in seqs]
-            if min(trained) == 0 and status != "dropped":
+            if self.prompts and status == "truncated":
+                status = "dropped"  # a prompt cut short lost its question's end: never sampled from
+            elif min(trained) == 0 and status != "dropped" and not self.prompts:
                 status = "dropped"  # nothing left to learn from (e.g. the reply was truncated away)
             if status == "dropped" and not self.keep_dropped:
                 continue
@@ -463,6 +470,8 @@ class Tokenize:
             if self.pairs:
                 out["rejected_ids"].append(rest[0][0])
                 out["rejected_labels"].append(rest[0][1])
+            if self.prompts:
+                out["item"].append(items[n])
             out["num_tokens"].append(sum(len(encoded[n * per_row + k][0]) for k in range(per_row)))
             out["num_trained"].append(sum(trained))
             out["status"].append(status)
@@ -483,6 +492,13 @@ class Tokenize:
         return ids[:max_len], labels[:max_len], "truncated"
 
 
+PROMPT_MISMATCH = {
+    True: "not a prompt, and training.objective grpo samples answers to prompts: give each row 'messages' ending "
+    "in a user turn, or 'prompt', and the fields its grader reads (set data.format: prompt or auto)",
+    False: "a prompt with no answer to learn from; training.objective grpo samples answers to prompts (set it, with "
+    "training.rl), other objectives need rows with answers",
+}
+
 PAIR_MISMATCH = {
     True: "not a preference pair, and training.objective dpo learns from pairs only: give each row a prompt, a "
     "chosen and a rejected answer ({prompt, chosen, rejected} or {input, preferred_output, non_preferred_output})",
@@ -495,12 +511,14 @@ _TOKENIZERS: dict[str, Tokenize] = {}  # this worker process's loaded tokenizers
 _TOKENIZERS_KEPT = 2
 
 
-def tokenize_batch(batch: dict, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False) -> dict:
+def tokenize_batch(
+    batch: dict, model: dict, data: dict, keep_dropped: bool = False, pairs: bool = False, prompts: bool = False
+) -> dict:
     """Ray Data task: tokenize a batch. Loading a tokenizer costs seconds, tokenizing a batch milliseconds, so
     each worker process keeps the tokenizers it loaded: later tasks, epochs, eval passes and runs of the same
     job reuse them (an actor pool would load them again for every pass)."""
-    key = json.dumps([model, data, keep_dropped, pairs], sort_keys=True, default=str)
-    tok = _TOKENIZERS.pop(key, None) or Tokenize(model, data, keep_dropped, pairs)
+    key = json.dumps([model, data, keep_dropped, pairs, prompts], sort_keys=True, default=str)
+    tok = _TOKENIZERS.pop(key, None) or Tokenize(model, data, keep_dropped, pairs, prompts)
     _TOKENIZERS[key] = tok
     while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
         _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
@@ -554,6 +572,7 @@ def tokenized(
     shuffle: bool = True,
     rows: int | None = None,
     pairs: bool = False,
+    prompts: bool = False,
 ):
     """Token rows {"source", "input_ids", "labels", "num_tokens", "num_trained", "status"} for a split, the
     training split shuffled when data.shuffle is on (`shuffle=False`: file order, for counting). `rows` is
@@ -572,6 +591,7 @@ def tokenized(
             "data": data.model_dump(),
             "keep_dropped": keep_dropped,
             "pairs": pairs,
+            "prompts": prompts,
         },
         batch_size=256,
         batch_format="numpy",
@@ -594,6 +614,7 @@ def build_datasets(
     rows: dict[str, int] | None = None,
     read_again: frozenset[str] = frozenset(),
     pairs: bool = False,
+    prompts: bool = False,
 ) -> dict[str, Any]:
     """The training-ready Ray Datasets: {"train": ..., "eval": ...} (eval only when configured).
 
@@ -606,7 +627,7 @@ def build_datasets(
     rows = rows or {}
     out = {}
     for split in ("train", "eval"):
-        ds = tokenized(model, data, split, rows=rows.get(split), pairs=pairs)
+        ds = tokenized(model, data, split, rows=rows.get(split), pairs=pairs, prompts=prompts)
         if ds is None:
             continue
         if data.packing:
@@ -618,8 +639,8 @@ def build_datasets(
                 num_cpus=data.cpus_per_data_task,
             )
         else:
-            pair = ["rejected_ids", "rejected_labels"] if pairs else []
-            ds = ds.select_columns(["row_id", "input_ids", "labels", *pair])
+            extra = ["rejected_ids", "rejected_labels"] if pairs else ["item"] if prompts else []
+            ds = ds.select_columns(["row_id", "input_ids", "labels", *extra])
         if split in read_again and split in rows and fits_cache(rows[split], data):
             ds = ds.materialize()
         out[split] = ds
@@ -630,11 +651,17 @@ def build_datasets(
 
 
 def inspect_data(
-    model: ModelConfig, data: DataConfig, micro_batch_size: int = 4, examples: int = 3, pairs: bool = False
+    model: ModelConfig,
+    data: DataConfig,
+    micro_batch_size: int = 4,
+    examples: int = 3,
+    pairs: bool = False,
+    prompts: bool = False,
 ) -> dict:
     """Everything `rayft data inspect` reports, as a JSON-ready dict. `pairs`: preference pairs (training.objective
     dpo): the counts cover both answers of each pair, and each split also reports its pairs and the chosen and
-    rejected answers' lengths; examples show the chosen answer, then the rejected one."""
+    rejected answers' lengths; examples show the chosen answer, then the rejected one. `prompts` (training.objective
+    grpo): each split also reports the fields its rows give the graders, and examples show each prompt's fields."""
     from rayft.training.formats import IGNORE_INDEX, pack_examples, padded_length
     from rayft.training.models import load_tokenizer
 
@@ -642,11 +669,12 @@ def inspect_data(
     tokenizer = load_tokenizer(model.name, model.revision)
     report: dict[str, Any] = {"model": model.name, "max_seq_len": data.max_seq_len, "splits": {}}
     for split, check in checks.items():
-        ds = tokenized(model, data, split, keep_dropped=True, shuffle=False, pairs=pairs)  # counts need no shuffle
+        ds = tokenized(model, data, split, keep_dropped=True, shuffle=False, pairs=pairs, prompts=prompts)
         assert ds is not None  # check_rows names only the splits there are
         lengths, trained, statuses, shown = [], [], [], []
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         answers: dict[str, list[int]] = {"chosen": [], "rejected": []}
+        fields: dict[str, int] = {}  # prompts: the graders' fields, and the rows that have each
         batches = cast(Iterator[dict[str, np.ndarray]], ds.iter_batches(batch_size=1024, batch_format="numpy"))
         for batch in batches:
             lengths.append(batch["num_tokens"])
@@ -661,9 +689,16 @@ def inspect_data(
                     for kind, (_, labels) in zip(answers, seqs, strict=True):
                         answers[kind].append(int((np.asarray(labels) != IGNORE_INDEX).sum()))
                 kept.extend(seqs)
+                item = json.loads(str(batch["item"][i])) if prompts else {}
+                for k in item:
+                    if k not in ("messages", "prompt"):
+                        fields[k] = fields.get(k, 0) + 1
                 for ids, labels in seqs:
                     if len(shown) < examples:
                         shown.append(_segments(tokenizer, ids, labels, IGNORE_INDEX))
+                        if prompts:
+                            graded = {k: v for k, v in item.items() if k not in ("messages", "prompt")}
+                            shown[-1].append({"text": "", "trained": False, "fields": graded})
         n_tok = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         n_trained = np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64)
         status = np.concatenate(statuses) if statuses else np.zeros(0, dtype=object)
@@ -698,6 +733,8 @@ def inspect_data(
             "packing_efficiency": float(used.sum() / (packed_rows * data.max_seq_len)) if packed_rows else 0.0,
             "rendered_examples": shown,
         }
+        if prompts:
+            report["splits"][split]["prompt_fields"] = fields
         if pairs:
             report["splits"][split]["pairs"] = {
                 "pairs": len(answers["chosen"]),

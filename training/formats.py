@@ -91,7 +91,46 @@ def normalize(row: Any, fmt: str = "auto") -> dict:
         return {"kind": "segments", "segments": [[_need_str(row, "text"), True]], "eos": True}
     if fmt == "preference":
         return _pair(row)
+    if fmt == "prompt":
+        return _rl_prompt(row)
     raise RowError(f"unknown format {fmt!r}")
+
+
+PROMPT_KEYS = ("messages", "prompt")  # what a prompt row's prompt is; every other field is for its graders
+
+
+def _rl_prompt(row: dict) -> dict:
+    """A prompt to sample answers to (training.objective grpo): `messages` ending in a user turn (OpenAI's
+    reinforcement format), or `prompt` (plain text, or a message list). The whole row is the graders' `item`
+    (its fields by name for reward functions). Its document: {"kind": "prompt", "messages" | "text", "item"}."""
+    if "messages" in row:
+        messages, field = row["messages"], "messages"
+    elif "prompt" in row:
+        if isinstance(row["prompt"], str):
+            return {"kind": "prompt", "text": _need_str(row, "prompt"), "item": row}
+        messages, field = row["prompt"], "prompt"
+    else:
+        keys = ", ".join(sorted(row)) or "none"
+        raise RowError(
+            f"a prompt row needs 'messages' (ending in a user turn) or 'prompt' (got keys: {keys}); the other fields "
+            "are for the graders (e.g. reference_answer)"
+        )
+    out = _message_list(
+        [m | {"role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
+        if isinstance(messages, list)
+        else messages,
+        field,
+    )
+    if out[-1]["role"] != "user":
+        raise RowError(
+            f"{field}[{len(out) - 1}] is a {out[-1]['role']!r} message; a prompt row ends with the user turn the model "
+            "answers (put a reference answer in a field of its own, e.g. reference_answer, for the grader)"
+        )
+    return {
+        "kind": "prompt",
+        "messages": [m | {"weight": 0} if m["role"] == "assistant" else m for m in out],
+        "item": row,
+    }
 
 
 def _pair(row: dict) -> dict:
@@ -224,6 +263,8 @@ class Renderer:
             self.mode, self.jinja = "jinja", None
 
     def render(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
+        if doc["kind"] == "prompt":
+            return self.rollout_prompt(doc), []
         if doc["kind"] == "segments":
             return self._render_segments(doc)
         if self.mode == "alpaca":
@@ -249,6 +290,15 @@ class Renderer:
             text, _ = self._render_alpaca(context)
             return _extend(text, "### Response:\n"), messages[last]["content"]
         return self._apply(context, add_generation_prompt=True), messages[last]["content"]
+
+    def rollout_prompt(self, doc: dict) -> str:
+        """The text a model continues to answer a prompt row (training.objective grpo)."""
+        if "text" in doc:
+            return doc["text"]
+        if self.mode == "alpaca":
+            text, _ = self._render_alpaca(doc["messages"])
+            return _extend(text, "### Response:\n")
+        return self._apply(doc["messages"], add_generation_prompt=True)
 
     def reference(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
         """The document rendered with only its last reply carrying loss (for reference perplexity)."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from rayft.training.checkpoints import report_with_checkpoint, resume
 from rayft.training.config import LoopConfig
+from rayft.training.grpo import Grpo
 from rayft.training.model_setup import build_engine, build_model
 from rayft.training.objectives import Objective, Sft, StepContext, all_ranks_have, micro_batches
 from rayft.training.preference import Dpo
@@ -33,7 +34,7 @@ from rayft.training.step_metrics import (
 )
 
 # training.objective -> what the loop steps and evaluates, built once per worker as cls(cfg, engine)
-OBJECTIVES: dict[str, Callable[[LoopConfig, Any], Objective]] = {"sft": Sft, "dpo": Dpo}
+OBJECTIVES: dict[str, Callable[[LoopConfig, Any], Objective]] = {"sft": Sft, "dpo": Dpo, "grpo": Grpo}
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -59,7 +60,7 @@ def train_loop(config: dict[str, Any]) -> None:
     release_freed_memory()
     engine = build_engine(model, cfg)
     release_freed_memory()
-    objective = OBJECTIVES[t.objective](cfg, engine)  # DPO builds its reference model here
+    objective = OBJECTIVES[t.objective](cfg, engine)  # DPO builds its reference model here, GRPO its sampler
     step, epoch, consumed = resume(engine, cfg.run_dir, rank, world, lora=t.method == "lora")
     log = MetricsLog(cfg.run_dir) if rank == 0 else NullLog()
     start = {"event": "start", "step": step, "total_steps": cfg.total_steps, "workers": world, "resumed": step > 0}
@@ -91,7 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
             wait_s = time.perf_counter() - t_wait
             if not all_ranks_have(len(group) == cfg.grad_accum, device):
                 break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
-            outcome = objective.step(ctx, group)
+            outcome = objective.step(ctx, group, step + 1)
             for rows, row_ids in group:
                 consumed.update(row_ids)
                 acc.add(rows, len(row_ids), one_row=objective.one_row)

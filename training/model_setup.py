@@ -99,10 +99,18 @@ def has_trained_position_logits(model) -> bool:
 
 
 def _trained_positions_forward(
-    self, input_ids=None, attention_mask=None, position_ids=None, labels=None, return_token_logps=False, **kwargs
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    labels=None,
+    return_token_logps=False,
+    return_entropy=False,
+    **kwargs,
 ):
     """With labels: the mean cross-entropy over trained positions as `loss`; with return_token_logps, instead
-    {"token_logps": the log-probability of each trained target token}, in row-major order of the positions."""
+    {"token_logps": the log-probability of each trained target token}, in row-major order of the positions, and
+    with return_entropy also "token_entropy", the entropy of the model's distribution at each of them."""
     import torch
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -117,11 +125,23 @@ def _trained_positions_forward(
     trained = targets != -100
     logits = next_token_logits_at(self, trained, input_ids, attention_mask, position_ids, **kwargs)
     if return_token_logps:
-        return {"token_logps": -F.cross_entropy(logits.float(), targets[trained].to(torch.long), reduction="none")}
+        out = {"token_logps": -F.cross_entropy(logits.float(), targets[trained].to(torch.long), reduction="none")}
+        if return_entropy:
+            out["token_entropy"] = token_entropy(logits)
+        return out
     if not bool(trained.any()):
         return CausalLMOutputWithPast(loss=logits.sum() * 0.0)
     loss = F.cross_entropy(logits.float(), targets[trained].to(torch.long))
     return CausalLMOutputWithPast(loss=loss)
+
+
+def token_entropy(logits):
+    """The entropy of each row's distribution (logits: tokens x vocabulary), without gradients."""
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
 
 
 def next_token_logits_at(model, where, input_ids, attention_mask=None, position_ids=None, **kwargs):
@@ -178,12 +198,13 @@ def build_engine(model, cfg: LoopConfig):
     t = cfg.training
     ds_config = build_ds_config(t, t.micro_batch_size, cfg.grad_accum, cfg.use_gpu)
     params = [p for p in model.parameters() if p.requires_grad]
+    updates = cfg.total_steps * (t.rl.iterations if t.objective == "grpo" and t.rl else 1)  # optimizer updates
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=params,  # pyright: ignore[reportArgumentType] - DeepSpeed annotates it as a Module
         config=ds_config,
         # DeepSpeed's annotation wants a scheduler factory returning the deprecated _LRScheduler
-        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, cfg.total_steps, t.warmup_ratio, t.lr_schedule)),  # pyright: ignore[reportArgumentType]
+        lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_lambda(s, updates, t.warmup_ratio, t.lr_schedule)),  # pyright: ignore[reportArgumentType]
     )
     if t.method == "lora":
         engine.module_state_dict = types.MethodType(_trainable_module_state_dict, engine)

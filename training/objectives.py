@@ -1,5 +1,6 @@
 """What the loop trains for: the Objective interface, the context its step and eval get, and the supervised
-objective (SFT). Preference tuning's objective (Dpo) lives in rayft.training.preference; the loop picks one by
+objective (SFT). Preference tuning's objective (Dpo) lives in rayft.training.preference, reinforcement
+finetuning's (Grpo) in rayft.training.grpo; the loop picks one by
 training.objective (rayft.training.loop.OBJECTIVES), so another objective is another implementation here or
 beside preference.py, never another branch in the loop.
 
@@ -47,8 +48,9 @@ class Objective(Protocol):
 
     one_row: bool  # whether a micro-batch's pairs run as one packed row (StepAccumulator.add's token count)
 
-    def step(self, ctx: StepContext, group: list) -> StepOutcome:
-        """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids)."""
+    def step(self, ctx: StepContext, group: list, step: int) -> StepOutcome:
+        """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids); `step` is the
+        number this step will have (1 for the first), for what must be reproducible on resume (GRPO's sampling)."""
         ...
 
     def outcome_metrics(self, outcome: StepOutcome, device) -> dict:
@@ -69,7 +71,7 @@ class Sft:
     def __init__(self, cfg: LoopConfig, engine=None):
         self.micro_batch_size = cfg.training.micro_batch_size
 
-    def step(self, ctx: StepContext, group: list) -> StepOutcome:
+    def step(self, ctx: StepContext, group: list, step: int = 0) -> StepOutcome:
         """One optimizer step over `group`, this rank's grad_accum micro-batches of (rows, row ids).
 
         The step's loss is the mean over every trained token of every micro-batch on every rank: the token

@@ -202,7 +202,7 @@ class Dpo:
         self.reference = build_reference(cfg, engine, cfg.use_gpu)  # what the rewards compare against
         self.one_row = uses_packed_attention(engine)  # a micro-batch's pairs run as one row (pair_batch)
 
-    def step(self, ctx: StepContext, group: list) -> StepOutcome:
+    def step(self, ctx: StepContext, group: list, step: int = 0) -> StepOutcome:
         """One optimizer step over this rank's grad_accum micro-batches of pairs. The loss is the mean over every
         pair of the step on every rank: each micro-batch's summed loss is scaled so that DeepSpeed's averaging
         (1/grad_accum per micro-batch, 1/world over ranks) leaves sum / pairs. The outcome holds the step's sums

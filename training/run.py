@@ -95,17 +95,33 @@ def plan_line(r: dict) -> str:
     return f"{what}: {r['total_steps']} optimizer steps{rows}"
 
 
+def step_figures(r: dict) -> tuple[str, str]:
+    """A step record's headline and speed: loss and tokens/s; for GRPO the reward and completions/s."""
+    if "reward" in r and "completions_per_s" in r:
+        return f"reward {r['reward']:.3f}", f"{r['completions_per_s']:.1f} completions/s"
+    return f"loss {r['loss']:.4f}", f"{r['nonpad_tokens_per_s']:,.0f} tok/s"
+
+
+def eval_figure(r: dict) -> str | None:
+    """An eval record's headline: the eval loss, or GRPO's held-out reward."""
+    if "eval_reward" in r:
+        return f"{r['eval_reward']:.3f}"
+    return f"{r['eval_loss']:.4f}" if "eval_loss" in r else None
+
+
 def step_line(r: dict, total: int | None, log_every: int) -> str | None:
     """A metrics record as a log line: every evaluation, and every `log_every`-th step (and the last); None for
     the others."""
     step = r.get("step")
+    if "eval_reward" in r:  # GRPO
+        return f"step {step}/{total}  eval reward {r['eval_reward']:.3f}"
     if "eval_loss" in r:
         pairs = f"  eval reward accuracy {r['eval_reward_accuracy']:.2f}" if "eval_reward_accuracy" in r else ""
         return f"step {step}/{total}  eval loss {r['eval_loss']:.4f}{pairs}"
     if "loss" in r and step and (step % log_every == 0 or step == total):
-        tps = f"{r['nonpad_tokens_per_s']:,.0f}"
+        main, speed = step_figures(r)
         pairs = f"  reward accuracy {r['reward_accuracy']:.2f}" if "reward_accuracy" in r else ""  # DPO
-        return f"step {step}/{total}  loss {r['loss']:.4f}{pairs}  {tps} tok/s"
+        return f"step {step}/{total}  {main}{pairs}  {speed}"
     return None
 
 
@@ -143,8 +159,13 @@ def summary_lines(result) -> list[str]:
             f"  eval loss {m['eval_loss']:.4f}  reward accuracy {m['eval_reward_accuracy']:.1%}  "
             f"margin {m['eval_reward_margin']:.2f}"
         )
+    elif "eval_reward" in m:  # GRPO: the held-out prompts' reward
+        lines.append(f"  eval reward {m['eval_reward']:.3f}  ({m['eval_completions']} completions)")
     elif "eval_loss" in m:
         lines.append(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
+    rewards = [v for _, v in run.curve("reward")]
+    if rewards:
+        lines.append(f"  reward    {rewards[0]:.3f} {sparkline(rewards)} {rewards[-1]:.3f}")
     losses = [v for _, v in run.curve("loss")]
     if losses:
         lines.append(f"  loss      {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}  (plot: {run.loss_plot})")

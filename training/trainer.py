@@ -201,6 +201,7 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
     from rayft.training.export import export_checkpoint
     from rayft.training.loop import train_loop
     from rayft.training.models import resolve_model
+    from rayft.training.rewards import reward_sources
 
     run = RunDir(job.run_dir)
     warning = check_cluster(job, can_grow=cluster_can_grow)
@@ -214,7 +215,8 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
         tracked.append(tracker)
     counts = {s: c.rows for s, c in checks.items()}
     again = frozenset(s for s, n in counts.items() if read_again(job, s, n))
-    datasets = build_datasets(job.model, job.data, counts, again, pairs=job.training.objective == "dpo")
+    objective = job.training.objective
+    datasets = build_datasets(job.model, job.data, counts, again, pairs=objective == "dpo", prompts=objective == "grpo")
     train_rows = 0 if job.training.max_steps else datasets["train"].count()
     total_steps = count_steps(job, train_rows)
     if not job.training.max_steps and train_rows < job.training.global_batch_size:
@@ -231,6 +233,7 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
         has_eval="eval" in datasets,
         use_gpu=job.scaling.use_gpu,
         run_dir=job.run_dir,
+        reward_sources=reward_sources(job.training.rl) if job.training.rl else {},
     )
     s = job.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
@@ -238,9 +241,8 @@ def _run_training(job, resuming, on_event, callbacks, cluster_can_grow, tracking
         resources["GPU"] = s.gpus_per_worker
     # keep the best checkpoints by eval loss, when every checkpoint carries one (the final one needs eval_at_end)
     scored = "eval" in datasets and job.training.eval_at_end
-    score: dict[str, Any] = (
-        {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if scored else {}
-    )
+    best = ("eval_reward", "max") if objective == "grpo" else ("eval_loss", "min")
+    score: dict[str, Any] = {"checkpoint_score_attribute": best[0], "checkpoint_score_order": best[1]} if scored else {}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg.model_dump(mode="json"),

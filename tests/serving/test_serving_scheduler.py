@@ -13,20 +13,20 @@ from helpers import tiny_llama
 
 @pytest.fixture(scope="module")
 def engine(smol_tokenizer, tmp_path_factory):
-    from rayft.serving.engine import TransformersEngine
+    from rayft.training.generation import TransformersEngine
 
     model = tiny_llama(tmp_path_factory.mktemp("sched-model"), smol_tokenizer, sharp=True, vocab_size=32768)
     return TransformersEngine(str(model), threads=1)
 
 
 def request(engine, text: str, max_tokens: int):
-    from rayft.serving.engine import GenerationRequest
+    from rayft.training.generation import GenerationRequest
 
     return GenerationRequest(prompt_ids=engine.tokenizer(text)["input_ids"], max_tokens=max_tokens, temperature=0)
 
 
 def scheduler(engine, budget_requests: float, max_tokens: int, merge: bool = True):
-    from rayft.serving.engine import RunningBatch
+    from rayft.training.generation import RunningBatch
     from rayft.serving.model import Scheduler
 
     per = engine.kv_bytes_per_token()

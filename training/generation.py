@@ -1,11 +1,14 @@
-"""Engines: what turns prompts into tokens behind the HTTP API.
+"""Generation: what turns prompts into tokens, for the endpoint and for reinforcement finetuning's rollouts.
 
-An engine takes a batch of `GenerationRequest`s and advances them together, one token per step, so
-the Serve deployment can stream every request's text as it is produced and let requests join and
-leave the running batch (`RunningBatch`, driven by the replica's scheduler in model.py).
-`TransformersEngine` runs any Hugging Face causal LM on CPU or GPU; LoRA adapters are loaded next to
-the base weights and chosen per request (PEFT mixed-adapter batches), so one replica serves the base
-model and several finetunes at once.
+An engine takes a batch of `GenerationRequest`s and advances them together, one token per step, so the Serve
+deployment can stream every request's text as it is produced and let requests join and leave the running batch
+(`RunningBatch`, driven by the replica's scheduler in rayft.serving.model). `TransformersEngine` runs any Hugging
+Face causal LM on CPU or GPU; LoRA adapters are loaded next to the base weights and chosen per request (PEFT
+mixed-adapter batches), so one replica serves the base model and several finetunes at once.
+
+`TransformersEngine.live(model, tokenizer, device)` wraps a model that is being trained instead (a PEFT model
+inside a DeepSpeed engine, its adapter the one being trained): the rollouts of rayft.training.rollout sample
+from the current policy with no merge and no copy of the weights, on the caller's thread.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     batch_size: int = 1
+    token_ids: list[int] | None = None  # on a request's last Delta, every token it generated (a stop token included)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,14 +89,14 @@ class _Row:
         """Take one generated token; return the text that can be released now."""
         if token in stop_ids:
             self.done = True
-            return self._release(final=True, reason="stop")
+            return self._release(final=True, reason="stop", stop_token=token)
         self.ids.append(token)
         if len(self.ids) >= self.req.max_tokens:
             self.done = True
             return self._release(final=True, reason="length")
         return self._release(final=False, reason=None)
 
-    def _release(self, final: bool, reason: str | None) -> Delta:
+    def _release(self, final: bool, reason: str | None, stop_token: int | None = None) -> Delta:
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         for s in self.req.stop:
             cut = text.find(s, max(0, len(self.sent) - len(s) + 1))
@@ -110,7 +114,10 @@ class _Row:
                         break
         end = max(end, len(self.sent))
         new, self.sent = text[len(self.sent) : end], text[:end]
-        return Delta(new, reason if final else None, len(self.req.prompt_ids), len(self.ids))
+        delta = Delta(new, reason if final else None, len(self.req.prompt_ids), len(self.ids))
+        if final:
+            delta.token_ids = self.ids + ([stop_token] if stop_token is not None else [])
+        return delta
 
 
 class TransformersEngine:
@@ -138,16 +145,34 @@ class TransformersEngine:
             torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model_path = storage.cached(model_path)  # a model in cloud storage: one copy per node, shared by replicas
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, resolve_dtype(dtype, self.device)), revision=revision
         )
-        self.model.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound
+        model.to(self.device).eval()  # pyright: ignore[reportArgumentType] - transformers wraps Module.to, which checkers then see unbound
+        self._adopt(model, tokenizer)
+
+    @classmethod
+    def live(cls, model, tokenizer, device) -> TransformersEngine:
+        """An engine over a model that is being trained (see the module's docstring): no engine thread (the
+        caller's thread runs every step), steps under torch.no_grad rather than inference mode (DeepSpeed's
+        hooks may gather weights during them, which must stay usable by the next backward), and the model's
+        train/eval mode left to the caller."""
+        engine = cls.__new__(cls)
+        engine.executor = None
+        engine.device = str(device)
+        engine.grad_off = "no_grad"
+        engine._adopt(model, tokenizer)
+        return engine
+
+    def _adopt(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         stops = {self.tokenizer.eos_token_id}
-        gen_eos = self.model.generation_config.eos_token_id
+        gen_config = getattr(self.model, "generation_config", None)
+        gen_eos = gen_config.eos_token_id if gen_config is not None else None
         stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.stop_ids = {i for i in stops if i is not None}
         self.adapters: dict[str, str] = {}  # loaded adapter name -> path
@@ -156,6 +181,14 @@ class TransformersEngine:
         self.in_use: dict[str, int] = {}  # adapter -> requests holding it
         self.unload_later: set[str] = set()  # evicted, deleted once nobody holds them
 
+    grad_off = "inference_mode"  # how a step switches autograd off (live: no_grad)
+
+    def no_autograd(self):
+        """The context a generation step runs in."""
+        import torch
+
+        return torch.no_grad() if self.grad_off == "no_grad" else torch.inference_mode()
+
     # ------------------------------------------------------------------ the engine thread
     # A replica's torch work (loading, every step, adapter loads) runs on one thread. OpenMP keeps one thread
     # team per calling thread: steps handed to whichever pool thread is free, next to a load on another one,
@@ -163,13 +196,16 @@ class TransformersEngine:
     # threads: 56 tokens/s with steps in a worker thread after loading in another, 77 on one thread).
 
     def call(self, fn, *args):
-        """Run `fn(*args)` on the engine thread and wait for it."""
+        """Run `fn(*args)` on the engine thread and wait for it (on the caller's thread for a live engine)."""
+        if self.executor is None:
+            return fn(*args)
         return self.executor.submit(fn, *args).result()
 
     async def run(self, fn, *args):
         """Run `fn(*args)` on the engine thread without blocking the event loop."""
         import asyncio
 
+        assert self.executor is not None, "a live engine runs on its caller's thread"
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ------------------------------------------------------------------ adapters
@@ -338,7 +374,7 @@ class RunningBatch:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         probe = torch.tensor([[self.engine.pad_id]], device=self.engine.device)
-        with self.engine.lock, torch.inference_mode():
+        with self.engine.lock, self.engine.no_autograd():
             past = self.engine.model(input_ids=probe, use_cache=True, logits_to_keep=1).past_key_values
         return type(past) is DynamicCache and all(type(layer) is DynamicLayer for layer in past.layers)
 
@@ -347,11 +383,10 @@ class RunningBatch:
         prefill gives each its first token) or, with none to admit, advance the running requests one token.
         Returns ([(key, Delta)] for every request that produced something, [(key, exception)] for admitted
         requests that failed)."""
-        import torch
 
         events: list[tuple] = []
         failures: list[tuple] = []
-        with self.engine.lock, torch.inference_mode():
+        with self.engine.lock, self.engine.no_autograd():
             self.engine._delete_evicted()
             if drop:
                 self._drop(set(drop))
