@@ -208,8 +208,8 @@ class RlConfig(Section):
     )
     reward: list[RewardFunction] = Field(
         default_factory=list,
-        description="The reward as one or more reward functions ({function: module:function, weight}), summed by "
-        "weight; instead of `grader`.",
+        description="The reward as one or more reward functions (FILE.py:function or module:function, or {function, "
+        "weight}), summed by weight; instead of `grader`.",
     )
     samples_per_prompt: int = Field(
         default=8, ge=2, description="Completions sampled per prompt (the group its advantages are relative to)."

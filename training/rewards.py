@@ -94,7 +94,7 @@ def _grade(cfg: RlConfig, completions: list[str], items: list[dict]) -> Scores:
     rewards = np.array([r.score for r in results], dtype=np.float64)
     names = sorted({k for r in results for k in r.sub_scores})
     parts = {n: np.array([r.sub_scores.get(n, math.nan) for r in results], dtype=np.float64) for n in names}
-    failures = sum(1 for r in results if any(v for v in r.errors.values() if v is True))
+    failures = sum(1 for r in results if not r.ok)
     return Scores(rewards, parts, failures)
 
 

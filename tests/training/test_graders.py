@@ -383,10 +383,19 @@ def grade(sample, item):
 
 
 def sandbox_leftovers() -> tuple[set[str], list]:
+    """The sandbox temp dirs there are, and this process's sandbox workers still running (other children, such as
+    the test session's Ray, are not the sandbox's)."""
     import psutil
 
     dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "rayft-grader-*")))
-    return dirs, psutil.Process().children(recursive=True)
+    workers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(arg.endswith("grader_sandbox.py") for arg in child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return dirs, workers
 
 
 def test_python_grader_scores_and_its_run_response_validates():

@@ -158,7 +158,7 @@ def test_grpo_config_makes_rows_prompts_and_takes_reward_functions():
         ({}, "needs training.rl"),
         ({"rl": {}}, "no reward"),
         ({"method": "full", "rl": {"reward": ["m:f"]}}, "LoRA adapters only"),
-        ({"rl": {"reward": ["not a function"]}}, "is not module:function"),
+        ({"rl": {"reward": ["not a function"]}}, "is not FILE.py:function or module:function"),
         ({"rl": {"reward": ["m:f"], "samples_per_prompt": 1}}, "greater than or equal to 2"),
         ({"rl": {"reward": ["m:f"], "loss": "ppo"}}, "'grpo', 'dr_grpo' or 'dapo'"),
     ],
@@ -175,6 +175,42 @@ def test_rl_section_only_with_grpo_and_prompt_format_only_with_grpo():
         TrainJob.model_validate({"data": {"train": "x", "format": "prompt"}})
     with pytest.raises(ValidationError, match="data.format messages does not apply"):
         TrainJob.model_validate(_job(rl={"reward": ["m:f"]}) | {"data": {"train": "x", "format": "messages"}})
+
+
+# --------------------------------------------------------------------------- rewards in a Ray task
+
+
+def test_rewards_run_in_a_ray_task_and_failures_cost_only_their_completions(ray_local, tmp_path):
+    """Reward functions (a FILE.py one, by its source) and an OpenAI grader, scored in a Ray task: weights add up,
+    a function that raises scores its batch failure_reward, a grader that spins is stopped at its timeout, and
+    each is counted; nothing raises."""
+    import os
+
+    from rayft.training.config import RlConfig
+    from rayft.training.rewards import Rewarder, reward_sources
+
+    (tmp_path / "rw.py").write_text(
+        "def length(completions, **fields):\n    return [len(c) / 10 for c in completions]\n\n\n"
+        "def named(completions, name, **fields):\n    return [float(n in c) for c, n in zip(completions, name)]\n\n\n"
+        "def broken(completions, **fields):\n    raise RuntimeError('the answer key is gone')\n"
+    )
+    file = str(tmp_path / "rw.py")
+    rl = RlConfig(reward=[{"function": f"{file}:length", "weight": 0.5}, f"{file}:named"], failure_reward=-1)
+    sources = reward_sources(rl)
+    os.remove(file)  # the task runs the code the driver read, not the file
+    items = [{"prompt": "Hi", "name": "Ada"}, {"prompt": "Hi", "name": "Bo"}]
+    scores = Rewarder(rl, sources).score(["Ada here", "nobody"], [[1, 2], [3]], items)
+    assert scores.rewards.tolist() == pytest.approx([0.5 * 0.8 + 1.0, 0.5 * 0.6 + 0.0])
+    assert scores.failures == 0 and sorted(scores.parts) == ["length", "named"]
+
+    broken = RlConfig(reward=[f"{file}:named", f"{file}:broken"], failure_reward=-1)
+    scores = Rewarder(broken, sources).score(["Ada here", "nobody"], [[1], [2]], items)
+    assert scores.rewards.tolist() == [-1.0, -1.0] and scores.failures == 2
+
+    spin = "def grade(sample, item):\n    while item['name'] == 'Bo':\n        pass\n    return 1.0\n"
+    graded = RlConfig(grader={"type": "python", "name": "p", "source": spin}, grader_timeout_s=1, failure_reward=-1)
+    scores = Rewarder(graded).score(["a", "b", "c"], [[1], [2], [3]], [items[0], items[1], items[0]])
+    assert scores.rewards.tolist() == [1.0, -1.0, 1.0] and scores.failures == 1
 
 
 # --------------------------------------------------------------------------- the rollout engine on a live model

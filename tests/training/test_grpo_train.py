@@ -1,0 +1,167 @@
+"""GRPO on the real path: 2 Ray Train workers with DeepSpeed and LoRA on the tiny model, rollouts on the live policy,
+rewards in Ray tasks. The reward of a reward function the model can learn rises; graders that raise or hang cost
+their completions' rewards, never the run; a run whose worker is killed resumes and samples what it would have."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import checkpoint_steps, step_reached, tiny_llama, wait_for, write_jsonl
+
+NAMES = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu", "Mo", "Ned", "Oz", "Pia"]
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """The tiny model with larger embeddings: a random tiny model's logits are near-uniform over 49,152 tokens and
+    bounded (RMSNorm, then the tied embeddings), so LoRA could barely move them; these can move."""
+    return tiny_llama(tmp_path_factory.mktemp("sharp-llama"), smol_tokenizer, sharp=True)
+
+
+def liked_tokens_file(path: Path, model_dir: Path) -> Path:
+    """A reward function file: the share of a completion's tokens among 4,096 tokens whose embeddings lie along
+    one direction, so one change of the hidden state raises them all: learnable by a random model. At the start
+    about 8% of sampled tokens are liked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    emb = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight.detach()
+    direction = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    liked = sorted(torch.topk(emb @ direction, 4096).indices.tolist())
+    path.write_text(
+        f"LIKED = set({liked!r})\n\n\n"
+        "def liked(completions, completion_ids, **fields):\n"
+        "    return [sum(t in LIKED for t in ids) / len(ids) for ids in completion_ids]\n"
+    )
+    return path
+
+
+def grpo_job(tmp_path: Path, model_dir: Path, rl: dict, **training) -> Path:
+    """16 prompts (each with a `name` field for graders), 2 workers x 2 prompts per micro-batch."""
+    rows = [{"messages": [{"role": "user", "content": f"Write about {n}."}], "name": n} for n in NAMES]
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    t = {
+        "objective": "grpo",
+        "lr": 0.02,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "warmup_ratio": 0.0,
+        "rl": {"samples_per_prompt": 4, "max_new_tokens": 8, **rl},
+        **training,
+    }
+    (tmp_path / "job.yaml").write_text(
+        f"model: {{name: {model_dir}}}\n"
+        "data: {train: prompts.jsonl, eval: prompts.jsonl, max_seq_len: 64}\n"
+        f"training: {json.dumps(t)}\n"
+        "scaling: {num_workers: 2}\n"
+        f"run: {{name: grpo, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    return tmp_path / "job.yaml"
+
+
+def step_records(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "reward" in r and "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, sharp_model_dir):
+    """ZeRO-2, LoRA: 24 steps of 16 completions. The reward of the sampled completions rises and the held-out
+    greedy reward ends above where it started; every metric the peers log is there, on every step."""
+    from rayft.cluster.config import load_config
+    from rayft.training.run_dir import RunDir
+    from rayft.training.trainer import read_metrics, run_training
+
+    liked_tokens_file(tmp_path / "rewards.py", sharp_model_dir)
+    job = load_config(grpo_job(tmp_path, sharp_model_dir, {"reward": ["rewards.py:liked"]}, max_steps=24))
+    job.training.eval_every_steps = 1000  # only the final eval: the first one below is the base's, by hand
+    result = run_training(job)
+    assert result.steps == 24
+    records = read_metrics(job.run_dir)
+    steps = step_records(records)
+    assert sorted(steps) == list(range(1, 25))
+    first = sum(steps[s]["reward"] for s in (1, 2, 3)) / 3
+    last = sum(steps[s]["reward"] for s in range(19, 25)) / 6
+    assert first < 0.15 and last > first + 0.08, (first, last)
+    for r in steps.values():
+        assert r["completions"] == 16 and r["completion_length"] == 8 and r["clipped_completions"] == 1.0
+        assert r["reward_failures"] == 0 and 0 <= r["zero_std_groups"] <= 1 and r["reward_std"] >= 0
+        assert r["kl"] == 0 and r["entropy"] > 0 and r["clip_ratio"] == 0  # beta 0; one update per batch
+        assert all(r[f"timing/{k}"] >= 0 for k in ("generate", "grade", "train", "sync")) and r["completions_per_s"] > 0
+    final = [r for r in records if r.get("final") and "eval_reward" in r][-1]
+    assert final["eval_completions"] == 16 and final["eval_reward"] > 0.3
+    assert RunDir(job.run_dir).adapter() is not None  # the adapter exports like any other
+
+
+@pytest.mark.cluster  # a whole run for what test_grpo.py checks of the grading task alone
+@pytest.mark.slow
+def test_a_grader_that_raises_or_hangs_costs_rewards_not_the_run(ray_local, tmp_path, tiny_model_dir):
+    """An OpenAI python grader (in its sandbox) that raises for one name and spins forever for another: those
+    completions score failure_reward and are counted, the others are graded, and the run ends normally."""
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    source = (
+        "def grade(sample, item):\n"
+        "    if item['name'] == 'Ada':\n"
+        "        raise ValueError('no')\n"
+        "    if item['name'] == 'Bo':\n"
+        "        while True:\n"
+        "            pass\n"
+        "    return 1.0\n"
+    )
+    rl = {
+        "grader": {"type": "python", "name": "p", "source": source},
+        "grader_timeout_s": 2,
+        "failure_reward": -1.0,
+    }
+    job = load_config(grpo_job(tmp_path, tiny_model_dir, rl, max_steps=4))
+    job.data.shuffle = False  # Ada and Bo are the first step's prompts
+    result = run_training(job)
+    assert result.steps == 4
+    steps = step_records(read_metrics(job.run_dir))
+    # step 1: Ada, Bo, Cy, Di x 4 samples: 8 failures (-1) and 8 graded 1.0
+    assert steps[1]["reward_failures"] == 8 and steps[1]["reward"] == pytest.approx(0.0)
+    assert all(steps[s]["reward_failures"] == 0 and steps[s]["reward"] == 1.0 for s in (2, 3, 4))
+
+
+@pytest.mark.cluster  # a failure drill
+@pytest.mark.slow
+def test_a_grpo_run_whose_worker_is_killed_resumes_where_it_was(ray_local, tmp_path, sharp_model_dir):
+    """ZeRO-3 (the rollout gathers the weights), a worker SIGKILLed after the step-4 checkpoint: the run resumes
+    there and its steps 5-6 sample exactly what an uninterrupted run sampled (same rewards), since each
+    completion's sampling seed comes from the step and the row, not from a generator's state."""
+    import os
+    import signal
+    import threading
+
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    rl = {"reward": ["rewards.py:liked"]}
+    t = dict(max_steps=8, zero_stage=3, checkpoint_every_steps=4)
+    (tmp_path / "plain").mkdir()
+    for folder in (tmp_path, tmp_path / "plain"):
+        liked_tokens_file(folder / "rewards.py", sharp_model_dir)
+    plain = load_config(grpo_job(tmp_path / "plain", sharp_model_dir, rl, **t))
+    run_training(plain)
+    uninterrupted = step_records(read_metrics(plain.run_dir))
+
+    job = load_config(grpo_job(tmp_path, sharp_model_dir, rl, **t))
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
+    thread.start()
+    wait_for(lambda: 4 in checkpoint_steps(job.run_dir), 600, "the step-4 checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, 5), 600, "step 5")
+    os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in box and box["result"].steps == 8
+    records = read_metrics(job.run_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 4
+    resumed = step_records(records[records.index(starts[1]) :])
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for s in (5, 6):
+        assert resumed[s]["reward"] == pytest.approx(uninterrupted[s]["reward"], abs=1e-9), s
