@@ -323,6 +323,11 @@ class TrainingConfig(Section):
     eval_at_end: bool = Field(
         default=True, description="Compute the eval loss after the last step (off when a `rayft eval` follows anyway)."
     )
+    eval_at_start: bool = Field(
+        default=False,
+        description="Also evaluate before the first step (step 0), so the curve starts at the base model's eval loss "
+        "(GRPO: its held-out reward).",
+    )
     checkpoint_every_steps: int = Field(default=0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     seed: int = Field(default=42, description="Seed for weight init of new layers and dropout.")
     log_every_steps: int = Field(

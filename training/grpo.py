@@ -275,7 +275,7 @@ class Grpo:
         rl = self.rl
         n = rl.eval_samples
         temperature = 0.0 if n == 1 else rl.temperature
-        totals = [0.0, 0.0, 0.0]  # reward, completions, completion tokens
+        totals = [0.0] * (3 + len(self.parts))  # reward, completions, completion tokens, each part's sum
         for rows in eval_micro_batches(shard, self.micro_batch_size, ctx.device):
             seeds = [[_seed(self.seed, -1, r, j) for j in range(n)] for r in rows]
             prompts = [np.asarray(r["input_ids"]).tolist() for r in rows]
@@ -287,12 +287,15 @@ class Grpo:
             totals[0] += float(scores.rewards.sum())
             totals[1] += len(comps)
             totals[2] += sum(len(c.token_ids) for c in comps)
+            for i, p in enumerate(self.parts):
+                totals[3 + i] += float(np.nansum(scores.parts.get(p, np.zeros(0))))
         v = torch.tensor(totals, dtype=torch.float64, device=ctx.device)
         if dist.is_initialized():
             dist.all_reduce(v)
-        reward, count, tokens = v.tolist()
+        reward, count, tokens, *parts = v.tolist()
         count = max(count, 1.0)
-        return {"eval_reward": reward / count, "eval_completion_length": tokens / count, "eval_completions": int(count)}
+        out = {"eval_reward": reward / count, "eval_completion_length": tokens / count, "eval_completions": int(count)}
+        return out | {f"eval_reward/{p}": s / count for p, s in zip(self.parts, parts, strict=True)}
 
 
 def part_names(rl: RlConfig) -> list[str]:

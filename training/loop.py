@@ -80,6 +80,8 @@ def train_loop(config: dict[str, Any]) -> None:
         trim_heap=device.type == "cpu" or t.offload_optimizer or t.offload_params,
     )
     time_grad_sync(engine, ctx.clock)
+    if eval_shard is not None and t.eval_at_start and step == 0:
+        log.write({"step": 0, "epoch": 0} | objective.evaluate(ctx, eval_shard))  # the base model's figures
     acc = StepAccumulator()
     last_eval: dict = {}
     while step < cfg.total_steps:

@@ -159,8 +159,10 @@ def summary_lines(result) -> list[str]:
             f"  eval loss {m['eval_loss']:.4f}  reward accuracy {m['eval_reward_accuracy']:.1%}  "
             f"margin {m['eval_reward_margin']:.2f}"
         )
-    elif "eval_reward" in m:  # GRPO: the held-out prompts' reward
-        lines.append(f"  eval reward {m['eval_reward']:.3f}  ({m['eval_completions']} completions)")
+    elif "eval_reward" in m:  # GRPO: the held-out prompts' reward, from the base's when it was measured (step 0)
+        evals = run.curve("eval_reward")
+        start = f"{evals[0][1]:.3f} at step 0 -> " if evals and evals[0][0] == 0 else ""
+        lines.append(f"  eval reward {start}{m['eval_reward']:.3f}  ({m['eval_completions']} completions)")
     elif "eval_loss" in m:
         lines.append(f"  eval loss {m['eval_loss']:.4f}  perplexity {m['eval_perplexity']:.2f}")
     rewards = [v for _, v in run.curve("reward")]
