@@ -39,6 +39,7 @@ def test_malformed_jsonl_is_reported_with_file_and_line(ray_local, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.cluster  # the real quickstart data through the real tokenizer: a user's first command, end to end
 @pytest.mark.slow
 def test_data_inspect_json_on_the_quickstart():
     r = rayft("data", "inspect", "configs/quickstart.yaml", "--json")

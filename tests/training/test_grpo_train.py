@@ -86,7 +86,7 @@ def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, 
     last = sum(steps[s]["reward"] for s in range(19, 25)) / 6
     assert first < 0.15 and last > first + 0.08, (first, last)
     for r in steps.values():
-        assert r["completions"] == 16 and r["completion_length"] == 8 and r["clipped_completions"] == 1.0
+        assert r["completions"] == 16 and 1 <= r["completion_length"] <= 8 and 0 <= r["clipped_completions"] <= 1
         assert r["reward_failures"] == 0 and 0 <= r["zero_std_groups"] <= 1 and r["reward_std"] >= 0
         assert r["kl"] == 0 and r["entropy"] > 0 and r["clip_ratio"] == 0  # beta 0; one update per batch
         assert all(r[f"timing/{k}"] >= 0 for k in ("generate", "grade", "train", "sync")) and r["completions_per_s"] > 0

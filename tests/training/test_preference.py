@@ -220,7 +220,15 @@ def pairs_job(tmp_path: Path, model_dir: Path, **training) -> Path:
 
 @pytest.mark.slow
 # ZeRO-2 with LoRA learns the same way in the drill below (a worker killed mid-run), which checks the same.
-@pytest.mark.parametrize(("zero_stage", "method"), [(3, "lora"), (2, "full"), (3, "full")])
+# Full finetuning (a frozen reference copy, partitioned under ZeRO-3) runs in the cluster tier with the drill.
+@pytest.mark.parametrize(
+    ("zero_stage", "method"),
+    [
+        (3, "lora"),
+        pytest.param(2, "full", marks=pytest.mark.cluster),
+        pytest.param(3, "full", marks=pytest.mark.cluster),
+    ],
+)
 def test_two_workers_learn_to_rank_the_chosen_answer_first(ray_local, tmp_path, tiny_model_dir, zero_stage, method):
     from rayft.cluster.config import load_config
     from rayft.training.trainer import read_metrics, run_training
