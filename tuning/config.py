@@ -19,6 +19,10 @@ EVAL_METRICS = ("eval_loss", "eval_perplexity")
 # What DPO runs (training.objective: dpo) report besides: per step, and from their eval pass.
 PREFERENCE_STEP_METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
 PREFERENCE_EVAL_METRICS = tuple(f"eval_{m}" for m in PREFERENCE_STEP_METRICS)
+# What GRPO runs (training.objective: grpo) report instead of a loss to rank by: per step, and from their eval pass
+# (the held-out reward, which ranks their checkpoints too).
+RL_STEP_METRICS = ("reward", "reward_std", "completion_length", "zero_std_groups", "completions_per_s")
+RL_EVAL_METRICS = ("eval_reward",)
 # Scores of the generation eval (`rayft eval`), run on each trial's exported model once it has trained.
 GENERATION_METRICS = ("exact_match", "contained", "token_f1", "json_valid")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -54,7 +58,8 @@ class SweepConfig(Section):
         default="eval_loss",
         description="What ranks trials: eval_loss (needs data.eval and training.eval_every_steps for ASHA), a "
         "training metric such as loss, or a generation score of `rayft eval` on each trial's model at its end "
-        "(exact_match, contained, token_f1, json_valid; ASHA then compares eval_loss while trials train).",
+        "(exact_match, contained, token_f1, json_valid; ASHA then compares eval_loss while trials train). GRPO "
+        "trials: eval_reward (the held-out reward) or reward.",
     )
     mode: Literal["min", "max"] | None = Field(
         default=None, description="min or max the metric (default: min for losses and perplexity, else max)."

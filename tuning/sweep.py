@@ -35,6 +35,8 @@ from rayft.tuning.config import (
     GENERATION_METRICS,
     PREFERENCE_EVAL_METRICS,
     PREFERENCE_STEP_METRICS,
+    RL_EVAL_METRICS,
+    RL_STEP_METRICS,
     STEP_METRICS,
     shape_problems,
 )
@@ -91,12 +93,13 @@ def check_sweep(job: SweepJob) -> list[str]:
     problems += space_problems(job)
     has_eval = bool(job.data.eval) or job.data.eval_fraction > 0
     t = job.training
-    dpo = t.objective == "dpo"
-    step_metrics = STEP_METRICS + (PREFERENCE_STEP_METRICS if dpo else ())
-    eval_metrics = EVAL_METRICS + (PREFERENCE_EVAL_METRICS if dpo else ())
-    known = list(step_metrics) + (list(eval_metrics + GENERATION_METRICS) if has_eval else [])
+    dpo, rl = t.objective == "dpo", t.objective == "grpo"
+    step_metrics = STEP_METRICS + (PREFERENCE_STEP_METRICS if dpo else ()) + (RL_STEP_METRICS if rl else ())
+    eval_metrics = RL_EVAL_METRICS if rl else EVAL_METRICS + (PREFERENCE_EVAL_METRICS if dpo else ())
+    scored = () if rl else GENERATION_METRICS  # a GRPO trial's held-out score is its eval_reward
+    known = list(step_metrics) + (list(eval_metrics + scored) if has_eval else [])
     progress = sw.progress_metric
-    if sw.metric not in step_metrics + eval_metrics + GENERATION_METRICS:
+    if sw.metric not in step_metrics + eval_metrics + scored:
         problems.append(f"sweep.metric: the trials never report {sw.metric!r}; choose one of {', '.join(known)}")
     elif sw.metric in GENERATION_METRICS and sw.search == "optuna":
         problems.append(

@@ -90,6 +90,19 @@ def test_asha_needs_the_metric_during_training(tmp_path):
     assert job.sweep.space["training.lr"] == {"loguniform": [1e-5, 1e-3]}
 
 
+def test_grpo_sweeps_rank_trials_by_the_held_out_reward(tmp_path):
+    """A GRPO trial reports its reward and its held-out eval_reward (maximised), no eval loss and no rayft eval
+    score: those are refused with what it does report."""
+    space = {"space": {"training.lr": {"choice": [1e-3, 1e-4]}}}
+    grpo = {"objective": "grpo", "rl": {"reward": ["rewards.py:f"]}}
+    assert problems_of(tmp_path, space | {"metric": "eval_reward"}, **grpo) == []
+    job = load_config(sweep_job_file(tmp_path, "smollm2-135m-instruct", space | {"metric": "eval_reward"}, **grpo))
+    assert job.sweep.metric_mode == "max" and job.sweep.progress_metric == "eval_reward"
+    for metric in ("eval_loss", "exact_match"):
+        text = "\n".join(problems_of(tmp_path, space | {"metric": metric}, **grpo))
+        assert f"never report {metric!r}" in text and "eval_reward" in text and "reward" in text, text
+
+
 def test_concurrency_fits_the_cluster_or_says_why(tmp_path):
     from rayft.tuning.sweep import SweepError, concurrency
 
