@@ -26,8 +26,8 @@ def request(engine, text: str, max_tokens: int):
 
 
 def scheduler(engine, budget_requests: float, max_tokens: int, merge: bool = True):
-    from rayft.training.generation import RunningBatch
     from rayft.serving.model import Scheduler
+    from rayft.training.generation import RunningBatch
 
     per = engine.kv_bytes_per_token()
     one = (len(engine.tokenizer("hello there")["input_ids"]) + max_tokens) * per
