@@ -317,7 +317,8 @@ class FinetuneService:
 
     def resolve(self, body: FineTuningJobCreate) -> tuple[dict, dict]:
         """The job's hyperparameters with "auto" resolved from the template, and its job file (without the data
-        and run, which come later); a 400 naming the field for values the template's workers cannot take."""
+        and run, which come later); a 400 naming the field for values the template's workers cannot take, and for a
+        reinforcement job's grader or hyperparameters that this server cannot honour."""
         from pydantic import ValidationError
 
         given = body.hyperparameters_given()

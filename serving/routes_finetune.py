@@ -1,7 +1,7 @@
 """The fine-tuning routes: OpenAI's fine-tuning jobs (rayft.serving.finetune.FinetuneService) and graders (running
 and validating a reinforcement job's grader), deleting the model a job made, and /admin/adapters, where an admin key
-registers a LoRA adapter every key is served. The work is the
-service's and the Ingress replica's (rayft.serving.ingress); these routes hand each request over with who called."""
+registers a LoRA adapter every key is served. The work is the service's and the Ingress replica's
+(rayft.serving.ingress); these routes hand each request over with who called."""
 
 import threading
 
