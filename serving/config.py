@@ -69,7 +69,8 @@ class FinetuneConfig(Section):
         default_factory=dict,
         description="The job-file template every fine-tuning job starts from (training, data options, scaling, "
         "run.max_failures, export), under rayft's defaults; the service sets the model, the data, the run's name "
-        "and storage, and the request's hyperparameters.",
+        "and storage, and the request's hyperparameters. training.rl (its sampling: samples_per_prompt, "
+        "max_new_tokens, ...) applies to reinforcement jobs only, whose grader comes with each request.",
     )
     max_active_jobs_per_key: int = Field(
         default=2, ge=1, description="Jobs one API key may have validating, queued or running at once (429 above)."
@@ -105,6 +106,11 @@ class FinetuneConfig(Section):
         description="The endpoint's own jobs in storage_path: endpoints that share a storage path (and its files) "
         "each need their own namespace; one live endpoint (cluster) follows a namespace's jobs at a time.",
     )
+    python_graders: bool = Field(
+        default=False,
+        description="Accept python graders (tenant code, run in a sandboxed process) in reinforcement jobs and "
+        "/v1/fine_tuning/alpha/graders; off, they are refused with a 400.",
+    )
     max_line_bytes: int = Field(
         default=8 * 1024**2,
         ge=1024,
@@ -129,12 +135,48 @@ SERVICE_SET = {
 TEMPLATE_SECTIONS = ("model", "data", "training", "scaling", "run", "export", "eval")
 
 
+# Stands in for a request's grader when the template's training.rl is checked on its own.
+PLACEHOLDER_GRADER = {"type": "string_check", "name": "template", "input": "{{sample.output_text}}",
+                      "reference": "x", "operation": "eq"}  # fmt: skip
+
+
 def template_job(job: dict[str, Any]):
     """A fine-tuning job file (serve.finetune.job, or a job built from it) as a validated TrainJob, with a
-    placeholder for the training data the service fills in per job. Raises pydantic's ValidationError."""
+    placeholder for the training data the service fills in per job. A template's training.rl (the sampling of
+    reinforcement jobs, checked by job_template_problems) is left out unless the job is one (objective grpo).
+    Raises pydantic's ValidationError."""
     from rayft.training.config import TrainJob
 
+    training = job.get("training")
+    if isinstance(training, dict) and "rl" in training and training.get("objective") != "grpo":
+        job = job | {"training": {k: v for k, v in training.items() if k != "rl"}}
     return TrainJob.model_validate(job | {"data": dict(job.get("data") or {}) | {"train": "train.jsonl"}})
+
+
+def _rl_template_problems(rl: Any) -> list[str]:
+    """Why serve.finetune.job.training.rl cannot be the sampling of every reinforcement job; [] when it can."""
+    from pydantic import ValidationError
+
+    from rayft.training.config import RlConfig
+
+    where = "serve.finetune.job.training.rl"
+    if not isinstance(rl, dict):
+        return [f"{where} must be a mapping"]
+    problems = [
+        f"{where}.{key}: each reinforcement job's reward is the grader its request sends "
+        "(method.reinforcement.grader); remove it"
+        for key in ("grader", "reward")
+        if key in rl
+    ]
+    if problems:
+        return problems
+    try:
+        RlConfig.model_validate(rl | {"grader": PLACEHOLDER_GRADER})
+    except ValidationError as e:
+        for err in e.errors():
+            at = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where}.{at}: {err['msg'].removeprefix('Value error, ')}".rstrip(": "))
+    return problems
 
 
 def job_template_problems(job: dict[str, Any]) -> list[str]:
@@ -157,12 +199,21 @@ def job_template_problems(job: dict[str, Any]) -> list[str]:
                         f"serve.finetune.job.{section}.{key}: the service sets this itself for every job (from the "
                         "request and serve.finetune.storage_path); remove it"
                     )
-    method = (job.get("training") or {}).get("method") if isinstance(job.get("training"), dict) else None
+    training = job.get("training")
+    training = training if isinstance(training, dict) else {}
+    method = training.get("method")
     if method not in (None, "lora"):
         problems.append(
             f"serve.finetune.job.training.method is {method!r}: fine-tuning jobs train LoRA adapters, which the "
             "endpoint serves beside its model; set it to lora or remove it"
         )
+    if training.get("objective") not in (None, "sft"):
+        problems.append(
+            f"serve.finetune.job.training.objective is {training['objective']!r}: each job's objective follows its "
+            "request's method (supervised: sft, dpo: dpo, reinforcement: grpo); remove it"
+        )
+    if "rl" in training:
+        problems += _rl_template_problems(training["rl"])
     if problems:
         return problems
     try:

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from rayft.serving.config import FinetuneConfig, template_job
+from rayft.serving.config import PLACEHOLDER_GRADER, FinetuneConfig, template_job
 from rayft.serving.files import EVERY_OWNER, FileStore, StoredFile, namespace_root, read_chunks, storage_root
 from rayft.serving.finetune_store import (
     ACTIVE,
@@ -60,9 +60,11 @@ from rayft.serving.openai_api import (
     FineTuningJob,
     FineTuningJobCreate,
     JobError,
+    ReinforcementHyperparameters,
     ResolvedHyperparameters,
 )
 from rayft.training import launch, storage
+from rayft.training.config import RlConfig
 from rayft.training.run_dir import JOB_FILE, RunDir, is_adapter
 
 log = logging.getLogger("ray.serve.rayft")
@@ -246,7 +248,10 @@ class FinetuneService:
                 headers={"x-should-retry": "false"},
             )
         hp, job_file = self.resolve(body)
-        method = job_file["training"]["objective"].replace("sft", "supervised")
+        method = body.method_type()
+        shown = {"hyperparameters": hp}
+        if method == "reinforcement":
+            shown = {"grader": job_file["training"]["rl"]["grader"], "hyperparameters": hp}
         with self._lock:
             everyone = [r for r in self.store.list(EVERY_OWNER, limit=10**6)[0] if r.active]
             if len(everyone) >= self.cfg.max_active_jobs:
@@ -277,7 +282,7 @@ class FinetuneService:
                 validation_file=validation.id if validation else None,
                 training_file=training.id,
                 hyperparameters=ResolvedHyperparameters.model_validate(hp),
-                method={"type": method, method: {"hyperparameters": hp}},
+                method={"type": method, method: shown},
                 seed=job_file["training"]["seed"],
                 metadata=body.metadata,
                 user_provided_suffix=body.suffix,
@@ -312,18 +317,26 @@ class FinetuneService:
 
     def resolve(self, body: FineTuningJobCreate) -> tuple[dict, dict]:
         """The job's hyperparameters with "auto" resolved from the template, and its job file (without the data
-        and run, which come later); a 400 naming the field for values the template's workers cannot take."""
+        and run, which come later); a 400 naming the field for values the template's workers cannot take, and for a
+        reinforcement job's grader or hyperparameters that this server cannot honour."""
         from pydantic import ValidationError
 
         given = body.hyperparameters_given()
         where = body.hyperparameters_field()
-        dpo = body.method is not None and body.method.type == "dpo"
+        kind = body.method_type()
+        dpo, rl = kind == "dpo", kind == "reinforcement"
+        grader = None
+        if rl:
+            assert body.method is not None and body.method.reinforcement is not None  # Method's own check
+            grader = body.method.reinforcement.grader
+            self.check_grader(grader, "method.reinforcement.grader")
         job = copy.deepcopy(self.cfg.job)
-        if dpo:  # preference pairs: each pair is one row of its own (packing does not apply)
+        training = job.setdefault("training", {})
+        rl_template = training.pop("rl", None) or {}  # the template's sampling of reinforcement jobs
+        if dpo or rl:  # a preference pair, a prompt: each is one row of its own (packing does not apply)
             job.setdefault("data", {})["packing"] = False
         template = template_job(job)
         t = template.training
-        training = job.setdefault("training", {})
         epochs = t.epochs if given.n_epochs == "auto" else given.n_epochs
         if epochs > self.cfg.max_epochs:
             raise ApiError(
@@ -351,6 +364,24 @@ class FinetuneService:
             training["objective"] = "dpo"
             beta = t.dpo.beta if given.beta == "auto" else float(given.beta)
             training["dpo"] = dict(training.get("dpo") or {}) | {"beta": beta}
+        elif rl:
+            assert isinstance(given, ReinforcementHyperparameters) and grader is not None
+            training["objective"] = "grpo"
+            job["data"]["format"] = "prompt"  # every row is a prompt to sample answers to
+            for field in ("eval_interval", "eval_samples"):
+                if getattr(given, field) != "auto" and not body.validation_file:
+                    raise ApiError(
+                        400,
+                        f"{field} {getattr(given, field)} cannot be honoured: evaluations sample answers to the "
+                        "held-out prompts of validation_file, and this job has none; give a validation_file or "
+                        f"leave {field} out",
+                        param=f"{where}.{field}",
+                    )
+            if given.eval_interval != "auto":
+                training["eval_every_steps"] = given.eval_interval
+            eval_samples = RlConfig.model_validate(rl_template | {"grader": PLACEHOLDER_GRADER}).eval_samples
+            eval_samples = eval_samples if given.eval_samples == "auto" else given.eval_samples
+            training["rl"] = rl_template | {"grader": grader, "eval_samples": eval_samples}
         else:
             training["objective"] = "sft"
         if given.n_epochs != "auto":  # asked for epochs: the template's step count no longer applies
@@ -376,7 +407,34 @@ class FinetuneService:
         }
         if dpo:
             hp["beta"] = training["dpo"]["beta"]
+        if rl:
+            hp["eval_interval"] = training.get("eval_every_steps", t.eval_every_steps)  # 0: only after the last step
+            hp["eval_samples"] = training["rl"]["eval_samples"]
         return hp, job
+
+    def check_grader(self, spec: dict, where: str = "grader"):
+        """The grader of a reinforcement job or a /graders request, parsed (rayft.training.graders), or a 400
+        naming each field at fault: python graders only where serve.finetune.python_graders allows them, and no
+        score_model grader (nothing here reaches a grading model: each of its scores would be a failure)."""
+        from rayft.training.graders import GraderError, parse_grader
+
+        try:
+            grader = parse_grader(
+                spec, allow_python=self.cfg.python_graders, where=where, python_setting="serve.finetune.python_graders"
+            )
+            refused = [
+                f"{at}.type: score_model graders are not supported here: neither this endpoint nor its jobs reach "
+                "a grading model, so every score would be a failure; use string_check, text_similarity, multi"
+                + (" or python" if self.cfg.python_graders else "")
+                for at in graders_of_type(spec, "score_model", where)
+            ]
+            if refused:
+                raise GraderError(refused)
+        except GraderError as e:
+            raise ApiError(
+                400, f"invalid grader: {e}", param=e.problems[0].split(": ", 1)[0], code="invalid_grader"
+            ) from None
+        return grader
 
     def get(self, viewer: str | None, job_id: str) -> dict:
         return _shown(self.store.get(viewer, job_id))
@@ -429,9 +487,9 @@ class FinetuneService:
         total = next((r["total_steps"] for r in records if "total_steps" in r), None)
         out, seen = [], set()
         for r in records:
-            if "step" not in r or "time" not in r or not ("loss" in r or "eval_loss" in r):
+            if "step" not in r or "time" not in r or not ("loss" in r or "eval_loss" in r or "eval_reward" in r):
                 continue
-            kind = "e" if "eval_loss" in r else "s"
+            kind = "e" if "eval_loss" in r or "loss" not in r else "s"
             if (r["step"], kind) in seen:  # a resumed run logs the steps since its checkpoint again
                 continue
             seen.add((r["step"], kind))
@@ -442,9 +500,17 @@ class FinetuneService:
                 if "reward_accuracy" in r:  # a dpo job
                     data |= {k: r[k] for k in ("reward_accuracy", "reward_margin")}
                     message += f", reward accuracy={r['reward_accuracy']:.2f}"
-            else:
+                if "reward" in r:  # a reinforcement job: the mean reward of the step's sampled answers
+                    data |= {k: r[k] for k in ("reward", "reward_std", "eval_reward") if k in r}
+                    message += f", reward={r['reward']:.4f}"
+                    if "eval_reward" in r:
+                        message += f", validation reward={r['eval_reward']:.4f}"
+            elif "eval_loss" in r:
                 data = {"step": r["step"], "valid_loss": r["eval_loss"], "total_steps": total}
                 message = f"Step {r['step']}{of}: validation loss={r['eval_loss']:.4f}"
+            else:  # a reinforcement job's evaluation after its last step: the held-out reward
+                data = {"step": r["step"], "eval_reward": r["eval_reward"], "total_steps": total}
+                message = f"Step {r['step']}{of}: validation reward={r['eval_reward']:.4f}"
             out.append({
                 "object": "fine_tuning.job.event",
                 "id": event_id(r["time"], f"{r['step']:015x}{1 if kind == 'e' else 0}"),
@@ -655,8 +721,10 @@ class FinetuneService:
             except ApiError:
                 problems.append((param, f"{param} {ref.id} was deleted before the job could read it"))
                 continue
-            pairs = rec.job_file["training"].get("objective") == "dpo"
-            rows, bad = copy_checked_rows(self.files, f, storage.join(folder, name), pairs, self.cfg.max_line_bytes)
+            method = METHODS[rec.job_file["training"].get("objective", "sft")]
+            rows, bad = copy_checked_rows(
+                self.files, f, storage.join(folder, name), method=method, max_line_bytes=self.cfg.max_line_bytes
+            )
             counts[split] = rows
             if bad:
                 listing = "\n".join(bad[:MAX_BAD_LISTED])
@@ -923,6 +991,20 @@ class Lease:
                         self.ttl_s)  # fmt: skip
 
 
+def graders_of_type(spec: dict, kind: str, where: str = "grader") -> list[str]:
+    """Where the graders of type `kind` are in a (parsed, so well-formed) grader object: its own path, or its
+    multi grader's graders'."""
+    if spec.get("type") == kind:
+        return [where]
+    graders = spec.get("graders") if spec.get("type") == "multi" else None
+    if not isinstance(graders, dict):
+        return []
+    if isinstance(graders.get("type"), str):  # the SDK's form: one grader object
+        return graders_of_type(graders, kind, f"{where}.graders")
+    children = [(g, f"{where}.graders.{k}") for k, g in graders.items() if isinstance(g, dict)]
+    return [at for g, path in children for at in graders_of_type(g, kind, path)]
+
+
 def _file_ref(f: StoredFile) -> FileRef:
     return FileRef(id=f.id, filename=f.filename)
 
@@ -938,11 +1020,57 @@ def _yaml(job: dict) -> str:
     return yaml.safe_dump(job, sort_keys=False)
 
 
-WRONG_KIND = {
-    True: "not a preference pair: a dpo job trains on rows {input: {messages}, preferred_output, "
-    "non_preferred_output} (or {prompt, chosen, rejected})",
-    False: "a preference pair: train on pairs with method {type: dpo}, or give supervised rows {messages}",
-}
+METHODS = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}  # training.objective -> the API's method
+NOT_A_PAIR = (
+    "not a preference pair: a dpo job trains on rows {input: {messages}, preferred_output, non_preferred_output} "
+    "(or {prompt, chosen, rejected})"
+)
+A_PAIR = "a preference pair: train on pairs with method {type: dpo}"
+A_PROMPT = (
+    "a prompt row with no answer to learn: train on prompts with method {type: reinforcement} and a grader, or give "
+    "supervised rows ({messages} ending in the assistant's answer, or prompt+completion)"
+)
+PROMPT_ROWS = (
+    "a reinforcement job trains on prompt rows: {messages} ending in the user turn the model answers (or {prompt}), "
+    "plus the fields its grader reads (e.g. reference_answer)"
+)
+
+
+def check_row(row, method: str) -> None:
+    """One parsed row of a job's file checked with rayft's row checks (the formats `rayft train` reads) for the
+    job's method: supervised rows, preference pairs (dpo) or prompt rows (reinforcement). Raises RowError, saying
+    what the row is when it is another method's."""
+    from rayft.training.formats import RowError, detect_format, normalize
+
+    if method == "reinforcement":
+        try:
+            other = detect_format(row) if isinstance(row, dict) else None
+        except RowError:
+            other = None
+        if other == "preference":  # {prompt, chosen, rejected} would pass as a prompt with two grader fields
+            raise RowError(f"a preference pair, not a prompt row: {PROMPT_ROWS}; train pairs with method {{type: dpo}}")
+        try:
+            normalize(row, "prompt")
+            return
+        except RowError as e:
+            problem = e
+        last = row["messages"][-1] if other == "messages" and isinstance(row["messages"], list) else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            raise RowError(
+                f"a supervised conversation (it ends with the assistant's answer), not a prompt row: {PROMPT_ROWS}; "
+                "train conversations with method {type: supervised}"
+            )
+        raise problem
+    try:
+        doc = normalize(row)
+    except RowError:
+        try:
+            normalize(row, "prompt")
+        except RowError:
+            raise  # the row's own problem (the first error, not the prompt check's)
+        raise RowError(NOT_A_PAIR if method == "dpo" else A_PROMPT) from None
+    if (doc["kind"] == "pair") != (method == "dpo"):
+        raise RowError(NOT_A_PAIR if method == "dpo" else f"{A_PAIR}, or give supervised rows {{messages}}")
 
 
 def _lines(chunks, max_bytes: int) -> Iterator[bytes | None]:
@@ -975,13 +1103,12 @@ def _lines(chunks, max_bytes: int) -> Iterator[bytes | None]:
 
 
 def copy_checked_rows(
-    files: FileStore, f: StoredFile, dest: str, pairs: bool = False, max_line_bytes: int = 8 << 20
+    files: FileStore, f: StoredFile, dest: str, method: str = "supervised", max_line_bytes: int = 8 << 20
 ) -> tuple[int, list[str]]:
-    """Check each line of an uploaded JSONL file with rayft's row checks (the formats `rayft train` reads) while
-    copying it to `dest`; returns (rows, ["filename:line: problem", ...]). `pairs`: a DPO job's file, whose
-    rows must be preference pairs (and an SFT job's must not be). A line over `max_line_bytes` is a bad row, never
-    read whole."""
-    from rayft.training.formats import RowError, normalize, parse_json_line
+    """Check each line of an uploaded JSONL file with rayft's row checks (check_row, for the job's `method`:
+    supervised, dpo or reinforcement) while copying it to `dest`; returns (rows, ["filename:line: problem", ...]).
+    A line over `max_line_bytes` is a bad row, never read whole."""
+    from rayft.training.formats import RowError, parse_json_line
 
     rows, bad = 0, []
     with storage.open_output(dest) as out:
@@ -1004,8 +1131,7 @@ def copy_checked_rows(
                 continue
             rows += 1
             try:
-                if (normalize(parse_json_line(text))["kind"] == "pair") != pairs:
-                    raise RowError(WRONG_KIND[pairs])
+                check_row(parse_json_line(text), method)
             except RowError as e:
                 bad.append(f"{f.filename}:{lineno}: {e}")
     return rows, bad

@@ -5,7 +5,8 @@ the server really answers, and the app assembled from each resource's routes.
     request ─▶ _Guard (keys, /admin role, body limit) ─▶ a resource's routes:
                   rayft.serving.routes_inference   probes, /v1/models, /v1/chat/completions, /v1/completions
                   rayft.serving.routes_files       /v1/files (uploads streamed to the store)
-                  rayft.serving.routes_finetune    /v1/fine_tuning/jobs, deleting fine-tuned models, /admin/adapters
+                  rayft.serving.routes_finetune    /v1/fine_tuning/jobs and alpha/graders, deleting fine-tuned models,
+                                                   /admin/adapters
                   rayft.serving.routes_playground  the page at / and /playground, /v1/playground/runs
             ◀─ an ApiError, a bad body, an unknown route, a storage failure: an OpenAI error body
 

@@ -48,6 +48,7 @@ def _build_api(ing) -> FastAPI:
     routes_inference.generation_routes(api, ing)  # /v1/chat/completions, /v1/completions
     routes_files.file_routes(api, ing.files)
     routes_finetune.job_routes(api, ing.finetune)
+    routes_finetune.grader_routes(api, ing.finetune)  # /v1/fine_tuning/alpha/graders/{run,validate}
     routes_playground.playground_routes(api, ing)
     return api
 

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from rayft.serving.config import ADAPTER_NAME
 
@@ -253,12 +262,76 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    """A reinforcement job's hyperparameters (OpenAI's); batch_size counts prompts per optimizer step."""
+
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        default="auto", description="Prompts per optimizer step (each sampled training.rl.samples_per_prompt times)."
+    )
+    eval_interval: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        default="auto", description="Steps between evaluations of the held-out reward (training.eval_every_steps)."
+    )
+    eval_samples: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        default="auto", description="Completions per held-out prompt at evaluation (training.rl.eval_samples)."
+    )
+    # OpenAI's types, so that any other value gets a 400 saying why; the document shows the one value taken
+    compute_multiplier: Annotated[Literal["auto"] | float, WithJsonSchema({"type": "string", "enum": ["auto"]})] = (
+        Field(default="auto", description="Only auto: the operator sets the sampling (serve.finetune.job.training.rl).")
+    )
+    reasoning_effort: Annotated[
+        Literal["default", "low", "medium", "high"] | None,
+        WithJsonSchema({"anyOf": [{"type": "string", "enum": ["default"]}, {"type": "null"}]}),
+    ] = Field(default=None, description="Only default: the served model has no reasoning effort to set.")
+
+    @field_validator("compute_multiplier")
+    @classmethod
+    def _auto_compute(cls, v):
+        if v != "auto":
+            raise ValueError(
+                f"{v} cannot be honoured: this server has no compute multiplier (how much a job samples is "
+                "training.rl.samples_per_prompt and max_new_tokens in the operator's serve.finetune.job); send auto "
+                "or leave it out"
+            )
+        return v
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _default_effort(cls, v):
+        if v not in (None, "default"):
+            raise ValueError(
+                f"{v!r} cannot be honoured: the model this server fine-tunes has no reasoning effort to set; send "
+                "default or leave it out"
+            )
+        return v
+
+
+class ReinforcementMethod(BaseModel):
+    grader: dict[str, Any] = Field(
+        ...,
+        description="An OpenAI grader object (string_check, text_similarity, multi; python where "
+        "serve.finetune.python_graders allows it) scoring each sampled answer 0..1 against its row.",
+    )
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+
 class Method(BaseModel):
-    type: Literal["supervised", "dpo"] = Field(
-        ..., description="supervised: finetune on example conversations; dpo: on preference pairs."
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        ...,
+        description="supervised: finetune on example conversations; dpo: on preference pairs; reinforcement: on "
+        "prompts, with a grader scoring sampled answers (GRPO).",
     )
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
+
+    @model_validator(mode="after")
+    def _reinforcement_has_a_grader(self) -> Method:
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError(
+                "method.reinforcement is required with type reinforcement: {grader, hyperparameters} (the grader "
+                "scores the answers sampled to each prompt)"
+            )
+        return self
 
 
 class FineTuningJobCreate(BaseModel):
@@ -277,7 +350,11 @@ class FineTuningJobCreate(BaseModel):
         default=None, max_length=16, description="Up to 16 string pairs kept with the job."
     )
     hyperparameters: Hyperparameters | None = Field(default=None, description="The older place for hyperparameters.")
-    method: Method | None = Field(default=None, description="{type: supervised, supervised: {hyperparameters}}.")
+    method: Method | None = Field(
+        default=None,
+        description="{type: supervised, supervised: {hyperparameters}}, {type: dpo, dpo: {hyperparameters}} or "
+        "{type: reinforcement, reinforcement: {grader, hyperparameters}}.",
+    )
     integrations: list[Any] | None = Field(
         default=None, description="Not supported: must be empty.", json_schema_extra={"maxItems": 0}
     )
@@ -296,17 +373,23 @@ class FineTuningJobCreate(BaseModel):
             raise ValueError("integrations (e.g. wandb) are not supported by this server; send none")
         return v
 
+    def method_type(self) -> Literal["supervised", "dpo", "reinforcement"]:
+        return self.method.type if self.method is not None else "supervised"
+
     def hyperparameters_given(self) -> Hyperparameters:
         if self.method is not None and self.method.type == "dpo":
             return self.method.dpo.hyperparameters if self.method.dpo else DpoHyperparameters()
+        if self.method is not None and self.method.type == "reinforcement":
+            assert self.method.reinforcement is not None  # Method's own check
+            return self.method.reinforcement.hyperparameters
         if self.method is not None and self.method.supervised is not None:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
 
     def hyperparameters_field(self) -> str:
         """Where the request's hyperparameters are, for error messages."""
-        if self.method is not None and self.method.type == "dpo":
-            return "method.dpo.hyperparameters"
+        if self.method is not None and self.method.type in ("dpo", "reinforcement"):
+            return f"method.{self.method.type}.hyperparameters"
         return "method.supervised.hyperparameters" if self.method and self.method.supervised else "hyperparameters"
 
 
@@ -386,3 +469,51 @@ class CheckpointList(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ graders
+
+GRADER_DESCRIPTION = (
+    "An OpenAI grader object: string_check, text_similarity, multi, or python where serve.finetune.python_graders "
+    "allows it (score_model and label_model graders are refused)."
+)
+
+
+class GraderRunRequest(BaseModel):
+    """POST /v1/fine_tuning/alpha/graders/run."""
+
+    grader: dict[str, Any] = Field(..., description=GRADER_DESCRIPTION)
+    model_sample: str = Field(..., description="The model's answer: the grader's {{sample.output_text}} (and "
+                              "{{sample.output_json}} when it is JSON).")  # fmt: skip
+    item: Any = Field(default=None, description="The dataset row: the grader's {{item.*}}.")
+
+
+class GraderValidateRequest(BaseModel):
+    """POST /v1/fine_tuning/alpha/graders/validate."""
+
+    grader: dict[str, Any] = Field(..., description=GRADER_DESCRIPTION)
+
+
+class GraderValidateResponse(BaseModel):
+    grader: dict[str, Any] = Field(..., description="The grader, as sent: it can be used in a reinforcement job.")
+
+
+class GraderRunMetadata(BaseModel):
+    name: str
+    type: str
+    errors: dict[str, bool | str | None] = Field(
+        ..., description="OpenAI's error flags (formula_parse_error, python_grader_runtime_error, ...) and details."
+    )
+    execution_time: float = Field(..., description="Seconds the grading took.")
+    scores: dict[str, Any] = Field(..., description="A multi grader's graders' scores by name.")
+    token_usage: int | None = None
+    sampled_model_name: str | None = None
+
+
+class GraderRunResponse(BaseModel):
+    """OpenAI's GraderRunResponse."""
+
+    reward: float = Field(..., description="The score (0 when grading failed; see metadata.errors).")
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any] = Field(..., description="A multi grader's graders' scores by name.")
+    model_grader_token_usage_per_model: dict[str, Any]

@@ -1,10 +1,13 @@
-"""The fine-tuning routes: OpenAI's fine-tuning jobs (rayft.serving.finetune.FinetuneService), deleting the model a
-job made, and /admin/adapters, where an admin key registers a LoRA adapter every key is served. The work is the
-service's and the Ingress replica's (rayft.serving.ingress); these routes hand each request over with who called."""
+"""The fine-tuning routes: OpenAI's fine-tuning jobs (rayft.serving.finetune.FinetuneService) and graders (running
+and validating a reinforcement job's grader), deleting the model a job made, and /admin/adapters, where an admin key
+registers a LoRA adapter every key is served. The work is the service's and the Ingress replica's
+(rayft.serving.ingress); these routes hand each request over with who called."""
+
+import threading
 
 from fastapi import FastAPI, Query, Request
 
-from rayft.serving.finetune import FinetuneService
+from rayft.serving.finetune import FinetuneService, graders_of_type
 from rayft.serving.http import errors, viewer
 from rayft.serving.openai_api import (
     AdapterRegistration,
@@ -14,6 +17,10 @@ from rayft.serving.openai_api import (
     FineTuningJob,
     FineTuningJobCreate,
     FineTuningJobList,
+    GraderRunRequest,
+    GraderRunResponse,
+    GraderValidateRequest,
+    GraderValidateResponse,
     ModelDeleted,
 )
 
@@ -108,3 +115,56 @@ def job_routes(api: FastAPI, jobs: FinetuneService) -> None:
     ):
         """The checkpoints the job's run keeps, newest first."""
         return jobs.checkpoints(viewer(request), fine_tuning_job_id, after, limit)
+
+
+PYTHON_RUNS = 2  # python graders a replica's /graders/run runs at once (each a sandboxed process); 429 beyond
+
+
+def grader_routes(api: FastAPI, jobs: FinetuneService) -> None:
+    """OpenAI's graders routes (client.fine_tuning.alpha.graders), taking any key like every route: a grader
+    checked as a reinforcement job's is (FinetuneService.check_grader), and run on one sample. A python grader
+    (only where serve.finetune.python_graders allows it) runs in the sandboxed process of
+    rayft.training.grader_sandbox, never in the ingress itself, PYTHON_RUNS at a time. Sync routes: grading
+    blocks (FastAPI runs them in threads)."""
+    say = {
+        400: "An invalid grader, or one this server refuses (python graders while serve.finetune.python_graders is "
+        "false, score_model): the message names each field.",
+        429: "This replica is already running as many python graders as it runs at once; retry.",
+    }
+    sandboxes = threading.BoundedSemaphore(PYTHON_RUNS)
+
+    @api.post(
+        "/v1/fine_tuning/alpha/graders/run",
+        response_model=GraderRunResponse,
+        responses=errors(400, 401, 429, 500, say=say),
+    )
+    def run_grader(body: GraderRunRequest):
+        """Grade one model sample against a dataset item: OpenAI's GraderRunResponse (a failed grading scores 0
+        and says why in metadata.errors)."""
+        from rayft.training.graders import make_sample, run_response
+
+        grader = jobs.check_grader(body.grader)
+        sample, item = make_sample(body.model_sample), {} if body.item is None else body.item
+        if not graders_of_type(body.grader, "python"):
+            return run_response(grader, grader.grade(sample, item))
+        if not sandboxes.acquire(blocking=False):
+            raise ApiError(
+                429,
+                f"this server is already running {PYTHON_RUNS} python graders (each in a sandboxed process); retry",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            return run_response(grader, grader.grade(sample, item))
+        finally:
+            sandboxes.release()
+
+    @api.post(
+        "/v1/fine_tuning/alpha/graders/validate",
+        response_model=GraderValidateResponse,
+        responses=errors(400, 401, say=say),
+    )
+    def validate_grader(body: GraderValidateRequest):
+        """Check a grader as a reinforcement job's is checked: the grader back, or a 400 naming each problem."""
+        jobs.check_grader(body.grader)
+        return {"grader": body.grader}

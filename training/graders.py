@@ -805,8 +805,9 @@ class _Parser:
         allow_python: bool,
         score_model_client: ScoreModelClient | None,
         sandbox_limits: grader_sandbox.SandboxLimits | None,
+        python_setting: str | None = None,
     ) -> None:
-        self.allow_python = allow_python
+        self.allow_python, self.python_setting = allow_python, python_setting
         self.client = score_model_client
         self.limits = sandbox_limits or grader_sandbox.SandboxLimits()
         self.problems: list[str] = []
@@ -834,9 +835,10 @@ class _Parser:
             self.problem(where, "a multi grader cannot contain another multi grader (OpenAI's rule too)")
             return None
         if kind == "python" and not self.allow_python:
+            setting = f" ({self.python_setting} is false)" if self.python_setting else ""
             self.problem(
-                where,
-                "python graders are not enabled on this server; the operator can enable them "
+                f"{where}.type",
+                f"python graders are not enabled on this server{setting}; the operator can enable them "
                 "(they run the grader's code in a sandboxed process)",
             )
             return None
@@ -1093,12 +1095,14 @@ def parse_grader(
     where: str = "grader",
     score_model_client: ScoreModelClient | None = None,
     sandbox_limits: grader_sandbox.SandboxLimits | None = None,
+    python_setting: str | None = None,
 ) -> Grader:
     """Validates a grader object (OpenAI's JSON) and returns the grader; GraderError lists every problem.
 
-    allow_python=False refuses python graders anywhere in the tree. score_model_client reaches the model of
+    allow_python=False refuses python graders anywhere in the tree, naming `python_setting` (the setting that
+    would allow them, e.g. serve.finetune.python_graders) when given. score_model_client reaches the model of
     score_model graders (else register_score_model_client's). sandbox_limits: python graders' limits."""
-    parser = _Parser(allow_python, score_model_client, sandbox_limits)
+    parser = _Parser(allow_python, score_model_client, sandbox_limits, python_setting)
     grader = parser.parse(spec, where)
     if parser.problems or grader is None:
         raise GraderError(parser.problems or [f"{where}: is not a usable grader"])
@@ -1107,8 +1111,8 @@ def parse_grader(
 
 def run_grader(spec: dict, model_sample: str, item: Any = None, **opts: Any) -> dict:
     """Grades one model sample as ``POST /v1/fine_tuning/alpha/graders/run`` does: the JSON body of OpenAI's
-    GraderRunResponse. opts go to parse_grader (allow_python, score_model_client, sandbox_limits); an invalid
-    spec raises GraderError."""
+    GraderRunResponse. opts go to parse_grader (allow_python, python_setting, score_model_client,
+    sandbox_limits); an invalid spec raises GraderError."""
     grader = parse_grader(spec, **opts)
     result = grader.grade(make_sample(model_sample), {} if item is None else item)
     return run_response(grader, result)

@@ -2,7 +2,11 @@
 openai client: an upload larger than serve.max_body_bytes streams to storage and reads back byte for byte; each
 key sees only its own files and an admin key sees every key's; a wrong purpose, a file over
 serve.finetune.max_file_bytes and a full quota are refused with nothing left in storage; a deleted file is gone;
-the files outlive a redeploy. The store itself is also checked on S3 (moto's server) and without keys."""
+the files outlive a redeploy. The store itself is also checked on S3 (moto's server) and without keys.
+
+The same endpoint hosts what else of the API needs no training (a key of its own, so the files' tests are
+unchanged): the graders routes (client.fine_tuning.alpha.graders.run / validate) and the creation of a
+reinforcement job, echoed and then cancelled before it trains (its training is a cluster-tier story)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from helpers import serve_deploy, tiny_llama
 pytestmark = pytest.mark.slow  # the shared endpoint takes a while to start
 
 USER, OTHER, ADMIN = "sk-files-user", "sk-files-other", "sk-files-admin"
+GRADING = "sk-files-grading"  # the graders routes' and the reinforcement job's tenant
 MAX_FILE = 3_000_000
 QUOTA = 4_000_000  # room for the big file and one more just under MAX_FILE
 BIG = 1_500_000  # over serve.max_body_bytes (1 MB by default)
@@ -77,7 +82,7 @@ def files_spec(smol_tokenizer, tmp_path_factory, store):
         default_max_tokens=8,
         finetune={"storage_path": str(store), "max_file_bytes": MAX_FILE, "max_stored_bytes_per_key": QUOTA},
     )
-    return build_spec(str(model), cfg, api_keys=[USER, OTHER])
+    return build_spec(str(model), cfg, api_keys=[USER, OTHER, GRADING])
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +232,142 @@ def test_files_outlive_a_redeploy(endpoint, uploaded, files_spec, serve_port):
     assert f.id in [x.id for x in c.files.list()]
     assert c.files.retrieve(f.id).model_dump() == f.model_dump()
     assert c.files.content(f.id).read() == data
+
+
+# ---------------------------------------------------------------------- graders and reinforcement jobs
+
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+         "operation": "eq"}  # fmt: skip
+CLOSE = {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
+         "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
+BOTH = {"type": "multi", "name": "both", "calculate_output": "0.25 * exact + 0.75 * close",
+        "graders": {"exact": EXACT, "close": CLOSE}}  # fmt: skip
+PYTHON = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def test_graders_run_gives_openais_grader_run_response(endpoint):
+    graders = client(endpoint, GRADING).fine_tuning.alpha.graders
+    hit = graders.run(grader=EXACT, model_sample="Paris", item={"answer": "Paris"})
+    assert hit.reward == 1.0 and (hit.metadata.name, hit.metadata.type) == ("exact", "string_check")
+    assert not any(v for k, v in hit.metadata.errors.model_dump().items() if not k.endswith(("details", "type")))
+    assert graders.run(grader=EXACT, model_sample="paris", item={"answer": "Paris"}).reward == 0.0  # eq: exact case
+    like = graders.run(grader=EXACT | {"operation": "ilike"}, model_sample="It is PARIS.", item={"answer": "paris"})
+    assert like.reward == 1.0
+    # multi: 0.25 x exact (0) + 0.75 x fuzzy_match("Pariss", "Paris") = 0.75 x (1 - 1/11)
+    both = graders.run(grader=BOTH, model_sample="Pariss", item={"answer": "Paris"})
+    assert both.reward == pytest.approx(0.75 * 10 / 11) and both.metadata.type == "multi"
+    assert both.sub_rewards == {"exact": 0.0, "close": pytest.approx(10 / 11)}
+    # a variable the item lacks: scored 0 with its error flag, as OpenAI does
+    missing = graders.run(grader=EXACT, model_sample="Paris", item={"city": "Paris"})
+    assert missing.reward == 0.0 and missing.metadata.errors.invalid_variable_error
+
+
+def test_graders_validate_returns_a_good_grader_and_400s_a_bad_one_naming_each_field(endpoint):
+    import openai
+
+    graders = client(endpoint, GRADING).fine_tuning.alpha.graders
+    assert graders.validate(grader=BOTH).grader.model_dump(exclude_none=True) == BOTH
+    bad = {
+        "type": "multi",
+        "name": "m",
+        "calculate_output": "exact + nope",
+        "graders": {"exact": EXACT | {"operation": "is"}},
+    }
+    with pytest.raises(openai.BadRequestError) as e:
+        graders.validate(grader=bad)
+    err = e.value.body
+    assert (
+        isinstance(err, dict) and err["code"] == "invalid_grader" and err["param"] == "grader.graders.exact.operation"
+    )
+    assert "grader.graders.exact.operation: 'is' is not one of eq, ne, like, ilike" in err["message"]
+    assert "grader.calculate_output" in err["message"] and "nope" in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        graders.run(grader={"type": "cosine_please", "name": "x"}, model_sample="a")
+    assert isinstance(e.value.body, dict) and e.value.body["param"] == "grader.type"
+
+
+def test_a_python_grader_is_refused_naming_the_setting_while_python_graders_is_off(endpoint):
+    import openai
+
+    graders = client(endpoint, GRADING).fine_tuning.alpha.graders
+    for call, grader, param in (
+        (graders.run, PYTHON, "grader.type"),
+        (graders.validate, PYTHON, "grader.type"),
+        (graders.run, BOTH | {"graders": {"exact": EXACT, "py": PYTHON}, "calculate_output": "exact + py"},
+         "grader.graders.py.type"),
+    ):  # fmt: skip
+        kw = {"model_sample": "a", "item": {"answer": "a"}} if call == graders.run else {}
+        with pytest.raises(openai.BadRequestError) as e:
+            call(grader=grader, **kw)
+        body = e.value.body
+        assert isinstance(body, dict) and body["param"] == param, body
+        assert "serve.finetune.python_graders is false" in body["message"]
+
+
+def test_a_reinforcement_job_is_created_on_prompt_rows_and_echoes_its_method(endpoint, tmp_path):
+    import json
+
+    import openai
+
+    rows = [{"messages": [{"role": "user", "content": f"Capital of {c}?"}], "answer": a}
+            for c, a in (("France", "Paris"), ("Italy", "Rome"))] * 4  # fmt: skip
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = upload(endpoint, GRADING, path)
+    c = client(endpoint, GRADING)
+    method = {"type": "reinforcement", "reinforcement": {"grader": BOTH, "hyperparameters": {"n_epochs": 2}}}
+    created = c.fine_tuning.jobs.with_raw_response.create(
+        model=files_model(endpoint), training_file=f.id, method=method
+    )
+    job = created.parse()
+    try:
+        assert job.status == "validating_files" and job.method is not None and job.method.type == "reinforcement"
+        # the body as sent (the SDK's MultiGrader types `graders` as one grader, so its object misreads a multi's)
+        shown = created.http_response.json()["method"]
+        # n_epochs as asked, the rest the template's (here rayft's defaults): eval_interval 0 = after the last step
+        resolved = {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 1.0, "eval_interval": 0,
+                    "eval_samples": 1}  # fmt: skip
+        assert shown == {"type": "reinforcement", "reinforcement": {"grader": BOTH, "hyperparameters": resolved}}
+        assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (2, 8)
+        again = c.fine_tuning.jobs.with_raw_response.retrieve(job.id).http_response.json()
+        assert again["method"] == shown
+        assert job.id in [j.id for j in c.fine_tuning.jobs.list()]
+    finally:
+        assert c.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # its training is the cluster tier's
+    bad = [
+        ({"compute_multiplier": 2}, "method.reinforcement.hyperparameters.compute_multiplier", "compute multiplier"),
+        ({"eval_interval": 2}, "method.reinforcement.hyperparameters.eval_interval", "validation_file"),
+        ({"reasoning_effort": "high"}, "method.reinforcement.hyperparameters.reasoning_effort", "reasoning effort"),
+    ]
+    for hp, param, words in bad:
+        given = {"type": "reinforcement", "reinforcement": {"grader": EXACT, "hyperparameters": hp}}
+        with pytest.raises(openai.BadRequestError) as e:
+            c.fine_tuning.jobs.create(model=files_model(endpoint), training_file=f.id, method=given)
+        body = e.value.body
+        assert isinstance(body, dict) and body["param"] == param and words in body["message"], body
+    python = {"type": "reinforcement", "reinforcement": {"grader": PYTHON}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model=files_model(endpoint), training_file=f.id, method=python)
+    body = e.value.body
+    assert isinstance(body, dict) and body["param"] == "method.reinforcement.grader.type"
+    assert "serve.finetune.python_graders" in body["message"]
+
+
+def test_the_openapi_document_has_the_graders_routes_and_the_reinforcement_method(endpoint):
+    doc = requests.get(f"{endpoint}/openapi.json", headers={"Authorization": f"Bearer {GRADING}"}, timeout=30).json()
+    for route in ("/v1/fine_tuning/alpha/graders/run", "/v1/fine_tuning/alpha/graders/validate"):
+        assert set(doc["paths"][route]) == {"post"} and "400" in doc["paths"][route]["post"]["responses"]
+    schemas = doc["components"]["schemas"]
+    assert "reinforcement" in schemas["Method"]["properties"]["type"]["enum"]
+    assert set(schemas["ReinforcementHyperparameters"]["properties"]) >= {"compute_multiplier", "eval_interval"}
+    for route in ("/v1/fine_tuning/alpha/graders/run", "/v1/fine_tuning/alpha/graders/validate"):
+        r = requests.post(f"{endpoint}{route}", json={"grader": EXACT, "model_sample": "x"}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def files_model(base: str) -> str:
+    """The id the endpoint serves its model as: the one model a job may fine-tune."""
+    return client(base, GRADING).models.list().data[0].id
 
 
 def test_the_store_on_s3_streams_checks_owners_and_leaves_nothing_behind(s3_bucket):

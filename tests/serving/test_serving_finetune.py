@@ -2,7 +2,8 @@
 key uploads a file, starts a job on the served (tiny) model, follows it to `succeeded` through an endpoint
 restart, and its fine_tuned_model then answers what it was taught while the base model does not. A malformed file
 fails its job with the bad lines; a cancelled job stops its Ray job and gives the cluster back; other keys cannot
-see or use the job, the file or the model; limits answer 400/429 with OpenAI's error bodies."""
+see or use the job, the file or the model; limits answer 400/429 with OpenAI's error bodies. DPO jobs train on
+preference pairs, reinforcement jobs (GRPO) on prompt rows with the request's grader."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from helpers import openai_client as client
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 USER, OTHER, ADMIN = "sk-ft-user", "sk-ft-other", "sk-ft-admin"
+# reinforcement jobs sample 4 answers of 8 tokens per prompt (the template's training.rl applies to them only)
+TEMPLATE = FT_TEMPLATE | {"training": FT_TEMPLATE["training"] | {"rl": {"samples_per_prompt": 4, "max_new_tokens": 8}}}
 
 
 def upload(base: str, key: str, path: Path):
@@ -66,7 +69,7 @@ def ft_spec(smol_tokenizer, tmp_path_factory, store):
         default_max_tokens=12,
         finetune={
             "storage_path": str(store),
-            "job": FT_TEMPLATE,
+            "job": TEMPLATE,
             "max_active_jobs_per_key": 1,
             "max_epochs": 50,
             "poll_interval_s": 0.5,
@@ -288,3 +291,37 @@ def test_a_dpo_job_trains_on_preference_pairs_and_refuses_supervised_rows(endpoi
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id)  # supervised, on pairs
     job = wait_for_job(endpoint, OTHER, job.id)
     assert job.status == "failed" and "pairs.jsonl:1: a preference pair" in job.error.message
+
+
+def test_a_reinforcement_job_trains_on_prompts_with_its_grader_and_refuses_conversations(endpoint, tmp_path):
+    """GRPO through the API: 8 prompts, 4 per step, 2 epochs (4 steps), a fuzzy_match grader (every answer scores
+    something, so each group has a spread to learn from), held-out prompts evaluated after the last step."""
+    rows = [{"messages": [{"role": "user", "content": QUESTION}], "answer": ANSWER}] * 8
+    prompts = upload(endpoint, OTHER, write_jsonl(tmp_path / "prompts.jsonl", rows))
+    held_out = upload(endpoint, OTHER, write_jsonl(tmp_path / "held_out.jsonl", rows[:4]))
+    grader = {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
+    method = {"type": "reinforcement",
+              "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}}  # fmt: skip
+    c = client(endpoint, OTHER)
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=prompts.id, validation_file=held_out.id, method=method)
+    assert job.method.type == "reinforcement" and job.method.reinforcement.hyperparameters.batch_size == 4
+    done = wait_for_job(endpoint, OTHER, job.id)
+    assert done.status == "succeeded", done.error
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))
+    steps = sorted((e for e in events if e.type == "metrics" and "train_loss" in e.data), key=lambda e: e.data["step"])
+    assert [e.data["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(0 < e.data["reward"] <= 1 and "reward=" in e.message for e in steps)
+    held = [e for e in events if e.type == "metrics" and "train_loss" not in e.data]
+    # the held-out reward of greedy answers (eval_samples auto: 1), after the last step
+    assert [e.data["step"] for e in held] == [4] and 0 <= held[0].data["eval_reward"] <= 1
+    assert held[0].message.startswith("Step 4/4: validation reward=")
+    assert c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": QUESTION}])
+
+    sft = upload(endpoint, OTHER, write_jsonl(tmp_path / "sft.jsonl", [chat(QUESTION, ANSWER)] * 8))
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=sft.id, method=method)
+    job = wait_for_job(endpoint, OTHER, job.id, timeout=60)
+    assert job.status == "failed" and job.error.code == "invalid_file"
+    assert "sft.jsonl:1: a supervised conversation (it ends with the assistant's answer), not a prompt row" in (
+        job.error.message
+    )

@@ -25,6 +25,16 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "403", "404"]
 [[operations]]
 include-name = "POST /v1/fine_tuning/jobs"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "429"]
+
+# A grader is any object to the schema; what makes one usable (its type's fields, templates, formula) is checked by
+# rayft.training.graders, so a schema-valid one may still be a 400 naming its fields.
+[[operations]]
+include-name = "POST /v1/fine_tuning/alpha/graders/run"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "429"]
+
+[[operations]]
+include-name = "POST /v1/fine_tuning/alpha/graders/validate"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
 """
 
 

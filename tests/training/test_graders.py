@@ -322,7 +322,7 @@ def test_label_model_graders_and_unknown_types_are_refused():
 
 def test_python_graders_can_be_refused_anywhere_in_the_tree():
     spec = multi("a + p", {"a": string_check("x", "x"), "p": python("def grade(s, i):\n    return 1.0\n")})
-    with pytest.raises(GraderError, match=r"^grader\.graders\.p: python graders are not enabled on this server"):
+    with pytest.raises(GraderError, match=r"^grader\.graders\.p\.type: python graders are not enabled on this server"):
         parse_grader(spec, allow_python=False)
     assert parse_grader(spec, allow_python=True).type == "multi"
 
