@@ -152,7 +152,7 @@ class Grpo:
 
         t1 = time.perf_counter()
         all_comps = [c for _, comps in micro for c in comps]
-        items = [_item(rows[c.prompt]) for rows, comps in micro for c in comps]
+        items = [item for rows, comps in micro for item in _items(rows, comps)]
         scores = self.rewarder.score([c.text for c in all_comps], [c.token_ids for c in all_comps], items)
         sums["timing/grade"] = time.perf_counter() - t1
 
@@ -173,14 +173,14 @@ class Grpo:
             lengths, rl.loss, max_new_tokens=rl.max_new_tokens, completions=int(n_all), tokens=int(tok_all)
         )
         scale = ctx.world * ctx.grad_accum
-        refs = [self._reference(ctx, rows, comps) for rows, comps in micro] if rl.beta else [None] * len(micro)
+        inputs = [completion_batch(rows, comps, device, ctx.pad_id) for rows, comps in micro]  # once, every pass
+        refs = [self._reference(ctx, batch) for batch, _ in inputs] if rl.beta else [None] * len(micro)
         olds: list = [None] * len(micro)
         loss_sum, offset_of = 0.0, np.cumsum([0] + [len(c) for _, c in micro])
         for it in range(rl.iterations):
-            for k, (rows, comps) in enumerate(micro):
+            for k, (batch, owner) in enumerate(inputs):
                 lo, hi = offset_of[k], offset_of[k + 1]
                 clock.start()
-                batch, owner = completion_batch(rows, comps, device, ctx.pad_id)
                 logps, entropy = completion_logps(engine, batch, with_entropy=it == 0)
                 if olds[k] is None:
                     olds[k] = logps.detach()
@@ -221,11 +221,10 @@ class Grpo:
         maxima = [float(max(lengths, default=0))]
         return StepOutcome(loss_sum=loss_sum, loss_count=1, sums=[*sums.values(), *part_sums, *maxima])
 
-    def _reference(self, ctx: StepContext, rows, comps):
-        """Token log-probs of the completions under the reference: the model with its adapter switched off."""
+    def _reference(self, ctx: StepContext, batch: dict):
+        """Token log-probs of a completion_batch under the reference: the model with its adapter switched off."""
         import torch
 
-        batch, _ = completion_batch(rows, comps, ctx.device, ctx.pad_id)
         with torch.no_grad(), ctx.engine.module.disable_adapter():
             return completion_logps(ctx.engine, batch, with_entropy=False)[0]
 
@@ -282,7 +281,7 @@ class Grpo:
             comps = self.rollouts.sample(
                 prompts, n=n, max_new_tokens=rl.max_new_tokens, temperature=temperature, top_p=rl.top_p, seeds=seeds
             )
-            items = [_item(rows[c.prompt]) for c in comps]
+            items = _items(rows, comps)
             scores = self.rewarder.score([c.text for c in comps], [c.token_ids for c in comps], items)
             totals[0] += float(scores.rewards.sum())
             totals[1] += len(comps)
@@ -350,7 +349,9 @@ def _seed(seed: int, step: int, row: dict, j: int) -> int:
     return sample_seed(seed, step, int(np.asarray(row["row_id"]).ravel()[0]), j)
 
 
-def _item(row: dict) -> dict:
+def _items(rows: list[dict], comps) -> list[dict]:
+    """Each completion's prompt row (the graders' item), each row's JSON read once."""
     import json
 
-    return json.loads(str(row["item"]))
+    parsed = [json.loads(str(r["item"])) for r in rows]
+    return [parsed[c.prompt] for c in comps]
