@@ -274,6 +274,26 @@ def committed_checkpoints(run_dir: str) -> list:
     return registered(run_dir) or []
 
 
+def train_killing_a_worker(job, checkpoint: int):
+    """run_training(job) in a thread; once the step-`checkpoint` checkpoint is registered and the next step is in
+    the metrics, rank 1's worker is SIGKILLed. Returns the run's TrainResult (None if it did not finish within 10
+    minutes after the kill) and its metrics records."""
+    import signal
+    import threading
+
+    from rayft.training.trainer import read_metrics, run_training
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
+    thread.start()
+    # A checkpoint counts once the Ray Train controller has registered it.
+    wait_for(lambda: checkpoint in checkpoint_steps(job.run_dir), 600, f"the step-{checkpoint} checkpoint")
+    records = wait_for(lambda: step_reached(job.run_dir, checkpoint + 1), 600, f"step {checkpoint + 1}")
+    os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)
+    thread.join(timeout=600)
+    return box.get("result"), read_metrics(job.run_dir)
+
+
 def checkpoint_steps(run_dir: str) -> list[int]:
     """The steps of the checkpoints Ray Train has registered."""
     return [c["metrics"]["step"] for c in committed_checkpoints(run_dir)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import checkpoint_steps, step_reached, tiny_llama, wait_for, write_jsonl
+from helpers import tiny_llama, train_killing_a_worker, write_jsonl
 
 NAMES = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu", "Mo", "Ned", "Oz", "Pia"]
 
@@ -135,9 +135,6 @@ def test_a_grpo_run_whose_worker_is_killed_resumes_where_it_was(ray_local, tmp_p
     uninterrupted run's. Each completion's sampling seed comes from the step and the row, not from a generator's
     state; they are not equal to the last digit, because Ray Data may hand a restarted worker group's ranks other
     prompts of the step, and a micro-batch of other prompts rounds the logits differently."""
-    import os
-    import signal
-    import threading
 
     from rayft.cluster.config import load_config
     from rayft.training.trainer import read_metrics, run_training
@@ -152,15 +149,8 @@ def test_a_grpo_run_whose_worker_is_killed_resumes_where_it_was(ray_local, tmp_p
     uninterrupted = step_records(read_metrics(plain.run_dir))
 
     job = load_config(grpo_job(tmp_path, sharp_model_dir, rl, **t))
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
-    thread.start()
-    wait_for(lambda: 4 in checkpoint_steps(job.run_dir), 600, "the step-4 checkpoint")
-    records = wait_for(lambda: step_reached(job.run_dir, 5), 600, "step 5")
-    os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in box and box["result"].steps == 8
-    records = read_metrics(job.run_dir)
+    result, records = train_killing_a_worker(job, 4)
+    assert result is not None and result.steps == 8
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 4
     resumed = step_records(records[records.index(starts[1]) :])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import checkpoint_steps, step_reached, wait_for, write_jsonl
+from helpers import train_killing_a_worker, write_jsonl
 
 
 def sigmoid_loss(margin: float, beta: float) -> float:
@@ -254,25 +254,14 @@ def test_a_dpo_run_whose_worker_is_killed_resumes_from_its_checkpoint_and_still_
 ):
     """LoRA under ZeRO-2, a worker SIGKILLed after the step-8 checkpoint: the run resumes there (adapter,
     optimizer, data position), trains to the planned 24 steps, and its pairs still end ranked right."""
-    import os
-    import signal
-    import threading
 
     from rayft.cluster.config import load_config
-    from rayft.training.trainer import read_metrics, run_training
 
     t = dict(epochs=12, zero_stage=2, method="lora", lr=5e-3, checkpoint_every_steps=8)
     job = load_config(pairs_job(tmp_path, tiny_model_dir, **t))
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
-    thread.start()
-    wait_for(lambda: 8 in checkpoint_steps(job.run_dir), 600, "the step-8 checkpoint")
-    records = wait_for(lambda: step_reached(job.run_dir, 9), 600, "step 9")
-    os.kill([r for r in records if r.get("event") == "start"][0]["pids"][1], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in box, "training did not finish after a worker was killed"
-    assert box["result"].steps == 24
-    records = read_metrics(job.run_dir)
+    result, records = train_killing_a_worker(job, 8)
+    assert result is not None, "training did not finish after a worker was killed"
+    assert result.steps == 24
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 8
     resumed = [r for r in records[records.index(starts[1]) :] if "reward_accuracy" in r and not r.get("final")]

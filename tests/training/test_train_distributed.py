@@ -9,14 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from helpers import (
     ROOT,
-    checkpoint_steps,
     checkpoints,
     committed_checkpoints,
     consumed_in,
@@ -24,6 +22,7 @@ from helpers import (
     rayft_cli,
     step_reached,
     train_job_file,
+    train_killing_a_worker,
     wait_for,
 )
 from rayft.cluster.config import load_config
@@ -121,25 +120,16 @@ def test_a_killed_worker_resumes_from_the_end_of_an_epoch_and_trains_each_exampl
     # 192 rows -> 96 packed rows of two; 8 packed rows per optimizer step -> 12 steps per epoch
     t = dict(epochs=2, checkpoint_every_steps=12, zero_stage=3, method="lora")
     job = load_config(train_job_file(tmp_path, tiny_model_dir, n_rows=192, packing=True, **t))
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run_training(job)), daemon=True)
-    thread.start()
-    # A checkpoint counts once the Ray Train controller has registered it.
-    wait_for(lambda: 12 in checkpoint_steps(job.run_dir), 600, "the end-of-epoch checkpoint")
-    records = wait_for(lambda: step_reached(job.run_dir, 13), 600, "step 13")
-    victim = [r for r in records if r.get("event") == "start"][0]["pids"][1]
-    os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in box, "training did not finish after a worker was killed"
-    records = read_metrics(job.run_dir)
+    result, records = train_killing_a_worker(job, 12)  # the end-of-epoch checkpoint
+    assert result is not None, "training did not finish after a worker was killed"
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] == 12
-    assert box["result"].steps == 24 and starts[0]["total_steps"] == 24
+    assert result.steps == 24 and starts[0]["total_steps"] == 24
     ends = [r for r in records if r.get("event") == "epoch_end"]
     assert {(e["epoch"], e["step"]) for e in ends} == {(1, 12)}  # both runs: epoch 2 began after step 12
     first, last = checkpoints(job.run_dir)[0], checkpoints(job.run_dir)[-1]
     assert len(consumed_in(first)) == 192 and len(consumed_in(last)) == 192  # every example, once per epoch
-    check_checkpoints_and_export(job, box["result"].final_dir, tiny_model_dir)
+    check_checkpoints_and_export(job, result.final_dir, tiny_model_dir)
 
 
 @pytest.mark.cluster  # a failure drill
