@@ -12,9 +12,9 @@ whole rollout (deepspeed.zero.GatheredParameters: a full copy per rank while it 
 decodes alone.
 
 Sampling is reproducible: completion j of the prompt of row r at step s draws from a generator seeded by
-(training.seed, s, r, j), so a resumed run draws the same random numbers as the uninterrupted one, on any number
-of ranks, with no generator state to save. The samples themselves agree where the micro-batches do: a batch of
-other prompts (after a restart Ray Data may hand a rank other rows of the step) rounds the logits differently.
+(training.seed, s, r, j), so a resumed run draws the same random numbers as the uninterrupted one for the same
+prompts, on any number of ranks, with no generator state to save. (A batch of other prompts rounds the logits
+differently, so the samples agree only where the micro-batches do.)
 """
 
 from __future__ import annotations
