@@ -330,7 +330,7 @@ def _eval(cfg, address: str | None, model: str | None, base_only: bool) -> dict:
 
 
 def print_eval_report(report: dict) -> None:
-    from rayft.training.evaluate import METRIC_TITLES, METRICS, format_metric
+    from rayft.training.evaluate import format_change, format_metric, metric_keys, metric_title
 
     labels = list(report["models"])
     for lb in labels:
@@ -345,18 +345,20 @@ def print_eval_report(report: dict) -> None:
             table.add_column(lb, justify="right")
         if len(labels) == 2:
             table.add_column("change", justify="right")
-        for m in METRICS:
+        for m in metric_keys(per_label):
             values = [per_label.get(lb, {}).get(m) for lb in labels]
-            if all(v is None for v in values):
-                continue
             cells = [format_metric(m, v) for v in values]
-            if len(labels) == 2 and None not in values:
-                d = values[1] - values[0]
-                cells.append(f"{d:+.2f}" if m == "perplexity" else f"{100 * d:+.1f} pts")
-            elif len(labels) == 2:
-                cells.append("")
-            table.add_row(METRIC_TITLES[m], *cells)
+            if len(labels) == 2:
+                cells.append(format_change(m, values[0], values[1]) if None not in values else "")
+            table.add_row(metric_title(m), *cells)
         out.print(table)
+    sampling = report.get("sampling")
+    if sampling:
+        out.print(
+            f"rewards: the greedy answer and {sampling['samples']} sampled answers per prompt (temperature "
+            f"{sampling['temperature']}, top_p {sampling['top_p']}), graded by training.rl's reward",
+            highlight=False,
+        )
     files = report.get("files", {})
     out.print(  # one unbroken line, so the paths can be copied
         f"report: {files.get('markdown')}  (and {files.get('json')}, {files.get('plot')})",

@@ -382,7 +382,19 @@ class ExportConfig(Section):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = Field(default=128, ge=1, description="Longest answer generated per evaluation row (greedy).")
+    max_new_tokens: int = Field(
+        default=128,
+        ge=1,
+        description="Longest answer generated per evaluation row (greedy). With training.objective grpo: "
+        "training.rl.max_new_tokens unless set here, so answers are graded as in training.",
+    )
+    samples: int | None = Field(
+        default=None,
+        ge=0,
+        description="With training.objective grpo: answers sampled per prompt (at training.rl.temperature and top_p) "
+        "and graded besides the greedy one, reported as their mean reward; default training.rl.samples_per_prompt, "
+        "0 = greedy only.",
+    )
     batch_size: int = Field(default=16, ge=1, description="Prompts per generate call (left-padded together).")
     replicas: int = Field(default=2, ge=1, description="Model copies (Ray Data actors) generating in parallel.")
     cpus_per_replica: float = Field(

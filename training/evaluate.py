@@ -7,15 +7,24 @@ models differ, go into `<run>/eval/report.{json,md}` and a bar chart. Each model
 are kept in `<run>/eval/predictions-{base,finetuned}.jsonl` with a fingerprint of what produced
 them, so the base model is evaluated once and reused until the data, the base model or the
 generation settings change.
+
+A job with training.objective grpo has prompts, not references: each model answers every held-out
+prompt greedily and `eval.samples` more times at the training temperature, and the job's reward
+(training.rl: its grader or reward functions, scored in a Ray task as in training) grades every
+answer. The report then gives each model's reward of the greedy answer (per grader of a multi
+grader too) and the mean reward of the sampled ones, with the prompts where the two models' greedy
+answers earned most differently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import re
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +49,10 @@ METRICS = (
     "win_rate",
     "perplexity",
 )
+REWARD_METRICS = ("reward_greedy", "reward_sampled")  # rewarded evaluation (training.objective grpo)
 METRIC_TITLES = {
+    "reward_greedy": "reward, greedy answer",
+    "reward_sampled": "reward, mean of the sampled answers",
     "exact_match": "exact match",
     "contained": "answer contained",
     "token_f1": "token F1",
@@ -51,6 +63,22 @@ METRIC_TITLES = {
     "perplexity": "reference perplexity",
 }
 MAX_EXAMPLES = 5
+
+
+def metric_keys(per_label: dict[str, dict]) -> list[str]:
+    """A split's metrics to show, in order: those any model has a value for (a rewarded evaluation's per-grader
+    rewards, reward_greedy/<name>, after its totals)."""
+    have = {k for scores in per_label.values() for k, v in scores.items() if v is not None}
+    parts = sorted(k for k in have if k.startswith("reward_greedy/"))
+    keys = [m for m in REWARD_METRICS if m in have] + parts
+    return keys + [m for m in METRICS if m in have]
+
+
+def metric_title(metric: str) -> str:
+    if metric.startswith("reward_greedy/"):
+        return f"reward, greedy answer: {metric.partition('/')[2]}"
+    return METRIC_TITLES[metric]
+
 
 # --------------------------------------------------------------------------- metrics
 
@@ -162,7 +190,8 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     """The evaluation split as inference rows: split (file name), source (file:line), prompt, reference,
     answer (the row's `answer` field, else the reference), and the reference rendering for perplexity.
     A preference pair's reference is its chosen answer; its rejected answer is rendered too (scored for
-    reward accuracy), and its `rule` kept (see passes).
+    reward accuracy), and its `rule` kept (see passes). A prompt row (training.objective grpo) has its
+    prompt and its graders' item (the row as JSON) instead of a reference.
 
     Reads with Ray Data like training does; rows that cannot be evaluated are listed in one DataError."""
     import numpy as np
@@ -192,6 +221,11 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             if r["error"]:
                 raise RowError(str(r["error"]))
             doc = json.loads(str(r["doc"]))
+            if doc["kind"] == "prompt":  # training.objective grpo: graded, not compared with a reference
+                item = json.dumps(doc["item"], ensure_ascii=False)
+                prompt = renderer.rollout_prompt(doc)
+                rows.append({"split": _split_name(source), "source": source, "prompt": prompt, "item": item})
+                continue
             pair = doc if doc["kind"] == "pair" else None
             doc = pair["chosen"] if pair else doc
             prompt, reference = renderer.prompt(doc)
@@ -259,9 +293,11 @@ def fingerprint(model: InferenceModel, rows: list[dict], icfg: InferenceConfig) 
             if p is not None and p.is_file():
                 h.update(f"{f}:{p.stat().st_mtime_ns}:{p.stat().st_size}".encode())
     h.update(f"{icfg.max_new_tokens}:{icfg.dtype}".encode())
+    if icfg.samples is not None:
+        h.update(f"{icfg.samples}:{icfg.temperature}:{icfg.top_p}:{icfg.seed}".encode())
     for r in rows:
         h.update(r["prompt"].encode())
-        h.update(r["reference"].encode())
+        h.update(r.get("reference", r.get("item", "")).encode())
     return h.hexdigest()
 
 
@@ -300,10 +336,55 @@ def predict(
     done = run_inference(rows, model, icfg, on_rows)
     keep = ("split", "source", "prompt", "reference", "answer", "prediction", "ref_nll", "ref_tokens")
     pairs = ("rej_nll", "rej_tokens", "rule")  # preference rows only
-    out = [{k: _plain(r[k]) for k in keep + pairs if k in r} for r in done]
+    prompts = ("item", "prediction_ids", "samples", "sample_ids")  # prompt rows only (rewarded evaluation)
+    out = [{k: _plain(r[k]) for k in keep + pairs + prompts if k in r} for r in done]
     header = {"fingerprint": fp, "model": model.describe(), "seconds": round(time.perf_counter() - t0, 1)}
     storage.write_text(predictions_path(eval_dir, label), "".join(json.dumps(r) + "\n" for r in [header, *out]))
     return out, False
+
+
+# --------------------------------------------------------------------------- rewards (training.objective grpo)
+
+
+def grade(job, rows: list[dict]) -> None:
+    """Grade a model's predictions on prompt rows with the job's reward, in one Ray task as training grades a
+    step (rayft.training.rewards): sets each row's `reward` (its greedy answer's), `reward_parts` (per grader of a
+    multi grader, or per reward function when there are several) and `sample_rewards`."""
+    from rayft.training.rewards import Rewarder, reward_sources
+
+    rl = job.training.rl
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    items: list[dict] = []
+    for r in rows:
+        item = json.loads(r["item"])
+        samples = json.loads(r.get("samples") or "[]")
+        texts += [r["prediction"], *samples]
+        ids += [json.loads(r["prediction_ids"]), *json.loads(r.get("sample_ids") or "[]")]
+        items += [item] * (1 + len(samples))
+    scores = Rewarder(rl, reward_sources(rl)).score(texts, ids, items)
+    at = 0
+    for r in rows:
+        n = len(json.loads(r.get("samples") or "[]"))
+        r["reward"] = float(scores.rewards[at])
+        r["reward_parts"] = {k: float(v[at]) for k, v in scores.parts.items()}
+        r["sample_rewards"] = [float(x) for x in scores.rewards[at + 1 : at + 1 + n]]
+        at += 1 + n
+
+
+def score_rewards(rows: list[dict]) -> dict[str, float | int | None]:
+    """A rewarded evaluation's metrics over graded rows (see grade)."""
+    n = len(rows)
+    sampled = [x for r in rows for x in r.get("sample_rewards", [])]
+    out: dict[str, float | int | None] = {
+        "rows": n,
+        "reward_greedy": sum(r["reward"] for r in rows) / n if n else None,
+        "reward_sampled": sum(sampled) / len(sampled) if sampled else None,
+    }
+    for part in sorted({k for r in rows for k in r.get("reward_parts", {})}):
+        values = [r["reward_parts"][part] for r in rows if part in r.get("reward_parts", {})]
+        out[f"reward_greedy/{part}"] = sum(values) / len(values)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -321,26 +402,32 @@ def by_split(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def build_report(eval_dir: str, predictions: dict[str, list[dict]], models: dict[str, str]) -> dict:
-    """Write report.json, report.md and metrics.png from each model's predictions; returns the report."""
+def build_report(
+    eval_dir: str, predictions: dict[str, list[dict]], models: dict[str, str], sampling: dict | None = None
+) -> dict:
+    """Write report.json, report.md and metrics.png from each model's predictions; returns the report. `sampling`:
+    a rewarded evaluation's sampling settings (samples per prompt, temperature, top_p)."""
     labels = [lb for lb in LABELS if lb in predictions]
     splits: dict[str, dict] = {}
+    rewarded = all("reward" in r for rows in predictions.values() for r in rows)
     for label in labels:
         for split, rows in by_split(predictions[label]).items():
-            splits.setdefault(split, {})[label] = score(rows)
-    if len(labels) == 2:  # preference rows: finetuned measured against base
+            splits.setdefault(split, {})[label] = score_rewards(rows) if rewarded else score(rows)
+    if len(labels) == 2 and not rewarded:  # preference rows: finetuned measured against base
         base = by_split(predictions["base"])
         for split, rows in by_split(predictions["finetuned"]).items():
             compared = compare_pairs(base.get(split, []), rows)
             if any(v is not None for v in compared.values()):
                 splits[split]["finetuned"] |= compared
-    examples = differing_examples(predictions) if len(labels) == 2 else []
+    examples = (rewarded_examples if rewarded else differing_examples)(predictions) if len(labels) == 2 else []
     report = {
         "models": {lb: models[lb] for lb in labels},
         "splits": splits,
         "examples": examples,
         "rows": len(next(iter(predictions.values()))),
     }
+    if sampling is not None:
+        report["sampling"] = sampling
     storage.write_text(storage.join(eval_dir, EVAL_REPORT), json.dumps(report, indent=2))
     storage.write_text(storage.join(eval_dir, "report.md"), render_markdown(report))
     plot = plot_metrics(report, storage.join(eval_dir, "metrics.png"))
@@ -387,12 +474,43 @@ def differing_examples(predictions: dict[str, list[dict]], limit: int = MAX_EXAM
     return chosen
 
 
+def rewarded_examples(predictions: dict[str, list[dict]], limit: int = MAX_EXAMPLES) -> list[dict]:
+    """Prompts whose greedy answers earned the most different rewards, finetuned's gains first, then its losses."""
+    base = {r["source"]: r for r in predictions["base"]}
+    pairs = [(r, base[r["source"]]) for r in predictions["finetuned"] if r["source"] in base]
+    differ = [(r, b) for r, b in pairs if r["reward"] != b["reward"]]
+    differ.sort(key=lambda rb: (rb[0]["reward"] < rb[1]["reward"], -abs(rb[0]["reward"] - rb[1]["reward"])))
+    return [
+        {
+            "split": r["split"],
+            "source": r["source"],
+            "prompt": r["prompt"],
+            "item": r["item"],
+            "base": b["prediction"],
+            "finetuned": r["prediction"],
+            "base_reward": b["reward"],
+            "finetuned_reward": r["reward"],
+        }
+        for r, b in differ[:limit]
+    ]
+
+
 def format_metric(metric: str, value) -> str:
     if value is None:
         return "–"
     if metric == "perplexity":
         return f"{value:.2f}"
+    if metric.startswith("reward_"):
+        return f"{value:.3f}"
     return f"{100 * value:.1f}%"
+
+
+def format_change(metric: str, before: float, after: float) -> str:
+    """finetuned minus base, in the metric's unit (points for rates)."""
+    d = after - before
+    if metric == "perplexity" or metric.startswith("reward_"):
+        return f"{d:+.3f}" if metric.startswith("reward_") else f"{d:+.2f}"
+    return f"{100 * d:+.1f} pts"
 
 
 def render_markdown(report: dict) -> str:
@@ -401,6 +519,12 @@ def render_markdown(report: dict) -> str:
     for lb in labels:
         lines.append(f"- {lb}: `{report['models'][lb]}`")
     lines.append(f"- rows: {report['rows']}")
+    if report.get("sampling"):
+        sm = report["sampling"]
+        lines.append(
+            f"- rewards: each prompt's greedy answer and {sm['samples']} sampled answers (temperature "
+            f"{sm['temperature']}, top_p {sm['top_p']}), graded by the job's training.rl reward"
+        )
     lines.append("")
     for split, per_label in report["splits"].items():
         n = next(iter(per_label.values()))["rows"]
@@ -410,16 +534,19 @@ def render_markdown(report: dict) -> str:
             "| metric | " + " | ".join(labels) + " |",
             "| --- |" + " ---: |" * len(labels),
         ]
-        for m in METRICS:
+        for m in metric_keys(per_label):
             values = [per_label.get(lb, {}).get(m) for lb in labels]
-            if all(v is None for v in values):
-                continue
-            lines.append(f"| {METRIC_TITLES[m]} | " + " | ".join(format_metric(m, v) for v in values) + " |")
+            lines.append(f"| {metric_title(m)} | " + " | ".join(format_metric(m, v) for v in values) + " |")
         lines.append("")
     if report["examples"]:
         lines += ["## Examples where the two models differ", ""]
         for i, ex in enumerate(report["examples"], 1):
             lines += [f"### {i}. {ex['split']} — `{ex['source']}`", ""]
+            if "item" in ex:  # a rewarded evaluation: the graders' item and each answer's reward
+                lines += ["Prompt:", "", _block(ex["prompt"]), "Item (what the graders see):", "", _block(ex["item"])]
+                for lb in ("base", "finetuned"):
+                    lines += [f"{lb.capitalize()} (reward {ex[lb + '_reward']:.3f}):", "", _block(ex[lb])]
+                continue
             for key in ("prompt", "reference", "base", "finetuned"):
                 lines += [f"{key.capitalize()}:", "", _block(ex[key])]
     return "\n".join(lines).rstrip() + "\n"
@@ -440,25 +567,31 @@ def plot_metrics(report: dict, path: str) -> str | None:
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return None
     labels = list(report["models"])
-    rates = [m for m in METRICS if m != "perplexity"]
     groups, values = [], {lb: [] for lb in labels}
+    rewarded = False
     for split, per_label in report["splits"].items():
-        for m in rates:
-            if all(per_label.get(lb, {}).get(m) is None for lb in labels):
+        for m in metric_keys(per_label):
+            if m == "perplexity":
                 continue
-            groups.append(f"{split}\n{METRIC_TITLES[m]}")
+            rewarded = rewarded or m.startswith("reward_")
+            groups.append(f"{split}\n" + textwrap.fill(metric_title(m), 18))
             for lb in labels:
                 v = per_label.get(lb, {}).get(m)
-                values[lb].append(100 * v if v is not None else 0.0)
+                scale = 1 if m.startswith("reward_") else 100
+                values[lb].append(scale * v if v is not None else 0.0)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
     width = 0.8 / max(len(labels), 1)
     for i, lb in enumerate(labels):
         xs = [g + (i - (len(labels) - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, values[lb], width, label=lb)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.2f" if rewarded else "%.0f", fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=7)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
+    if rewarded:  # rewards are on the grader's scale, which may go below 0 or above 1
+        ax.set_ylabel("mean reward")
+        ax.axhline(0, color="grey", linewidth=0.5)
+    else:
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 105)
     ax.set_title("base vs finetuned, per evaluation split")
     ax.legend()
     fig.tight_layout()
@@ -473,14 +606,27 @@ def plot_metrics(report: dict, path: str) -> str | None:
 
 
 def inference_config(job) -> InferenceConfig:
+    """How to generate: the job's `eval` section; with training.objective grpo also the sampling of training.rl
+    (its max_new_tokens unless eval.max_new_tokens is set, eval.samples answers at its temperature and top_p)."""
     e = job.eval
-    return InferenceConfig(
+    icfg = InferenceConfig(
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
         replicas=e.replicas,
         cpus_per_replica=e.cpus_per_replica,
         use_gpu=job.scaling.use_gpu,
         dtype=e.dtype,
+    )
+    rl = job.training.rl if job.training.objective == "grpo" else None
+    if rl is None:
+        return icfg
+    return dataclasses.replace(
+        icfg,
+        max_new_tokens=e.max_new_tokens if "max_new_tokens" in e.model_fields_set else rl.max_new_tokens,
+        samples=e.samples if e.samples is not None else rl.samples_per_prompt,
+        temperature=rl.temperature,
+        top_p=rl.top_p,
+        seed=job.training.seed,
     )
 
 
@@ -524,8 +670,13 @@ def run_eval(
         predictions[label], reused = predict(m, rows, icfg, eval_dir, label, on_rows, reuse=(label == "base"))
         if reused and on_rows:
             on_rows(len(rows))  # a progress bar for saved predictions is complete at once
+        if "item" in rows[0]:  # prompt rows: graded now (a grader's code may have changed since the predictions)
+            grade(job, predictions[label])
         timings[label] = {"seconds": round(time.perf_counter() - t0, 1), "reused": reused}
-    report = build_report(eval_dir, predictions, {lb: m.describe() for lb, m in models.items()})
+    sampling = None
+    if icfg.samples is not None:
+        sampling = {"samples": icfg.samples, "temperature": icfg.temperature, "top_p": icfg.top_p}
+    report = build_report(eval_dir, predictions, {lb: m.describe() for lb, m in models.items()}, sampling)
     report["timings"] = timings
     if job.run.tracking.enabled:
         from rayft.training.tracking import log_eval

@@ -1,6 +1,7 @@
 """Batch inference with Ray Data: an actor pool holds the model; each actor generates greedily for
-batches of chat prompts (left padding, one `generate` call per batch) and can score reference
-answers (their summed negative log-likelihood and token count, for perplexity).
+batches of chat prompts (left padding, one `generate` call per batch), can also sample several answers
+per prompt (rewarded evaluation), and can score reference answers (their summed negative
+log-likelihood and token count, for perplexity).
 
 `rayft eval` and `rayft generate` both run through `generate_dataset`; the model is named the way
 users name it everywhere else: a built-in alias, a model directory, a run directory (its final/
@@ -160,10 +161,24 @@ class Generator:
     Input columns: `prompt` (a rendered prompt string, ending where the reply starts) and optionally
     `full` + `spans` (the prompt and reference rendered together, and the reference's character
     spans as JSON) to score the reference. Output adds `prediction`, `ref_nll`, `ref_tokens`.
+
+    With `samples` set (rewarded evaluation, training.objective grpo) each prompt is also answered `samples` times at
+    `temperature`/`top_p`, and the answers are kept as the model wrote them (not stripped) with their token ids:
+    `prediction_ids`, `samples` and `sample_ids` (JSON lists), so graders see what they would see in training.
+    Sampling draws from a generator seeded by `seed` and the batch's prompts: the same rows give the same samples.
     """
 
     def __init__(
-        self, model: InferenceModel, max_new_tokens: int, threads: int = 0, use_gpu: bool = False, dtype: str = "auto"
+        self,
+        model: InferenceModel,
+        max_new_tokens: int,
+        threads: int = 0,
+        use_gpu: bool = False,
+        dtype: str = "auto",
+        samples: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ):
         import torch
 
@@ -171,6 +186,7 @@ class Generator:
             torch.set_num_threads(threads)
         self.model, self.tok = load_for_inference(model, use_gpu, dtype)
         self.max_new_tokens = max_new_tokens
+        self.samples, self.temperature, self.top_p, self.seed = samples, temperature, top_p, seed
         self.device = next(self.model.parameters()).device
         stops = {self.tok.eos_token_id, self.model.generation_config.eos_token_id}
         flat = set()
@@ -193,9 +209,17 @@ class Generator:
                 pad_token_id=self.tok.pad_token_id,
             )
         new = out[:, enc["input_ids"].shape[1] :]
-        predictions = [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
         result = dict(batch)
-        result["prediction"] = np.array(predictions, dtype=object)
+        if self.samples is not None:
+            ids = self._answers(new)
+            result["prediction"] = np.array([self._text(i) for i in ids], dtype=object)
+            result["prediction_ids"] = np.array([json.dumps(i) for i in ids], dtype=object)
+            texts, sample_ids = self._sample(enc, prompts) if self.samples else ([[]] * len(prompts),) * 2
+            result["samples"] = np.array([json.dumps(t) for t in texts], dtype=object)
+            result["sample_ids"] = np.array([json.dumps(i) for i in sample_ids], dtype=object)
+        else:
+            predictions = [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+            result["prediction"] = np.array(predictions, dtype=object)
         if "full" in batch:
             nll, count = self._score([str(f) for f in batch["full"]], [json.loads(str(s)) for s in batch["spans"]])
             result["ref_nll"], result["ref_tokens"] = np.array(nll), np.array(count)
@@ -207,6 +231,42 @@ class Generator:
             nll, count = self._score(texts, spans)
             result["rej_nll"], result["rej_tokens"] = np.array(nll), np.array(count)
         return result
+
+    def _answers(self, new) -> list[list[int]]:
+        """Each generated row's tokens up to and including its first stop token (the padding after it dropped)."""
+        out = []
+        for row in new.tolist():
+            end = next((k + 1 for k, t in enumerate(row) if t in self.stop_ids), len(row))
+            out.append(row[:end])
+        return out
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _sample(self, enc, prompts: list[str]) -> tuple[list[list[str]], list[list[list[int]]]]:
+        """`samples` answers per prompt at the sampling settings: (texts, token ids), one list per prompt."""
+        import hashlib
+
+        import torch
+
+        digest = hashlib.blake2b("\n".join([str(self.seed), *prompts]).encode(), digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+        with torch.inference_mode():
+            out = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue] - transformers' own typing
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=0,  # the whole vocabulary, as rayft's rollouts sample
+                num_return_sequences=self.samples,
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        ids = self._answers(out[:, enc["input_ids"].shape[1] :])
+        n = self.samples or 1
+        grouped = [ids[i * n : (i + 1) * n] for i in range(len(prompts))]  # generate returns them prompt-major
+        return [[self._text(i) for i in g] for g in grouped], grouped
 
     def _score(self, texts: list[str], spans: list[list]) -> tuple[list[float], list[int]]:
         """Summed NLL and number of the reference tokens, in one right-padded forward pass."""
@@ -245,6 +305,10 @@ class InferenceConfig:
     cpus_per_replica: float = _EVAL["cpus_per_replica"].default
     use_gpu: bool = False
     dtype: str = _EVAL["dtype"].default
+    samples: int | None = None  # rewarded evaluation: sampled answers per prompt besides the greedy one (0: none)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):
@@ -258,6 +322,10 @@ def generate_dataset(ds, model: InferenceModel, cfg: InferenceConfig):
             "threads": 0 if cfg.use_gpu else max(1, int(cfg.cpus_per_replica)),
             "use_gpu": cfg.use_gpu,
             "dtype": cfg.dtype,
+            "samples": cfg.samples,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "seed": cfg.seed,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -190,3 +190,77 @@ def test_eval_rejects_rows_it_cannot_evaluate(ray_local, tmp_path, tiny_model_di
     job.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: notes.jsonl\n")
     with pytest.raises(DataError, match="nothing to evaluate"):
         eval_rows(load_config(job))
+
+
+@pytest.mark.slow
+def test_grpo_eval_grades_both_models_greedy_and_sampled_answers_with_the_jobs_grader(
+    ray_local, tmp_path, tiny_model_dir
+):
+    from rayft.cluster.config import load_config
+    from rayft.training.evaluate import run_eval
+
+    cities = ["Paris", "Lyon", "Oslo", "Bergen"]
+    prompts = [
+        {"messages": [{"role": "user", "content": f"Story {i}: where did the trip end?"}], "answer": c, "id": i}
+        for i, c in enumerate(cities)
+    ]
+    write_jsonl(tmp_path / "held_out.jsonl", prompts)
+    taught = _teach(
+        tiny_model_dir, tmp_path / "taught", [chat(p["messages"][0]["content"], p["answer"]) for p in prompts]
+    )
+    grader = {
+        "type": "multi",
+        "name": "city",
+        "graders": {
+            "exact": {
+                "type": "string_check",
+                "name": "exact",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}",
+                "operation": "eq",
+            },
+            "similar": {
+                "type": "text_similarity",
+                "name": "similar",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}",
+                "evaluation_metric": "fuzzy_match",
+            },
+        },
+        "calculate_output": "0.5 * exact + 0.5 * similar",
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model:\n  name: {tiny_model_dir}\ndata:\n  train: held_out.jsonl\n  eval: held_out.jsonl\n"
+        f"run:\n  name: rl\n  storage_path: {tmp_path / 'runs'}\n"
+        "training:\n  objective: grpo\n  method: lora\n"
+        f"  rl:\n    samples_per_prompt: 4\n    max_new_tokens: 6\n    grader: {json.dumps(grader)}\n"
+        "eval:\n  samples: 3\n  batch_size: 2\n  replicas: 1\n"
+    )
+    cfg = load_config(job)
+    report = run_eval(cfg, model=str(taught))
+
+    held = report["splits"]["held_out"]
+    base, tuned = held["base"], held["finetuned"]
+    assert base["rows"] == tuned["rows"] == 4
+    # The taught model answers every prompt with its city: full marks from both graders of the multi grader.
+    assert (
+        tuned["reward_greedy"] == 1.0 and tuned["reward_greedy/exact"] == 1.0 and tuned["reward_greedy/similar"] == 1.0
+    )
+    assert base["reward_greedy/exact"] == 0.0 and base["reward_greedy"] < 0.5
+    assert tuned["reward_sampled"] > base["reward_sampled"] + 0.4
+    assert report["sampling"] == {"samples": 3, "temperature": 1.0, "top_p": 1.0}
+
+    eval_dir = tmp_path / "runs" / "rl" / "eval"
+    lines = (eval_dir / "predictions-finetuned.jsonl").read_text().splitlines()[1:]
+    saved = [json.loads(line) for line in lines]
+    assert sorted(json.loads(r["item"])["answer"] for r in saved) == sorted(cities)  # every field reaches the graders
+    assert all(len(json.loads(r["samples"])) == 3 == len(json.loads(r["sample_ids"])) for r in saved)
+    assert all(r["prediction"] == json.loads(r["item"])["answer"] for r in saved)  # graded as written, not stripped
+    md = (eval_dir / "report.md").read_text()
+    assert "| reward, greedy answer |" in md and "| reward, greedy answer: exact | 0.000 | 1.000 |" in md
+    assert "3 sampled answers" in md and "Item (what the graders see):" in md
+    assert (eval_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = run_eval(cfg, model=str(taught))  # the base model's answers are reused, and graded again the same
+    assert again["timings"]["base"]["reused"] and again["splits"] == report["splits"]
