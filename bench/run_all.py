@@ -1,6 +1,6 @@
 """Run every CPU benchmark in bench/ in one go, then print the Summary table they rewrote (`make bench`).
 
-    python bench/run_all.py            # the full runs, about 55 minutes on 2 idle cores
+    python bench/run_all.py            # the full runs, about 70 minutes on 2 idle cores
     python bench/run_all.py --quick    # smoke versions (about 3 minutes), written to bench/out/RESULTS-quick.md
 
 Each benchmark runs in its own process, one after the other, so none shares the cores with another.

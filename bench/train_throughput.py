@@ -5,6 +5,7 @@
     python bench/train_throughput.py --model smollm2 --steps 6   # the built-in SmolLM2-135M (much slower)
     python bench/train_throughput.py --part peer       # the SFT quickstart against TRL's SFTTrainer
     python bench/train_throughput.py --part dpo        # the DPO quickstart against TRL's DPOTrainer (pairs/s)
+    python bench/train_throughput.py --part grpo       # the RL quickstart against TRL's GRPOTrainer (completions/s)
 
 One run trains the same model on the same data for the same number of optimizer steps four times
 (`rayft train` first, then (c), (b), (a)):
@@ -34,6 +35,12 @@ The DPO part trains configs/quickstart-dpo.yaml from the built-in SmolLM2 (LoRA,
 reference) for --steps optimizer steps of 8 pairs, and TRL's DPOTrainer on the same pairs, model, LoRA, loss
 (sigmoid + 0.2 x chosen NLL) and hyperparameters in one process with as many threads; target: rayft >= 1.5x
 TRL's pairs/s.
+
+The GRPO part trains configs/quickstart-rl.yaml as shipped (40 steps of 4 prompts x 8 sampled completions, the
+multi grader; no held-out eval between steps), then TRL's GRPOTrainer set up the same way (bench/trl_grpo_peer.py)
+until its steps have taken as long as rayft's, then scores the base model and both adapters on the held-out prompts
+with one evaluator (greedy, the same grader); targets: rayft >= 1.5x TRL's completions/s, and rayft's held-out reward
+after the same training time >= TRL's.
 
 The default model is a 4-layer Llama with SmolLM2's tokenizer, built with random weights, so a
 step takes seconds rather than a minute; throughput ratios do not depend on the weights' values.
@@ -857,6 +864,300 @@ def dpo_main(args) -> None:
     print(f"\nappended to {args.results}")
 
 
+# --------------------------------------------------------------------------- GRPO: rayft against TRL's GRPOTrainer
+
+QUICKSTART_RL = ROOT / "configs" / "quickstart-rl.yaml"
+GRPO_NAME = "grpo_peer"
+TARGET_GRPO_VS_TRL = 1.5
+QUICK_EVAL_PROMPTS = 8  # --quick scores this many held-out prompts (the full run: all of eval.jsonl)
+TRL_MAX_STEPS_FACTOR = 10  # TRL stops at rayft's training time; this only bounds its step count
+
+
+def run_rayft_grpo(tmp: Path, overrides: list[str]) -> tuple[Run, float, float, dict, object]:
+    """`rayft train configs/quickstart-rl.yaml` (the run dir moved) with no held-out eval between steps: both
+    contenders are scored afterwards by one evaluator, and an eval pass between steps would sit inside rayft's
+    training time. rayft's own eval after the last step stays (outside the steps, a cross-check of the evaluator);
+    the export keeps the adapter unmerged. Returns its timed steps, its training time (the first step's start to the
+    last step's end, by wall clock), its wall time, its final eval record and the job."""
+    from rayft.cluster.config import load_config
+    from rayft.cluster.runtime import connect
+    from rayft.training.trainer import read_metrics, required_cpus
+
+    cfg = load_config(
+        QUICKSTART_RL,
+        [
+            f"run.storage_path={tmp / 'runs'}",
+            "run.name=bench-grpo",
+            "training.eval_every_steps=0",
+            "training.eval_at_start=false",
+            "export.merge=false",
+            *overrides,
+        ],
+    )
+    connect(need_cpus=required_cpus(cfg))
+
+    def progress(event: dict) -> None:
+        if "loss" in event:
+            print(
+                f"  rayft step {event['step']}: {event['step_time_s']:.2f}s (sampling "
+                f"{event.get('timing/generate', float('nan')):.2f}s), reward {event.get('reward', float('nan')):.3f}",
+                flush=True,
+            )
+
+    wall = train_then_shut_down(cfg, progress)
+    records = step_records(cfg.run_dir)
+    train_s = records[-1]["time"] - (records[0]["time"] - records[0]["step_time_s"])
+    steps = [
+        {
+            "step": r["step"],
+            "completions": r["completions"],
+            # by wall clock between step records, as every rayft figure of this script
+            "seconds": r["time"] - prev["time"],
+            "inside_s": r["step_time_s"],
+            "generate_s": r["timing/generate"],
+            "grade_s": r["timing/grade"],
+            "train_s": r["timing/train"],
+            "own_completions_per_s": r["completions_per_s"],
+            "completion_length": r["completion_length"],
+            "reward": r["reward"],
+            "exact": r.get("reward/exact"),
+        }
+        for prev, r in zip(records, records[1:], strict=False)
+        if r["step"] > WARMUP_STEPS
+    ]
+    final = next((r for r in reversed(read_metrics(cfg.run_dir)) if r.get("final") and "eval_reward" in r), {})
+    return Run("rayft train (GRPO)", steps), train_s, wall, final, cfg
+
+
+def grpo_main(args) -> None:
+    """rayft's GRPO quickstart against TRL's GRPOTrainer on the same model, prompts, grader, LoRA and hyperparameters:
+    completions/s over the timed steps, then the held-out reward each reaches in the same training time, both scored
+    (and the base model once) by one evaluator that knows nothing of either trainer."""
+    from bench.data_pipeline import command, load_average, machine, results_section, verdict, write_results
+    from bench.trl_grpo_peer import heldout_rewards, prompt_rows, rayft_prompt_ids, run_trl_grpo, same_prompt_tokens
+    from rayft.cluster.config import load_config
+    from rayft.training.models import load_tokenizer, resolve_model
+    from rayft.training.run_dir import find_adapter
+
+    t_start = time.perf_counter()
+    # --quick: the shipped config cut to a few steps, and a few held-out prompts, to check that every part runs.
+    overrides = [f"training.max_steps={args.steps or 4}"] if args.quick or args.steps else []
+    load_start = load_average()
+    print(f"{GRPO_NAME}: {machine()}; load {load_start}", flush=True)
+    tokenizer = load_tokenizer(BUILTIN)  # converts the built-in model into the cache once, outside all timings
+    cfg = load_config(QUICKSTART_RL, overrides)
+    t, lora, rl = cfg.training, cfg.training.lora, cfg.training.rl
+    assert rl is not None  # the quickstart is a GRPO job
+    rl_spec = rl.model_dump()
+    model_dir = resolve_model(cfg.model.name)
+    train_path, eval_path = Path(str(cfg.data.train)).resolve(), Path(str(cfg.data.eval)).resolve()
+    rows = prompt_rows(train_path)
+    same_tokens, n_rows = same_prompt_tokens(tokenizer, train_path)
+    eval_ids = rayft_prompt_ids(tokenizer, eval_path)
+    n_eval = min(QUICK_EVAL_PROMPTS, len(eval_ids)) if args.quick else len(eval_ids)
+    eval_ids = eval_ids[:n_eval]
+    answers = [r["answer"] for r in prompt_rows(eval_path)][:n_eval]
+
+    with tempfile.TemporaryDirectory(prefix="rayft-grpo-") as tmp_s:
+        tmp = Path(tmp_s)
+        print("rayft train configs/quickstart-rl.yaml", flush=True)
+        rayft, rayft_train_s, rayft_wall, own_eval, job = run_rayft_grpo(tmp, overrides)
+        rayft_adapter = find_adapter(job.run_dir)
+        if rayft_adapter is None:
+            raise SystemExit(f"rayft's run {job.run_dir} exported no LoRA adapter; see its status.json")
+        print(f"TRL GRPOTrainer: stopped once its steps have taken rayft's {rayft_train_s:.0f}s", flush=True)
+
+        def show(s: dict) -> None:
+            print(
+                f"  TRL step {s['step']}: {s['seconds']:.2f}s (sampling {s['generate_s']:.2f}s), reward "
+                f"{s['reward']:.3f}",
+                flush=True,
+            )
+
+        trl_result = run_trl_grpo(
+            model_dir,
+            rows,
+            tmp / "trl",
+            rl=rl_spec,
+            prompts_per_step=t.global_batch_size,
+            prompts_per_micro_batch=t.micro_batch_size,
+            time_limit_s=rayft_train_s,
+            max_steps=TRL_MAX_STEPS_FACTOR * job.training.max_steps,
+            lr=t.lr,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            last_layers=lora.last_layers,
+            warmup_ratio=t.warmup_ratio,
+            lr_schedule=t.lr_schedule,
+            threads=THREADS,
+            seed=t.seed,
+            on_step=show,
+        )
+        print(
+            f"held-out reward on {n_eval} prompts: the base model, rayft's adapter, TRL's (one evaluator)", flush=True
+        )
+        scores = {}
+        for label, adapter in (("base", None), ("rayft", rayft_adapter), ("TRL", trl_result["adapter_dir"])):
+            scores[label] = heldout_rewards(model_dir, adapter, eval_ids, answers, rl_spec, threads=THREADS)
+            print(
+                f"  {label}: reward {scores[label]['reward']:.3f}, exact {scores[label].get('exact', float('nan')):.1%}"
+                f", {scores[label]['length']:.1f} tokens ({scores[label]['seconds']:.0f}s)",
+                flush=True,
+            )
+    load_end = load_average()
+    bench_wall = time.perf_counter() - t_start
+
+    trl_steps = trl_result["steps"]
+    trl_timed = trl_steps[WARMUP_STEPS:] or trl_steps  # a --quick run may give TRL no step past the warm-up
+    trl = Run(
+        "TRL GRPOTrainer",
+        [
+            {
+                "step": s["step"],
+                "completions": s["completions"],
+                "seconds": s["seconds"],
+                "generate_s": s["generate_s"],
+                "reward": s["reward"],
+                "exact": s["exact"],
+                "completion_length": s["completion_tokens"] / max(s["completions"], 1),
+            }
+            for s in trl_timed
+        ],
+    )
+    trl_train_s = sum(s["seconds"] for s in trl_steps)
+
+    def per_s(r: Run) -> float:
+        return r.total("completions") / r.total("seconds")
+
+    def median_per_s(r: Run) -> float:
+        return float(np.median([s["completions"] / s["seconds"] for s in r.steps]))
+
+    def median_s(r: Run) -> float:
+        return float(np.median([s["seconds"] for s in r.steps]))
+
+    vs_trl = per_s(rayft) / per_s(trl)
+    ok_speed = vs_trl >= TARGET_GRPO_VS_TRL
+    base, after_rayft, after_trl = scores["base"], scores["rayft"], scores["TRL"]
+    ok_quality = after_rayft["reward"] >= after_trl["reward"]
+
+    def row(r: Run, label: str, all_steps: int, trained_s: float) -> tuple[str, ...]:
+        after = scores[label]
+        return (
+            r.name,
+            f"{all_steps}",
+            f"{len(r.steps)}",
+            f"{r.per_step('completions'):.0f}",
+            f"{median_s(r):.2f}",
+            f"{min(x['seconds'] for x in r.steps):.2f}-{max(x['seconds'] for x in r.steps):.2f}",
+            f"{per_s(r):.2f}",
+            f"{median_per_s(r):.2f}",
+            f"{trained_s:.0f}",
+            f"{base['reward']:.3f} → {after['reward']:.3f}",
+            f"{base.get('exact', 0.0):.1%} → {after.get('exact', 0.0):.1%}",
+        )
+
+    head = (
+        "contender",
+        "steps",
+        "timed",
+        "completions/step",
+        "s/step (median)",
+        "min-max",
+        "completions/s",
+        "median completions/s",
+        "training s",
+        "held-out reward (base → after)",
+        "exact answer (base → after)",
+    )
+    table = [
+        row(rayft, "rayft", job.training.max_steps, rayft_train_s),
+        row(trl, "TRL", len(trl_steps), trl_train_s),
+    ]
+    ratios = [
+        ("rayft / TRL, completions/s", f"{vs_trl:.2f}x", f">= {TARGET_GRPO_VS_TRL}x", verdict(ok_speed)),
+        (
+            "held-out reward after equal training time",
+            f"{after_rayft['reward']:.3f} vs {after_trl['reward']:.3f}",
+            "rayft >= TRL",
+            verdict(ok_quality),
+        ),
+        ("rayft / TRL, median per-step completions/s", f"{median_per_s(rayft) / median_per_s(trl):.2f}x", "(info)", ""),
+    ]
+
+    def sampling_share(r: Run, key: str) -> str:
+        return f"{r.total('generate_s') / r.total(key):.0%}"
+
+    tc = trl_result["config"]
+    lr_steps = job.training.max_steps
+    grade_share = rayft.total("grade_s") / rayft.total("inside_s")
+    grader = rl_spec.get("grader") or {}
+    notes = [
+        f"model: {BUILTIN} (built-in), bf16; LoRA r{lora.r} alpha {lora.alpha} dropout {lora.dropout} on every linear "
+        f"projection of the top {lora.last_layers} layers; lr {t.lr} ({t.lr_schedule} to 10%, warm-up "
+        f"{t.warmup_ratio}), AdamW (fused, no weight decay), gradients clipped at {t.grad_clip}",
+        f"data: {train_path.relative_to(ROOT)} ({len(rows)} prompts; TRL renders {same_tokens} of {n_rows} to the "
+        f"token ids rayft samples from); held-out: {eval_path.relative_to(ROOT)}, {n_eval} prompts",
+        f"step: {t.global_batch_size} prompts x {rl.samples_per_prompt} completions of at most {rl.max_new_tokens} "
+        f"tokens (temperature {rl.temperature}, top_p {rl.top_p}), micro-batches of {t.micro_batch_size} prompts; "
+        f"reward: the job's {grader.get('type')} grader ({grader.get('calculate_output', '')}) by rayft's grading "
+        f"code on both sides; loss {rl.loss}, "
+        f"advantages / group std ({rl.advantage_scale}), beta {rl.beta}, {rl.iterations} update per batch; the first "
+        f"{WARMUP_STEPS} steps of each untimed",
+        f"rayft: configs/quickstart-rl.yaml ({cfg.scaling.num_workers} Ray Train workers, 1 thread each, DeepSpeed "
+        f"ZeRO-{t.zero_stage}, each sampling its prompts' completions with rayft's batching engine), no held-out eval "
+        f"between steps; steps timed by wall clock between step records (a checkpoint every "
+        f"{t.checkpoint_every_steps} steps included); its {t.lr_schedule} runs over its {lr_steps} steps; wall "
+        f"time {rayft_wall:.0f}s (Ray start, data, workers, the final eval and export included); sampling "
+        f"{sampling_share(rayft, 'inside_s')} of its step time, grading {grade_share:.1%}",
+        f"TRL {trl_result['trl_version']}: GRPOTrainer in one process with {THREADS} threads, "
+        + ", ".join(f"{k}={v}" for k, v in tc.items() if k not in ("versions", "lora", "threads"))
+        + f"; sampling with the model in eval mode (LoRA dropout off, as rayft samples); stopped when its steps had "
+        f"taken rayft's training time to the nearest step ({trl_train_s:.0f}s of {rayft_train_s:.0f}s), its lr "
+        f"following rayft's "
+        f"{t.lr_schedule} over that time; step timed from on_step_begin to on_step_end (sampling, grading, both "
+        f"micro-batches, optimizer); sampling {sampling_share(trl, 'seconds')} of its step time; wall time "
+        f"{trl_result['wall_s']:.0f}s (setup {trl_result['setup_s']:.0f}s)",
+        f"held-out reward: one evaluator for all three (transformers generate, greedy, {rl.max_new_tokens} new tokens, "
+        f"one prompt at a time, bf16, the adapter loaded by PEFT, prompts rendered by rayft's renderer, the same "
+        f"grader); exact answer: the share scored 1 by the grader's exact part; completion length base "
+        f"{base['length']:.1f}, rayft {after_rayft['length']:.1f}, TRL {after_trl['length']:.1f} tokens; rayft's own "
+        f"eval after its last step (its engine, batched): reward {own_eval.get('eval_reward', float('nan')):.3f}, "
+        f"exact {own_eval.get('eval_reward/exact', float('nan')):.1%} on {own_eval.get('eval_completions', 0)} prompts",
+        "training reward (mean of the last 5 timed steps): "
+        + ", ".join(
+            f"{r.name} {np.mean([s['reward'] for s in r.steps[-5:]]):.3f}, exact "
+            f"{np.mean([s['exact'] or 0.0 for s in r.steps[-5:]]):.1%}"
+            for r in (rayft, trl)
+        )
+        + f"; rayft's own completions_per_s (sampled completions over its step phases, median) "
+        f"{np.median([s['own_completions_per_s'] for s in rayft.steps]):.2f}",
+        "not matched: the process layout (2 single-threaded workers that each sample and train on half the step, "
+        "against one 2-thread process with one generate call for all completions); each trainer's own prompt order "
+        "and sampling random numbers (same seed, different generators); numerics (rayft: bf16 weights and adapters "
+        "under DeepSpeed with an fp32 optimizer copy; TRL: bf16 base weights, fp32 adapters under CPU autocast, "
+        "PEFT's default); the lr schedule over steps (rayft) vs over the same time (TRL); TRL's logging after "
+        "each step is outside its step time",
+        f"bench wall time {bench_wall:.0f}s; load average (1 min) at start / end: {load_start} / {load_end}",
+    ]
+    print_report(head, table, ratios, notes)
+
+    now = datetime.now(UTC)
+    cmd = command()
+    date = f"{now:%Y-%m-%d}"
+    section = results_section(GRPO_NAME, now, cmd, notes, head, table, ratios)
+    summary = [
+        f"| {GRPO_NAME}: rayft GRPO vs TRL GRPOTrainer, RL quickstart | {per_s(rayft):.2f} vs {per_s(trl):.2f} "
+        f"completions/s | {vs_trl:.2f}x | >= {TARGET_GRPO_VS_TRL}x, {verdict(ok_speed)} | {date} | `{cmd}` |",
+        f"| {GRPO_NAME}: held-out reward after {rayft_train_s / 60:.1f} min of training each | base "
+        f"{base['reward']:.3f}; rayft {after_rayft['reward']:.3f} (exact {after_rayft.get('exact', 0.0):.1%}) vs TRL "
+        f"{after_trl['reward']:.3f} (exact {after_trl.get('exact', 0.0):.1%}) | "
+        f"{'rayft >= TRL' if ok_quality else 'rayft < TRL'} | rayft >= TRL, {verdict(ok_quality)} | {date} | `{cmd}` |",
+    ]
+    write_results(args.results, section, summary, name=GRPO_NAME)
+    print(f"\nappended to {args.results}")
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -886,19 +1187,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=8, help="packed rows per optimizer step (default 8)")
     p.add_argument("--micro-batch", type=int, default=4, help="packed rows per worker micro-batch (default 4)")
     p.add_argument("--pad-batch", type=int, default=8, help="examples per padded micro-batch in (a) (default 8)")
-    p.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="file to append to")
+    p.add_argument(
+        "--results",
+        type=Path,
+        help="file to append to (default bench/RESULTS.md; with --quick bench/out/RESULTS-quick.md, so that a smoke "
+        "run never replaces the Summary's figures)",
+    )
     p.add_argument(
         "--part",
-        choices=("all", "baselines", "peer", "dpo"),
+        choices=("all", "baselines", "peer", "dpo", "grpo"),
         default="all",
         help="baselines: rayft vs single-process loops on a small model; peer: the quickstart vs TRL's SFTTrainer "
         "(SmolLM2, about 20 minutes); dpo: DPO on the quickstart pairs vs TRL's DPOTrainer (SmolLM2, about 10 "
-        "minutes); all: every part (default)",
+        "minutes); grpo: the RL quickstart vs TRL's GRPOTrainer (SmolLM2, about 20 minutes); all: every part "
+        "(default)",
     )
     args = p.parse_args(argv)
+    if args.results is None:
+        args.results = ROOT / "bench" / ("out/RESULTS-quick.md" if args.quick else "RESULTS.md")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "dpo"):
         dpo_main(args)
     if args.part == "dpo":
+        return 0
+    if args.part in ("all", "grpo"):
+        grpo_main(args)
+    if args.part == "grpo":
         return 0
     if args.part in ("all", "peer"):
         peer_main(args)
