@@ -43,6 +43,8 @@ HEADLINES = (
     "trl_peer: rayft train vs TRL SFTTrainer",
     "trl_peer: quality after",
     "dpo_peer: rayft DPO vs TRL DPOTrainer",
+    "grpo_peer: rayft GRPO vs TRL GRPOTrainer",
+    "grpo_peer: held-out reward after",
     "train_throughput: rayft train vs padded single process",
     "memory_scaling: ZeRO-3 worker memory",
     "serve_load: batching vs no batching",

@@ -447,7 +447,7 @@ class Tokenize:
             sources.append(src)
             items.append(json.dumps(doc.get("item"), ensure_ascii=False))
         columns = ["source", "row_id", "input_ids", "labels", "num_tokens", "num_trained", "status"]
-        columns += ["rejected_ids", "rejected_labels"] if self.pairs else ["item"] if self.prompts else []
+        columns += ["rejected_ids", "rejected_labels"] if self.pairs else PROMPT_COLUMNS if self.prompts else []
         out: dict[str, list] = {k: [] for k in columns}
         encoded = tokenize_rendered(self.tokenizer, texts, spans) if texts else []
         per_row = 2 if self.pairs else 1
@@ -472,6 +472,7 @@ class Tokenize:
                 out["rejected_labels"].append(rest[0][1])
             if self.prompts:
                 out["item"].append(items[n])
+                out["sample_key"].append(sample_key(src))
             out["num_tokens"].append(sum(len(encoded[n * per_row + k][0]) for k in range(per_row)))
             out["num_trained"].append(sum(trained))
             out["status"].append(status)
@@ -528,6 +529,17 @@ def tokenize_batch(
 def row_id(source: str) -> int:
     """A stable 63-bit id of an example, from where it was read (used to skip trained rows on resume)."""
     return int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), "little") >> 1
+
+
+# A prompt row's columns besides the tokens (training.objective grpo): its graders' item, and its sampling key.
+PROMPT_COLUMNS = ["item", "sample_key"]
+
+
+def sample_key(source: str) -> int:
+    """A prompt row's id for seeding its samples (training.objective grpo): its file's name, line and copy, without
+    the directories, so the same job samples the same answers from any checkout, machine or bucket. (Unlike row_id
+    it may repeat for same-named files in two directories; two prompts then share seeds, which is harmless.)"""
+    return row_id(source.rsplit("/", 1)[-1])
 
 
 def _pack_batch(batch: dict, max_seq_len: int, seed: int) -> dict:
@@ -639,7 +651,7 @@ def build_datasets(
                 num_cpus=data.cpus_per_data_task,
             )
         else:
-            extra = ["rejected_ids", "rejected_labels"] if pairs else ["item"] if prompts else []
+            extra = ["rejected_ids", "rejected_labels"] if pairs else PROMPT_COLUMNS if prompts else []
             ds = ds.select_columns(["row_id", "input_ids", "labels", *extra])
         if split in read_again and split in rows and fits_cache(rows[split], data):
             ds = ds.materialize()

@@ -28,6 +28,7 @@ One optimizer step (the objective `Grpo`, stepped by rayft.training.loop like SF
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -46,6 +47,8 @@ SUMS = (
     "groups",
     "zero_std_groups",
     "completion_tokens",
+    "sequence_tokens",
+    "padded_tokens",
     "clipped_completions",
     "kl",
     "entropy",
@@ -139,14 +142,20 @@ class Grpo:
         g = rl.samples_per_prompt
         sums = dict.fromkeys(SUMS, 0.0)
         t0 = time.perf_counter()
-        micro = []  # per micro-batch: (rows, completions)
+        # One rollout for the whole step (all micro-batches' prompts batched together, one weight gather under
+        # ZeRO-3), then split back by micro-batch: prompt-major, g completions per prompt.
+        step_rows = [r for rows, _ in group for r in rows]
+        seeds = [[_seed(self.seed, step, r, j) for j in range(g)] for r in step_rows]
+        prompts = [np.asarray(r["input_ids"]).tolist() for r in step_rows]
+        comps = self.rollouts.sample(
+            prompts, n=g, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, seeds=seeds
+        )
+        micro = []  # per micro-batch: (rows, completions), each completion's prompt index local to its micro-batch
+        first = 0
         for rows, _ in group:
-            seeds = [[_seed(self.seed, step, r, j) for j in range(g)] for r in rows]
-            prompts = [np.asarray(r["input_ids"]).tolist() for r in rows]
-            comps = self.rollouts.sample(
-                prompts, n=g, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, seeds=seeds
-            )
-            micro.append((rows, comps))
+            mine = comps[first * g : (first + len(rows)) * g]
+            micro.append((rows, [dataclasses.replace(c, prompt=c.prompt - first) for c in mine]))
+            first += len(rows)
         sums["timing/sync"] = self.rollouts.sync_s
         sums["timing/generate"] = time.perf_counter() - t0 - self.rollouts.sync_s
 
@@ -174,6 +183,8 @@ class Grpo:
         )
         scale = ctx.world * ctx.grad_accum
         inputs = [completion_batch(rows, comps, device, ctx.pad_id) for rows, comps in micro]  # once, every pass
+        sums["sequence_tokens"] = float(sum(int(b["attention_mask"].sum()) for b, _ in inputs))
+        sums["padded_tokens"] = float(sum(b["input_ids"].numel() for b, _ in inputs))
         refs = [self._reference(ctx, batch) for batch, _ in inputs] if rl.beta else [None] * len(micro)
         olds: list = [None] * len(micro)
         loss_sum, offset_of = 0.0, np.cumsum([0] + [len(c) for _, c in micro])
@@ -263,6 +274,15 @@ class Grpo:
         out |= {f"reward/{p}": s[p] / n for p in self.parts}
         step_s = sum(out[k] for k in out if k.startswith("timing/"))
         out["completions_per_s"] = s["completions"] / step_s if step_s else 0.0
+        # The token figures of the step's training forwards (prompt + completion per sequence), in place of the
+        # prompt rows' that the loop counts: tokens computed (padded), real ones, and the completion tokens trained.
+        out |= {
+            "tokens": int(s["padded_tokens"]),
+            "nonpad_tokens": int(s["sequence_tokens"]),
+            "trained_tokens": int(s["completion_tokens"]),
+            "tokens_per_s": s["padded_tokens"] / step_s if step_s else 0.0,
+            "nonpad_tokens_per_s": s["sequence_tokens"] / step_s if step_s else 0.0,
+        }
         return out
 
     def evaluate(self, ctx: StepContext, shard) -> dict:
@@ -346,7 +366,7 @@ def completion_logps(model, batch: dict, with_entropy: bool):
 def _seed(seed: int, step: int, row: dict, j: int) -> int:
     from rayft.training.rollout import sample_seed
 
-    return sample_seed(seed, step, int(np.asarray(row["row_id"]).ravel()[0]), j)
+    return sample_seed(seed, step, int(np.asarray(row["sample_key"]).ravel()[0]), j)
 
 
 def _items(rows: list[dict], comps) -> list[dict]:

@@ -22,6 +22,7 @@ from rayft.training.grpo import Grpo
 from rayft.training.model_setup import build_engine, build_model
 from rayft.training.objectives import Objective, Sft, StepContext, all_ranks_have, micro_batches
 from rayft.training.preference import Dpo
+from rayft.training.rollout import sample_seed
 from rayft.training.step_metrics import (
     MetricsLog,
     NullLog,
@@ -94,6 +95,9 @@ def train_loop(config: dict[str, Any]) -> None:
             wait_s = time.perf_counter() - t_wait
             if not all_ranks_have(len(group) == cfg.grad_accum, device):
                 break  # some rank cannot fill another optimizer step: the epoch ends for everyone together
+            # Dropout draws from torch's generator: seeded per step and rank, so a run resumed at a checkpoint
+            # drops what the uninterrupted run dropped (a generator's state carried from step 1 is not saved).
+            torch.manual_seed(sample_seed(t.seed, step + 1, rank))
             outcome = objective.step(ctx, group, step + 1)
             for rows, row_ids in group:
                 consumed.update(row_ids)

@@ -12,9 +12,10 @@ whole rollout (deepspeed.zero.GatheredParameters: a full copy per rank while it 
 decodes alone.
 
 Sampling is reproducible: completion j of the prompt of row r at step s draws from a generator seeded by
-(training.seed, s, r, j), so a resumed run draws the same random numbers as the uninterrupted one for the same
-prompts, on any number of ranks, with no generator state to save. (A batch of other prompts rounds the logits
-differently, so the samples agree only where the micro-batches do.)
+(training.seed, s, r's sample key, j), the key being the row's file name, line and copy (rayft.training.data
+sample_key, without the directories), so a resumed run draws the same random numbers as the uninterrupted one for
+the same prompts, on any number of ranks and from any checkout, with no generator state to save. (A batch of
+other prompts rounds the logits differently, so the samples agree only where the micro-batches do.)
 """
 
 from __future__ import annotations
