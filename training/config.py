@@ -200,6 +200,47 @@ class RewardFunction(Section):
         return self
 
 
+class ScoreModelConfig(Section):
+    base_url: str = Field(
+        description="An OpenAI-compatible chat-completions server that serves score_model graders' models (e.g. "
+        "http://127.0.0.1:8000/v1 for `rayft serve`, a vLLM server, https://api.openai.com/v1); each grader's "
+        "`model` is the model name sent to it."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of the environment variable that holds the server's API key, read where the grading tasks "
+        "run (the key itself never goes in a job file); unset = no key.",
+    )
+    structured_output: bool = Field(
+        default=True,
+        description="Ask for OpenAI's score format as a JSON schema (response_format); off for servers that lack "
+        "structured output (the score is then read from the reply's text).",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Seconds a request to the server may take.")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> ScoreModelConfig:
+        if not re.match(r"^https?://[^/\s]+", self.base_url):
+            raise ValueError(f"base_url {self.base_url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ValueError(
+                f"api_key_env {self.api_key_env!r} is not an environment variable's name: name the variable that "
+                "holds the key (e.g. JUDGE_API_KEY), not the key"
+            )
+        return self
+
+
+def grader_types(spec: Any) -> set[str]:
+    """Every grader type in an OpenAI grader object, a multi grader's graders included."""
+    if not isinstance(spec, dict):
+        return set()
+    out = {str(spec.get("type"))}
+    graders = spec.get("graders")
+    for sub in graders.values() if isinstance(graders, dict) else []:
+        out |= grader_types(sub)
+    return out
+
+
 class RlConfig(Section):
     grader: dict[str, Any] | None = Field(
         default=None,
@@ -257,6 +298,11 @@ class RlConfig(Section):
     grader_cpus: float = Field(
         default=0.1, ge=0, description="Logical CPUs each grading Ray task reserves (tasks run beside the workers)."
     )
+    score_model: ScoreModelConfig | None = Field(
+        default=None,
+        description="Where score_model graders reach their models: an OpenAI-compatible server (needed by a grader "
+        "with a score_model in it).",
+    )
 
     @model_validator(mode="after")
     def _check_reward(self) -> RlConfig:
@@ -274,6 +320,17 @@ class RlConfig(Section):
                 parse_grader(self.grader, where="grader")
             except GraderError as e:
                 raise ValueError(str(e)) from None
+        judged = "score_model" in grader_types(self.grader)
+        if judged and self.score_model is None:
+            raise ValueError(
+                "the grader has a score_model grader, whose model must be reached: set "
+                "training.rl.score_model.base_url to an OpenAI-compatible server that serves it (rayft serve, vLLM, "
+                "OpenAI), and api_key_env to the environment variable holding its key if it needs one"
+            )
+        if self.score_model is not None and not judged:
+            raise ValueError(
+                "training.rl.score_model applies to a grader with a score_model grader in it; there is none"
+            )
         return self
 
 

@@ -85,9 +85,9 @@ _GRADERS: dict[str, Any] = {}  # this process's parsed graders, by spec
 def _grade(cfg: RlConfig, completions: list[str], items: list[dict]) -> Scores:
     from rayft.training.graders import grade_batch, parse_grader
 
-    key = json.dumps(cfg.grader, sort_keys=True)
+    key = json.dumps([cfg.grader, cfg.score_model.model_dump() if cfg.score_model else None], sort_keys=True)
     if key not in _GRADERS:
-        _GRADERS[key] = parse_grader(cfg.grader or {})
+        _GRADERS[key] = parse_grader(cfg.grader or {}, score_model_client=_score_model_client(cfg))
     results = grade_batch(
         _GRADERS[key], completions, items, timeout_s=cfg.grader_timeout_s, failure_score=cfg.failure_reward
     )
@@ -96,6 +96,25 @@ def _grade(cfg: RlConfig, completions: list[str], items: list[dict]) -> Scores:
     parts = {n: np.array([r.sub_scores.get(n, math.nan) for r in results], dtype=np.float64) for n in names}
     failures = sum(1 for r in results if not r.ok)
     return Scores(rewards, parts, failures)
+
+
+def _score_model_client(cfg: RlConfig):
+    """The client score_model graders reach their models with (training.rl.score_model), its key read from this
+    process's environment; None without one."""
+    from rayft.training.graders import openai_compatible_client
+
+    sm = cfg.score_model
+    if sm is None:
+        return None
+    key = "EMPTY"  # what OpenAI's client sends to a server that wants no key
+    if sm.api_key_env:
+        key = os.environ.get(sm.api_key_env, "")
+        if not key:
+            raise RuntimeError(
+                f"training.rl.score_model.api_key_env: the environment variable {sm.api_key_env} is not set where the "
+                "grading tasks run (set it in the shell that starts rayft, or in the cluster's runtime environment)"
+            )
+    return openai_compatible_client(sm.base_url, key, timeout_s=sm.timeout_s, structured_output=sm.structured_output)
 
 
 def _call_functions(
@@ -134,7 +153,14 @@ def _call_functions(
 
 def reward_sources(rl: RlConfig) -> dict[str, str]:
     """The source of every FILE.py reward function of the config, read here (the driver, where the job file's paths
-    hold), so workers and grading tasks on any node run the same code without the file."""
+    hold), so workers and grading tasks on any node run the same code without the file. Also checks here, before
+    any training, that a score_model grader's key is in the environment (grading tasks inherit the driver's)."""
+    sm = rl.score_model
+    if sm is not None and sm.api_key_env and not os.environ.get(sm.api_key_env):
+        raise ValueError(
+            f"training.rl.score_model.api_key_env names {sm.api_key_env}, which is not set: export it (the score "
+            "model server's API key) in the shell that runs rayft, or in the cluster's runtime environment"
+        )
     out = {}
     for rf in rl.reward:
         where = rf.function.rpartition(":")[0]

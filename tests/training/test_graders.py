@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -518,10 +519,12 @@ class _ChatServer(BaseHTTPRequestHandler):
     """Answers /v1/chat/completions with the mark its prompt carries ("mark: 0.7"), or with no number."""
 
     requests: list[dict] = []
+    keys: list[str | None] = []  # each request's Authorization header
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
+        type(self).keys.append(self.headers.get("Authorization"))
         prompt = body["messages"][-1]["content"]
         if "mark:" in prompt:
             mark = prompt.split("mark:")[1].split()[0]
@@ -550,7 +553,7 @@ class _ChatServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def chat_server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    _ChatServer.requests = []
+    _ChatServer.requests, _ChatServer.keys = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -678,3 +681,50 @@ def test_run_grader_body_has_every_openai_field_and_validates():
     assert math.isfinite(body["metadata"]["execution_time"]) and body["metadata"]["execution_time"] >= 0
     with pytest.raises(GraderError):
         run_grader({"type": "string_check", "name": "x"}, "Paris")
+
+
+def test_a_job_files_score_model_grader_reaches_its_server_with_the_key_from_the_environment(chat_server, monkeypatch):
+    from rayft.training.config import RlConfig
+    from rayft.training.rewards import reward_sources, score_batch
+
+    base_url, requests = chat_server
+    rl = RlConfig.model_validate({"grader": judge(), "score_model": {"base_url": base_url, "api_key_env": "JUDGE_KEY"}})
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    with pytest.raises(ValueError, match="names JUDGE_KEY, which is not set: export it"):
+        reward_sources(rl)  # the driver refuses before any training
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-123")
+    assert reward_sources(rl) == {}
+    items = [{"answer": "Paris", "mark": 0.9}, {"answer": "Paris", "mark": 0.2}]
+    scores = score_batch(rl.model_dump(), ["Paris", "Rome"], [[1], [2]], items, {})
+    assert scores.rewards.tolist() == pytest.approx([0.9, 0.2]) and scores.failures == 0
+    assert _ChatServer.keys == ["Bearer sk-test-123"] * 2 and {r["model"] for r in requests} == {"judge-model"}
+    assert "sk-test-123" not in json.dumps(rl.model_dump())  # the key never enters the config (or the run's job.yaml)
+
+
+@pytest.mark.parametrize(
+    ("rl", "words"),
+    [
+        ({"grader": judge()}, "set training.rl.score_model.base_url"),
+        (
+            {"grader": {"type": "multi", "name": "m", "graders": {"j": judge()}, "calculate_output": "j"}},
+            "score_model.base_url",
+        ),
+        ({"grader": judge(), "score_model": {"base_url": "127.0.0.1:8000"}}, "is not an http(s) URL"),
+        (
+            {"grader": judge(), "score_model": {"base_url": "http://x/v1", "api_key_env": "sk-live-abc"}},
+            "not an environment variable's name",
+        ),
+        (
+            {
+                "grader": {"type": "string_check", "name": "s", "input": "a", "reference": "a", "operation": "eq"},
+                "score_model": {"base_url": "http://x/v1"},
+            },
+            "applies to a grader with a score_model grader in it",
+        ),
+    ],
+)
+def test_score_model_settings_errors(rl, words):
+    from rayft.training.config import RlConfig
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RlConfig.model_validate(rl)
