@@ -147,6 +147,32 @@ def tiny_llama(
     return out
 
 
+def liked_words_grader(model_dir: Path, tokenizer, words: int = 2000) -> dict:
+    """An OpenAI python grader that a sharp tiny model (tiny_llama(sharp=True)) can learn to please: the share of
+    an answer's words among the `words` whole-word tokens (a space, then lower-case letters) whose embeddings lie
+    furthest along one direction, so one change of the hidden state raises them all. A random model's answers
+    score about 0.04; its greedy answer usually 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    emb = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight.detach()
+    by_id = {}
+    for token in range(len(tokenizer)):
+        text = tokenizer.decode([token])
+        if len(text) >= 3 and text[0] == " " and text[1:].isalpha() and text[1:].islower():
+            by_id[token] = text[1:]
+    ids = torch.tensor(sorted(by_id))
+    direction = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    top = ids[torch.topk(emb[ids] @ direction, words).indices].tolist()
+    source = (
+        f"LIKED = set({sorted({by_id[t] for t in top})!r})\n\n\n"
+        "def grade(sample, item):\n"
+        "    words = sample['output_text'].split()\n"
+        "    return sum(w in LIKED for w in words) / max(len(words), 1)\n"
+    )
+    return {"type": "python", "name": "liked", "source": source}
+
+
 def make_adapters(base_dir: Path, root: Path, names: list[str]) -> dict:
     """LoRA adapters over a model with random (non-zero) weights, saved under root/NAME; their merged models."""
     import torch

@@ -18,6 +18,7 @@ from helpers import (
     QUESTION,
     answer,
     chat,
+    liked_words_grader,
     serve_deploy,
     tiny_llama,
     wait_for_job,
@@ -73,6 +74,7 @@ def ft_spec(smol_tokenizer, tmp_path_factory, store):
             "max_active_jobs_per_key": 1,
             "max_epochs": 50,
             "poll_interval_s": 0.5,
+            "python_graders": True,  # the reinforcement job's grader (the operator's choice; off by default)
         },
     )
     return build_spec(str(model), cfg, api_keys=[USER, OTHER])
@@ -293,16 +295,19 @@ def test_a_dpo_job_trains_on_preference_pairs_and_refuses_supervised_rows(endpoi
     assert job.status == "failed" and "pairs.jsonl:1: a preference pair" in job.error.message
 
 
-def test_a_reinforcement_job_trains_on_prompts_with_its_grader_and_refuses_conversations(endpoint, tmp_path):
-    """GRPO through the API: 8 prompts, 4 per step, 2 epochs (4 steps), a fuzzy_match grader (every answer scores
-    something, so each group has a spread to learn from), held-out prompts evaluated after the last step."""
-    rows = [{"messages": [{"role": "user", "content": QUESTION}], "answer": ANSWER}] * 8
+def test_a_reinforcement_job_raises_its_graders_reward_and_the_served_model_scores_higher(
+    endpoint, ft_spec, smol_tokenizer, tmp_path
+):
+    """GRPO through the official client: 8 prompts, 4 per step, 6 epochs (12 steps), a python grader the endpoint's
+    sharp tiny model can learn to please (helpers.liked_words_grader), held-out prompts evaluated every 4 steps.
+    Step events carry the reward; then the served ft: model's greedy answers to the held-out prompts, graded by the
+    API's own grader route, score above the base model's."""
+    grader = liked_words_grader(Path(ft_spec.model_path), smol_tokenizer)
+    rows = [{"messages": [{"role": "user", "content": f"Say something about topic {i}."}]} for i in range(8)]
     prompts = upload(endpoint, OTHER, write_jsonl(tmp_path / "prompts.jsonl", rows))
     held_out = upload(endpoint, OTHER, write_jsonl(tmp_path / "held_out.jsonl", rows[:4]))
-    grader = {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
-              "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}  # fmt: skip
-    method = {"type": "reinforcement",
-              "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}}  # fmt: skip
+    hp = {"n_epochs": 6, "batch_size": 4, "eval_interval": 4}
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}}
     c = client(endpoint, OTHER)
     job = c.fine_tuning.jobs.create(model="tiny", training_file=prompts.id, validation_file=held_out.id, method=method)
     assert job.method.type == "reinforcement" and job.method.reinforcement.hyperparameters.batch_size == 4
@@ -310,18 +315,32 @@ def test_a_reinforcement_job_trains_on_prompts_with_its_grader_and_refuses_conve
     assert done.status == "succeeded", done.error
     events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))
     steps = sorted((e for e in events if e.type == "metrics" and "train_loss" in e.data), key=lambda e: e.data["step"])
-    assert [e.data["step"] for e in steps] == [1, 2, 3, 4]
-    assert all(0 < e.data["reward"] <= 1 and "reward=" in e.message for e in steps)
+    assert [e.data["step"] for e in steps] == list(range(1, 13))
+    assert all(0 <= e.data["reward"] <= 1 and "reward=" in e.message for e in steps)
+    # the held-out reward of greedy answers (eval_samples auto: 1) at steps 4 and 8 in their step's event, and after
+    # the last step in one of its own
+    assert [e.data["step"] for e in steps if "eval_reward" in e.data] == [4, 8]
+    assert "validation reward=" in steps[3].message
     held = [e for e in events if e.type == "metrics" and "train_loss" not in e.data]
-    # the held-out reward of greedy answers (eval_samples auto: 1), after the last step
-    assert [e.data["step"] for e in held] == [4] and 0 <= held[0].data["eval_reward"] <= 1
-    assert held[0].message.startswith("Step 4/4: validation reward=")
-    assert c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": QUESTION}])
+    assert [e.data["step"] for e in held] == [12] and held[0].message.startswith("Step 12/12: validation reward=")
+
+    def served_reward(model: str) -> float:
+        """The mean grade of `model`'s greedy answers (as long as training's samples) to the held-out prompts."""
+        grades = []
+        for row in rows[:4]:
+            reply = c.chat.completions.create(model=model, messages=row["messages"], max_tokens=8, temperature=0)
+            text = reply.choices[0].message.content or ""
+            grades.append(c.fine_tuning.alpha.graders.run(grader=grader, model_sample=text, item=row).reward)
+        return sum(grades) / len(grades)
+
+    base, tuned = served_reward("tiny"), served_reward(done.fine_tuned_model)
+    assert tuned >= base + 0.5, (base, tuned)
+    assert held[0].data["eval_reward"] >= 0.5  # the job's own held-out figure agrees
 
     sft = upload(endpoint, OTHER, write_jsonl(tmp_path / "sft.jsonl", [chat(QUESTION, ANSWER)] * 8))
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=sft.id, method=method)
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=sft.id, validation_file=held_out.id, method=method)
     job = wait_for_job(endpoint, OTHER, job.id, timeout=60)
-    assert job.status == "failed" and job.error.code == "invalid_file"
+    assert job.status == "failed" and job.error.code == "invalid_file"  # conversations are not prompt rows
     assert "sft.jsonl:1: a supervised conversation (it ends with the assistant's answer), not a prompt row" in (
         job.error.message
     )

@@ -67,15 +67,19 @@ def step_records(records: list[dict]) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, sharp_model_dir):
-    """ZeRO-2, LoRA: 24 steps of 16 completions. The reward of the sampled completions rises and the held-out
-    greedy reward ends above where it started; every metric the peers log is there, on every step."""
+@pytest.mark.parametrize(
+    "zero_stage", [2, pytest.param(3, marks=pytest.mark.cluster)]
+)  # ZeRO-3: the rollout gathers the weights
+def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, sharp_model_dir, zero_stage):
+    """LoRA, 24 steps of 16 completions. The reward of the sampled completions rises and the held-out greedy reward
+    ends above where it started; every metric the peers log is there, on every step."""
     from rayft.cluster.config import load_config
     from rayft.training.run_dir import RunDir
     from rayft.training.trainer import read_metrics, run_training
 
     liked_tokens_file(tmp_path / "rewards.py", sharp_model_dir)
-    job = load_config(grpo_job(tmp_path, sharp_model_dir, {"reward": ["rewards.py:liked"]}, max_steps=24))
+    rl = {"reward": ["rewards.py:liked"]}
+    job = load_config(grpo_job(tmp_path, sharp_model_dir, rl, max_steps=24, zero_stage=zero_stage))
     job.training.eval_every_steps = 1000  # only the final eval: the first one below is the base's, by hand
     result = run_training(job)
     assert result.steps == 24
