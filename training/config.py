@@ -283,6 +283,13 @@ class RlConfig(Section):
         description="How token losses add up: grpo = mean per completion, then over completions; dr_grpo = sum over "
         "tokens / (completions x max_new_tokens); dapo = mean over every completion token of the step.",
     )
+    resample_flat_groups: int = Field(
+        default=0,
+        ge=0,
+        description="A group whose rewards are all equal carries no signal: sample it again with fresh seeds up to "
+        "this many times, keeping its first draw with a spread (a form of DAPO's dynamic sampling that redraws the "
+        "same prompts instead of drawing new ones; counted as resampled_groups). 0 = off.",
+    )
     eval_samples: int = Field(
         default=1,
         ge=1,

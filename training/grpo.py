@@ -29,6 +29,7 @@ One optimizer step (the objective `Grpo`, stepped by rayft.training.loop like SF
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 
@@ -38,6 +39,7 @@ from rayft.training.config import LoopConfig, RlConfig
 from rayft.training.formats import IGNORE_INDEX as IGNORE
 from rayft.training.model_setup import has_trained_position_logits
 from rayft.training.objectives import StepContext, StepOutcome, eval_micro_batches
+from rayft.training.rewards import Scores
 
 # What a step sums over this rank's completions (then over ranks); MAXED are maxima over ranks.
 SUMS = (
@@ -54,6 +56,7 @@ SUMS = (
     "entropy",
     "clipped_tokens",
     "reward_failures",
+    "resampled_groups",
     "timing/generate",
     "timing/grade",
     "timing/train",
@@ -141,29 +144,16 @@ class Grpo:
         rl, engine, device, clock = self.rl, ctx.engine, ctx.device, ctx.clock
         g = rl.samples_per_prompt
         sums = dict.fromkeys(SUMS, 0.0)
-        t0 = time.perf_counter()
         # One rollout for the whole step (all micro-batches' prompts batched together, one weight gather under
-        # ZeRO-3), then split back by micro-batch: prompt-major, g completions per prompt.
+        # ZeRO-3), graded at once, then split back by micro-batch: prompt-major, g completions per prompt.
         step_rows = [r for rows, _ in group for r in rows]
-        seeds = [[_seed(self.seed, step, r, j) for j in range(g)] for r in step_rows]
-        prompts = [np.asarray(r["input_ids"]).tolist() for r in step_rows]
-        comps = self.rollouts.sample(
-            prompts, n=g, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p, seeds=seeds
-        )
+        all_comps, scores = self._rollout(step_rows, step, sums)
         micro = []  # per micro-batch: (rows, completions), each completion's prompt index local to its micro-batch
         first = 0
         for rows, _ in group:
-            mine = comps[first * g : (first + len(rows)) * g]
+            mine = all_comps[first * g : (first + len(rows)) * g]
             micro.append((rows, [dataclasses.replace(c, prompt=c.prompt - first) for c in mine]))
             first += len(rows)
-        sums["timing/sync"] = self.rollouts.sync_s
-        sums["timing/generate"] = time.perf_counter() - t0 - self.rollouts.sync_s
-
-        t1 = time.perf_counter()
-        all_comps = [c for _, comps in micro for c in comps]
-        items = [item for rows, comps in micro for item in _items(rows, comps)]
-        scores = self.rewarder.score([c.text for c in all_comps], [c.token_ids for c in all_comps], items)
-        sums["timing/grade"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         rewards = scores.rewards.reshape(-1, g)
@@ -232,6 +222,57 @@ class Grpo:
         maxima = [float(max(lengths, default=0))]
         return StepOutcome(loss_sum=loss_sum, loss_count=1, sums=[*sums.values(), *part_sums, *maxima])
 
+    def _rollout(self, rows: list[dict], step: int, sums: dict) -> tuple[list, Scores]:
+        """g completions of each row's prompt, graded (prompt-major). With rl.resample_flat_groups, a group whose
+        rewards are all equal (no signal) is sampled again with fresh seeds, up to that many times, and its first
+        draw with a spread replaces it. Times and redraws are added to `sums`."""
+        g = self.rl.samples_per_prompt
+        prompts = [np.asarray(r["input_ids"]).tolist() for r in rows]
+        items = [json.loads(str(r["item"])) for r in rows]
+        comps, scores = self._sample_and_grade(rows, prompts, items, list(range(len(rows))), step, 0, sums)
+        rewards = scores.rewards.reshape(-1, g).copy()
+        parts = {p: v.reshape(-1, g).copy() for p, v in scores.parts.items()}
+        failures = scores.failures
+        for draw in range(1, self.rl.resample_flat_groups + 1):
+            flat = [i for i in range(len(rows)) if rewards[i].max() == rewards[i].min()]
+            if not flat:
+                break
+            sums["resampled_groups"] += len(flat)
+            again, more = self._sample_and_grade(rows, prompts, items, flat, step, draw, sums)
+            failures += more.failures
+            redrawn = more.rewards.reshape(-1, g)
+            for k, i in enumerate(flat):
+                if redrawn[k].max() > redrawn[k].min():
+                    comps[i * g : (i + 1) * g] = again[k * g : (k + 1) * g]
+                    rewards[i] = redrawn[k]
+                    for p in parts:
+                        parts[p][i] = more.parts[p].reshape(-1, g)[k]
+        return comps, Scores(rewards.reshape(-1), {p: v.reshape(-1) for p, v in parts.items()}, failures)
+
+    def _sample_and_grade(self, rows, prompts, items, which: list[int], step: int, draw: int, sums: dict):
+        """g completions of the prompts of rows[which] (their draw-th set of seeds) and their scores; each
+        completion's `prompt` is its row's index in `rows`."""
+        rl, g = self.rl, self.rl.samples_per_prompt
+        t0 = time.perf_counter()
+        seeds = [[_seed(self.seed, step, rows[i], draw * g + j) for j in range(g)] for i in which]
+        comps = self.rollouts.sample(
+            [prompts[i] for i in which],
+            n=g,
+            max_new_tokens=rl.max_new_tokens,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            seeds=seeds,
+        )
+        comps = [dataclasses.replace(c, prompt=which[c.prompt]) for c in comps]
+        sums["timing/sync"] += self.rollouts.sync_s
+        sums["timing/generate"] += time.perf_counter() - t0 - self.rollouts.sync_s
+        t1 = time.perf_counter()
+        scores = self.rewarder.score(
+            [c.text for c in comps], [c.token_ids for c in comps], [items[c.prompt] for c in comps]
+        )
+        sums["timing/grade"] += time.perf_counter() - t1
+        return comps, scores
+
     def _reference(self, ctx: StepContext, batch: dict):
         """Token log-probs of a completion_batch under the reference: the model with its adapter switched off."""
         import torch
@@ -269,6 +310,7 @@ class Grpo:
             "entropy": s["entropy"] / tokens,
             "clip_ratio": s["clipped_tokens"] / tokens,
             "reward_failures": int(s["reward_failures"]),
+            "resampled_groups": int(s["resampled_groups"]),
             **{k: s[k] / world for k in SUMS if k.startswith("timing/")},
         }
         out |= {f"reward/{p}": s[p] / n for p in self.parts}

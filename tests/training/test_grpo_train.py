@@ -101,6 +101,35 @@ def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, 
     assert RunDir(job.run_dir).adapter() is not None  # the adapter exports like any other
 
 
+@pytest.mark.slow
+def test_flat_groups_are_sampled_again_until_they_have_a_spread(ray_local, tmp_path, sharp_model_dir):
+    """A reward that is 1 only when the first token is a liked one (about 1 in 12): most groups of 4 score all 0,
+    no signal. With training.rl.resample_flat_groups those groups are drawn again (fresh seeds) and replaced by a
+    draw with a spread: step 1 starts from the same weights and the same first draw in both runs, so the second
+    has exactly the first's flat groups redrawn, and fewer left flat."""
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    runs = {}
+    for resample in (0, 3):
+        d = tmp_path / f"resample-{resample}"
+        d.mkdir()
+        liked_tokens_file(d / "rewards.py", sharp_model_dir)
+        with open(d / "rewards.py", "a") as f:
+            f.write("\n\ndef first_liked(completions, completion_ids, **fields):\n")
+            f.write("    return [float(bool(ids) and ids[0] in LIKED) for ids in completion_ids]\n")
+        rl = {"reward": ["rewards.py:first_liked"], "resample_flat_groups": resample}
+        job = load_config(grpo_job(d, sharp_model_dir, rl, max_steps=1, eval_at_end=False))
+        run_training(job)
+        runs[resample] = step_records(read_metrics(job.run_dir))[1]
+    plain, redrawn = runs[0], runs[3]
+    flat_before = round(plain["zero_std_groups"] * 4)
+    assert plain["resampled_groups"] == 0 and flat_before >= 2  # most groups of 4 have no spread
+    assert redrawn["resampled_groups"] >= flat_before  # the first redraw is of exactly those groups
+    assert redrawn["zero_std_groups"] < plain["zero_std_groups"] and redrawn["completions"] == 16
+    assert redrawn["reward_std"] > plain["reward_std"]
+
+
 @pytest.mark.cluster  # a whole run for what test_grpo.py checks of the grading task alone
 @pytest.mark.slow
 def test_a_grader_that_raises_or_hangs_costs_rewards_not_the_run(ray_local, tmp_path, tiny_model_dir):
