@@ -24,7 +24,11 @@ Measured, in this order, each in the same run:
    trained positions, so it does less work than 6 x N counts; the "hardware" MFU column counts the head
    only where it ran. Peak GPU memory is the largest of the trainer's own reading
    (torch.cuda.max_memory_allocated) and nvidia-smi's, polled every 0.5 s.
-3. Serving: `rayft serve`'s app (transformers engine, dynamic batching up to 32) on the GPU with the
+3. GRPO (`training.objective: grpo`, LoRA, ZeRO-2) on the same model: each step samples 8 completions of up to
+   64 tokens for each of 8 prompts with rayft's batching engine on the live policy on the GPU (the GPU rollout
+   path), grades them in a Ray task (a string_check grader) and trains on them; completions/s and the step's
+   split into generate / grade / train / weight-gather seconds. No target: the first GPU figures of the path.
+4. Serving: `rayft serve`'s app (transformers engine, dynamic batching up to 32) on the GPU with the
    same model, streamed chat requests with 1 client and with 32 concurrent clients; completion
    tokens/s of each and their ratio (the batching gain).
 
@@ -343,6 +347,88 @@ def train(method: str, model_dir: Path, data: Path, size: Size, work: Path, use_
 
 
 PHASES_WITH_WAIT = ("data_wait_s", "forward_s", "backward_s", "grad_sync_s", "optimizer_s")
+GRPO_TIMING = ("timing/generate", "timing/grade", "timing/train", "timing/sync")
+
+
+def train_grpo(model_dir: Path, data: Path, size: Size, work: Path, use_gpu: bool) -> dict:
+    """One `rayft train` GRPO run (LoRA, ZeRO-2, 1 worker) on the prompts of the generated chat rows; returns its
+    timed steps' figures. Rollouts run on the device the worker trains on: on a GPU run, the GPU rollout path."""
+    import yaml
+
+    from rayft.cluster.config import load_config
+    from rayft.training.trainer import read_metrics, run_training
+
+    prompts, samples, new_tokens, steps, warmup = (8, 8, 64, 8, 2) if use_gpu else (2, 4, 8, 3, 1)
+    rows = []
+    for line in data.read_text(encoding="utf-8").splitlines()[: prompts * steps]:
+        question = json.loads(line)["messages"][0]
+        rows.append({"messages": [question], "topic": question["content"].split()[0]})
+    prompt_file = work / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    grader = {
+        "type": "string_check",
+        "name": "mentions_the",
+        "input": "{{sample.output_text}}",
+        "reference": "the",
+        "operation": "like",  # the answer contains "the": some samples do, some do not
+    }
+    job = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(prompt_file), "max_seq_len": size.seq_len, "shuffle": False},
+        "training": {
+            "objective": "grpo",
+            "method": "lora",
+            "zero_stage": 2,
+            "micro_batch_size": prompts,
+            "global_batch_size": prompts,
+            "max_steps": steps,
+            "lr": 2e-4,
+            "warmup_ratio": 0.0,
+            "eval_at_end": False,
+            "rl": {
+                "samples_per_prompt": samples,
+                "max_new_tokens": new_tokens,
+                "grader": grader,
+            },
+        },
+        "scaling": {"num_workers": 1, "use_gpu": use_gpu, "cpus_per_worker": 1},
+        "run": {"name": "gpu-check-grpo", "storage_path": str(work / "runs")},
+        "export": {"merge": False},
+    }
+    path = work / "grpo.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    cfg = load_config(path)
+
+    def progress(event: dict) -> None:
+        if "reward" in event and "completions_per_s" in event:
+            log(
+                f"  grpo step {event['step']}/{steps}: {event['step_time_s']:.3f}s, "
+                f"{event['completions_per_s']:.1f} completions/s, reward {event['reward']:.3f}"
+            )
+
+    log(f"rayft train, grpo: {steps} steps of {prompts} prompts x {samples} completions of <= {new_tokens} tokens")
+    t0 = time.perf_counter()
+    with MemoryPoll() as mem:
+        run_training(cfg, restart=True, on_event=progress)
+    wall = time.perf_counter() - t0
+    records = [r for r in read_metrics(cfg.run_dir) if "reward" in r and "loss" in r and not r.get("final")]
+    timed = [r for r in records if r["step"] > warmup]
+    if not timed:
+        raise RuntimeError(f"grpo: no timed steps in {cfg.run_dir}/metrics.jsonl")
+    seconds = sum(r["step_time_s"] for r in timed)
+    shutil.copy(os.path.join(cfg.run_dir, "metrics.jsonl"), work.parent / "metrics-grpo.jsonl")
+    return {
+        "steps": len(timed),
+        "completions_per_s": sum(r["completions"] for r in timed) / seconds,
+        "tokens_per_s": sum(r["nonpad_tokens"] for r in timed) / seconds,
+        "completion_length": sum(r["completion_length"] for r in timed) / len(timed),
+        "step_s": seconds / len(timed),
+        "split": {k: sum(r.get(k, 0.0) for r in timed) / len(timed) for k in GRPO_TIMING},
+        "peak_mem_gib": max(max((r.get("gpu_mem_peak_gib") or 0.0) for r in timed), mem.peak_mib / 1024),
+        "reward": (records[0]["reward"], records[-1]["reward"]),
+        "shape": (prompts, samples, new_tokens),
+        "wall_s": wall,
+    }
 
 
 def model_flops(size: Size, params: int, mean_len: float, trained_share: float) -> tuple[float, float]:
@@ -413,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, help="also record the figures in this RESULTS.md (Summary + a section)")
     p.add_argument("--steps", type=int, help="optimizer steps per training run (default 20; dry run 6)")
     p.add_argument("--keep-work", action="store_true", help="keep the generated model and the runs in <out>/work")
-    p.add_argument("--skip", nargs="+", default=[], choices=("full", "lora", "serve"), help="parts to leave out")
+    p.add_argument(
+        "--skip", nargs="+", default=[], choices=("full", "lora", "grpo", "serve"), help="parts to leave out"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -449,10 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     connect(num_cpus=max(4, os.cpu_count() or 1))
     runs: dict[str, dict] = {}
     serving: dict | None = None
+    grpo: dict | None = None
     try:
         for method in ("full", "lora"):
             if method not in args.skip:
                 runs[method] = train(method, model_dir, data, size, work, use_gpu)
+        if "grpo" not in args.skip:
+            grpo = train_grpo(model_dir, data, size, work, use_gpu)
         if "serve" not in args.skip:
             serving = serve(model_dir, size, use_gpu)
     finally:
@@ -464,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("model", "runs"):
                 shutil.rmtree(work / name, ignore_errors=True)
 
-    rows, ratios, summary = report(info, size, params, mean_len, peak, runs, serving, use_gpu)
+    rows, ratios, summary = report(info, size, params, mean_len, peak, runs, serving, use_gpu, grpo)
     elapsed = time.perf_counter() - started
     text = render(info, size, params, examples, mean_len, peak, rows, ratios, elapsed, args.dry_run)
     (out / "summary.md").write_text(text)
@@ -476,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(info, size, params, mean_len, peak, runs, serving, use_gpu):
+def report(info, size, params, mean_len, peak, runs, serving, use_gpu, grpo=None):
     from data_pipeline import verdict
 
     rows, ratios, summary = [], [], []
@@ -519,6 +610,31 @@ def report(info, size, params, mean_len, peak, runs, serving, use_gpu):
                 f"{runs['lora']['tokens_per_s']:,.0f} vs {runs['full']['tokens_per_s']:,.0f} tokens/s",
                 f"{gain:.2f}x",
                 f">= {TARGET_LORA_VS_FULL}x, {verdict(ok)}",
+            )
+        )
+    if grpo:
+        prompts, samples, new_tokens = grpo["shape"]
+        split = grpo["split"]
+        rows.append(
+            (
+                "rayft train, grpo LoRA (rollouts on the " + ("GPU)" if use_gpu else "CPU)"),
+                f"{grpo['tokens_per_s']:,.0f}",
+                "",
+                "",
+                f"{grpo['step_s']:.3f}",
+                "generate / grade / train / sync " + " / ".join(f"{split[k]:.3f}" for k in GRPO_TIMING),
+                f"{grpo['peak_mem_gib']:.1f}" if grpo["peak_mem_gib"] else "n/a",
+                f"reward {grpo['reward'][0]:.2f} -> {grpo['reward'][1]:.2f}",
+            )
+        )
+        ratios.append(("GRPO completions/s", f"{grpo['completions_per_s']:,.1f}", "(info)", ""))
+        summary.append(
+            (
+                "GRPO rollouts + training, LoRA, 1 GPU",
+                f"{grpo['completions_per_s']:,.1f} completions/s ({prompts} prompts x {samples}, <= {new_tokens} "
+                f"tokens, mean {grpo['completion_length']:.0f})",
+                "-",
+                "(info)",
             )
         )
     if serving:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of rayft on one machine with a single H100 or H200, offline, in at most 8 minutes:
 # peak bf16 matmul, `rayft train` ZeRO-2 full finetune and LoRA of a 1.1B Llama (tokens/s, MFU, peak memory),
-# and `rayft serve` tokens/s at 1 and 32 clients. See bench/gpu_check.py for what is measured and how.
+# GRPO (rollouts on the GPU, grading, LoRA training: completions/s), and `rayft serve` tokens/s at 1 and 32 clients. See bench/gpu_check.py for what is measured and how.
 #
 #   bench/gpu_check.sh [--bundle DIR] [--dry-run] [--out DIR] [--results FILE] [--steps N]
 #

@@ -1,5 +1,5 @@
-"""bench/gpu_check.sh --dry-run: the GPU check's whole path (matmul peak, `rayft train` full and LoRA,
-`rayft serve` at 1 and 32 clients, the report) run on CPU with tiny sizes, as a user would start it."""
+"""bench/gpu_check.sh --dry-run: the GPU check's whole path (matmul peak, `rayft train` full and LoRA, GRPO with
+its rollouts, `rayft serve` at 1 and 32 clients, the report) run on CPU with tiny sizes, as a user would start it."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ def test_gpu_check_dry_run_measures_every_part_and_records_them_as_pending(tmp_p
         assert float(cells[1].replace(",", "")) > 0  # tokens/s
         assert 0 < float(cells[2].rstrip("%")) < 100  # MFU against the CPU matmul peak measured in the same run
         assert len([float(x) for x in cells[5].split(" / ")]) == 5  # data wait / forward / backward / sync / optim
+    grpo = [c.strip() for c in table["rayft train, grpo LoRA (rollouts on the CPU)"].strip("|").split("|")]
+    assert float(grpo[1].replace(",", "")) > 0 and grpo[7].startswith("reward ")  # training tokens/s; reward
+    assert len([float(x) for x in grpo[5].removeprefix("generate / grade / train / sync ").split(" / ")]) == 4
     for run in ("serve, 1 client", "serve, 32 clients"):
         assert float(table[run].split("|")[2].replace(",", "")) > 0
     for ratio in ("full-finetune MFU", "LoRA / full tokens/s", "serving batching gain, 32 clients"):
@@ -45,6 +48,9 @@ def test_gpu_check_dry_run_measures_every_part_and_records_them_as_pending(tmp_p
 
     # Full logs: the environment, every run's metrics with the step split, and Ray's own logs.
     assert "deepspeed" in (out / "env.txt").read_text()
+    grpo_steps = [json.loads(x) for x in (out / "metrics-grpo.jsonl").read_text().splitlines()]
+    grpo_steps = [s for s in grpo_steps if "reward" in s and "loss" in s]
+    assert len(grpo_steps) == 3 and all(s["completions"] == 8 and s["timing/generate"] > 0 for s in grpo_steps)
     for method in ("full", "lora"):
         steps = [json.loads(x) for x in (out / f"metrics-{method}.jsonl").read_text().splitlines()]
         steps = [s for s in steps if "loss" in s]
@@ -55,4 +61,4 @@ def test_gpu_check_dry_run_measures_every_part_and_records_them_as_pending(tmp_p
     text = results.read_text()
     assert "## gpu_check" in text
     pending = [line for line in text.splitlines() if line.startswith("| gpu_check:")]
-    assert len(pending) == 3 and all("GPU figure pending" in line and "CPU (dry run)" in line for line in pending)
+    assert len(pending) == 4 and all("GPU figure pending" in line and "CPU (dry run)" in line for line in pending)
