@@ -335,6 +335,10 @@ def test_a_reinforcement_job_raises_its_graders_reward_and_the_served_model_scor
 
     base, tuned = served_reward("tiny"), served_reward(done.fine_tuned_model)
     assert tuned >= base + 0.5, (base, tuned)
+    ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data  # the last step's checkpoint, served by its own name
+    assert [k.step_number for k in ckpts] == [12]
+    assert ckpts[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-12"
+    assert served_reward(ckpts[0].fine_tuned_model_checkpoint) == tuned
     assert held[0].data["eval_reward"] >= 0.5  # the job's own held-out figure agrees
 
     sft = upload(endpoint, OTHER, write_jsonl(tmp_path / "sft.jsonl", [chat(QUESTION, ANSWER)] * 8))
