@@ -192,6 +192,7 @@ def test_eval_rejects_rows_it_cannot_evaluate(ray_local, tmp_path, tiny_model_di
         eval_rows(load_config(job))
 
 
+@pytest.mark.cluster  # a taught model and two evaluations (keeps make test within 15 minutes)
 @pytest.mark.slow
 def test_grpo_eval_grades_both_models_greedy_and_sampled_answers_with_the_jobs_grader(
     ray_local, tmp_path, tiny_model_dir

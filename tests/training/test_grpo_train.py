@@ -101,6 +101,7 @@ def test_two_workers_raise_the_reward_of_a_reward_function(ray_local, tmp_path, 
     assert RunDir(job.run_dir).adapter() is not None  # the adapter exports like any other
 
 
+@pytest.mark.cluster  # two training runs compared step for step (keeps make test within 15 minutes)
 @pytest.mark.slow
 def test_flat_groups_are_sampled_again_until_they_have_a_spread(ray_local, tmp_path, sharp_model_dir):
     """A reward that is 1 only when the first token is a liked one (about 1 in 12): most groups of 4 score all 0,
