@@ -77,6 +77,12 @@ class Ingress:
         self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         start = self.tokenizer.bos_token_id
         self.empty_prompt = [start if start is not None else (self.tokenizer.eos_token_id or 0)]
+        from rayft.training.formats import Renderer
+        from rayft.training.tools import tool_syntax
+
+        # Training's chat renderer, and the syntax the template teaches calls in (rayft.training.tools)
+        self.renderer = Renderer(self.tokenizer, None, specials=self.cfg.special_tokens_in_content)
+        self.tool_syntax = tool_syntax(self.tokenizer)
         self.adapters: dict[str, str] = {}  # name -> adapter dir; grows with /admin/adapters
         self.versions: dict[str, str] = {}  # name -> multiplexed id: name@digest of its path and files
         self.version_paths: dict[str, str] = {}  # multiplexed id -> adapter dir
@@ -243,30 +249,27 @@ class Ingress:
     # ---------------------------------------------------------------- completions
 
     async def chat_completions(self, body: ChatCompletionRequest, request_id: str = "-", viewer: str | None = None):
-        from rayft.training.specials import SpecialTokenInContent, encode_chat
+        from rayft.serving import chat
 
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            # The renderer training uses: special-token text in content is escaped, refused or allowed as configured,
-            # so the prompt is the tokens the model was trained on.
-            ids = encode_chat(self.tokenizer, messages, self.cfg.special_tokens_in_content)
-        except SpecialTokenInContent as e:
-            raise ApiError(
-                400, f"{e}; remove it from the message", param="messages", code="special_token_in_content"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - a template that rejects this conversation
-            raise ApiError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from None
-        return await self._complete(body, list(ids) or self.empty_prompt, True, "chat", request_id, viewer=viewer)
+        p = chat.plan(body, self.tool_syntax)
+        ids = chat.prompt_ids(self.renderer, p)
+        return await self._complete(body, ids or self.empty_prompt, True, "chat", request_id, viewer=viewer, plan=p)
 
     async def completions(self, body: CompletionRequest, request_id: str = "-", viewer: str | None = None):
+        from rayft.training.specials import encode_plain
+
         prompt = body.prompt
         assert isinstance(prompt, str)  # CompletionRequest._one_prompt takes a list's one prompt out
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        # BOS as training's prompt_completion and text rows start (specials.bos_text): one rule for both.
+        ids = encode_plain(self.tokenizer, prompt) if prompt else []
         echo = prompt if body.echo else ""
         return await self._complete(body, ids or self.empty_prompt, False, "completions", request_id, echo, viewer)
 
-    def _request(self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None) -> dict:
+    def _request(
+        self, ids: list[int], max_tokens: int, body=None, adapter: str | None = None, grammar: str | None = None
+    ) -> dict:
         return {
+            "grammar": grammar,
             "prompt_ids": ids,
             "max_tokens": max_tokens,
             "temperature": body.temperature if body else 0.0,
@@ -302,10 +305,19 @@ class Ingress:
         return min(body.wanted_tokens() or self.cfg.default_max_tokens, room)
 
     async def _complete(
-        self, body, ids: list[int], chat: bool, route: str, request_id: str, echo: str = "", viewer: str | None = None
+        self,
+        body,
+        ids: list[int],
+        chat: bool,
+        route: str,
+        request_id: str,
+        echo: str = "",
+        viewer: str | None = None,
+        plan=None,
     ):
         """`echo`: text returned before the completion (the prompt, for `echo: true`); `viewer`: whose
-        fine-tuned models the caller may use (EVERY_OWNER: every key's; None: no key's)."""
+        fine-tuned models the caller may use (EVERY_OWNER: every key's; None: no key's); `plan`: a chat request's
+        tools and grammar (rayft.serving.chat)."""
         t0 = time.perf_counter()
         status = 200
         adapter = None
@@ -315,7 +327,8 @@ class Ingress:
         try:
             adapter = await self._adapter_for(body.model, viewer)
             log["adapter"] = adapter
-            request = self._request(ids, self._budget(body, len(ids)), body, adapter)
+            grammar = plan.grammar if plan is not None else None
+            request = self._request(ids, self._budget(body, len(ids)), body, adapter, grammar)
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             model_id = body.model or self.name
             deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
@@ -329,12 +342,14 @@ class Ingress:
                 except BaseException:
                     await deltas.aclose()
                     raise
-                stream = self._stream(deltas, first, deadline, rid, model_id, chat, body.include_usage(), log, echo)
+                stream = self._stream(
+                    deltas, first, deadline, rid, model_id, chat, body.include_usage(), log, echo, plan
+                )
                 streaming = True
                 return StreamingResponse(stream, media_type="text/event-stream")
             text, finish, usage, batch = await self._collect(request, deadline)
             log["usage"] = usage
-            body_out = self._final_body(rid, model_id, chat, echo + text, finish, usage)
+            body_out = self._final_body(rid, model_id, chat, echo + text, finish, usage, plan)
             return JSONResponse(body_out, headers={"x-rayft-batch-size": str(batch)})
         except TimeoutError:
             status = 504
@@ -448,10 +463,13 @@ class Ingress:
         return "".join(parts), finish, usage, batch
 
     async def _stream(
-        self, deltas, first, deadline, rid, model_id, chat, include_usage, log, echo=""
+        self, deltas, first, deadline, rid, model_id, chat, include_usage, log, echo="", plan=None
     ) -> AsyncIterator[str]:
         """The SSE body. An error after it began arrives as a last `error` event, then `data: [DONE]`; a client
-        that leaves ends it at once (the model replica drops the request at its next step)."""
+        that leaves ends it at once (the model replica drops the request at its next step). A chat reply's text
+        goes through rayft.serving.chat.ReplyStream, which sends its tool calls as `tool_calls` deltas."""
+        from rayft.serving.chat import ReplyStream
+
         status, ttft, t0, usage = 200, None, log["t0"], log["usage"]
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -460,6 +478,11 @@ class Ingress:
 
         def head() -> dict:
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_id}
+
+        reader = ReplyStream(plan) if chat and plan is not None else None
+
+        def delta_chunk(delta: dict) -> dict:
+            return head() | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
             if chat:
@@ -480,11 +503,18 @@ class Ingress:
                         usage["completion_tokens"] = d["completion_tokens"]
                         if ttft is None and d["text"]:
                             ttft = time.perf_counter() - t0
-                        if d["text"]:
+                        if d["text"] and reader is not None:
+                            for delta in reader.feed(d["text"]):
+                                yield event(delta_chunk(delta))
+                        elif d["text"]:
                             yield event(chunk(d["text"], None))
                         if d["finish_reason"]:
                             finish = d["finish_reason"]
                         d = await anext(deltas, None)
+                if reader is not None:
+                    last, finish = reader.close(finish)
+                    for delta in last:
+                        yield event(delta_chunk(delta))
                 yield event(chunk(None, finish))
                 if include_usage:
                     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -504,9 +534,14 @@ class Ingress:
             self._account(status, ttft=ttft, **log)
 
     @staticmethod
-    def _final_body(rid, model_id, chat, text, finish, usage) -> dict:
+    def _final_body(rid, model_id, chat, text, finish, usage, plan=None) -> dict:
+        from rayft.serving.chat import reply
+
         obj = "chat.completion" if chat else "text_completion"
-        if chat:
+        if chat and plan is not None:
+            message, finish = reply(plan, text, finish)
+            choice = {"index": 0, "message": message}
+        elif chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}

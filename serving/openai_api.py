@@ -130,10 +130,25 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = Field(default="{}", description="The arguments as a JSON object (a string).")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant's calls (role assistant).")
+    tool_call_id: str | None = Field(default=None, description="The call a tool result answers (role tool).")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -141,8 +156,63 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="The arguments' JSON schema.")
+    strict: bool | None = Field(default=None, description="Accepted; a forced call is always held to its schema.")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The reply's JSON schema.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema: {name, schema}")
+        return self
+
+
 class ChatCompletionRequest(_Body):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[Tool] | None = Field(default=None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="auto (the default with tools): the model decides; none: no calls (the tools are left out of "
+        "the prompt); required, or a named function: a call is forced by constrained decoding.",
+    )
+    parallel_tool_calls: StrictBool = Field(default=True, description="false: at most one call per reply.")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="json_object or json_schema: the reply is forced to such JSON by constrained decoding.",
+    )
 
 
 class CompletionRequest(_Body):

@@ -87,10 +87,13 @@ class DataConfig(Section):
         description="Hold out this fraction of `train` for evaluation when `eval` is unset.",
     )
     hub_split: str = Field(default="train", description="Split to read when `train` or `eval` is a hub dataset.")
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "prompt"] = Field(
-        default="auto",
-        description="Row format; auto detects it from each row's keys (with training.objective grpo every row is a "
-        "prompt: messages ending in a user turn, or prompt, plus the fields its grader reads).",
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt"] = (
+        Field(
+            default="auto",
+            description="Row format; auto detects it from each row's keys (with training.objective grpo every row is a "
+            "prompt: messages ending in a user turn, or prompt, plus the fields its grader reads). messages and "
+            "sharegpt rows may carry tools and tool calls (docs/formats.md).",
+        )
     )
     template: str | None = Field(
         default=None,

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rayft.training.specials import SpecialsMode
 
 IGNORE_INDEX = -100
-FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -38,6 +38,8 @@ def detect_format(row: dict) -> str:
         return "preference"
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "prompt" in row and "completion" in row:
@@ -46,7 +48,8 @@ def detect_format(row: dict) -> str:
         return "text"
     keys = ", ".join(sorted(row)) or "none"
     raise RowError(
-        f"cannot tell the format from its keys ({keys}); expected messages, instruction+output (alpaca), "
+        f"cannot tell the format from its keys ({keys}); expected messages, conversations (sharegpt), "
+        "instruction+output (alpaca), "
         "prompt+completion, text, or a preference pair (prompt+chosen+rejected, or input+preferred_output+"
         "non_preferred_output)"
     )
@@ -70,8 +73,8 @@ def normalize(row: Any, fmt: str = "auto") -> dict:
         raise RowError(f"a row must be a JSON object (got {type(row).__name__})")
     if fmt == "auto":
         fmt = detect_format(row)
-    if fmt == "messages":
-        return {"kind": "chat", "messages": _check_messages(row)}
+    if fmt in ("messages", "sharegpt"):
+        return _chat(row, fmt)
     if fmt == "alpaca":
         instruction = _need_str(row, "instruction")
         extra = row.get("input") or ""
@@ -186,28 +189,67 @@ def _answer_messages(answer: Any, field: str) -> list[dict]:
     return [{"role": "assistant", "content": m["content"]} for m in out]
 
 
-def _check_messages(row: dict) -> list[dict]:
-    out = _message_list(row["messages"], "messages")
+def _chat(row: dict, fmt: str) -> dict:
+    """A conversation row (OpenAI's messages, or ShareGPT's conversations), with its tools and tool calls."""
+    from rayft.training.tools import ToolError, check_sequence, normalize_tools, sharegpt_messages
+
+    try:
+        tools = normalize_tools(row.get("tools"))
+        if fmt == "sharegpt":
+            raw, field = sharegpt_messages(row), "conversations"
+        else:
+            raw, field = row["messages"], "messages"
+        out = _message_list(raw, field, tools)
+        check_sequence(out, field)
+    except ToolError as e:
+        raise RowError(str(e)) from None
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("the conversation has no assistant message, so there is nothing to learn from")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
         raise RowError("every assistant message has weight 0, so there is nothing to learn from")
-    return out
+    return {"kind": "chat", "messages": out, "tools": tools} if tools else {"kind": "chat", "messages": out}
 
 
-def _message_list(messages: Any, field: str) -> list[dict]:
+def _message_list(messages: Any, field: str, tools: list[dict] | None = None) -> list[dict]:
+    """Checked messages: role and content, an assistant's `weight` and `tool_calls` (arguments as objects, each
+    naming one of `tools`), a tool result's `tool_call_id`."""
+    from rayft.training.tools import ToolError, normalize_call, tool_names
+
     if not isinstance(messages, list) or not messages:
         raise RowError(f"field {field!r} must be a non-empty list of {{role, content}} objects")
+    names = tool_names(tools or [])
     out = []
     for i, m in enumerate(messages):
-        where = f"{field}[{i}]."
         if not isinstance(m, dict):
             raise RowError(f"{field}[{i}] must be an object with role and content (got {type(m).__name__})")
+        where = f"{m['_where']}." if "_where" in m else f"{field}[{i}]."
         role = m.get("role")
         if role not in ROLES:
             raise RowError(f"{where}role is {role!r}; expected one of {', '.join(ROLES)}")
-        content = _need_str(m, "content", allow_empty=(role != "assistant"), where=where)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if m.get("tool_calls") and role != "assistant":
+            raise RowError(f"{where}tool_calls are only allowed on assistant messages")
+        if calls is not None and (not isinstance(calls, list) or not calls):
+            raise RowError(f"{where}tool_calls must be a non-empty list of calls")
+        if calls:
+            if not names:
+                raise RowError(f"{where}tool_calls: the row has no tools to call; add the row's `tools` (schemas)")
+            try:
+                calls = [normalize_call(c, names, f"{where}tool_calls[{k}]", k) for k, c in enumerate(calls)]
+            except ToolError as e:
+                raise RowError(str(e)) from None
+            content = m.get("content") or ""
+            if not isinstance(content, str):
+                raise RowError(f"{where}content must be a string or null (got {type(content).__name__})")
+        else:
+            content = _need_str(m, "content", allow_empty=(role != "assistant"), where=where)
         msg: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool" and m.get("tool_call_id") is not None:
+            if not isinstance(m["tool_call_id"], str):
+                raise RowError(f"{where}tool_call_id must be a string")
+            msg["tool_call_id"] = m["tool_call_id"]
         if "weight" in m:
             if role != "assistant":
                 raise RowError(f"{where}weight is only allowed on assistant messages")
@@ -225,7 +267,7 @@ def _extend(text: str, suffix: str) -> str:
     """`text + suffix`, keeping a specials.Rendered's escaped ranges."""
     from rayft.training.specials import Rendered
 
-    return Rendered(text + suffix, text.literal) if isinstance(text, Rendered) else text + suffix
+    return Rendered(text + suffix, text.literal, text.cuts) if isinstance(text, Rendered) else text + suffix
 
 
 ALPACA_PREAMBLE = (
@@ -246,13 +288,14 @@ class Renderer:
         specials: SpecialsMode | None = None,
     ):
         from rayft.training.config import DataConfig
-        from rayft.training.specials import special_tokens
+        from rayft.training.specials import bos_text, special_tokens
 
         self.tok = tokenizer
         self.train_on_inputs = train_on_inputs
         self.specials_mode: SpecialsMode = specials or DataConfig.model_fields["special_tokens_in_content"].default
         self.content_specials = special_tokens(tokenizer)
         self.eos = tokenizer.eos_token or ""
+        self.bos = bos_text(tokenizer)  # plain text (segments) starts as the tokenizer starts it: /v1/completions too
         # Longest first, so "<|im_end|>" wins over any shorter special token it starts with.
         self.specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
         if template == "alpaca":
@@ -268,8 +311,10 @@ class Renderer:
         if doc["kind"] == "segments":
             return self._render_segments(doc)
         if self.mode == "alpaca":
+            if doc.get("tools") or any(m.get("tool_calls") for m in doc["messages"]):
+                raise RowError("data.template alpaca cannot render tools; use the model's chat template")
             return self._render_alpaca(doc["messages"])
-        return self._render_chat(doc["messages"])
+        return self._render_chat(doc["messages"], doc.get("tools"))
 
     def prompt(self, doc: dict) -> tuple[str, str]:
         """(prompt, reference) for inference: the text a model continues to answer a document's last
@@ -280,7 +325,7 @@ class Renderer:
                 raise RowError(
                     "plain `text` rows have no prompt and answer; evaluate messages, alpaca or prompt_completion"
                 )
-            return "".join(s for s, _ in segments[:-1]), segments[-1][0]
+            return self.bos + "".join(s for s, _ in segments[:-1]), segments[-1][0]
         messages = doc["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         context = messages[:last]
@@ -289,12 +334,50 @@ class Renderer:
         if self.mode == "alpaca":
             text, _ = self._render_alpaca(context)
             return _extend(text, "### Response:\n"), messages[last]["content"]
-        return self._apply(context, add_generation_prompt=True), messages[last]["content"]
+        tools = doc.get("tools")
+        if messages[last].get("tool_calls"):  # the reply as the model should write it: its calls in the tool syntax
+            return self._apply(context, True, tools), self.reply_text(messages[: last + 1], tools)
+        return self._apply(context, True, tools), messages[last]["content"]
+
+    def generation_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The text a model continues to answer `messages` (what the endpoint serves; normalized messages and
+        tools, as training's documents hold them)."""
+        turns: list[tuple[int, int]] = []
+        if any(m["role"] == "assistant" for m in messages):
+            try:  # the earlier replies' tokens as training split them
+                turns, _ = self._turns(messages, tools)
+            except RowError:  # a template that rewrites earlier turns: served as rendered
+                turns = []
+        return self._with_cuts(self._apply(messages, True, tools), turns)
+
+    @staticmethod
+    def _with_cuts(text: str, turns: list[tuple[int, int]]) -> str:
+        from rayft.training.specials import Rendered
+
+        if not turns:
+            return text
+        return Rendered(text, getattr(text, "literal", ()), [s for s, _ in turns])
+
+    def reply_text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The last message of `messages` (an assistant turn) as the template writes it after the generation
+        prompt, without its end-of-turn marker: what a model that learned it replies."""
+        prefix = self._apply(messages[:-1], True, tools)
+        upto = self._apply(messages, False, tools)
+        if not upto.startswith(prefix):
+            raise RowError("the chat template renders the earlier turns differently once this reply follows them")
+        turn = upto[len(prefix) :]
+        end = self._turn_end(turn)
+        cut = turn[:end]
+        for s in self.specials:  # the end-of-turn marker the turn ends with
+            if cut.rstrip().endswith(s):
+                cut = cut.rstrip()[: -len(s)]
+                break
+        return cut.strip()
 
     def rollout_prompt(self, doc: dict) -> str:
         """The text a model continues to answer a prompt row (training.objective grpo)."""
         if "text" in doc:
-            return doc["text"]
+            return self.bos + doc["text"]
         if self.mode == "alpaca":
             text, _ = self._render_alpaca(doc["messages"])
             return _extend(text, "### Response:\n")
@@ -312,7 +395,7 @@ class Renderer:
         return self.render({"kind": "chat", "messages": messages[: last + 1]})
 
     def _render_segments(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
-        text, spans = "", []
+        text, spans = self.bos, []
         segments = [list(s) for s in doc["segments"]]
         if doc.get("eos") and self.eos:
             segments[-1][0] += self.eos
@@ -352,15 +435,16 @@ class Renderer:
             spans = [(0, len(text))]
         return (Rendered(text, literal) if literal else text), spans
 
-    def _apply(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _apply(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         if self.jinja is None and not getattr(self.tok, "chat_template", None):
             raise TemplateError(
                 "the model's tokenizer has no chat template, so chat rows (messages/alpaca) cannot be rendered; "
                 "set data.template to 'alpaca' or to a Jinja chat template string"
             )
         from rayft.training.specials import SpecialTokenInContent, render_chat
+        from rayft.training.tools import template_input
 
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        plain, template_tools = template_input(self.tok, messages, tools, self.jinja)
         try:
             return render_chat(
                 self.tok,
@@ -368,9 +452,14 @@ class Renderer:
                 self.specials_mode,
                 chat_template=self.jinja,
                 add_generation_prompt=add_generation_prompt,
+                tools=template_tools,
             )
         except SpecialTokenInContent as e:
-            raise RowError(self._refusal(e)) from None
+            raise RowError(self._refusal(e)) from e  # the endpoint words its own 400 from the cause
+        except (RowError, TemplateError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the template's own refusal (raise_exception), or a Jinja error
+            raise RowError(f"the chat template cannot render this conversation: {e}") from None
 
     @staticmethod
     def _refusal(e) -> str:
@@ -379,38 +468,72 @@ class Renderer:
             "allow (keep it a special token)"
         )
 
-    def _render_chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        full = self._apply(messages, add_generation_prompt=False)
+    def _render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        turns, full = self._turns(messages, tools)
+        full = self._with_cuts(full, turns)
         if self.train_on_inputs:
             return full, [(0, len(full))]
-        spans, cursor = [], 0
+        weighted = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+        return full, [t for t, w in zip(turns, weighted, strict=True) if w]
+
+    def _turns(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[tuple[int, int]], str]:
+        """Where each assistant turn's trained text starts and ends in the rendered conversation, and that text.
+        The assistant turn is what the template adds between "the conversation so far + the generation prompt"
+        and "the conversation up to this reply": all of it is what the model must write, through the end-of-turn
+        marker (whitespace the template puts before that marker included, so the model learns to stop).
+        Templates whose earlier turns change as the conversation grows break this prefix property; then the
+        reply's text is searched for (a tool call cannot be)."""
+        full = self._apply(messages, False, tools)
+        turns, cursor = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            # The assistant turn is what the template adds between "prompt so far + generation
-            # prompt" and "conversation up to this reply". Templates whose earlier turns change
-            # as the conversation grows break this prefix property; then search for the reply.
-            prefix = self._apply(messages[:i], add_generation_prompt=True) if i else ""
-            upto = self._apply(messages[: i + 1], add_generation_prompt=False)
+            prefix = self._apply(messages[:i], True, tools) if i else ""
+            upto = self._apply(messages[: i + 1], False, tools)
             if i and full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:
-                start = upto.find(m["content"].strip(), len(prefix))
+                start = len(prefix)
+                end = start + self._turn_end(upto[start:])
+            elif m.get("tool_calls"):
+                raise RowError(
+                    f"messages[{i}]: the chat template renders earlier turns differently as the conversation grows, "
+                    "so the tokens of this tool call cannot be marked"
+                )
             else:
                 start = full.find(m["content"].strip(), cursor)
-            if start < 0:
-                raise RowError(f"messages[{i}]: the chat template altered the assistant text; cannot mark its tokens")
-            end = start + len(m["content"].strip())
-            end += self._special_at(full, end)
+                if start < 0:
+                    raise RowError(
+                        f"messages[{i}]: the chat template altered the assistant text; cannot mark its tokens"
+                    )
+                end = start + len(m["content"].strip())
+                end += self._turn_end(full[end:], within_reply=False)
             cursor = end
-            if m.get("weight", 1):
-                spans.append((start, end))
-        return full, spans
+            turns.append((start, end))
+        return turns, full
 
-    def _special_at(self, text: str, pos: int) -> int:
-        """Length of the end-of-turn special token right after a reply (it is trained: it teaches stopping)."""
-        for s in self.specials:
-            if text.startswith(s, pos):
-                return len(s)
-        return 0
+    def _turn_end(self, turn: str, within_reply: bool = True) -> int:
+        """Where the model's part of a rendered assistant turn ends: right after its end-of-turn special token
+        (the first special that only whitespace follows up to the next turn), or, without one, at the end of its
+        text. `within_reply=False`: `turn` starts right after the reply's text, so only whitespace and then a
+        special token may be taken."""
+        n = len(turn)
+        for at in range(n):
+            for s in self.specials:
+                if turn.startswith(s, at):
+                    if not within_reply and turn[:at].strip():
+                        return 0
+                    if within_reply and not self._ends_turn(turn, at + len(s)):
+                        break
+                    return at + len(s)
+            else:
+                if not within_reply and not turn[at].isspace():
+                    return 0
+        return len(turn.rstrip()) if within_reply else 0
+
+    def _ends_turn(self, turn: str, pos: int) -> bool:
+        """Whether nothing but whitespace follows `pos` up to the end of the turn text (or the next special)."""
+        rest = turn[pos:]
+        cut = min((rest.find(s) for s in self.specials if s in rest), default=len(rest))
+        return not rest[:cut].strip()
 
 
 # --------------------------------------------------------------------------- tokenizing

@@ -35,6 +35,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: str | None = None  # registered adapter name; None = the served model itself
+    grammar: str | None = None  # an llguidance grammar every generated token must keep to (constrained decoding)
 
 
 @dataclass
@@ -55,11 +56,12 @@ class Delta:
 class _Row:
     """Decoding state of one request in a batch."""
 
-    def __init__(self, req: GenerationRequest, tokenizer, device):
+    def __init__(self, req: GenerationRequest, tokenizer, device, matcher=None):
         import torch
 
         self.req = req
         self.tok = tokenizer
+        self.matcher = matcher  # an llguidance LLMatcher for a constrained request
         self.ids: list[int] = []
         self.sent = ""  # text already handed out
         self.done = False
@@ -91,6 +93,11 @@ class _Row:
             self.done = True
             return self._release(final=True, reason="stop", stop_token=token)
         self.ids.append(token)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+            if self.matcher.is_stopped():  # the grammar is complete and admits nothing more, not even a stop token
+                self.done = True
+                return self._release(final=True, reason="stop")
         if len(self.ids) >= self.req.max_tokens:
             self.done = True
             return self._release(final=True, reason="length")
@@ -182,6 +189,23 @@ class TransformersEngine:
         self.unload_later: set[str] = set()  # evicted, deleted once nobody holds them
 
     grad_off = "inference_mode"  # how a step switches autograd off (live: no_grad)
+    _ll_tokenizer = None
+
+    def matcher(self, grammar: str):
+        """An llguidance matcher of `grammar` for one request (RequestFailed 400 if it does not compile). The
+        tokenizer's token table is built once per engine, on first use."""
+        import llguidance
+        import llguidance.hf
+
+        if self._ll_tokenizer is None:
+            vocab = getattr(getattr(self.model, "config", None), "vocab_size", None) or len(self.tokenizer)
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=max(vocab, len(self.tokenizer)), eos_token=sorted(self.stop_ids)
+            )
+        m = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise RequestFailed(f"the grammar of this request does not compile: {m.get_error()}", 400)
+        return m
 
     def no_autograd(self):
         """The context a generation step runs in."""
@@ -408,6 +432,9 @@ class RunningBatch:
         self.keys, self.rows, self.names, self.next_ids, self.past, self.mask = [], [], [], [], None, None
 
     def _pick(self, rows: list[_Row], logits, batch: int) -> tuple[list[Delta], list[int]]:
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            logits = self._constrain(logits, [rows[i] for i in constrained], constrained)
         deltas, tokens = [], []
         for i, row in enumerate(rows):
             token = row.pick(logits[i])
@@ -416,6 +443,26 @@ class RunningBatch:
             deltas.append(d)
             tokens.append(token)
         return deltas, tokens
+
+    def _constrain(self, logits, rows: list[_Row], at: list[int]):
+        """`logits` with every token the rows' grammars forbid at -inf (only the constrained rows' lines: free and
+        constrained requests share a batch). A row whose grammar admits nothing may only stop."""
+        import llguidance.torch
+        import torch
+
+        vocab = logits.shape[-1]
+        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
+        for k, row in enumerate(rows):
+            llguidance.torch.fill_next_token_bitmask(row.matcher, bitmask, k)
+        bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        allowed = bits.reshape(len(rows), -1)[:, :vocab].bool().to(logits.device)
+        stuck = ~allowed.any(dim=-1)
+        if stuck.any():
+            allowed[stuck, sorted(self.engine.stop_ids)[0]] = True
+        idx = torch.tensor(at, device=logits.device)
+        logits = logits.clone()
+        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        return logits
 
     def _drop(self, keys: set) -> None:
         for k, row in zip(self.keys, self.rows, strict=True):
@@ -458,16 +505,23 @@ class RunningBatch:
         rest, so one bad request fails alone."""
         e = self.engine
         failures, ok = [], []
+        matchers: dict[int, object] = {}  # id(request) -> its grammar's matcher
         for key, req in admit:
             name = req.adapter or BASE
             if name != BASE and name not in e.adapters:
                 failures.append((key, RequestFailed("the request's adapter is not loaded on this replica; retry", 503)))
-            else:
-                ok.append((key, req))
+                continue
+            if req.grammar is not None:
+                try:
+                    matchers[id(req)] = e.matcher(req.grammar)
+                except Exception as exc:  # noqa: BLE001 - this request's grammar: it fails alone
+                    failures.append((key, _failed(exc)))
+                    continue
+            ok.append((key, req))
         if not ok:
             return [], failures
         try:
-            return self._prefill(ok), failures
+            return self._prefill(ok, matchers), failures
         except Exception as e:  # noqa: BLE001 - which request caused it is found below
             if len(ok) == 1:
                 return [], failures + [(ok[0][0], _failed(e))]
@@ -481,7 +535,7 @@ class RunningBatch:
         if not healthy:
             return [], failures
         try:
-            return self._prefill(healthy), failures
+            return self._prefill(healthy, matchers), failures
         except Exception as exc:  # noqa: BLE001 - each works alone but not together (e.g. out of memory)
             return [], failures + [(k, _failed(exc)) for k, _ in healthy]
 
@@ -491,14 +545,14 @@ class RunningBatch:
         ids = torch.tensor([req.prompt_ids], device=self.engine.device)
         self.engine.forward(ids, torch.ones_like(ids), None, [req.adapter or BASE])
 
-    def _prefill(self, admit: list[tuple]) -> list[tuple]:
+    def _prefill(self, admit: list[tuple], matchers: dict | None = None) -> list[tuple]:
         import torch
 
         e, dev = self.engine, self.engine.device
         keys = [k for k, _ in admit]
         reqs = [r for _, r in admit]
         names = [r.adapter or BASE for r in reqs]
-        rows = [_Row(r, e.tokenizer, dev) for r in reqs]
+        rows = [_Row(r, e.tokenizer, dev, (matchers or {}).get(id(r))) for r in reqs]
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.tensor([[e.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=dev)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=dev)

@@ -36,19 +36,23 @@ class SpecialTokenInContent(ValueError):
 
 
 class Rendered(str):
-    """A rendered chat whose `literal` character ranges hold special-token text that came from message content:
-    `encode` reads them as plain text. String operations give a plain str without the ranges, so keep it whole or
-    build a new one with `Rendered(text, literal)`. A zero-length range only breaks the text there."""
+    """A rendered chat whose `literal` character ranges hold special-token text that came from message content
+    (`encode` reads them as plain text), and whose `cuts` are positions no token may span: where each assistant
+    turn begins, so that a reply's first token is the one the model writes after the served prompt, whatever the
+    tokenizer would merge across that point. String operations give a plain str without either, so keep it whole
+    or build a new one with `Rendered(text, literal, cuts)`."""
 
     literal: tuple[tuple[int, int], ...]
+    cuts: tuple[int, ...]
 
-    def __new__(cls, text: str, literal=()):
+    def __new__(cls, text: str, literal=(), cuts=()):
         obj = super().__new__(cls, text)
         obj.literal = tuple((int(s), int(e)) for s, e in literal)
+        obj.cuts = tuple(sorted({int(c) for c in cuts if 0 < int(c) < len(text)}))
         return obj
 
     def __reduce__(self):
-        return Rendered, (str(self), self.literal)
+        return Rendered, (str(self), self.literal, self.cuts)
 
 
 def special_tokens(tokenizer) -> tuple[str, ...]:
@@ -69,14 +73,46 @@ def _pattern(specials: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(map(re.escape, specials)) or "(?!)")
 
 
-def find_special(messages: list[dict], specials: tuple[str, ...]) -> SpecialTokenInContent | None:
-    """The first special token in the messages' content, as the error that refuses it; None when there is none."""
+def _strings(value):
+    """Every string inside a message's content, tool calls or a tool schema (dict keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def find_special(
+    messages: list[dict], specials: tuple[str, ...], tools: list[dict] | None = None
+) -> SpecialTokenInContent | None:
+    """The first special token in the messages' content, tool calls and results (or in `tools`), as the error
+    that refuses it; None when there is none."""
     pattern = _pattern(specials)
     for i, m in enumerate(messages):
-        hit = pattern.search(m["content"]) if isinstance(m.get("content"), str) else None
+        for text in _strings({k: v for k, v in m.items() if k != "role"}):
+            hit = pattern.search(text)
+            if hit:
+                return SpecialTokenInContent(i, str(m.get("role")), hit.group(0))
+    for text in _strings(tools or []):
+        hit = pattern.search(text)
         if hit:
-            return SpecialTokenInContent(i, str(m.get("role")), hit.group(0))
+            return SpecialTokenInContent(-1, "tools", hit.group(0))
     return None
+
+
+def bos_text(tokenizer) -> str:
+    """The BOS token's text when this tokenizer starts a plain text with it (Llama's do, SmolLM2's does not): plain
+    text (prompt_completion and text rows, /v1/completions prompts) starts with it in training and serving alike;
+    a chat template writes its own."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not tokenizer.bos_token:
+        return ""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token if with_specials[:1] == [bos] else ""
 
 
 def literal_ranges(text: str, specials: tuple[str, ...], at: int = 0) -> list[tuple[int, int]]:
@@ -91,36 +127,45 @@ def render_chat(
     *,
     chat_template: str | None = None,
     add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
 ) -> str:
-    """`messages` through the chat template (the tokenizer's own, or `chat_template`) as text. Content holding
-    special-token text is escaped (a Rendered with its ranges marked), refused (SpecialTokenInContent) or left to
-    become special tokens (`allow`); without any, the text is the template's plain output."""
+    """`messages` (and `tools`, for a template that renders them) through the chat template (the tokenizer's own,
+    or `chat_template`) as text. Content, tool calls and tool schemas holding special-token text are escaped (a
+    Rendered with its ranges marked), refused (SpecialTokenInContent) or left to become special tokens (`allow`);
+    without any, the text is the template's plain output."""
     specials = special_tokens(tokenizer)
-    found = find_special(messages, specials) if mode != "allow" else None
+    found = find_special(messages, specials, tools) if mode != "allow" else None
+    kw = {"tools": tools} if tools else {}
     if found is None:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
         )
     if mode == "refuse":
         raise found
     # Escape: wrap each special in the content in two private-use markers that no content holds, render, then
     # drop the markers and remember where the specials they wrapped ended up. The template's own specials carry
     # no markers. A marker the template split from its partner (string surgery on content) still breaks the text.
-    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    contents = list(_strings([messages, tools or []]))
     start, end = next(
         (chr(c), chr(c + 1))
         for c in range(0x100000, 0x10FFFD, 2)
         if not any(chr(c) in t or chr(c + 1) in t for t in contents)
     )
     pattern = _pattern(specials)
-    marked = [
-        {**m, "content": pattern.sub(lambda h: start + h.group(0) + end, m["content"])}
-        if isinstance(m.get("content"), str)
-        else m
-        for m in messages
-    ]
+
+    def mark(value):  # every string of content, calls and schemas, its specials wrapped in the markers
+        if isinstance(value, str):
+            return pattern.sub(lambda h: start + h.group(0) + end, value)
+        if isinstance(value, dict):
+            return {k: (v if k == "role" else mark(v)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [mark(v) for v in value]
+        return value
+
+    if tools:
+        kw = {"tools": mark(tools)}
     text = tokenizer.apply_chat_template(
-        marked, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        mark(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
     )
     markers = re.compile(f"{re.escape(start)}({pattern.pattern}){re.escape(end)}|[{start}{end}]")
     out, literal, pos, n = [], [], 0, 0
@@ -137,10 +182,11 @@ def render_chat(
 
 def encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Token ids and character offsets of rendered texts, without adding BOS/EOS (the template writes them). A
-    Rendered text's literal ranges are tokenized as plain text; the pieces between them as usual."""
+    Rendered text's literal ranges are tokenized as plain text, the pieces between them as usual, and no token
+    spans one of its cuts."""
     ids: list = [None] * len(texts)
     offsets: list = [None] * len(texts)
-    plain = [i for i, t in enumerate(texts) if not getattr(t, "literal", None)]
+    plain = [i for i, t in enumerate(texts) if not getattr(t, "literal", None) and not getattr(t, "cuts", None)]
     if plain:
         enc = tokenizer([str(texts[i]) for i in plain], add_special_tokens=False, return_offsets_mapping=True)
         for k, i in enumerate(plain):
@@ -154,8 +200,15 @@ def encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tupl
 def encode_chat(
     tokenizer, messages: list[dict], mode: SpecialsMode, *, add_generation_prompt: bool = True
 ) -> list[int]:
-    """The prompt ids of a conversation: `render_chat` then `encode` (what the endpoint serves)."""
+    """The prompt ids of a conversation: `render_chat` then `encode`."""
     (ids,), _ = encode(tokenizer, [render_chat(tokenizer, messages, mode, add_generation_prompt=add_generation_prompt)])
+    return list(ids)
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """The ids of a plain-text prompt (/v1/completions): `bos_text` and the text, its special-token text read as
+    special tokens, as training tokenizes prompt_completion and text rows."""
+    (ids,), _ = encode(tokenizer, [bos_text(tokenizer) + text])
     return list(ids)
 
 
@@ -165,19 +218,25 @@ def _encode_escaped(tokenizer, text: Rendered) -> tuple[list[int], list[tuple[in
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
+    pieces: list[tuple[int, int, bool]] = []  # (start, end, as_text)
     pos = 0
     for s, e in (*sorted(text.literal), (len(text), len(text))):
-        for a, b, as_text in ((pos, s, False), (s, e, True)):
-            if b <= a:
-                continue
-            piece_ids, piece_offsets = _encode_piece(tokenizer, text[a:b], as_text, a, newline)
-            if as_text and special_ids & set(piece_ids):
-                raise ValueError(
-                    f"cannot escape {text[a:b]!r}: this tokenizer reads it as a special token even as text"
-                )
-            ids += piece_ids
-            offsets += piece_offsets
+        a = pos
+        for c in text.cuts:
+            if a < c < s:
+                pieces.append((a, c, False))
+                a = c
+        pieces.append((a, s, False))
+        pieces.append((s, e, True))
         pos = max(pos, e)
+    for a, b, as_text in pieces:
+        if b <= a:
+            continue
+        piece_ids, piece_offsets = _encode_piece(tokenizer, text[a:b], as_text, a, newline)
+        if as_text and special_ids & set(piece_ids):
+            raise ValueError(f"cannot escape {text[a:b]!r}: this tokenizer reads it as a special token even as text")
+        ids += piece_ids
+        offsets += piece_offsets
     return ids, offsets
 
 

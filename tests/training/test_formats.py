@@ -165,12 +165,25 @@ def test_alpaca_template(smol_tokenizer):
 
 
 def test_custom_jinja_template(smol_tokenizer):
-    tpl = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    tpl = (
+        "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+    )
     doc = normalize({"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]})
     text, ids, labels = encode(smol_tokenizer, doc, template=tpl)
     assert text == "<<user>> ping<|im_end|>\n<<assistant>> pong<|im_end|>\n"
-    # " pong" is one BPE token that starts on the separator: it is trained as a whole.
+    # What the model writes after the generation prompt, through the end-of-turn token: " pong" is one BPE token
+    # that starts on the separator, trained as a whole.
     assert trained_runs(smol_tokenizer, ids, labels) == [" pong<|im_end|>"]
+
+
+def test_template_without_generation_prompt_trains_the_header(smol_tokenizer):
+    # A template that writes no generation prompt: the endpoint's prompt ends after the user turn, so the model
+    # itself must write the assistant header, and that is what it is trained on (train = serve).
+    tpl = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    doc = normalize({"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]})
+    text, ids, labels = encode(smol_tokenizer, doc, template=tpl)
+    assert trained_runs(smol_tokenizer, ids, labels) == ["<<assistant>> pong<|im_end|>"]
 
 
 def test_prompt_completion_and_text(smol_tokenizer):
