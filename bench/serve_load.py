@@ -19,9 +19,13 @@ here and now:
    no worse. Also both in bfloat16 at C clients (info).
 4. Cancellation: C streaming clients each read 3 events of a long generation and disconnect; the tokens
    the replica generated for them beyond what they had read, per request (target <= 2).
+5. `--part constrained` (its own run, benchmark `serve_constrained`): what constrained decoding costs per token.
+   C clients with `response_format: json_schema` (every token masked by the request's llguidance grammar) against
+   the same clients free, on one deployment, free / constrained / free, greedy; the ratio of time per generated
+   token, constrained over the mean of the two free runs. Target <= 1.2x.
 
-Usage: python bench/serve_load.py [--clients 8] [--requests 4] [--max-tokens 48] [--cpus N] [--quick]
-       [--no-write] [--results PATH]   (results are appended to bench/RESULTS.md)
+Usage: python bench/serve_load.py [--part all|constrained] [--clients 8] [--requests 4] [--max-tokens 48] [--cpus N]
+       [--quick] [--no-write] [--results PATH]   (results are appended to bench/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -67,8 +71,19 @@ def deploy(spec, port: int) -> str:
     return deploy(spec.with_serve(port=port))
 
 
-def load(base: str, clients: int, per_client: int, max_tokens: int, model: str | None = None) -> dict:
-    """`clients` threads, each sending `per_client` streamed chat requests back to back."""
+ANSWER = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "confidence": {"enum": ["low", "medium", "high"]}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+def load(
+    base: str, clients: int, per_client: int, max_tokens: int, model: str | None = None, extra: dict | None = None
+) -> dict:
+    """`clients` threads, each sending `per_client` streamed chat requests back to back (`extra`: more body
+    fields, e.g. a response_format)."""
     import requests
 
     latencies, ttfts, tokens = [], [], []
@@ -85,6 +100,7 @@ def load(base: str, clients: int, per_client: int, max_tokens: int, model: str |
             }
             if model:
                 body["model"] = model
+            body |= extra or {}
             t0 = time.perf_counter()
             first, used = None, 0
             with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
@@ -299,6 +315,7 @@ def direct_p50(model_path: str, ids: list[int], n: int, threads: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["all", "constrained"], default="all", help="constrained: item 5 alone")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     connect(num_cpus=4)
+    if args.part == "constrained":
+        return constrained(args)
     load_avg = os.getloadavg()[0]
     results, notes = {}, []
     bf16 = f"batching, bfloat16, {args.clients} clients"
@@ -475,6 +494,59 @@ def main(argv: list[str] | None = None) -> int:
             f"{verdict(per_abandoned <= 2)} | {date} | `{cmd}` |",
         ]
         write_results(args.results, section, summary, name=NAME)
+    return 0
+
+
+def constrained(args) -> int:
+    """Item 5: free / constrained / free on one deployment; writes benchmark serve_constrained."""
+    from ray import serve
+
+    from rayft.serving.config import ServeConfig
+    from rayft.serving.spec import build_spec
+
+    load_avg = os.getloadavg()[0]
+    cfg = ServeConfig(
+        max_batch_size=args.clients, max_ongoing_requests=args.clients, batch_wait_timeout_s=0.05,
+        cpus_per_replica=args.cpus, dtype="float32",
+    )  # fmt: skip
+    base = deploy(build_spec("smollm2-135m-instruct", cfg), args.port)
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}}
+    load(base, 2, 1, 4)  # warm-up, and the engine's grammar tokenizer
+    load(base, 2, 1, 4, extra=schema)
+    results = {}
+    for label, extra in (("free", None), ("constrained (json_schema)", schema), ("free, again", None)):
+        results[label] = load(base, args.clients, args.requests, args.max_tokens, extra=extra)
+        print(label, {k: round(v, 3) for k, v in results[label].items()}, flush=True)
+    serve.delete("rayft")
+    per_token = {k: r["wall"] / max(r["tokens"], 1) for k, r in results.items()}
+    free = (per_token["free"] + per_token["free, again"]) / 2
+    cost = per_token["constrained (json_schema)"] / free
+    name = "serve_constrained"
+    notes = [
+        f"model: SmolLM2-135M-Instruct (float32), transformers engine, 1 replica x {args.cpus} CPUs; {args.clients} "
+        f"clients x {args.requests} streamed chat requests back to back, max_tokens {args.max_tokens}, greedy; "
+        "constrained: response_format json_schema " + json.dumps(ANSWER) + ", every token masked by the request's "
+        "llguidance grammar inside the running batch",
+        f"load average (1 min) at start: {load_avg:.2f}",
+    ]
+    head = ("setting", "completion tokens/s", "tokens", "wall s", "ms per token", "p50 TTFT s")
+    rows = [
+        (k, f"{r['tokens_per_s']:.1f}", str(r["tokens"]), f"{r['wall']:.1f}", f"{per_token[k] * 1000:.1f}",
+         f"{r['ttft_p50']:.2f}")
+        for k, r in results.items()
+    ]  # fmt: skip
+    ratios = [("time per token, constrained / free", f"{cost:.2f}x", "<= 1.2x", verdict(cost <= 1.2))]
+    now = datetime.now(UTC)
+    cmd = command()
+    section = results_section(name, now, cmd, notes, head, rows, ratios)
+    print(section)
+    if not args.no_write:
+        summary = [
+            f"| {name}: time per token, constrained (json_schema) vs free, {args.clients} clients | "
+            f"{per_token['constrained (json_schema)'] * 1000:.1f} vs {free * 1000:.1f} ms | {cost:.2f}x | <= 1.2x, "
+            f"{verdict(cost <= 1.2)} | {now:%Y-%m-%d} | `{cmd}` |"
+        ]
+        write_results(args.results, section, summary, name=name)
     return 0
 
 

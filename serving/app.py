@@ -59,6 +59,21 @@ def autoscaling_config(spec: ServeSpec) -> dict:
     }
 
 
+VLLM_TOOL_PARSERS = {"hermes": "hermes", "llama3": "llama3_json", "mistral": "mistral"}
+
+
+def vllm_tool_kwargs(tokenizer) -> dict:
+    """vLLM's settings for reading tool calls, from the model's chat template: its parser for the syntax the template
+    teaches (rayft.training.tools.tool_syntax). A template that renders no tools gets none: vLLM renders prompts with
+    the model's own template, which cannot hold rayft's tool format, so tools are for the transformers engine there.
+    `response_format` and forced calls need nothing: vLLM enforces them with its own structured output."""
+    from rayft.training.tools import native_tools, tool_syntax
+
+    if not native_tools(tokenizer):
+        return {}
+    return {"enable_auto_tool_choice": True, "tool_call_parser": VLLM_TOOL_PARSERS[tool_syntax(tokenizer).name]}
+
+
 def build_vllm_app(spec: ServeSpec):
     """The same model behind Ray Serve LLM's vLLM engine and OpenAI app (GPU clusters only).
 
@@ -92,6 +107,11 @@ def build_vllm_app(spec: ServeSpec):
     engine = {"dtype": resolve_dtype(cfg.dtype, "cuda"), "tensor_parallel_size": max(1, int(cfg.gpus_per_replica))}
     if spec.revision:
         engine |= {"revision": spec.revision, "tokenizer_revision": spec.revision}
+    from transformers import AutoTokenizer
+
+    from rayft.training import storage
+
+    engine |= vllm_tool_kwargs(AutoTokenizer.from_pretrained(storage.cached(spec.model_path), revision=spec.revision))
     llm = LLMConfig(
         model_loading_config={"model_id": spec.model_name, "model_source": spec.model_path},
         deployment_config={

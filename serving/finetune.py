@@ -1063,11 +1063,11 @@ def check_row(row, method: str) -> None:
         raise problem
     try:
         doc = normalize(row)
-    except RowError:
+    except RowError as e:
         try:
             normalize(row, "prompt")
         except RowError:
-            raise  # the row's own problem (the first error, not the prompt check's)
+            raise e from None  # the row's own problem (the first error, not the prompt check's)
         raise RowError(NOT_A_PAIR if method == "dpo" else A_PROMPT) from None
     if (doc["kind"] == "pair") != (method == "dpo"):
         raise RowError(NOT_A_PAIR if method == "dpo" else f"{A_PAIR}, or give supervised rows {{messages}}")

@@ -40,6 +40,8 @@ from rayft.training.run_dir import EVAL_DIR, EVAL_REPORT, RunDir
 __all__ = ["EVAL_DIR"]  # the run dir's eval/ (rayft.training.run_dir), named here for the callers that use it
 LABELS = ("base", "finetuned")
 METRICS = (
+    "tool_call",
+    "tool_name",
     "exact_match",
     "contained",
     "token_f1",
@@ -53,6 +55,8 @@ REWARD_METRICS = ("reward_greedy", "reward_sampled")  # rewarded evaluation (tra
 METRIC_TITLES = {
     "reward_greedy": "reward, greedy answer",
     "reward_sampled": "reward, mean of the sampled answers",
+    "tool_call": "tool call right (name, arguments)",
+    "tool_name": "right tool named",
     "exact_match": "exact match",
     "contained": "answer contained",
     "token_f1": "token F1",
@@ -63,6 +67,7 @@ METRIC_TITLES = {
     "perplexity": "reference perplexity",
 }
 MAX_EXAMPLES = 5
+GRADING = ("calls", "tools", "syntax")  # a row whose reference is a tool call: its calls, tools and call syntax
 
 
 def metric_keys(per_label: dict[str, dict]) -> list[str]:
@@ -133,6 +138,14 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def called(prediction: str, row: dict) -> list[list] | None:
+    """The calls a prediction makes ([[name, arguments], ...]), read as the endpoint reads them; None: no call."""
+    from rayft.training.tools import ToolSyntax
+
+    parsed = ToolSyntax(row["syntax"]).parse(prediction, json.loads(row["tools"]))
+    return None if parsed is None else [[c["function"]["name"], c["function"]["arguments"]] for c in parsed[1]]
+
+
 def score(rows: list[dict]) -> dict[str, float | int | None]:
     """Metrics over rows that carry prediction, reference, answer, ref_nll and ref_tokens.
 
@@ -144,8 +157,15 @@ def score(rows: list[dict]) -> dict[str, float | int | None]:
     tokens = sum(int(r.get("ref_tokens", 0)) for r in rows)
     nll = sum(float(r.get("ref_nll", 0.0)) for r in rows)
     ruled = [r for r in rows if r.get("rule")]
+    calls = [(called(r["prediction"], r), json.loads(r["calls"])) for r in rows if r.get("calls")]
     return {
         "rows": n,
+        "tool_call": sum(got == want for got, want in calls) / len(calls) if calls else None,
+        "tool_name": (
+            sum(got is not None and [c[0] for c in got] == [c[0] for c in want] for got, want in calls) / len(calls)
+            if calls
+            else None
+        ),
         "exact_match": sum(exact_match(r["prediction"], r["reference"]) for r in rows) / n,
         "contained": sum(contained(r["prediction"], r["answer"]) for r in rows) / n,
         "token_f1": sum(token_f1(r["prediction"], r["reference"]) for r in rows) / n,
@@ -199,6 +219,7 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
     from rayft.training.data import validated_rows
     from rayft.training.formats import Renderer, RowError
     from rayft.training.models import load_tokenizer
+    from rayft.training.tools import tool_syntax
 
     data = job.data
     ds = validated_rows(data, "eval", keep_raw=True)
@@ -214,6 +235,7 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
         train_on_inputs=False,
         specials=data.special_tokens_in_content,
     )
+    syntax = tool_syntax(renderer.tok, data.template if data.template != "alpaca" else None).name
     rows, bad = [], []
     for r in checked:
         source = str(r["source"])
@@ -249,6 +271,13 @@ def eval_rows(job, max_rows: int | None = None) -> list[dict]:
             row |= {"rejected_full": rejected_full, "rejected_spans": json.dumps(rejected_spans)}
             if isinstance(value.get("rule"), dict):
                 row["rule"] = json.dumps(value["rule"])
+        last = [m for m in doc["messages"] if m["role"] == "assistant"][-1] if doc["kind"] == "chat" else {}
+        if last.get("tool_calls"):  # graded as calls: read back in the syntax the model was taught
+            row |= {
+                "calls": json.dumps([[c["function"]["name"], c["function"]["arguments"]] for c in last["tool_calls"]]),
+                "tools": json.dumps([t["function"]["name"] for t in doc.get("tools", [])]),
+                "syntax": syntax,
+            }
         rows.append(row)
     if bad:
         shown = "\n".join(bad[:20])
@@ -331,13 +360,15 @@ def predict(
     if reuse:
         saved = load_predictions(eval_dir, label, fp)
         if saved is not None and len(saved) == len(rows):
-            return saved, True
+            by_source = {r["source"]: r for r in rows}  # how rows are graded comes from the rows, not the cache
+            return [{k: by_source[s["source"]][k] for k in GRADING if k in by_source.get(s["source"], {})} | s
+                    for s in saved], True  # fmt: skip
     t0 = time.perf_counter()
     done = run_inference(rows, model, icfg, on_rows)
     keep = ("split", "source", "prompt", "reference", "answer", "prediction", "ref_nll", "ref_tokens")
     pairs = ("rej_nll", "rej_tokens", "rule")  # preference rows only
     prompts = ("item", "prediction_ids", "samples", "sample_ids")  # prompt rows only (rewarded evaluation)
-    out = [{k: _plain(r[k]) for k in keep + pairs + prompts if k in r} for r in done]
+    out = [{k: _plain(r[k]) for k in keep + pairs + prompts + GRADING if k in r and r[k] is not None} for r in done]
     header = {"fingerprint": fp, "model": model.describe(), "seconds": round(time.perf_counter() - t0, 1)}
     storage.write_text(predictions_path(eval_dir, label), "".join(json.dumps(r) + "\n" for r in [header, *out]))
     return out, False

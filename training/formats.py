@@ -392,7 +392,7 @@ class Renderer:
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 m["weight"] = 1 if i == last else 0
-        return self.render({"kind": "chat", "messages": messages[: last + 1]})
+        return self.render({**doc, "messages": messages[: last + 1]})
 
     def _render_segments(self, doc: dict) -> tuple[str, list[tuple[int, int]]]:
         text, spans = self.bos, []

@@ -139,10 +139,23 @@ ISSUES = {
     ],
 }
 
+WHEN_TRAIN = ["", "", "", "since the last update", "after two days", "every morning", "right out of the box",
+              "when it is cold", "at random", "since last week", "most evenings", "after a firmware update",
+              "when I travel", "after a few minutes"]  # fmt: skip
+WHEN_EVAL = ["", "since Tuesday", "whenever it rains"]
+
 CITIES_TRAIN = (
     "Leeds,Boston,Munich,Toronto,Madrid,Dublin,Seattle,Oslo,Vienna,Prague,Chicago,Sydney,Auckland,Glasgow,Zurich,"
     "Portland,Milan,Helsinki,Montreal,Brisbane,Bristol,Antwerp,Krakow,Valencia,Phoenix,Calgary,Edinburgh,Hamburg,"
-    "Atlanta,Adelaide,San Diego,New York,Cardiff,Utrecht"
+    "Atlanta,Adelaide,San Diego,New York,Cardiff,Utrecht,Lyon,Porto,Geneva,Dallas,Denver,Houston,Austin,Miami,"
+    "Detroit,Vancouver,Winnipeg,Halifax,Perth,Hobart,Darwin,Canberra,Christchurch,Dunedin,Belfast,Aberdeen,"
+    "Liverpool,Manchester,Sheffield,Nottingham,Leicester,Oxford,Cambridge,Brighton,Plymouth,Exeter,York,Bath,"
+    "Cologne,Berlin,Dresden,Leipzig,Stuttgart,Frankfurt,Bremen,Hanover,Nuremberg,Bonn,Basel,Bern,Lausanne,Graz,"
+    "Salzburg,Linz,Brno,Bratislava,Budapest,Ljubljana,Zagreb,Warsaw,Gdansk,Poznan,Wroclaw,Riga,Vilnius,Tartu,"
+    "Stockholm,Uppsala,Malmo,Copenhagen,Aarhus,Odense,Bergen,Trondheim,Reykjavik,Lisbon,Faro,Bilbao,Granada,"
+    "Malaga,Zaragoza,Turin,Genoa,Bologna,Florence,Naples,Palermo,Nice,Lille,Nantes,Toulouse,Marseille,Rennes,"
+    "Ghent,Bruges,Liege,Leuven,Eindhoven,Groningen,Maastricht,Haarlem,Kansas City,Las Vegas,New Orleans,"
+    "San Antonio,Santa Fe,St. Louis,Los Angeles,San Jose,Quebec City,Cape Town"
 ).split(",")
 CITIES_EVAL = "Rotterdam,Seville,Ottawa,Tallinn,Nashville,Gothenburg,Cork,Wellington,Bordeaux,Salt Lake City".split(",")
 
@@ -394,8 +407,10 @@ def main(out: Path | None = None) -> None:
     tools = [t["function"]["name"] for t in TOOLS]
     train_values = Values(rng, orders[:n_train_values], serials[:n_train_values], CITIES_TRAIN)
     eval_values = Values(rng, orders[n_train_values:], serials[n_train_values:], CITIES_EVAL)
-    train_issues = {p: v[:-1] for p, v in ISSUES.items()}
-    eval_issues = {p: v[-1:] for p, v in ISSUES.items()}
+    # A fault is a symptom, often with when it happens: hundreds of distinct phrases, so the model learns to copy
+    # the customer's words into `issue` rather than recall a few memorised ones.
+    train_issues = {p: [f"{v} {q}".strip() for v in vs[:-1] for q in WHEN_TRAIN] for p, vs in ISSUES.items()}
+    eval_issues = {p: [f"{v} {q}".strip() for v in vs[-1:] for q in WHEN_EVAL] for p, vs in ISSUES.items()}
 
     train = []
     for k in range(N_CALL + N_CYCLE):

@@ -170,3 +170,39 @@ def test_a_job_record_an_earlier_endpoint_stored_loads_as_it_was(tmp_path):
     again = json.loads((tmp_path / "store" / "jobs" / owner / job_id / "job.json").read_text())
     assert set(rec) <= set(again) and again["job"] == shown and again["events"][0]["id"] == event["id"]
     assert svc.store._read(owner, job_id) == loaded
+
+
+def test_tool_rows_upload_as_training_reads_them_and_bad_calls_are_named_by_line(tmp_path):
+    import json
+
+    from rayft.serving.files import LOCAL_OWNER
+    from rayft.serving.finetune import copy_checked_rows
+
+    svc = service(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+    def row(args: str, name: str = "get_weather") -> dict:
+        call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": args}}
+        msgs = [{"role": "user", "content": "Paris?"}, {"role": "assistant", "tool_calls": [call]}]
+        return {"tools": tools, "messages": msgs}
+
+    answered = row('{"city": "Paris"}')
+    answered["messages"] += [
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {"role": "assistant", "content": "18C."},
+    ]
+    rows = [
+        row('{"city": "Paris"}'),
+        answered,
+        row("{city}"),
+        row("{}", "get_news"),
+        {"messages": answered["messages"]},
+    ]
+    upload = svc.files.begin(LOCAL_OWNER)
+    upload.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    f = upload.commit("tools.jsonl", "fine-tune")
+    rows_seen, bad = copy_checked_rows(svc.files, f, str(tmp_path / "copy.jsonl"))
+    assert rows_seen == 5
+    assert [b.split(": ", 1)[0] for b in bad] == ["tools.jsonl:3", "tools.jsonl:4", "tools.jsonl:5"]
+    assert "arguments are not JSON" in bad[0] and "'get_news', which is not among the tools" in bad[1]
+    assert "no tools to call" in bad[2]

@@ -267,3 +267,113 @@ def test_special_tokens_in_tool_arguments_are_escaped_like_content(smol_tokenize
     assert ids.tolist().count(end) == plain_ids.tolist().count(end)  # no forged turn end
     with pytest.raises(RowError, match=r"contains '<\|im_end\|>'"):
         Renderer(tok, None, specials="refuse").render(normalize(row))
+
+
+def _plan(smol_tokenizer, **fields) -> chat.ChatPlan:
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER, TIME]}
+        | fields
+    )
+    return chat.plan(body, tool_syntax(smol_tokenizer))
+
+
+def test_a_reply_that_is_not_a_call_comes_back_as_text(smol_tokenizer):
+    p = _plan(smol_tokenizer)
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for text, finish in [
+        ("It is sunny.", "stop"),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>', "stop"),  # bad JSON
+        ('<tool_call>\n{"name": "get_news", "arguments": {}}\n</tool_call>', "stop"),  # not one of the tools
+        (good[:40], "length"),  # cut off
+        (good, "length"),
+    ]:
+        assert chat.reply(p, text, finish) == ({"role": "assistant", "content": text}, finish)
+    message, finish = chat.reply(p, "Let me check.\n" + good + "\n" + good.replace("Paris", "Rome"), "stop")
+    assert finish == "tool_calls" and message["content"] == "Let me check."
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        {"city": "Paris"},
+        {"city": "Rome"},
+    ]
+    one, _ = chat.reply(_plan(smol_tokenizer, parallel_tool_calls=False), good + "\n" + good, "stop")
+    assert len(one["tool_calls"]) == 1
+    text_only, _ = chat.reply(_plan(smol_tokenizer, tool_choice="none"), good, "stop")
+    assert text_only == {"role": "assistant", "content": good}
+
+
+def test_a_streamed_reply_holds_back_only_what_may_start_a_call(smol_tokenizer):
+    stream = chat.ReplyStream(_plan(smol_tokenizer))
+    sent = [stream.feed(piece) for piece in ["Let me ", "check. <tool", "_call>\n{\"name\": \"get_weather\", ",
+                                              '"arguments": {"city": "Paris"}}\n</tool_call>']]  # fmt: skip
+    assert sent == [[{"content": "Let me "}], [{"content": "check. "}], [], []]
+    last, finish = stream.close("stop")
+    assert finish == "tool_calls"
+    ((delta,),) = [d["tool_calls"] for d in last]
+    assert delta["index"] == 0 and delta["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # "<" that turns out not to start a call is sent on; a broken call is sent as text at the end
+    stream = chat.ReplyStream(_plan(smol_tokenizer))
+    assert stream.feed("a <") == [{"content": "a "}] and stream.feed("b") == [{"content": "<b"}]
+    assert stream.feed("<tool_call>{oops") == []
+    assert stream.close("stop") == ([{"content": "<tool_call>{oops"}], "stop")
+
+
+def test_forced_calls_and_response_formats_become_grammars_and_bad_ones_400s(smol_tokenizer):
+    from rayft.serving.openai_api import ApiError
+
+    assert _plan(smol_tokenizer).grammar is None
+    named = _plan(smol_tokenizer, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert "get_time" in named.grammar and "get_weather" not in named.grammar
+    fmt = _plan(smol_tokenizer, response_format={"type": "json_object"})
+    assert fmt.grammar and fmt.names == []
+    with pytest.raises(ApiError) as caught:
+        _plan(
+            smol_tokenizer, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}
+        )
+    assert caught.value.status == 400 and caught.value.param == "response_format"
+    bad_tool = json.loads(json.dumps(WEATHER))
+    bad_tool["function"]["parameters"]["properties"]["city"] = {"$ref": "#/nowhere"}
+    with pytest.raises(ApiError) as caught:
+        _plan(smol_tokenizer, tools=[bad_tool], tool_choice="required")
+    assert caught.value.param == "tools" and "nowhere" in caught.value.message
+
+
+def test_the_tool_quickstart_data_is_its_generators_and_its_eval_is_held_out(tmp_path, smol_tokenizer):
+    """examples/quickstart-tools/*.jsonl are what make_data.py writes; every row is a valid tool row whose calls
+    keep their tool's schema; no held-out request, order id, serial, city or fault is in the training rows."""
+    import jsonschema
+
+    from helpers import ROOT
+
+    folder = ROOT / "examples" / "quickstart-tools"
+    spec = importlib.util.spec_from_file_location("make_tool_data", folder / "make_data.py")
+    assert spec is not None and spec.loader is not None
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    make.main(tmp_path)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_text() == (folder / name).read_text(), name
+    train, held_out = ([json.loads(line) for line in open(folder / n)] for n in ("train.jsonl", "eval.jsonl"))
+    assert len(train) == 400 and len(held_out) == 60
+
+    def calls(rows):
+        for r in rows:
+            doc = normalize(r)
+            params = {t["function"]["name"]: t["function"]["parameters"] for t in doc["tools"]}
+            for m in doc["messages"]:
+                for c in m.get("tool_calls", []):
+                    jsonschema.validate(c["function"]["arguments"], params[c["function"]["name"]])
+                    yield c["function"]["name"], c["function"]["arguments"]
+
+    seen = {(k, v) for _, args in calls(train) for k, v in args.items() if k != "product"}
+    held = {(k, v) for _, args in calls(held_out) for k, v in args.items() if k != "product"}
+    assert len(held) > 40 and not seen & held
+    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in held_out}
+    assert all(r["messages"][-1].get("tool_calls") for r in held_out)  # every held-out row is graded as a call
+
+
+def test_the_vllm_engine_reads_calls_with_the_parser_of_the_templates_syntax(family):
+    from rayft.serving.app import vllm_tool_kwargs
+
+    name, tok = family
+    want = {"smollm2": {}, "qwen2.5": {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}}
+    llama = {"enable_auto_tool_choice": True, "tool_call_parser": "llama3_json"}
+    assert vllm_tool_kwargs(tok) == want.get(name, llama)
