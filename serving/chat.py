@@ -64,7 +64,7 @@ def plan(body: ChatCompletionRequest, syntax: ToolSyntax) -> ChatPlan:
             msg["tool_call_id"] = m.tool_call_id
         raw.append(msg)
     try:
-        messages = _message_list(raw, "messages", tools)
+        messages = _message_list(raw, "messages", tools, empty_replies=True)
         check_sequence(messages, "messages")
     except (RowError, ToolError) as e:
         raise _error(str(e), "messages") from None

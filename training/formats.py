@@ -210,9 +210,12 @@ def _chat(row: dict, fmt: str) -> dict:
     return {"kind": "chat", "messages": out, "tools": tools} if tools else {"kind": "chat", "messages": out}
 
 
-def _message_list(messages: Any, field: str, tools: list[dict] | None = None) -> list[dict]:
+def _message_list(
+    messages: Any, field: str, tools: list[dict] | None = None, empty_replies: bool = False
+) -> list[dict]:
     """Checked messages: role and content, an assistant's `weight` and `tool_calls` (arguments as objects, each
-    naming one of `tools`), a tool result's `tool_call_id`."""
+    naming one of `tools`), a tool result's `tool_call_id`. `empty_replies`: an assistant turn may be empty (a
+    request's history; a training row's reply may not)."""
     from rayft.training.tools import ToolError, normalize_call, tool_names
 
     if not isinstance(messages, list) or not messages:
@@ -242,7 +245,7 @@ def _message_list(messages: Any, field: str, tools: list[dict] | None = None) ->
             if not isinstance(content, str):
                 raise RowError(f"{where}content must be a string or null (got {type(content).__name__})")
         else:
-            content = _need_str(m, "content", allow_empty=(role != "assistant"), where=where)
+            content = _need_str(m, "content", allow_empty=(role != "assistant" or empty_replies), where=where)
         msg: dict[str, Any] = {"role": role, "content": content}
         if calls:
             msg["tool_calls"] = calls

@@ -53,6 +53,20 @@ def test_data_inspect_json_on_the_quickstart():
     assert report["splits"]["train"]["packing_efficiency"] > 0.85
 
 
+@pytest.mark.cluster  # the real tool data through the real tokenizer
+@pytest.mark.slow
+def test_data_inspect_marks_a_tool_rows_call_trained_and_its_schemas_and_results_masked():
+    r = rayft("data", "inspect", "configs/quickstart-tools.yaml", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["splits"]["train"]["bad_rows"] == 0 and report["splits"]["train"]["examples"] == 400
+    pieces = [p for example in report["splits"]["train"]["rendered_examples"] for p in example]
+    trained = "".join(p["text"] for p in pieces if p["trained"])
+    masked = "".join(p["text"] for p in pieces if not p["trained"])
+    assert '<tool_call>\n{"name": "' in trained and "</tool_call><|im_end|>" in trained
+    assert "<tools>" in masked and "<tools>" not in trained and "<tool_response>" not in trained
+
+
 @pytest.mark.cluster  # the real SmolLM2 through the whole demo
 @pytest.mark.slow
 def test_demo_runs_inspect_base_eval_train_and_finetuned_eval(tmp_path):
