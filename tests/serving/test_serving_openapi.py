@@ -32,6 +32,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "429"]
 include-name = "POST /v1/fine_tuning/alpha/graders/run"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "429"]
 
+# A well-formed chat request may still be a 400, as OpenAI's: a tool result answering no call, a tool_choice naming a
+# function not among the tools, a JSON schema or a tool's parameters that constrained decoding cannot enforce.
+[[operations]]
+include-name = "POST /v1/chat/completions"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "429"]
+
 [[operations]]
 include-name = "POST /v1/fine_tuning/alpha/graders/validate"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
