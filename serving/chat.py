@@ -182,7 +182,7 @@ class ReplyStream:
         if parsed is None:
             return ([{"content": self.held}] if self.held else []), finish
         content, calls = parsed
-        out = [{"content": content}] if content else []
+        out: list[dict] = [{"content": content}] if content else []
         for k, c in enumerate(_calls_out(calls)):
             out.append({"tool_calls": [{"index": k} | c]})
         return out, "tool_calls"

@@ -453,6 +453,7 @@ class RunningBatch:
         vocab = logits.shape[-1]
         bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
         for k, row in enumerate(rows):
+            assert row.matcher is not None  # only constrained rows come here
             llguidance.torch.fill_next_token_bitmask(row.matcher, bitmask, k)
         bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         allowed = bits.reshape(len(rows), -1)[:, :vocab].bool().to(logits.device)
