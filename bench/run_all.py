@@ -21,7 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # In the order they run: the data pipeline first, then training and its memory, serving, and sweeps (the slowest
 # to start).
-BENCHMARKS = ("data_pipeline", "train_throughput", "memory_scaling", "serve_load", "sweep_overhead")
+BENCHMARKS = (
+    "data_pipeline",
+    "train_throughput",
+    "memory_scaling",
+    "serve_load",
+    "serve_constrained",
+    "sweep_overhead",
+)
+# A benchmark that is a part of another's script: (script, its arguments).
+PARTS = {"serve_constrained": ("serve_load", ["--part", "constrained"])}
 QUICK_RESULTS = ROOT / "bench" / "out" / "RESULTS-quick.md"
 
 
@@ -49,6 +58,7 @@ HEADLINES = (
     "memory_scaling: ZeRO-3 worker memory",
     "serve_load: batching vs no batching",
     "serve_load: tokens/s vs transformers serve",
+    "serve_constrained: time per token",
 )
 
 
@@ -84,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.only or BENCHMARKS:
         # Paths relative to the checkout: each script records its command line in the results.
-        script = f"bench/{name}.py"
+        script, extra = PARTS.get(name, (name, []))
         out = results.resolve()
         out_arg = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
-        cmd = [sys.executable, script, "--results", out_arg]
+        cmd = [sys.executable, f"bench/{script}.py", *extra, "--results", out_arg]
         if args.quick:
             cmd.append("--quick")
         print(f"\n==== {name}: {' '.join(cmd[1:])}", flush=True)
