@@ -86,6 +86,22 @@ def run_ranks(fn, world: int, *args) -> list:
     return [results[r] for r in range(world)]
 
 
+def regenerate_example(name: str, out: Path):
+    """Run examples/NAME/make_data.py into `out`, check it writes exactly the committed train.jsonl and eval.jsonl,
+    and return the generator's module (its word lists) for the caller's checks."""
+    import importlib.util
+
+    folder = ROOT / "examples" / name
+    spec = importlib.util.spec_from_file_location(f"make_{name.replace('-', '_')}_data", folder / "make_data.py")
+    assert spec is not None and spec.loader is not None
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    make.main(out)
+    for file in ("train.jsonl", "eval.jsonl"):
+        assert (out / file).read_text() == (folder / file).read_text(), file
+    return make
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Rows may be dicts (dumped as JSON) or raw strings (written as-is, for malformed lines)."""
     with open(path, "w") as f:

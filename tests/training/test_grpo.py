@@ -136,19 +136,12 @@ def test_bad_prompt_rows_say_what_is_wrong(row, words):
 def test_the_rl_quickstart_data_is_its_generators_and_its_eval_is_held_out(tmp_path):
     """examples/quickstart-rl/*.jsonl are what make_data.py writes, and no held-out prompt shares a name, a city or
     a story template with a training prompt."""
-    import importlib.util
     import json
 
-    from helpers import ROOT
+    from helpers import ROOT, regenerate_example
 
     folder = ROOT / "examples" / "quickstart-rl"
-    spec = importlib.util.spec_from_file_location("make_rl_data", folder / "make_data.py")
-    assert spec is not None and spec.loader is not None
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    make.main(tmp_path)
-    for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / name).read_text() == (folder / name).read_text(), name
+    make = regenerate_example("quickstart-rl", tmp_path)
     train, held_out = ([json.loads(line) for line in open(folder / n)] for n in ("train.jsonl", "eval.jsonl"))
     assert len(train) == 480 and len(held_out) == 48
     for row in train + held_out:

@@ -341,16 +341,10 @@ def test_the_tool_quickstart_data_is_its_generators_and_its_eval_is_held_out(tmp
     keep their tool's schema; no held-out request, order id, serial, city or fault is in the training rows."""
     import jsonschema
 
-    from helpers import ROOT
+    from helpers import ROOT, regenerate_example
 
     folder = ROOT / "examples" / "quickstart-tools"
-    spec = importlib.util.spec_from_file_location("make_tool_data", folder / "make_data.py")
-    assert spec is not None and spec.loader is not None
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    make.main(tmp_path)
-    for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / name).read_text() == (folder / name).read_text(), name
+    regenerate_example("quickstart-tools", tmp_path)
     train, held_out = ([json.loads(line) for line in open(folder / n)] for n in ("train.jsonl", "eval.jsonl"))
     assert len(train) == 400 and len(held_out) == 60
 
